@@ -1,0 +1,121 @@
+"""``GMTConfig``: every knob of gradient masking, validated, and usable with ``HfArgumentParser``."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+SCOPES = ("tensor", "global")
+_STRATEGY_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class GMTConfig:
+    """Configuration of gradient masking.
+
+    Field names avoid those of ``TrainingArguments`` (hence ``mask_seed`` rather than ``seed``), so
+    ``HfArgumentParser((TrainingArguments, GMTConfig))`` parses both from one command line.
+    """
+
+    mask_ratio: float = field(
+        default=0.2,
+        metadata={"help": "Fraction of the selected gradient entries zeroed at each optimizer step, 0 <= r < 1."},
+    )
+    scope: Literal["tensor", "global"] = field(
+        default="tensor",
+        metadata={
+            "help": "Where the threshold is taken: 'tensor' masks floor(r * n) entries of every tensor; "
+            "'global' masks floor(r * N) entries over all selected tensors with one threshold."
+        },
+    )
+    strategy: str = field(
+        default="gmt",
+        metadata={"help": "Name of a registered mask strategy ('gmt', 'random', or one from a plugin)."},
+    )
+    mask_seed: int = field(
+        default=0,
+        metadata={"help": "Seed of randomised strategies; the mask at a step depends only on it and the step."},
+    )
+    include: list[str] | None = field(
+        default=None,
+        metadata={"help": "Regular expressions (re.search); only parameters whose name matches one are masked."},
+    )
+    exclude: list[str] | None = field(
+        default=None,
+        metadata={"help": "Regular expressions (re.search); parameters whose name matches one are never masked."},
+    )
+    strict: bool = field(
+        default=False,
+        metadata={
+            "help": "Hold every masked entry bit-identical through the optimizer step (AdamW momentum, weight "
+            "decay and 8-bit state would otherwise still move it)."
+        },
+    )
+    log_per_tensor: bool = field(
+        default=False,
+        metadata={"help": "Also log the masked fraction of every tensor (one log key per tensor)."},
+    )
+    chunk_numel: int = field(
+        default=1 << 20,
+        metadata={"help": "Entries processed at a time; bounds the engine's scratch memory. At least 1024."},
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.mask_ratio, bool) or not isinstance(self.mask_ratio, (int, float)):
+            raise ValueError(f"mask_ratio must be a number in [0, 1), got {self.mask_ratio!r}")
+        if not 0.0 <= float(self.mask_ratio) < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio!r}")
+        self.mask_ratio = float(self.mask_ratio)
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if not isinstance(self.strategy, str) or not _STRATEGY_NAME.match(self.strategy):
+            raise ValueError(
+                f"strategy must be the name of a registered strategy (letters, digits, '_', '.', '-'), "
+                f"got {self.strategy!r}"
+            )
+        if isinstance(self.mask_seed, bool) or not isinstance(self.mask_seed, int) or self.mask_seed < 0:
+            raise ValueError(f"mask_seed must be a non-negative integer, got {self.mask_seed!r}")
+        self.include = _patterns("include", self.include)
+        self.exclude = _patterns("exclude", self.exclude)
+        if isinstance(self.chunk_numel, bool) or not isinstance(self.chunk_numel, int) or self.chunk_numel < 1024:
+            raise ValueError(f"chunk_numel must be an integer >= 1024, got {self.chunk_numel!r}")
+
+    def matches(self, name: str) -> bool:
+        """Whether a parameter called ``name`` passes the include/exclude patterns."""
+        if self.include is not None and not any(re.search(p, name) for p in self.include):
+            return False
+        return not (self.exclude and any(re.search(p, name) for p in self.exclude))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _patterns(field_name: str, value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    patterns = list(value)
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise ValueError(f"{field_name} must be a list of regular expressions, got item {pattern!r}")
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"{field_name} pattern {pattern!r} is not a valid regular expression: {err}") from None
+    return patterns
+
+
+def resolve_config(config: GMTConfig | None, overrides: dict[str, Any]) -> GMTConfig:
+    """``config`` with ``overrides`` applied (validated again); unknown names are a ``TypeError``."""
+    names = {f.name for f in dataclasses.fields(GMTConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise TypeError(f"unknown GMTConfig field(s) {unknown}; the fields are {sorted(names)}")
+    if config is None:
+        return GMTConfig(**overrides)
+    if not isinstance(config, GMTConfig):
+        raise TypeError(f"config must be a GMTConfig, got {type(config).__name__}")
+    return dataclasses.replace(config, **overrides) if overrides else config

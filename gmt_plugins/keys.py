@@ -1,0 +1,103 @@
+"""Key sources for the selection engine: gradient magnitude and a counter-based random hash."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+
+import torch
+
+_SIGN_CLEAR = {16: 0x7FFF, 32: 0x7FFF_FFFF, 64: 0x7FFF_FFFF_FFFF_FFFF}
+_INT_VIEW = {16: torch.int16, 32: torch.int32, 64: torch.int64}
+_FLOAT_VIEW = {32: torch.float32, 64: torch.float64}
+# Bit patterns of +inf: every larger pattern (sign cleared) is a NaN.
+_INF_BITS = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80, 32: 0x7F80_0000, 64: 0x7FF0_0000_0000_0000}
+
+
+def magnitude_key_bits(dtypes: Sequence[torch.dtype]) -> int:
+    """The narrowest key width in which the magnitudes of all ``dtypes`` order exactly."""
+    unique = set(dtypes)
+    if torch.float64 in unique:
+        return 64
+    if len(unique) == 1 and unique <= {torch.float16, torch.bfloat16}:
+        return 16
+    unsupported = unique - {torch.float16, torch.bfloat16, torch.float32}
+    if unsupported:
+        raise TypeError(f"gradient dtypes {sorted(map(str, unsupported))} are not floating point")
+    return 32
+
+
+class MagnitudeKeys:
+    """Key = bit pattern of ``|grad|``: for non-negative IEEE floats, bit order is value order.
+
+    Within one key width every dtype of the group is widened exactly (bf16 by a shift, fp16
+    through fp32), so mixed-dtype groups compare magnitudes exactly.
+    """
+
+    def __init__(self, dtypes: Sequence[torch.dtype]) -> None:
+        self.key_bits = magnitude_key_bits(dtypes)
+        self._dtype16 = next(iter(dtypes)) if self.key_bits == 16 else None
+        self.cap = _INF_BITS[self._dtype16] if self._dtype16 is not None else _INF_BITS[self.key_bits]
+
+    def keys(self, index: int, chunk: torch.Tensor, start: int) -> torch.Tensor:
+        bits = self.key_bits
+        if bits == 16:
+            return (chunk.view(torch.int16) & 0x7FFF).to(torch.int32)
+        if bits == 32 and chunk.dtype == torch.bfloat16:
+            return (chunk.view(torch.int16).to(torch.int32) & 0x7FFF) << 16
+        if chunk.dtype != _FLOAT_VIEW[bits]:
+            chunk = chunk.to(_FLOAT_VIEW[bits])
+        return chunk.view(_INT_VIEW[bits]) & _SIGN_CLEAR[bits]
+
+    def key_to_value(self, index: int, key: int) -> float:
+        if self._dtype16 is not None:
+            return torch.tensor([key], dtype=torch.int16).view(self._dtype16).item()
+        return torch.tensor([key], dtype=_INT_VIEW[self.key_bits]).view(_FLOAT_VIEW[self.key_bits]).item()
+
+
+# splitmix64 constants, written as signed int64 so torch can hold them.
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def _logical_shift_right(x: torch.Tensor, s: int) -> torch.Tensor:
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """The splitmix64 finaliser on int64 tensors (wrapping arithmetic), identical on CPU and CUDA."""
+    x = x * _GOLDEN
+    x = (x ^ _logical_shift_right(x, 30)) * _MIX1
+    x = (x ^ _logical_shift_right(x, 27)) * _MIX2
+    return x ^ _logical_shift_right(x, 31)
+
+
+def stable_salt(*parts: object) -> int:
+    """A seed derived from ``parts`` that is the same in every process (unlike ``hash``)."""
+    text = "\x1f".join(map(str, parts)).encode()
+    return zlib.crc32(text) | (zlib.crc32(text[::-1]) << 32) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class RandomKeys:
+    """Uniform random 31-bit keys from a counter-based hash of ``(salt, position)``.
+
+    The key of an entry depends only on the salt and the entry's position, not on chunking, device
+    or process, so every rank with the same seed and step draws the same mask. Non-finite gradient
+    entries get the excluded key ``cap`` so they are never masked.
+    """
+
+    key_bits = 32
+    cap = 1 << 31
+
+    def __init__(self, salts: Sequence[int]) -> None:
+        self._salts = list(salts)
+
+    def keys(self, index: int, chunk: torch.Tensor, start: int) -> torch.Tensor:
+        positions = torch.arange(start, start + chunk.numel(), dtype=torch.int64, device=chunk.device)
+        mixed = splitmix64(positions + splitmix64(torch.tensor(self._salts[index], device=chunk.device)))
+        keys = _logical_shift_right(mixed, 33)
+        return torch.where(torch.isfinite(chunk), keys, self.cap)
+
+    def key_to_value(self, index: int, key: int) -> None:
+        return None

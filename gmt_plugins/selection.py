@@ -1,0 +1,181 @@
+"""Exact selection of the k smallest keys, per tensor or over many tensors, without sorting.
+
+A strategy turns every gradient entry into a non-negative integer *key* (for GMT the bit pattern
+of ``|grad|``, which orders like the value). The engine finds, for a count ``k``, the threshold key
+``T`` and the number of entries equal to ``T`` that must also go, so that exactly ``k`` entries are
+masked: every key below ``T`` plus the first ``ties`` entries whose key equals ``T`` (first in flat
+index order, tensors taken in selection order for the global scope).
+
+The threshold is found by radix selection on 16-bit digits of the key, most significant first:
+one histogram pass per digit (one pass for 16-bit keys, two for 32-bit ones). Each pass reads the
+gradient chunk by chunk, so the extra memory is a few chunk-sized buffers and one 65,536-bin
+histogram, never a copy of the gradient, never an index buffer over it, and never a concatenation
+of tensors. Keys at or above the source's ``cap`` (non-finite gradients) are never ranked and never
+masked, so NaN and inf neither move the threshold nor disappear before the optimizer sees them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+DIGIT_BITS = 16
+NUM_BINS = 1 << DIGIT_BITS
+DIGIT_MASK = NUM_BINS - 1
+DEFAULT_CHUNK_NUMEL = 1 << 20
+
+
+class KeySource(Protocol):
+    """Maps gradient chunks to integer keys; smaller keys are masked first."""
+
+    key_bits: int
+    """Width of the key space: 16, 32 or 64."""
+
+    cap: int
+    """Keys ``>= cap`` are excluded (non-finite gradients). A multiple of ``2 ** (key_bits - 16)``."""
+
+    def keys(self, index: int, chunk: torch.Tensor, start: int) -> torch.Tensor:
+        """Keys (int32 or int64, ``>= 0``) of the flat gradient ``chunk`` of tensor ``index``,
+        whose first entry sits at flat offset ``start`` of that tensor."""
+        ...
+
+    def key_to_value(self, index: int, key: int) -> float | None:
+        """The threshold as a number a person can read (``|grad|`` for GMT), or ``None``."""
+        ...
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Zero the entries whose key is ``< threshold``, then up to ``ties`` entries whose key equals it.
+
+    ``threshold=None`` means "mask nothing".
+    """
+
+    threshold: int | None
+    ties: int = 0
+
+
+@dataclass
+class Ranked:
+    """What the first histogram pass learned about a group of tensors."""
+
+    rankable: int
+    nonfinite: list[int]
+
+
+def iter_chunks(flat: torch.Tensor, chunk_numel: int) -> Iterator[tuple[int, torch.Tensor]]:
+    for start in range(0, flat.numel(), chunk_numel):
+        yield start, flat[start : start + chunk_numel]
+
+
+def _histogram(
+    source: KeySource,
+    flats: Sequence[tuple[int, torch.Tensor]],
+    *,
+    shift: int,
+    prefix: int | None,
+    chunk_numel: int,
+    per_tensor: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Histogram of the 16-bit digit at ``shift`` over the keys whose higher digits equal ``prefix``."""
+    device = flats[0][1].device
+    total = torch.zeros(NUM_BINS, dtype=torch.int64, device=device)
+    prefix_shift = shift + DIGIT_BITS
+    for index, flat in flats:
+        hist = torch.zeros(NUM_BINS, dtype=torch.int64, device=device)
+        for start, chunk in iter_chunks(flat, chunk_numel):
+            keys = source.keys(index, chunk, start)
+            if prefix is not None:
+                keys = keys[(keys >> prefix_shift) == prefix]
+            digits = (keys >> shift) & DIGIT_MASK if shift else keys & DIGIT_MASK
+            hist += torch.bincount(digits, minlength=NUM_BINS)
+        total += hist
+        if per_tensor is not None:
+            per_tensor.append(hist)
+    return total
+
+
+def _locate(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bin holding the k-th smallest entry (1-based) and how many entries lie in lower bins."""
+    cumulative = hist.cumsum(0)
+    digit = int(torch.searchsorted(cumulative, torch.tensor([k], device=hist.device)).item())
+    below = int(cumulative[digit - 1].item()) if digit > 0 else 0
+    return digit, below
+
+
+def rank(
+    source: KeySource,
+    flats: Sequence[tuple[int, torch.Tensor]],
+    ratio: float,
+    *,
+    chunk_numel: int = DEFAULT_CHUNK_NUMEL,
+) -> tuple[Cut, Ranked]:
+    """Find the cut that masks ``floor(ratio * rankable)`` entries over all of ``flats`` together.
+
+    ``flats`` are ``(index, flat_gradient)`` pairs; call it with one pair for the per-tensor scope
+    and with all pairs for the global scope.
+    """
+    top_shift = source.key_bits - DIGIT_BITS
+    cap_digit = source.cap >> top_shift
+    if not flats:
+        return Cut(None), Ranked(rankable=0, nonfinite=[])
+    per_tensor: list[torch.Tensor] = []
+    hist = _histogram(source, flats, shift=top_shift, prefix=None, chunk_numel=chunk_numel, per_tensor=per_tensor)
+    nonfinite = [int(h[cap_digit:].sum().item()) for h in per_tensor]
+    rankable = int(hist[:cap_digit].sum().item())
+    ranked = Ranked(rankable=rankable, nonfinite=nonfinite)
+    k = int(ratio * rankable)
+    if k == 0:
+        return Cut(None), ranked
+    digit, below = _locate(hist, k)
+    prefix, remaining = digit, k - below
+    for shift in range(top_shift - DIGIT_BITS, -1, -DIGIT_BITS):
+        hist = _histogram(source, flats, shift=shift, prefix=prefix, chunk_numel=chunk_numel)
+        digit, below = _locate(hist, remaining)
+        prefix, remaining = (prefix << DIGIT_BITS) | digit, remaining - below
+    return Cut(prefix, ties=remaining), ranked
+
+
+def apply_cut(
+    source: KeySource,
+    index: int,
+    flat: torch.Tensor,
+    cut: Cut,
+    *,
+    chunk_numel: int = DEFAULT_CHUNK_NUMEL,
+    record: torch.Tensor | None = None,
+) -> tuple[int, int]:
+    """Zero, in place, the entries of ``flat`` that ``cut`` selects.
+
+    Returns ``(masked, ties_used)``. When ``record`` (a flat bool tensor shaped like ``flat``) is
+    given, it receives the mask.
+    """
+    if cut.threshold is None:
+        if record is not None:
+            record.zero_()
+        return 0, 0
+    threshold, ties_left = cut.threshold, cut.ties
+    masked = torch.zeros((), dtype=torch.int64, device=flat.device)
+    ties_used = 0
+    for start, chunk in iter_chunks(flat, chunk_numel):
+        keys = source.keys(index, chunk, start)
+        mask = keys < threshold
+        if ties_left > 0:
+            equal = keys == threshold
+            n_equal = int(equal.sum().item())
+            if n_equal > ties_left:
+                first = equal.nonzero()[:ties_left, 0]
+                equal = torch.zeros_like(equal)
+                equal[first] = True
+                n_equal = ties_left
+            mask |= equal
+            ties_left -= n_equal
+            ties_used += n_equal
+        chunk.masked_fill_(mask, 0)
+        masked += mask.sum()
+        if record is not None:
+            record[start : start + chunk.numel()] = mask
+    return int(masked.item()), ties_used

@@ -1,0 +1,99 @@
+"""What a strategy is: something that turns this step's gradients into a mask plan."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from gmt_plugins.config import GMTConfig
+from gmt_plugins.selection import Cut, KeySource, rank
+
+
+@dataclass
+class GradEntry:
+    """One selected parameter at one step: ``flat`` is a flat, contiguous view of its gradient."""
+
+    index: int
+    name: str
+    param: torch.nn.Parameter
+    flat: torch.Tensor
+
+
+@dataclass
+class TensorPlan:
+    """How one tensor is masked: the keys come from ``source`` (as tensor ``local_index``)."""
+
+    source: KeySource
+    local_index: int
+    cut: Cut
+    nonfinite: int = 0
+
+
+@dataclass
+class MaskPlan:
+    """One :class:`TensorPlan` per entry, in entry order.
+
+    With ``shared_ties`` the ``ties`` of the first plan is one budget spent over the tensors in
+    order (the global scope), otherwise each plan has its own.
+    """
+
+    tensors: list[TensorPlan]
+    shared_ties: bool = False
+
+    def threshold_values(self) -> list[float | None]:
+        return [
+            None if p.cut.threshold is None else p.source.key_to_value(p.local_index, p.cut.threshold)
+            for p in self.tensors
+        ]
+
+
+class MaskStrategy(ABC):
+    """Base class of every strategy; register subclasses with ``register.add`` in
+    ``gmt_register_strategies``.
+
+    A strategy may keep state across steps; it must then override :meth:`state_dict` and
+    :meth:`load_state_dict` (tensors allowed: they are saved with safetensors).
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, config: GMTConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def plan(self, entries: Sequence[GradEntry], *, step: int) -> MaskPlan:
+        """Decide what to mask at optimizer step ``step`` (0-based) from the accumulated gradients."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"strategy {self.name!r} keeps no state, but got state keys {sorted(state)}")
+
+
+class KeyedStrategy(MaskStrategy):
+    """A strategy that ranks entries by a key and masks exactly ``floor(mask_ratio * n)`` of them,
+    per tensor or globally according to ``config.scope``."""
+
+    @abstractmethod
+    def key_source(self, entries: Sequence[GradEntry], *, step: int) -> KeySource:
+        """Keys for ``entries`` (one entry in the tensor scope, all of them in the global scope)."""
+
+    def plan(self, entries: Sequence[GradEntry], *, step: int) -> MaskPlan:
+        ratio, chunk = self.config.mask_ratio, self.config.chunk_numel
+        if self.config.scope == "global":
+            source = self.key_source(entries, step=step)
+            cut, ranked = rank(source, [(i, e.flat) for i, e in enumerate(entries)], ratio, chunk_numel=chunk)
+            plans = [TensorPlan(source, i, cut, n) for i, n in enumerate(ranked.nonfinite)]
+            return MaskPlan(plans, shared_ties=True)
+        plans = []
+        for entry in entries:
+            source = self.key_source([entry], step=step)
+            cut, ranked = rank(source, [(0, entry.flat)], ratio, chunk_numel=chunk)
+            plans.append(TensorPlan(source, 0, cut, ranked.nonfinite[0]))
+        return MaskPlan(plans)

@@ -1,0 +1,30 @@
+"""The random-mask baseline of the GMT paper."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from gmt_plugins.hookspecs import hookimpl
+from gmt_plugins.keys import RandomKeys, stable_salt
+from gmt_plugins.registry import StrategyRegistry
+from gmt_plugins.strategies.base import GradEntry, KeyedStrategy
+
+
+class RandomMaskStrategy(KeyedStrategy):
+    """Random mask (the baseline of https://arxiv.org/abs/2406.15330, Table 4).
+
+    Zeroes a uniformly random ``floor(mask_ratio * n)`` entries per tensor (or over all tensors for
+    ``scope="global"``). The draw depends only on ``mask_seed``, the step and the parameter name,
+    through a counter-based hash: it is reproducible, independent of chunking and device, and
+    identical on every process.
+    """
+
+    name = "random"
+
+    def key_source(self, entries: Sequence[GradEntry], *, step: int) -> RandomKeys:
+        return RandomKeys([stable_salt(self.config.mask_seed, step, e.name) for e in entries])
+
+
+@hookimpl
+def gmt_register_strategies(register: StrategyRegistry) -> None:
+    register.add(RandomMaskStrategy)

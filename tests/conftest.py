@@ -1,0 +1,15 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture
+def pm():
+    """A fresh plugin manager with the built-ins and no installed third-party plugins."""
+    from gmt_plugins.plugins import make_plugin_manager
+
+    return make_plugin_manager(load_entrypoints=False)

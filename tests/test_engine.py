@@ -1,0 +1,219 @@
+"""The fast engine against the slow reference twin: shapes, dtypes, ratios, ties, NaN/inf, scopes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gmt_plugins import GMTConfig, GradientMasker
+from gmt_plugins.keys import RandomKeys, stable_salt
+from reference import reference_apply, reference_masks
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+RATIOS = [0.0, 1e-3, 0.5, 0.99]
+SMALL_CHUNK = 1024  # forces several chunks per tensor
+
+
+def make_params(shapes, dtype, *, kind="normal", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for i, shape in enumerate(shapes):
+        p = torch.nn.Parameter(torch.zeros(shape, dtype=dtype))
+        if kind == "normal":
+            g = torch.randn(shape, generator=gen) * (10.0 ** (i % 3 - 1))
+        elif kind == "zeros":
+            g = torch.zeros(shape)
+        elif kind == "ties":
+            g = torch.randint(-3, 4, shape, generator=gen).float() * 0.5
+        else:
+            raise ValueError(kind)
+        p.grad = g.to(dtype)
+        params.append((f"layer{i}.weight", p))
+    return params
+
+
+def bits(t):
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def run_engine(params, **config):
+    grads = [None if p.grad is None else p.grad.clone() for _, p in params]
+    masker = GradientMasker(params, GMTConfig(chunk_numel=SMALL_CHUNK, **config))
+    stats = masker.apply()
+    return grads, [p.grad for _, p in params], stats
+
+
+def assert_matches_reference(params, ratio, scope):
+    before, after, stats = run_engine(params, mask_ratio=ratio, scope=scope)
+    masks = reference_masks(before, ratio, scope)
+    expected = reference_apply(before, masks)
+    for (name, _), got, want, mask, t in zip(params, after, expected, masks, stats.tensors):
+        # bitwise, so NaN compares equal to itself and -0.0 differs from +0.0
+        assert torch.equal(bits(got), bits(want)), name
+        assert t.masked == int(mask.sum())
+    assert stats.masked == sum(int(m.sum()) for m in masks)
+    return stats
+
+
+SHAPES = [[(3000,)], [(64, 50), (17,), (1, 1), (40, 70, 2)], [(0,), (2500,)]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+@pytest.mark.parametrize("shapes", SHAPES, ids=["one", "mixed", "with_empty"])
+def test_gmt_matches_reference(dtype, ratio, scope, shapes):
+    assert_matches_reference(make_params(shapes, dtype), ratio, scope)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["zeros", "ties"])
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_all_zero_and_heavy_ties(dtype, kind, scope):
+    stats = assert_matches_reference(make_params([(2048,), (3, 700)], dtype, kind=kind), 0.5, scope)
+    if scope == "tensor":
+        assert [t.masked for t in stats.tensors] == [1024, 1050]
+
+
+def test_exact_count_per_tensor_is_floor():
+    params = make_params([(1001,), (7,), (333, 3)], torch.float32)
+    _, _, stats = run_engine(params, mask_ratio=0.37)
+    assert [t.masked for t in stats.tensors] == [math.floor(0.37 * n) for n in (1001, 7, 999)]
+
+
+def test_global_scope_mixed_dtypes_matches_reference():
+    params = make_params([(1500,)], torch.float32) + make_params([(1200,)], torch.bfloat16, seed=1)
+    params += make_params([(900,)], torch.float16, seed=2)
+    params = [(f"p{i}", p) for i, (_, p) in enumerate(params)]
+    assert_matches_reference(params, 0.4, "global")
+
+
+def test_global_threshold_is_one_value():
+    params = make_params([(2000,), (2000,)], torch.float32)
+    _, after, stats = run_engine(params, mask_ratio=0.5, scope="global")
+    # layer1 gradients are 10x larger than layer0's: the global threshold masks far more of layer0
+    assert stats.tensors[0].masked > stats.tensors[1].masked
+    assert len({t.threshold for t in stats.tensors}) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_nonfinite_never_ranked_nor_hidden(dtype, scope):
+    params = make_params([(3000,), (1000,)], dtype)
+    grad = params[0][1].grad
+    grad[5], grad[17], grad[2999] = float("nan"), float("inf"), float("-inf")
+    stats = assert_matches_reference(params, 0.5, scope)
+    assert stats.nonfinite == 3
+    assert stats.tensors[0].nonfinite == 3
+    g = params[0][1].grad
+    assert torch.isnan(g[5]) and g[17] == float("inf") and g[2999] == float("-inf")
+    # the threshold was taken over finite entries only
+    assert all(math.isfinite(t) for t in stats.thresholds())
+    if scope == "tensor":
+        assert stats.tensors[0].masked == math.floor(0.5 * 2997)
+
+
+def test_grad_none_is_reported_not_an_error():
+    params = make_params([(100,), (100,)], torch.float32)
+    params[1][1].grad = None
+    _, _, stats = run_engine(params, mask_ratio=0.5)
+    assert stats.without_grad == ["layer1.weight"]
+    assert stats.masked == 50
+
+
+def test_no_gradients_at_all():
+    params = make_params([(100,)], torch.float32)
+    params[0][1].grad = None
+    _, _, stats = run_engine(params, mask_ratio=0.5, scope="global")
+    assert stats.masked == 0 and stats.total == 0 and stats.fraction == 0.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 3000), min_size=1, max_size=4),
+    ratio=st.floats(0.0, 0.999),
+    scope=st.sampled_from(["tensor", "global"]),
+    dtype=st.sampled_from(DTYPES),
+    levels=st.integers(1, 1000),
+    seed=st.integers(0, 2**16),
+)
+def test_property_matches_reference(sizes, ratio, scope, dtype, levels, seed):
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for i, n in enumerate(sizes):
+        p = torch.nn.Parameter(torch.zeros(n, dtype=dtype))
+        # few distinct levels -> many ties; many levels -> few
+        p.grad = (torch.randint(-levels, levels + 1, (n,), generator=gen).float() / levels).to(dtype)
+        params.append((f"t{i}", p))
+    assert_matches_reference(params, ratio, scope)
+
+
+# --- random strategy -------------------------------------------------------------------------
+
+
+def random_params(shapes=((3000,), (50, 40))):
+    return make_params(list(shapes), torch.float32)
+
+
+def test_random_exact_count_and_reproducible():
+    a = random_params()
+    b = random_params()
+    _, after_a, stats = run_engine(a, strategy="random", mask_ratio=0.3, mask_seed=7)
+    _, after_b, _ = run_engine(b, strategy="random", mask_ratio=0.3, mask_seed=7)
+    assert [t.masked for t in stats.tensors] == [900, 600]
+    for x, y in zip(after_a, after_b):
+        assert torch.equal(x, y)
+
+
+def test_random_depends_on_seed_and_step():
+    params = random_params()
+    masker = GradientMasker(params, strategy="random", mask_ratio=0.5, mask_seed=1)
+    grads = [p.grad.clone() for _, p in params]
+    masker.apply()
+    first = [p.grad == 0 for _, p in params]
+    for (_, p), g in zip(params, grads):
+        p.grad = g.clone()
+    masker.apply()
+    second = [p.grad == 0 for _, p in params]
+    assert not torch.equal(first[0], second[0])
+    other = random_params()
+    GradientMasker(other, strategy="random", mask_ratio=0.5, mask_seed=2).apply()
+    assert not torch.equal(first[0], other[0][1].grad == 0)
+
+
+def test_random_matches_reference_on_its_keys():
+    params = random_params()
+    before = [p.grad.clone() for _, p in params]
+    config = GMTConfig(strategy="random", mask_ratio=0.3, mask_seed=3, chunk_numel=SMALL_CHUNK)
+    GradientMasker(params, config).apply()
+    for (name, p), g in zip(params, before):
+        keys = RandomKeys([stable_salt(3, 0, name)]).keys(0, g.view(-1), 0)  # whole tensor, one chunk
+        mask = reference_masks([g], 0.3, "tensor", scores=[keys.double().reshape(g.shape)])[0]
+        assert torch.equal(p.grad, reference_apply([g], [mask])[0])
+
+
+def test_random_is_roughly_uniform():
+    hits = torch.zeros(1000)
+    for step in range(200):
+        p = torch.nn.Parameter(torch.zeros(1000))
+        p.grad = torch.ones(1000)
+        masker = GradientMasker([("w", p)], strategy="random", mask_ratio=0.5)
+        masker.step = step
+        masker.apply()
+        hits += (p.grad == 0).float()
+    # each entry masked with probability 1/2 over 200 draws: mean 100, sd ~7
+    assert hits.sum() == 200 * 500
+    assert 60 < hits.min() and hits.max() < 140
+
+
+def test_random_keys_independent_of_chunking_and_device_free():
+    g = torch.randn(5000)
+    src = RandomKeys([stable_salt(0, 0, "w")])
+    whole = src.keys(0, g, 0)
+    parts = torch.cat([src.keys(0, g[s : s + 777], s) for s in range(0, 5000, 777)])
+    assert torch.equal(whole, parts)
+    assert int(whole.min()) >= 0 and int(whole.max()) < 2**31
