@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -33,6 +34,13 @@ class GMTConfig:
     strategy: str = field(
         default="gmt",
         metadata={"help": "Name of a registered mask strategy ('gmt', 'random', or one from a plugin)."},
+    )
+    strategy_options: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Options of the chosen strategy, as a dict or a JSON object string (e.g. '{\"interval\": 50}'). "
+            "Each strategy validates its own options; unknown keys are an error."
+        },
     )
     mask_seed: int = field(
         default=0,
@@ -75,6 +83,7 @@ class GMTConfig:
                 f"strategy must be the name of a registered strategy (letters, digits, '_', '.', '-'), "
                 f"got {self.strategy!r}"
             )
+        self.strategy_options = _options(self.strategy_options)
         if isinstance(self.mask_seed, bool) or not isinstance(self.mask_seed, int) or self.mask_seed < 0:
             raise ValueError(f"mask_seed must be a non-negative integer, got {self.mask_seed!r}")
         self.include = _patterns("include", self.include)
@@ -106,6 +115,19 @@ def _patterns(field_name: str, value: Any) -> list[str] | None:
         except re.error as err:
             raise ValueError(f"{field_name} pattern {pattern!r} is not a valid regular expression: {err}") from None
     return patterns
+
+
+def _options(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as err:
+            raise ValueError(f"strategy_options must be a JSON object, got {value!r}: {err}") from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"strategy_options must be a dict with string keys, got {value!r}")
+    return dict(value)
 
 
 def resolve_config(config: GMTConfig | None, overrides: dict[str, Any]) -> GMTConfig:

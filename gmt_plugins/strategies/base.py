@@ -60,9 +60,17 @@ class MaskStrategy(ABC):
     """
 
     name: ClassVar[str]
+    options_class: ClassVar[type | None] = None
+    """A dataclass of this strategy's options (read from ``config.strategy_options``), or ``None``."""
 
     def __init__(self, config: GMTConfig) -> None:
         self.config = config
+        if self.options_class is None:
+            if config.strategy_options:
+                raise ValueError(f"strategy {self.name!r} takes no strategy_options, got {sorted(config.strategy_options)}")
+            self.options = None
+        else:
+            self.options = parse_options(self.name, self.options_class, config.strategy_options)
 
     @abstractmethod
     def plan(self, entries: Sequence[GradEntry], *, step: int) -> MaskPlan:
@@ -97,3 +105,18 @@ class KeyedStrategy(MaskStrategy):
             cut, ranked = rank(source, [(0, entry.flat)], ratio, chunk_numel=chunk)
             plans.append(TensorPlan(source, 0, cut, ranked.nonfinite[0]))
         return MaskPlan(plans)
+
+
+def parse_options(strategy: str, options_cls: type, options: dict[str, Any]) -> Any:
+    """Build a strategy's options dataclass from ``config.strategy_options``.
+
+    Unknown keys are a ``ValueError`` that lists the known ones; the dataclass's own
+    ``__post_init__`` validates values.
+    """
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(options_cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"strategy_options {unknown} are not options of strategy {strategy!r}; it takes {sorted(known)}")
+    return options_cls(**options)
