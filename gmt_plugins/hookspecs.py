@@ -30,8 +30,8 @@ def gmt_register_strategies(register: StrategyRegistry) -> None:
     :param register: call ``register.add(StrategyClass)``; the class's ``name`` attribute is the name
         users put in ``GMTConfig(strategy=...)``.
 
-    Called once when a plugin manager's strategy registry is first built. All implementations are
-    called; registering a name twice is an error that names both plugins.
+    Called once when a plugin manager's strategy registry is first built.
+    All implementations are called; registering a name twice is an error that names both classes.
     """
 
 
