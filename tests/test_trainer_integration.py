@@ -383,3 +383,31 @@ def test_resume_is_identical_to_uninterrupted(tmp_path, strategy):
     expected, got = final_params(full), final_params(resumed)
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
+
+
+def test_qlora_4bit_base_never_touched(tmp_path):
+    """QLoRA on CPU: bitsandbytes 0.50 runs 4-bit (NF4) Linear4bit layers on CPU, so this runs for real."""
+    pytest.importorskip("bitsandbytes")
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quantization, device_map={"": "cpu"}, dtype=torch.float32)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    callback = GMTCallback(mask_ratio=0.3)
+    trainer = sft_trainer(tmp_path / "out", callback, model=model, peft_config=lora_config(), max_steps=2)
+    trainer.create_optimizer()
+    trainer.optimizer = sgd(trainer.model)
+    recorder = attach_recorder(trainer)
+    trainer.callback_handler.callbacks.insert(2, MaskSpy(recorder))  # recorder, GMT, spy
+    trainer.train()
+    assert all("lora_" in name for name in callback.masker.names)
+    assert_frozen_never_moved(recorder)  # includes the packed 4-bit weights
+    # adapters may be bf16 here, where lr * grad can round away: check the masked gradients themselves
+    names = trainable(recorder)
+    for step in recorder.steps:
+        grads = [step["grads"][n] for n in names]
+        for name, grad, mask in zip(names, grads, reference_masks(grads, 0.3, "tensor")):
+            assert torch.equal(step["masked_grads"][name], torch.where(mask, torch.zeros_like(grad), grad)), name
