@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from gmt_plugins.selection import DEFAULT_CHUNK_NUMEL
+
 SCOPES = ("tensor", "global")
 _STRATEGY_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 
@@ -66,7 +68,7 @@ class GMTConfig:
         metadata={"help": "Also log the masked fraction of every tensor (one log key per tensor)."},
     )
     chunk_numel: int = field(
-        default=1 << 20,
+        default=DEFAULT_CHUNK_NUMEL,
         metadata={"help": "Entries processed at a time; bounds the engine's scratch memory. At least 1024."},
     )
 

@@ -49,6 +49,34 @@ class MagnitudeKeys:
             chunk = chunk.to(_FLOAT_VIEW[bits])
         return chunk.view(_INT_VIEW[bits]) & _SIGN_CLEAR[bits]
 
+    @property
+    def has_zero_below(self) -> bool:
+        """The fast path is only right for these exact keys: a subclass that overrides ``keys`` loses it."""
+        return type(self).keys is MagnitudeKeys.keys
+
+    def zero_below(self, index: int, chunk: torch.Tensor, threshold: int) -> torch.Tensor:
+        """Fast path of the engine: zero the entries with key ``< threshold`` and count them.
+
+        ``hardshrink(x, lam)`` zeroes ``|x| <= lam`` and keeps NaN/inf; ``lam`` is the largest value of
+        the chunk's dtype whose key is below ``threshold``, so the result is exactly ``key < threshold``.
+        """
+        if threshold <= 0:
+            return torch.zeros((), dtype=torch.int64, device=chunk.device)
+        chunk.copy_(torch.nn.functional.hardshrink(chunk, self._lambda(chunk.dtype, threshold)))
+        # every entry with key < threshold is now zero, and every zero had key 0 < threshold
+        return chunk.numel() - torch.count_nonzero(chunk)
+
+    def _lambda(self, dtype: torch.dtype, threshold: int) -> float:
+        cache = self.__dict__.setdefault("_lambdas", {})
+        if (dtype, threshold) not in cache:
+            space = self._dtype16 or _FLOAT_VIEW[self.key_bits]
+            exact = torch.tensor([threshold - 1], dtype=_INT_VIEW[self.key_bits]).view(space)
+            lam = exact.to(dtype)
+            if lam.double() > exact.double():  # rounded up on narrowing: step down one ulp
+                lam = torch.nextafter(lam, torch.zeros_like(lam))
+            cache[(dtype, threshold)] = float(lam.item())
+        return cache[(dtype, threshold)]
+
     def key_to_value(self, index: int, key: int) -> float:
         if self._dtype16 is not None:
             return torch.tensor([key], dtype=torch.int16).view(self._dtype16).item()

@@ -25,7 +25,7 @@ import torch
 DIGIT_BITS = 16
 NUM_BINS = 1 << DIGIT_BITS
 DIGIT_MASK = NUM_BINS - 1
-DEFAULT_CHUNK_NUMEL = 1 << 20
+DEFAULT_CHUNK_NUMEL = 1 << 18
 
 
 class KeySource(Protocol):
@@ -76,25 +76,38 @@ def _histogram(
     flats: Sequence[tuple[int, torch.Tensor]],
     *,
     shift: int,
-    prefix: int | None,
+    base: int | None,
     chunk_numel: int,
-    per_tensor: list[torch.Tensor] | None = None,
+    nonfinite: list[int] | None = None,
 ) -> torch.Tensor:
-    """Histogram of the 16-bit digit at ``shift`` over the keys whose higher digits equal ``prefix``."""
+    """Histogram of the 16-bit digit at ``shift``.
+
+    With ``base=None`` (the top digit) every key counts and, if ``nonfinite`` is given, the number
+    of excluded keys (``>= cap``) of each tensor is appended to it. Otherwise only keys in
+    ``[base, base + 2**(shift + 16))`` count: an offset and a clamp send the others to two spill
+    bins, which is several times cheaper than gathering the bucket with a boolean mask.
+    """
     device = flats[0][1].device
     total = torch.zeros(NUM_BINS, dtype=torch.int64, device=device)
-    prefix_shift = shift + DIGIT_BITS
+    cap_digit = source.cap >> shift
     for index, flat in flats:
-        hist = torch.zeros(NUM_BINS, dtype=torch.int64, device=device)
+        hist = torch.zeros(NUM_BINS + (2 if base is not None else 0), dtype=torch.int64, device=device)
         for start, chunk in iter_chunks(flat, chunk_numel):
             keys = source.keys(index, chunk, start)
-            if prefix is not None:
-                keys = keys[(keys >> prefix_shift) == prefix]
-            digits = (keys >> shift) & DIGIT_MASK if shift else keys & DIGIT_MASK
-            hist += torch.bincount(digits, minlength=NUM_BINS)
-        total += hist
-        if per_tensor is not None:
-            per_tensor.append(hist)
+            if base is None:
+                digits = keys >> shift if shift else keys
+            else:
+                digits = keys - base
+                if shift:
+                    digits >>= shift  # arithmetic: keys below the bucket stay negative
+                digits = digits.clamp_(-1, NUM_BINS).add_(1)
+            hist += torch.bincount(digits, minlength=hist.numel())
+        if base is None:
+            if nonfinite is not None:
+                nonfinite.append(int(hist[cap_digit:].sum().item()))
+            total += hist
+        else:
+            total += hist[1 : NUM_BINS + 1]
     return total
 
 
@@ -109,33 +122,38 @@ def _locate(hist: torch.Tensor, k: int) -> tuple[int, int]:
 def rank(
     source: KeySource,
     flats: Sequence[tuple[int, torch.Tensor]],
-    ratio: float,
+    ratio: float | None = None,
     *,
+    k: int | None = None,
     chunk_numel: int = DEFAULT_CHUNK_NUMEL,
 ) -> tuple[Cut, Ranked]:
-    """Find the cut that masks ``floor(ratio * rankable)`` entries over all of ``flats`` together.
+    """Find the cut that masks ``k`` entries (default ``floor(ratio * rankable)``) over all of ``flats``.
 
     ``flats`` are ``(index, flat_gradient)`` pairs; call it with one pair for the per-tensor scope
-    and with all pairs for the global scope.
+    and with all pairs for the global scope. ``k`` larger than the rankable count is clipped to it.
     """
+    if (ratio is None) == (k is None):
+        raise TypeError("rank() takes exactly one of ratio and k")
     top_shift = source.key_bits - DIGIT_BITS
-    cap_digit = source.cap >> top_shift
     if not flats:
         return Cut(None), Ranked(rankable=0, nonfinite=[])
-    per_tensor: list[torch.Tensor] = []
-    hist = _histogram(source, flats, shift=top_shift, prefix=None, chunk_numel=chunk_numel, per_tensor=per_tensor)
-    nonfinite = [int(h[cap_digit:].sum().item()) for h in per_tensor]
-    rankable = int(hist[:cap_digit].sum().item())
+    nonfinite: list[int] = []
+    hist = _histogram(source, flats, shift=top_shift, base=None, chunk_numel=chunk_numel, nonfinite=nonfinite)
+    rankable = int(hist[: source.cap >> top_shift].sum().item())
     ranked = Ranked(rankable=rankable, nonfinite=nonfinite)
-    k = int(ratio * rankable)
-    if k == 0:
+    k = int(ratio * rankable) if k is None else min(int(k), rankable)
+    if k <= 0:
         return Cut(None), ranked
     digit, below = _locate(hist, k)
     prefix, remaining = digit, k - below
     for shift in range(top_shift - DIGIT_BITS, -1, -DIGIT_BITS):
-        hist = _histogram(source, flats, shift=shift, prefix=prefix, chunk_numel=chunk_numel)
+        base = prefix << (shift + DIGIT_BITS)
+        hist = _histogram(source, flats, shift=shift, base=base, chunk_numel=chunk_numel)
         digit, below = _locate(hist, remaining)
         prefix, remaining = (prefix << DIGIT_BITS) | digit, remaining - below
+    if remaining == int(hist[digit].item()):
+        # every entry equal to the threshold goes: no tie to break, so no position scan is needed
+        return Cut(prefix + 1), ranked
     return Cut(prefix, ties=remaining), ranked
 
 
@@ -151,16 +169,22 @@ def apply_cut(
     """Zero, in place, the entries of ``flat`` that ``cut`` selects.
 
     Returns ``(masked, ties_used)``. When ``record`` (a flat bool tensor shaped like ``flat``) is
-    given, it receives the mask.
+    given, it receives the mask. Sources whose ``has_zero_below`` is true offer a
+    ``zero_below(index, chunk, threshold)`` fast path (magnitude keys), taken for chunks that need
+    neither a record nor tie breaking; the generic path below is its twin.
     """
     if cut.threshold is None:
         if record is not None:
             record.zero_()
         return 0, 0
     threshold, ties_left = cut.threshold, cut.ties
+    fast = source.zero_below if getattr(source, "has_zero_below", False) else None
     masked = torch.zeros((), dtype=torch.int64, device=flat.device)
     ties_used = 0
     for start, chunk in iter_chunks(flat, chunk_numel):
+        if fast is not None and record is None and ties_left == 0:
+            masked += fast(index, chunk, threshold)
+            continue
         keys = source.keys(index, chunk, start)
         mask = keys < threshold
         if ties_left > 0:

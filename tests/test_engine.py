@@ -217,3 +217,55 @@ def test_random_keys_independent_of_chunking_and_device_free():
     parts = torch.cat([src.keys(0, g[s : s + 777], s) for s in range(0, 5000, 777)])
     assert torch.equal(whole, parts)
     assert int(whole.min()) >= 0 and int(whole.max()) < 2**31
+
+
+# --- the fast apply path against its generic twin ---------------------------------------------
+
+
+class GenericOnly:
+    """The same keys without the fast path, so apply_cut takes the generic branch."""
+
+    def __init__(self, inner):
+        self.inner, self.key_bits, self.cap = inner, inner.key_bits, inner.cap
+
+    def keys(self, index, chunk, start):
+        return self.inner.keys(index, chunk, start)
+
+
+@pytest.mark.parametrize("dtypes", [[torch.float32], [torch.bfloat16], [torch.float16], [torch.float64], [torch.bfloat16, torch.float32, torch.float16]], ids=str)
+def test_fast_apply_equals_generic_apply(dtypes):
+    from gmt_plugins.keys import MagnitudeKeys
+    from gmt_plugins.selection import apply_cut, rank
+
+    gen = torch.Generator().manual_seed(1)
+    flats = [(torch.randn(5000, generator=gen) * 3).to(dt) for dt in dtypes]
+    flats[0][7] = float("nan")
+    source = MagnitudeKeys(dtypes)
+    assert source.has_zero_below
+    cut, _ = rank(source, list(enumerate(flats)), 0.37, chunk_numel=SMALL_CHUNK)
+    if dtypes == [torch.float32]:
+        assert cut.ties == 0  # no ties: every chunk takes the fast path (with ties, the chunks after the budget do)
+    for i, flat in enumerate(flats):
+        fast, slow = flat.clone(), flat.clone()
+        n_fast, _ = apply_cut(source, i, fast, cut, chunk_numel=SMALL_CHUNK)
+        n_slow, _ = apply_cut(GenericOnly(source), i, slow, cut, chunk_numel=SMALL_CHUNK)
+        assert n_fast == n_slow and torch.equal(bits(fast), bits(slow))
+
+
+def test_subclass_overriding_keys_loses_the_fast_path():
+    from gmt_plugins.keys import MagnitudeKeys
+
+    class Reversed(MagnitudeKeys):
+        def keys(self, index, chunk, start):
+            return self.cap - 1 - super().keys(index, chunk, start)
+
+    assert not Reversed([torch.float32]).has_zero_below
+
+
+def test_strict_record_equals_reference_mask():
+    params = make_params([(3000,), (40, 50)], torch.float32)
+    before = [p.grad.clone() for _, p in params]
+    masker = GradientMasker(params, GMTConfig(mask_ratio=0.3, strict=True, chunk_numel=SMALL_CHUNK))
+    masker.apply()
+    for (name, p), mask, (flat, held_mask, _) in zip(params, reference_masks(before, 0.3, "tensor"), masker._guard._held):
+        assert torch.equal(held_mask, mask.view(-1)), name
