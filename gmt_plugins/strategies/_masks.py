@@ -1,0 +1,292 @@
+"""Building blocks shared by the selective-update strategies.
+
+Strategies never touch gradients: they describe what to zero as a :class:`MaskPlan` whose key
+sources the engine (``GradientMasker._execute`` -> ``apply_cut``) reads. This module provides
+
+* :class:`MaskKeys`: keys for stored boolean masks or whole-tensor decisions (0 = masked,
+  1 = kept, ``cap`` = non-finite gradient, so NaN/inf are never zeroed);
+* :class:`ScoreKeys`: keys from a float score (the bit pattern of a non-negative float32 orders
+  like its value), for ranking by something other than the current gradient;
+* :func:`cut_for_count` and :func:`mark`: the engine's exact radix selection of the ``k``
+  smallest keys, turned into boolean masks a strategy can keep as state;
+* :class:`WarmupMaskStrategy`: a mask chosen from scores accumulated over warm-up steps, then
+  fixed (SIFT, SPT);
+* option validation helpers.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from gmt_plugins.config import GMTConfig
+from gmt_plugins.selection import Cut, KeySource, iter_chunks, rank
+from gmt_plugins.strategies.base import GradEntry, MaskPlan, MaskStrategy, TensorPlan
+
+# Largest finite float32 bit pattern, and +inf's: scores are clamped below the latter.
+FLOAT32_MAX_BITS = 0x7F7F_FFFF
+SCORE_CAP = 0x7F80_0000
+
+
+# --- option validation ------------------------------------------------------------------------
+
+
+def check_int(option: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"option {option!r} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_float(option: str, value: Any, low: float, high: float, *, high_open: bool = False, low_open: bool = False) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    if ok:
+        v = float(value)
+        ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+    if not ok:
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        raise ValueError(f"option {option!r} must be a number in {lo}{low}, {high}{hi}, got {value!r}")
+    return float(value)
+
+
+def check_choice(option: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"option {option!r} must be one of {list(allowed)}, got {value!r}")
+
+
+def check_patterns(option: str, value: Any) -> list[str]:
+    import re
+
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+        raise ValueError(f"option {option!r} must be a list of regular expressions, got {value!r}")
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"option {option!r}: {pattern!r} is not a valid regular expression: {err}") from None
+    return list(value)
+
+
+# --- key sources ------------------------------------------------------------------------------
+
+
+def count_nonfinite(flat: torch.Tensor, chunk_numel: int) -> int:
+    """NaN/inf entries of ``flat``, counted chunk by chunk (no full-size scratch buffer)."""
+    total = 0
+    for _, chunk in iter_chunks(flat, chunk_numel):
+        total += int((~torch.isfinite(chunk)).sum().item())
+    return total
+
+
+class MaskKeys:
+    """Keys for precomputed masks: per tensor a flat bool tensor (True = masked) or a bool for the
+    whole tensor. ``Cut(1)`` then zeroes exactly the masked finite entries."""
+
+    key_bits = 16
+    cap = 2  # any cap is aligned for 16-bit keys
+
+    def __init__(self, masked: Sequence[torch.Tensor | bool]) -> None:
+        self._masked = list(masked)
+
+    def keys(self, index: int, chunk: torch.Tensor, start: int) -> torch.Tensor:
+        masked = self._masked[index]
+        if isinstance(masked, bool):
+            keys = torch.full(chunk.shape, 0 if masked else 1, dtype=torch.int32, device=chunk.device)
+        else:
+            keys = (~masked[start : start + chunk.numel()].to(chunk.device)).to(torch.int32)
+        # Non-finite gradients get the excluded key: they stay visible to the optimizer/scaler.
+        return torch.where(torch.isfinite(chunk), keys, self.cap)
+
+    def key_to_value(self, index: int, key: int) -> None:
+        return None
+
+
+def mask_plan(entries: Sequence[GradEntry], masked: Sequence[torch.Tensor | bool], chunk_numel: int) -> MaskPlan:
+    """A plan zeroing, per entry, the finite entries of a flat bool mask (or of the whole tensor when
+    ``True``; nothing when ``False``)."""
+    source = MaskKeys(masked)
+    plans = []
+    for i, (entry, m) in enumerate(zip(entries, masked)):
+        if isinstance(m, torch.Tensor) and m.numel() != entry.flat.numel():
+            raise ValueError(f"stored mask of {entry.name!r} has {m.numel()} entries, its gradient {entry.flat.numel()}")
+        nothing = m is False or (isinstance(m, torch.Tensor) and not bool(m.any()))
+        plans.append(TensorPlan(source, i, Cut(None) if nothing else Cut(1), count_nonfinite(entry.flat, chunk_numel)))
+    return MaskPlan(plans)
+
+
+ScoreFn = Callable[[int, torch.Tensor, int], torch.Tensor]
+
+
+class ScoreKeys:
+    """Keys from a non-negative score per entry: ``score(index, chunk, start)`` returns the scores
+    of the entries of ``chunk``. With ``largest=True`` the *largest* scores get the smallest keys
+    (so they are selected first). Entries whose gradient is non-finite, or that ``excluded`` flags,
+    get the excluded key ``cap`` and are never ranked."""
+
+    key_bits = 32
+    cap = SCORE_CAP
+
+    def __init__(
+        self,
+        score: ScoreFn,
+        *,
+        largest: bool = False,
+        excluded: Sequence[torch.Tensor | None] | None = None,
+    ) -> None:
+        self._score, self._largest, self._excluded = score, largest, excluded
+
+    @classmethod
+    def from_tensors(cls, scores: Sequence[torch.Tensor], **kwargs: Any) -> ScoreKeys:
+        return cls(lambda i, chunk, start: scores[i][start : start + chunk.numel()], **kwargs)
+
+    def keys(self, index: int, chunk: torch.Tensor, start: int) -> torch.Tensor:
+        score = self._score(index, chunk, start).to(torch.float32).abs()
+        # NaN scores (e.g. 0/0) rank lowest, overflow ranks highest; neither may reach the cap.
+        score = torch.nan_to_num(score, nan=0.0, posinf=torch.finfo(torch.float32).max)
+        bits = score.view(torch.int32)
+        if self._largest:
+            bits = FLOAT32_MAX_BITS - bits
+        keep = torch.isfinite(chunk)
+        if self._excluded is not None and self._excluded[index] is not None:
+            keep &= ~self._excluded[index][start : start + chunk.numel()].to(chunk.device)
+        return torch.where(keep, bits, self.cap)
+
+    def key_to_value(self, index: int, key: int) -> float:
+        bits = FLOAT32_MAX_BITS - key if self._largest else key
+        return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
+
+
+# --- selection into masks ---------------------------------------------------------------------
+
+
+def cut_for_count(source: KeySource, flats: Sequence[tuple[int, torch.Tensor]], k: int, chunk_numel: int) -> Cut:
+    """The cut selecting exactly ``min(k, rankable)`` smallest keys over ``flats`` (ties in order).
+
+    Like :func:`gmt_plugins.selection.rank`, but for a count rather than a ratio (a ratio cannot
+    express every count exactly in floating point).
+    """
+    if not flats or k <= 0:
+        return Cut(None)
+    return rank(source, flats, k=k, chunk_numel=chunk_numel)[0]
+
+
+def mark(source: KeySource, flats: Sequence[tuple[int, torch.Tensor]], cut: Cut, chunk_numel: int) -> list[torch.Tensor]:
+    """Flat bool masks of the entries ``cut`` selects (the ``ties`` budget is spent over ``flats``
+    in order, as the engine does for the global scope). Nothing is modified."""
+    out = [torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device) for _, flat in flats]
+    if cut.threshold is None:
+        return out
+    ties_left = cut.ties
+    for (index, flat), mask in zip(flats, out):
+        for start, chunk in iter_chunks(flat, chunk_numel):
+            keys = source.keys(index, chunk, start)
+            selected = keys < cut.threshold
+            if ties_left > 0:
+                equal = (keys == cut.threshold).nonzero()[:ties_left, 0]
+                selected[equal] = True
+                ties_left -= equal.numel()
+            mask[start : start + chunk.numel()] = selected
+    return out
+
+
+def groups(n: int, scope: str) -> list[list[int]]:
+    """Entry indices ranked together: all of them for the global scope, one by one otherwise."""
+    return [list(range(n))] if scope == "global" else [[i] for i in range(n)]
+
+
+def lowest_fraction(scores: Sequence[torch.Tensor], ratio: float, scope: str, chunk_numel: int) -> list[torch.Tensor]:
+    """Flat bool masks of the ``floor(ratio * n)`` lowest ``scores`` (per tensor or over all of them)."""
+    source = ScoreKeys.from_tensors(scores)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(scores)
+    for group in groups(len(scores), scope):
+        # The scores themselves stand in for the gradient chunks: every finite score is ranked.
+        flats = [(i, scores[i]) for i in group]
+        cut, _ = rank(source, flats, ratio, chunk_numel=chunk_numel)
+        for i, m in zip(group, mark(source, flats, cut, chunk_numel)):
+            out[i] = m
+    return out
+
+
+def load_bool_masks(state: Any, key: str) -> dict[str, torch.Tensor]:
+    """Validate a ``{name: bool tensor}`` dict from a loaded state."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) and v.dtype == torch.bool for v in state.values()):
+        raise ValueError(f"state {key!r} must map parameter names to bool tensors")
+    return dict(state)
+
+
+# --- a mask fixed after warm-up (SIFT, SPT) ---------------------------------------------------
+
+
+class WarmupMaskStrategy(MaskStrategy):
+    """Accumulate a score over ``options.warmup_steps`` steps, then fix the mask for good.
+
+    During warm-up nothing is updated (every finite gradient entry is masked): those steps only
+    measure, so that every parameter outside the chosen set ends training exactly where it started
+    (the sparse-increment property of SIFT and SPT). At the last warm-up step the
+    ``floor(mask_ratio * n)`` lowest-scoring entries (per tensor, or over all tensors for a global
+    ranking) are masked from that step on, that step included. Tensors that had no gradient at
+    that step are not in the chosen set and stay frozen.
+
+    State: ``seen`` (warm-up steps accumulated), ``scores`` (float32 per parameter name, only
+    during warm-up) and ``updatable`` (bool per parameter name, shaped like it; ``None`` before).
+    """
+
+    global_only: ClassVar[bool] = False
+
+    def __init__(self, config: GMTConfig) -> None:
+        super().__init__(config)
+        self.seen = 0
+        self.scores: dict[str, torch.Tensor] = {}
+        self.updatable: dict[str, torch.Tensor] | None = None
+
+    @abstractmethod
+    def accumulate(self, score: torch.Tensor | None, grad: torch.Tensor) -> torch.Tensor:
+        """The score after one more step with (finite, float32) ``grad``; ``score`` is ``None`` at first."""
+
+    def plan(self, entries: Sequence[GradEntry], *, step: int) -> MaskPlan:
+        chunk = self.config.chunk_numel
+        if self.updatable is None:
+            for e in entries:
+                grad = torch.nan_to_num(e.flat.float(), nan=0.0, posinf=0.0, neginf=0.0)  # learn from finite entries only
+                self.scores[e.name] = self.accumulate(self.scores.get(e.name), grad)
+            self.seen += 1
+            if self.seen < self.options.warmup_steps:
+                return mask_plan(entries, [True] * len(entries), chunk)
+            scope = "global" if self.global_only else self.config.scope
+            scores = [self.scores[e.name] for e in entries]
+            masked = lowest_fraction(scores, self.config.mask_ratio, scope, chunk)
+            self.updatable = {e.name: (~m).view(e.param.shape) for e, m in zip(entries, masked)}
+            self.scores = {}
+        masks: list[torch.Tensor | bool] = []
+        for e in entries:
+            kept = self.updatable.get(e.name)
+            if kept is not None and kept.device != e.flat.device:
+                kept = self.updatable[e.name] = kept.to(e.flat.device)
+            masks.append(True if kept is None else ~kept.view(-1))
+        return mask_plan(entries, masks, chunk)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seen": self.seen, "scores": dict(self.scores), "updatable": None if self.updatable is None else dict(self.updatable)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unknown = set(state) - {"seen", "scores", "updatable"}
+        if unknown:
+            raise ValueError(f"unknown {self.name} state keys {sorted(unknown)}")
+        self.seen = int(state.get("seen", 0))
+        scores = state.get("scores", {})
+        if not isinstance(scores, dict) or not all(isinstance(v, torch.Tensor) for v in scores.values()):
+            raise ValueError(f"{self.name} state 'scores' must map parameter names to tensors")
+        self.scores = {k: v.float() for k, v in scores.items()}
+        updatable = state.get("updatable")
+        self.updatable = None if updatable is None else load_bool_masks(updatable, "updatable")
+
+
+@dataclass
+class WarmupOptions:
+    warmup_steps: int = 1
+    """Optimizer steps whose gradients choose the mask; nothing is updated before the last one."""
+
+    def __post_init__(self) -> None:
+        check_int("warmup_steps", self.warmup_steps, 1)

@@ -1,0 +1,83 @@
+"""GMT ranked by an exponential moving average of the gradient instead of the current gradient."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gmt_plugins.config import GMTConfig
+from gmt_plugins.hookspecs import hookimpl
+from gmt_plugins.registry import StrategyRegistry
+from gmt_plugins.strategies._masks import ScoreKeys, check_float
+from gmt_plugins.strategies.base import GradEntry, KeyedStrategy, MaskPlan
+
+
+@dataclass
+class GMTMomentumOptions:
+    beta: float = 0.9
+    """EMA factor in [0, 1): ``m = beta * m + (1 - beta) * g``; 0 is plain GMT."""
+
+    def __post_init__(self) -> None:
+        self.beta = check_float("beta", self.beta, 0.0, 1.0, high_open=True)
+
+
+class GMTMomentumStrategy(KeyedStrategy):
+    """GMT with momentum: a variant of Gradient-Mask Tuning (https://arxiv.org/abs/2406.15330).
+
+    Every step the EMA ``m = beta * m + (1 - beta) * g`` is updated first, then the
+    ``floor(mask_ratio * n)`` entries with the smallest ``|m|`` are masked (per tensor or globally,
+    as ``scope`` says), so an entry whose gradient is consistently small stays masked even when one
+    noisy step makes it large, and vice versa. The EMA of a parameter starts at its first gradient
+    (no bias correction needed, and the first step is exactly GMT). Non-finite gradient entries
+    leave their EMA unchanged (so one overflow step does not poison it) and are never masked.
+
+    State: ``ema``, a float32 tensor per parameter name (one extra copy of the gradients).
+    """
+
+    name = "gmt_momentum"
+    options_class = GMTMomentumOptions
+
+    def __init__(self, config: GMTConfig) -> None:
+        super().__init__(config)
+        self.ema: dict[str, torch.Tensor] = {}
+
+    def _update(self, entry: GradEntry) -> None:
+        grad = entry.flat.to(torch.float32)
+        finite = torch.isfinite(grad)
+        ema = self.ema.get(entry.name)
+        if ema is None:
+            self.ema[entry.name] = torch.where(finite, grad, 0.0).view(entry.param.shape)
+            return
+        if ema.numel() != grad.numel():
+            raise ValueError(f"gmt_momentum state for {entry.name!r} has {ema.numel()} entries, the parameter {grad.numel()}")
+        ema = ema.to(grad.device).view(-1)
+        beta = self.options.beta
+        self.ema[entry.name] = torch.where(finite, beta * ema + (1 - beta) * grad, ema).view(entry.param.shape)
+
+    def plan(self, entries: Sequence[GradEntry], *, step: int) -> MaskPlan:
+        for entry in entries:
+            self._update(entry)
+        return super().plan(entries, step=step)
+
+    def key_source(self, entries: Sequence[GradEntry], *, step: int) -> ScoreKeys:
+        return ScoreKeys.from_tensors([self.ema[e.name].view(-1) for e in entries])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": dict(self.ema)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unknown = set(state) - {"ema"}
+        if unknown:
+            raise ValueError(f"unknown gmt_momentum state keys {sorted(unknown)}")
+        ema = state.get("ema", {})
+        if not isinstance(ema, dict) or not all(isinstance(v, torch.Tensor) for v in ema.values()):
+            raise ValueError("gmt_momentum state 'ema' must map parameter names to tensors")
+        self.ema = {k: v.to(torch.float32) for k, v in ema.items()}
+
+
+@hookimpl
+def gmt_register_strategies(register: StrategyRegistry) -> None:
+    register.add(GMTMomentumStrategy)

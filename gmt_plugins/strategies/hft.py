@@ -1,0 +1,67 @@
+"""HFT: freeze a random half of the parameter matrices of every layer, re-drawn every stage."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gmt_plugins.hookspecs import hookimpl
+from gmt_plugins.keys import stable_salt
+from gmt_plugins.registry import StrategyRegistry
+from gmt_plugins.strategies._layers import layer_groups
+from gmt_plugins.strategies._masks import check_int, mask_plan
+from gmt_plugins.strategies.base import GradEntry, MaskPlan, MaskStrategy
+
+
+@dataclass
+class HFTOptions:
+    interval: int = 100
+    """Steps per stage: the frozen half is re-drawn every ``interval`` optimizer steps."""
+
+    def __post_init__(self) -> None:
+        check_int("interval", self.interval, 1)
+
+
+class HFTStrategy(MaskStrategy):
+    """Half Fine-Tuning (Hui et al., https://arxiv.org/abs/2404.18466).
+
+    Parameters are grouped into layers by the first numeric index in their names (``layers.3.``);
+    all parameters without an index (embeddings, final norm, head) form one more group. In every
+    group, half of the tensors are frozen as whole tensors (category level: every finite gradient
+    entry of a frozen tensor is zeroed, the other tensors are untouched). With an odd count ``n``
+    the group freezes ``n // 2`` or ``n // 2 + 1`` tensors with equal chance, so every tensor is
+    frozen with probability exactly 1/2.
+
+    The draw depends only on ``mask_seed``, the stage ``step // interval``, and the parameter names
+    (a stable hash per name, the lowest half is frozen), so it is the same on every process and
+    after a resume; the strategy keeps no state. ``mask_ratio`` plays no part: the frozen fraction
+    is one half by definition of the method. ``scope`` plays no part either.
+    """
+
+    name = "hft"
+    options_class = HFTOptions
+
+    def frozen(self, entries: Sequence[GradEntry], *, step: int) -> list[bool]:
+        """Whether each entry is frozen at ``step``."""
+        stage = step // self.options.interval
+        seed = self.config.mask_seed
+        layers, members, others = layer_groups(entries)
+        out = [False] * len(entries)
+        for key, group in [*((k, members[k]) for k in layers), ("<no layer>", others)]:
+            if not group:
+                continue
+            order = sorted(group, key=lambda i: (stable_salt(seed, "hft", stage, entries[i].name), entries[i].name))
+            n_frozen = len(group) // 2
+            if len(group) % 2 and stable_salt(seed, "hft-odd", stage, key) & 1:
+                n_frozen += 1
+            for i in order[:n_frozen]:
+                out[i] = True
+        return out
+
+    def plan(self, entries: Sequence[GradEntry], *, step: int) -> MaskPlan:
+        return mask_plan(entries, self.frozen(entries, step=step), self.config.chunk_numel)
+
+
+@hookimpl
+def gmt_register_strategies(register: StrategyRegistry) -> None:
+    register.add(HFTStrategy)

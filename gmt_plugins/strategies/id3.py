@@ -1,0 +1,117 @@
+"""ID3: unmask entries step by step, by |grad| / (eps + |theta|)^exponent, until a budget is reached."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gmt_plugins.config import GMTConfig
+from gmt_plugins.hookspecs import hookimpl
+from gmt_plugins.registry import StrategyRegistry
+from gmt_plugins.strategies._masks import (
+    ScoreFn,
+    ScoreKeys,
+    check_float,
+    check_int,
+    cut_for_count,
+    load_bool_masks,
+    mark,
+    mask_plan,
+)
+from gmt_plugins.strategies.base import GradEntry, MaskPlan, MaskStrategy
+
+
+@dataclass
+class ID3Options:
+    eps: float = 1e-3
+    """Added to ``|theta|`` so that zero weights do not divide by zero (> 0)."""
+    exponent: float = 1.0
+    """Power of ``eps + |theta|`` in the heuristic (>= 0; 0 ranks by ``|grad|`` alone)."""
+    steps_to_budget: int = 100
+    """Growth steps until the budget is reached; the budget is spread evenly over them."""
+
+    def __post_init__(self) -> None:
+        self.eps = check_float("eps", self.eps, 0.0, math.inf, low_open=True, high_open=True)
+        self.exponent = check_float("exponent", self.exponent, 0.0, math.inf, high_open=True)
+        check_int("steps_to_budget", self.steps_to_budget, 1)
+
+
+class ID3Strategy(MaskStrategy):
+    """Incremental Dynamic unmasking ("Step-by-Step Unmasking for Parameter-Efficient
+    Fine-tuning of Large Language Models", Agarwal et al., https://arxiv.org/abs/2408.14470).
+
+    One global mask over all selected tensors, initially masking everything. The budget is
+    ``B = n - floor(mask_ratio * n)`` updatable entries (``n`` = all entries); at growth step ``t``
+    (0-based) the updatable set grows to ``ceil(B * (t + 1) / steps_to_budget)`` entries by adding
+    the not-yet-updatable entries with the largest ``|grad| / (eps + |theta|) ** exponent``. An
+    entry once unmasked stays unmasked, so the set grows monotonically and is fixed once it holds
+    ``B`` entries (after ``steps_to_budget`` steps). The ranking is always global, as in the paper,
+    so ``scope`` plays no part. Entries with a non-finite gradient are never chosen at that step
+    (and, like every non-finite gradient entry, never zeroed).
+
+    State: ``updatable`` (bool tensors keyed by parameter name) and ``growth_steps``.
+    """
+
+    name = "id3"
+    options_class = ID3Options
+
+    def __init__(self, config: GMTConfig) -> None:
+        super().__init__(config)
+        self.updatable: dict[str, torch.Tensor] = {}
+        self.growth_steps = 0
+
+    def _kept(self, entry: GradEntry) -> torch.Tensor:
+        kept = self.updatable.get(entry.name)
+        if kept is None:
+            kept = torch.zeros(entry.param.shape, dtype=torch.bool, device=entry.flat.device)
+        elif kept.numel() != entry.flat.numel():
+            raise ValueError(f"id3 state for {entry.name!r} has {kept.numel()} entries, the parameter {entry.flat.numel()}")
+        self.updatable[entry.name] = kept = kept.to(entry.flat.device)
+        return kept.view(-1)
+
+    def _score_fn(self, entries: Sequence[GradEntry]) -> ScoreFn:
+        eps, exponent = self.options.eps, self.options.exponent
+        thetas = [e.param.detach().reshape(-1) for e in entries]
+
+        def score(index: int, chunk: torch.Tensor, start: int) -> torch.Tensor:
+            theta = thetas[index][start : start + chunk.numel()].to(torch.float32)
+            return chunk.to(torch.float32).abs() / (eps + theta.abs()).pow(exponent)
+
+        return score
+
+    def plan(self, entries: Sequence[GradEntry], *, step: int) -> MaskPlan:
+        chunk = self.config.chunk_numel
+        kept = [self._kept(e) for e in entries]
+        if self.growth_steps < self.options.steps_to_budget and entries:
+            n = sum(e.flat.numel() for e in entries)
+            budget = n - math.floor(self.config.mask_ratio * n)
+            target = min(budget, math.ceil(budget * (self.growth_steps + 1) / self.options.steps_to_budget))
+            grow = target - sum(int(k.sum().item()) for k in kept)
+            if grow > 0:
+                # Already-updatable entries are excluded from the ranking; the rest compete globally.
+                source = ScoreKeys(self._score_fn(entries), largest=True, excluded=kept)
+                flats = [(i, e.flat) for i, e in enumerate(entries)]
+                cut = cut_for_count(source, flats, grow, chunk)
+                for k, new in zip(kept, mark(source, flats, cut, chunk)):
+                    k |= new
+            self.growth_steps += 1
+        return mask_plan(entries, [~k for k in kept], chunk)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"updatable": dict(self.updatable), "growth_steps": self.growth_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unknown = set(state) - {"updatable", "growth_steps"}
+        if unknown:
+            raise ValueError(f"unknown id3 state keys {sorted(unknown)}")
+        self.updatable = load_bool_masks(state.get("updatable", {}), "updatable")
+        self.growth_steps = int(state.get("growth_steps", 0))
+
+
+@hookimpl
+def gmt_register_strategies(register: StrategyRegistry) -> None:
+    register.add(ID3Strategy)
