@@ -9,8 +9,9 @@ import pluggy
 import torch
 
 from gmt_plugins.config import GMTConfig, resolve_config
+from gmt_plugins.distributed import ShardReducer, is_dtensor, local_shard, reducing
 from gmt_plugins.plugins import get_plugin_manager, strategy_registry
-from gmt_plugins.selection import Cut, apply_cut
+from gmt_plugins.selection import Cut, apply_cut, count_equal
 from gmt_plugins.stats import MaskStats, TensorStats
 from gmt_plugins.strategies.base import GradEntry, MaskPlan
 from gmt_plugins.strict import MaskedEntryGuard
@@ -85,30 +86,61 @@ class GradientMasker:
     def names(self) -> list[str]:
         return [name for name, _ in self.parameters]
 
-    def _entries(self) -> tuple[list[GradEntry], list[str]]:
+    def _entries(self) -> tuple[list[GradEntry], list[str], ShardReducer | None]:
+        """The gradients to mask, and the reducer over the shards when they are FSDP2 shards."""
         entries, without_grad = [], []
+        groups, whole = [], []
         for name, param in self.parameters:
             grad = param.grad
             if grad is None:
                 without_grad.append(name)
                 continue
-            if grad.is_sparse or type(grad).__name__ == "DTensor":
-                raise ValueError(f"gradient of {name!r} is a {type(grad).__name__} ({grad.layout}); only dense local gradients can be masked")
+            shard = None
+            if is_dtensor(grad):
+                grad, shard, group = local_shard(name, grad)
+                param = param.to_local() if is_dtensor(param) else param
+                if shard is not None:
+                    groups.append((name, group))
+                else:
+                    whole.append(name)
+            else:
+                whole.append(name)
+            if grad.is_sparse:
+                raise ValueError(f"gradient of {name!r} is a {type(grad).__name__} ({grad.layout}); only dense gradients can be masked")
             if not grad.is_contiguous():
                 raise ValueError(f"gradient of {name!r} is not contiguous; masking works on flat views")
-            entries.append(GradEntry(len(entries), name, param, grad.view(-1)))
-        return entries, without_grad
+            entries.append(GradEntry(len(entries), name, param, grad.view(-1), shard))
+        if not groups:
+            return entries, without_grad, None
+        if whole:
+            raise ValueError(
+                f"gradients of {groups[0][0]!r} and others are FSDP2 shards but those of {whole[:3]} are whole tensors; "
+                "GMT masks either all-sharded or all-whole gradients (shard every selected parameter with fully_shard)"
+            )
+        if any(g is not groups[0][1] for _, g in groups):
+            raise ValueError("the selected gradients are sharded over different process groups; GMT needs one group")
+        if not self.strategy.supports_sharded_gradients:
+            raise ValueError(
+                f"strategy {self.strategy.name!r} does not support sharded (FSDP2) gradients: its masks depend on more "
+                "than elementwise keys of each shard. Use DDP, or a strategy with supports_sharded_gradients "
+                "(gmt, random, gmt_momentum)"
+            )
+        return entries, without_grad, ShardReducer(groups[0][1])
 
     @torch.no_grad()
     def apply(self) -> MaskStats:
         """Mask the gradients for the current optimizer step and return what was done."""
         if self._guard is not None and self._guard.pending:
             raise RuntimeError("restore_masked() was not called after the previous optimizer step (strict mode)")
-        entries, without_grad = self._entries()
-        plan = self.strategy.plan(entries, step=self.step) if entries else MaskPlan([])
+        entries, without_grad, reducer = self._entries()
+        if reducer is None:
+            plan = self.strategy.plan(entries, step=self.step) if entries else MaskPlan([])
+        else:
+            with reducing(reducer):
+                plan = self.strategy.plan(entries, step=self.step)
         if len(plan.tensors) != len(entries):
             raise RuntimeError(f"strategy {self.strategy.name!r} planned {len(plan.tensors)} tensors for {len(entries)} gradients")
-        tensors = self._execute(entries, plan)
+        tensors = self._execute(entries, plan) if reducer is None else self._execute_sharded(entries, plan, reducer)
         stats = MaskStats(self.step, self.strategy.name, self.config.scope, tensors, without_grad)
         self.step += 1
         return stats
@@ -128,6 +160,35 @@ class GradientMasker:
                 self._guard.capture(entry.param, record)
             tensors.append(TensorStats(entry.name, entry.flat.numel(), masked, tensor_plan.nonfinite, threshold))
         return tensors
+
+    def _execute_sharded(self, entries: list[GradEntry], plan: MaskPlan, reducer: ShardReducer) -> list[TensorStats]:
+        """``_execute`` for FSDP2 shards: the cuts are global (``rank`` reduced them); each shard spends
+        the part of the tie budget its position in flat order gives it, and the counts are summed."""
+        chunk = self.config.chunk_numel
+        cuts = [p.cut for p in plan.tensors]
+        if plan.shared_ties and cuts:
+            cuts = [Cut(c.threshold, cuts[0].ties) for c in cuts]
+        straddling = [c.threshold is not None and c.ties > 0 for c in cuts]
+        if any(straddling):  # the cuts are the same on every rank, so every rank takes this branch
+            equal = [
+                count_equal(p.source, p.local_index, e.flat, c.threshold, chunk_numel=chunk) if s else 0
+                for e, p, c, s in zip(entries, plan.tensors, cuts, straddling)
+            ]
+            ties = [c.ties for c in cuts]
+            budgets = reducer.tie_budgets(ties, plan.shared_ties, equal, [e.offset for e in entries], entries[0].flat.device)
+            cuts = [Cut(c.threshold, b) if s else c for c, b, s in zip(cuts, budgets, straddling)]
+        masked_local = []
+        for entry, tensor_plan, cut in zip(entries, plan.tensors, cuts):
+            record = MaskedEntryGuard.new_mask(entry.flat) if self._guard is not None else None
+            masked, _ = apply_cut(tensor_plan.source, tensor_plan.local_index, entry.flat, cut, chunk_numel=chunk, record=record)
+            if record is not None and masked:
+                self._guard.capture(entry.param, record)
+            masked_local.append(masked)
+        masked_all = reducer.sum_counts(masked_local, entries[0].flat.device)
+        return [
+            TensorStats(e.name, e.shard.full_numel, m, p.nonfinite, t)
+            for e, p, m, t in zip(entries, plan.tensors, masked_all, plan.threshold_values())
+        ]
 
     def restore_masked(self) -> int:
         """Strict mode: after ``optimizer.step()``, put the masked entries back bit for bit.

@@ -12,6 +12,11 @@ gradient chunk by chunk, so the extra memory is a few chunk-sized buffers and on
 histogram, never a copy of the gradient, never an index buffer over it, and never a concatenation
 of tensors. Keys at or above the source's ``cap`` (non-finite gradients) are never ranked and never
 masked, so NaN and inf neither move the threshold nor disappear before the optimizer sees them.
+
+Histograms are plain sums, so when the flats are shards of larger tensors held by several
+processes (FSDP2), summing every rank's histogram gives the exact threshold of the full tensors:
+``rank`` all-reduces them through the active reducer (:mod:`gmt_plugins.distributed`). Without
+one (a single process, or DDP's whole gradients) no collective is made.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+from gmt_plugins.distributed import ShardReducer, active_reducer
 
 DIGIT_BITS = 16
 NUM_BINS = 1 << DIGIT_BITS
@@ -126,19 +133,31 @@ def rank(
     *,
     k: int | None = None,
     chunk_numel: int = DEFAULT_CHUNK_NUMEL,
+    reducer: ShardReducer | None = None,
 ) -> tuple[Cut, Ranked]:
     """Find the cut that masks ``k`` entries (default ``floor(ratio * rankable)``) over all of ``flats``.
 
     ``flats`` are ``(index, flat_gradient)`` pairs; call it with one pair for the per-tensor scope
     and with all pairs for the global scope. ``k`` larger than the rankable count is clipped to it.
+
+    ``reducer`` (default: the one :func:`gmt_plugins.distributed.active_reducer` returns, set by
+    the masker while gradients are sharded) sums every histogram and the non-finite counts over
+    the processes holding the other shards; ``k``, ``rankable``, ``nonfinite`` and the cut are
+    then those of the full tensors, identical on every rank (``ties`` still counts over the full
+    tensors in flat order: the masker splits it between shards). Every rank must call ``rank``
+    for the same groups in the same order.
     """
     if (ratio is None) == (k is None):
         raise TypeError("rank() takes exactly one of ratio and k")
+    if reducer is None:
+        reducer = active_reducer()
     top_shift = source.key_bits - DIGIT_BITS
     if not flats:
         return Cut(None), Ranked(rankable=0, nonfinite=[])
     nonfinite: list[int] = []
     hist = _histogram(source, flats, shift=top_shift, base=None, chunk_numel=chunk_numel, nonfinite=nonfinite)
+    if reducer is not None:
+        hist, nonfinite = reducer.sum_histogram(hist, nonfinite)
     rankable = int(hist[: source.cap >> top_shift].sum().item())
     ranked = Ranked(rankable=rankable, nonfinite=nonfinite)
     k = int(ratio * rankable) if k is None else min(int(k), rankable)
@@ -149,6 +168,8 @@ def rank(
     for shift in range(top_shift - DIGIT_BITS, -1, -DIGIT_BITS):
         base = prefix << (shift + DIGIT_BITS)
         hist = _histogram(source, flats, shift=shift, base=base, chunk_numel=chunk_numel)
+        if reducer is not None:
+            reducer.sum_(hist)
         digit, below = _locate(hist, remaining)
         prefix, remaining = (prefix << DIGIT_BITS) | digit, remaining - below
     if remaining == int(hist[digit].item()):
@@ -203,3 +224,11 @@ def apply_cut(
         if record is not None:
             record[start : start + chunk.numel()] = mask
     return int(masked.item()), ties_used
+
+
+def count_equal(source: KeySource, index: int, flat: torch.Tensor, key: int, *, chunk_numel: int = DEFAULT_CHUNK_NUMEL) -> int:
+    """How many entries of ``flat`` have key ``key`` (the per-shard tie count of a sharded cut)."""
+    total = torch.zeros((), dtype=torch.int64, device=flat.device)
+    for start, chunk in iter_chunks(flat, chunk_numel):
+        total += (source.keys(index, chunk, start) == key).sum()
+    return int(total.item())

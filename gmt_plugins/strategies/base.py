@@ -10,17 +10,28 @@ from typing import Any, ClassVar
 import torch
 
 from gmt_plugins.config import GMTConfig
+from gmt_plugins.distributed import ShardInfo, ShiftedKeys
 from gmt_plugins.selection import Cut, KeySource, rank
 
 
 @dataclass
 class GradEntry:
-    """One selected parameter at one step: ``flat`` is a flat, contiguous view of its gradient."""
+    """One selected parameter at one step: ``flat`` is a flat, contiguous view of its gradient.
+
+    Under FSDP2 ``param`` and ``flat`` are the local shards (plain tensors) and ``shard`` says where
+    they sit in the full tensor; ``shard`` is ``None`` for whole gradients (one process, DDP).
+    """
 
     index: int
     name: str
     param: torch.nn.Parameter
     flat: torch.Tensor
+    shard: ShardInfo | None = None
+
+    @property
+    def offset(self) -> int:
+        """Flat position of ``flat[0]`` in the full tensor (0 unless sharded)."""
+        return 0 if self.shard is None else self.shard.offset
 
 
 @dataclass
@@ -62,6 +73,11 @@ class MaskStrategy(ABC):
     name: ClassVar[str]
     options_class: ClassVar[type | None] = None
     """A dataclass of this strategy's options (read from ``config.strategy_options``), or ``None``."""
+    supports_sharded_gradients: ClassVar[bool] = False
+    """Whether :meth:`plan` is exact on FSDP2 shards: the masker then makes ``rank`` reduce its
+    histograms over the shards. Only strategies whose decision is elementwise keys ranked by the
+    engine (``KeyedStrategy`` with local keys) qualify; the masker refuses the others when
+    gradients are sharded rather than let each shard decide on its own."""
 
     def __init__(self, config: GMTConfig) -> None:
         self.config = config
@@ -88,6 +104,11 @@ class KeyedStrategy(MaskStrategy):
     """A strategy that ranks entries by a key and masks exactly ``floor(mask_ratio * n)`` of them,
     per tensor or globally according to ``config.scope``."""
 
+    positional_keys: ClassVar[bool] = False
+    """Whether ``key_source``'s keys depend on an entry's flat position (``start``) in the *full*
+    tensor (position hashes such as ``RandomKeys``) rather than index the entry's own local data:
+    on a shard the position is then shifted by the shard's offset."""
+
     @abstractmethod
     def key_source(self, entries: Sequence[GradEntry], *, step: int) -> KeySource:
         """Keys for ``entries`` (one entry in the tensor scope, all of them in the global scope)."""
@@ -95,16 +116,22 @@ class KeyedStrategy(MaskStrategy):
     def plan(self, entries: Sequence[GradEntry], *, step: int) -> MaskPlan:
         ratio, chunk = self.config.mask_ratio, self.config.chunk_numel
         if self.config.scope == "global":
-            source = self.key_source(entries, step=step)
+            source = self._key_source(entries, step)
             cut, ranked = rank(source, [(i, e.flat) for i, e in enumerate(entries)], ratio, chunk_numel=chunk)
             plans = [TensorPlan(source, i, cut, n) for i, n in enumerate(ranked.nonfinite)]
             return MaskPlan(plans, shared_ties=True)
         plans = []
         for entry in entries:
-            source = self.key_source([entry], step=step)
+            source = self._key_source([entry], step)
             cut, ranked = rank(source, [(0, entry.flat)], ratio, chunk_numel=chunk)
             plans.append(TensorPlan(source, 0, cut, ranked.nonfinite[0]))
         return MaskPlan(plans)
+
+    def _key_source(self, entries: Sequence[GradEntry], step: int) -> KeySource:
+        source = self.key_source(entries, step=step)
+        if self.positional_keys and any(e.offset for e in entries):
+            source = ShiftedKeys(source, [e.offset for e in entries])
+        return source
 
 
 def parse_options(strategy: str, options_cls: type, options: dict[str, Any]) -> Any:

@@ -20,6 +20,7 @@ class GMTStrategy(KeyedStrategy):
     """
 
     name = "gmt"
+    supports_sharded_gradients = True
 
     def key_source(self, entries: Sequence[GradEntry], *, step: int) -> MagnitudeKeys:
         return MagnitudeKeys([e.flat.dtype for e in entries])

@@ -38,6 +38,7 @@ class GMTMomentumStrategy(KeyedStrategy):
     """
 
     name = "gmt_momentum"
+    supports_sharded_gradients = True
     options_class = GMTMomentumOptions
 
     def __init__(self, config: GMTConfig) -> None:

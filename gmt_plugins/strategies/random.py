@@ -20,6 +20,8 @@ class RandomMaskStrategy(KeyedStrategy):
     """
 
     name = "random"
+    supports_sharded_gradients = True
+    positional_keys = True
 
     def key_source(self, entries: Sequence[GradEntry], *, step: int) -> RandomKeys:
         return RandomKeys([stable_salt(self.config.mask_seed, step, e.name) for e in entries])
