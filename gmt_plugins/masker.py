@@ -66,6 +66,8 @@ class GradientMasker:
         self.strategy = strategy_registry(self.plugin_manager).create(self.config)
         self.parameters = self._select(model_or_named_params)
         self.step = 0
+        self.sharded = False
+        """Whether the last ``apply`` saw FSDP2 shards: the strategy's state is then per rank."""
         self._guard = MaskedEntryGuard(chunk_numel=self.config.chunk_numel) if self.config.strict else None
 
     def _select(self, source: torch.nn.Module | NamedParameters) -> list[tuple[str, torch.nn.Parameter]]:
@@ -133,6 +135,7 @@ class GradientMasker:
         if self._guard is not None and self._guard.pending:
             raise RuntimeError("restore_masked() was not called after the previous optimizer step (strict mode)")
         entries, without_grad, reducer = self._entries()
+        self.sharded = reducer is not None
         if reducer is None:
             plan = self.strategy.plan(entries, step=self.step) if entries else MaskPlan([])
         else:

@@ -11,8 +11,7 @@ from typing import Any
 
 import torch
 
-STATE_JSON = "gmt_state.json"
-STATE_TENSORS = "gmt_state.safetensors"
+STEM = "gmt_state"
 _TENSOR_REF = "__tensor__"
 
 
@@ -41,28 +40,28 @@ def _join(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return value
 
 
-def save_state(state: dict[str, Any], directory: str) -> None:
-    """Write ``state`` into ``directory`` as ``gmt_state.json`` (+ ``gmt_state.safetensors``)."""
+def save_state(state: dict[str, Any], directory: str, *, stem: str = STEM) -> None:
+    """Write ``state`` into ``directory`` as ``<stem>.json`` (+ ``<stem>.safetensors`` if it holds tensors)."""
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _split(state, "", tensors)
     os.makedirs(directory, exist_ok=True)
     if tensors:
-        save_file(tensors, os.path.join(directory, STATE_TENSORS))
-    with open(os.path.join(directory, STATE_JSON), "w") as f:
+        save_file(tensors, os.path.join(directory, f"{stem}.safetensors"))
+    with open(os.path.join(directory, f"{stem}.json"), "w") as f:
         json.dump(skeleton, f, indent=1, sort_keys=True)
 
 
-def has_state(directory: str) -> bool:
-    return os.path.isfile(os.path.join(directory, STATE_JSON))
+def has_state(directory: str, *, stem: str = STEM) -> bool:
+    return os.path.isfile(os.path.join(directory, f"{stem}.json"))
 
 
-def load_state(directory: str) -> dict[str, Any]:
+def load_state(directory: str, *, stem: str = STEM) -> dict[str, Any]:
     """Read what :func:`save_state` wrote."""
-    with open(os.path.join(directory, STATE_JSON)) as f:
+    with open(os.path.join(directory, f"{stem}.json")) as f:
         skeleton = json.load(f)
-    tensor_path = os.path.join(directory, STATE_TENSORS)
+    tensor_path = os.path.join(directory, f"{stem}.safetensors")
     tensors: dict[str, torch.Tensor] = {}
     if os.path.isfile(tensor_path):
         from safetensors.torch import load_file

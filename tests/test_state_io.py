@@ -19,3 +19,14 @@ def test_round_trip_tensors_and_json(tmp_path):
 def test_refuses_unserialisable(tmp_path):
     with pytest.raises(TypeError, match="object"):
         save_state({"x": object()}, str(tmp_path))
+
+
+def test_per_rank_stems_do_not_collide(tmp_path):
+    from gmt_plugins.integrations.transformers import has_per_rank_state
+
+    save_state({"step": 1, "ema": torch.zeros(2)}, str(tmp_path), stem="gmt_state.rank0")
+    save_state({"step": 1, "ema": torch.ones(2)}, str(tmp_path), stem="gmt_state.rank1")
+    assert has_per_rank_state([str(tmp_path)])
+    assert torch.equal(load_state(str(tmp_path), stem="gmt_state.rank1")["ema"], torch.ones(2))
+    assert torch.equal(load_state(str(tmp_path), stem="gmt_state.rank0")["ema"], torch.zeros(2))
+    assert not has_per_rank_state([str(tmp_path / "nothing")])

@@ -13,11 +13,18 @@ from gmt_plugins.config import GMTConfig, resolve_config
 from gmt_plugins.masker import GradientMasker
 from gmt_plugins.optimizers import OptimizerInfo, inspect_optimizer
 from gmt_plugins.plugins import get_plugin_manager, strategy_registry
-from gmt_plugins.state_io import has_state, load_state, save_state
+from gmt_plugins.state_io import STEM, has_state, load_state, save_state
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint"
+
+
+def has_per_rank_state(folders: list[str]) -> bool:
+    """Whether a checkpoint holds per-rank GMT state (written under FSDP2)."""
+    import glob
+
+    return any(glob.glob(os.path.join(folder, f"{STEM}.rank*.json")) for folder in folders)
 
 
 class GMTCallback(TrainerCallback):
@@ -176,18 +183,31 @@ class GMTCallback(TrainerCallback):
 
     # -- checkpoints -------------------------------------------------------------------------
 
+    def _state_stem(self) -> str:
+        """Under FSDP2 each rank's strategy state covers its own shards, so each rank keeps its own file."""
+        if self.masker is not None and self.masker.sharded:
+            import torch.distributed as dist
+
+            return f"{STEM}.rank{dist.get_rank()}"
+        return STEM
+
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if self.masker is None or not state.is_world_process_zero:
+        if self.masker is None or not (state.is_world_process_zero or self.masker.sharded):
             return
         folder = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}-{state.global_step}")
         if os.path.isdir(folder):
-            save_state({**self.masker.state_dict(), "config": self.config.to_dict()}, folder)
+            save_state({**self.masker.state_dict(), "config": self.config.to_dict(), "sharded": self.masker.sharded}, folder, stem=self._state_stem())
 
     def _resume(self, args: TrainingArguments, state: TrainerState) -> None:
         candidates = [os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}-{state.global_step}")]
         if isinstance(args.resume_from_checkpoint, str):
             candidates.insert(0, args.resume_from_checkpoint)
-        folder = next((c for c in candidates if has_state(c)), None)
+        stem = STEM
+        if has_per_rank_state(candidates):
+            import torch.distributed as dist
+
+            stem = f"{STEM}.rank{dist.get_rank()}"
+        folder = next((c for c in candidates if has_state(c, stem=stem)), None)
         if folder is None:
             if self.masker.strategy.state_dict():
                 raise FileNotFoundError(
@@ -196,10 +216,11 @@ class GMTCallback(TrainerCallback):
                 )
             logger.info("GMT: no saved state found; strategy %r is stateless, resuming at step %d", self.config.strategy, state.global_step)
             return
-        saved = load_state(folder)
+        saved = load_state(folder, stem=stem)
         if saved.get("config", {}).get("strategy") not in (None, self.config.strategy):
             raise ValueError(f"checkpoint {folder} was trained with strategy {saved['config']['strategy']!r}, not {self.config.strategy!r}")
         saved.pop("config", None)
+        saved.pop("sharded", None)
         self.masker.load_state_dict(saved)
         if self.masker.step != state.global_step:
             raise ValueError(f"GMT state in {folder} is for step {self.masker.step}, the Trainer resumes at {state.global_step}")
