@@ -11,7 +11,7 @@ from gmt_plugins.strategies.base import GradEntry, KeyedStrategy
 
 
 class RandomMaskStrategy(KeyedStrategy):
-    """Random mask (the baseline of https://arxiv.org/abs/2406.15330, Table 4).
+    """Random mask: the random-mask baseline of GMT (https://arxiv.org/abs/2406.15330).
 
     Zeroes a uniformly random ``floor(mask_ratio * n)`` entries per tensor (or over all tensors for
     ``scope="global"``). The draw depends only on ``mask_seed``, the step and the parameter name,
