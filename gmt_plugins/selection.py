@@ -86,13 +86,16 @@ def _histogram(
     base: int | None,
     chunk_numel: int,
     nonfinite: list[int] | None = None,
+    gather: bool | None = None,
 ) -> torch.Tensor:
     """Histogram of the 16-bit digit at ``shift``.
 
     With ``base=None`` (the top digit) every key counts and, if ``nonfinite`` is given, the number
     of excluded keys (``>= cap``) of each tensor is appended to it. Otherwise only keys in
     ``[base, base + 2**(shift + 16))`` count: an offset and a clamp send the others to two spill
-    bins, which is several times cheaper than gathering the bucket with a boolean mask.
+    bins, which on CPU is several times cheaper than gathering the bucket with a boolean mask. On
+    CUDA (or with ``gather=True``) the bucket is gathered instead; the two branches are twins.
+    The spill bins of the clamp branch are only ever sliced off, so both return the same histogram.
     """
     device = flats[0][1].device
     total = torch.zeros(NUM_BINS, dtype=torch.int64, device=device)
@@ -103,6 +106,11 @@ def _histogram(
             keys = source.keys(index, chunk, start)
             if base is None:
                 digits = keys >> shift if shift else keys
+            elif gather if gather is not None else keys.is_cuda:
+                # CUDA: compaction is cheap, while ~all keys landing in two spill bins would
+                # serialise bincount's atomics; keep only the bucket, count spills as zero.
+                inside = keys[(keys >= base) & (keys < base + (NUM_BINS << shift))]
+                digits = ((inside - base) >> shift) + 1  # bin 0 (below) stays empty and is sliced off
             else:
                 digits = keys - base
                 if shift:

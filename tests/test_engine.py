@@ -269,3 +269,22 @@ def test_strict_record_equals_reference_mask():
     masker.apply()
     for (name, p), mask, (flat, held_mask, _) in zip(params, reference_masks(before, 0.3, "tensor"), masker._guard._held):
         assert torch.equal(held_mask, mask.view(-1)), name
+
+
+@pytest.mark.parametrize("key_bits_dtype", [torch.float32, torch.float64], ids=str)
+def test_refine_histogram_gather_branch_equals_clamp_branch(key_bits_dtype):
+    """The CUDA branch (gather the bucket) and the CPU branch (offset + clamp) are twins."""
+    from gmt_plugins.keys import MagnitudeKeys
+    from gmt_plugins.selection import DIGIT_BITS, _histogram
+
+    gen = torch.Generator().manual_seed(3)
+    flats = [(0, torch.randn(7000, generator=gen).to(key_bits_dtype)), (1, torch.randn(3000, generator=gen).to(key_bits_dtype))]
+    source = MagnitudeKeys([key_bits_dtype])
+    top_shift = source.key_bits - DIGIT_BITS
+    top = _histogram(source, flats, shift=top_shift, base=None, chunk_numel=SMALL_CHUNK)
+    bucket = int(top.argmax())
+    shift = top_shift - DIGIT_BITS
+    base = bucket << (shift + DIGIT_BITS)
+    clamp = _histogram(source, flats, shift=shift, base=base, chunk_numel=SMALL_CHUNK, gather=False)
+    gather = _histogram(source, flats, shift=shift, base=base, chunk_numel=SMALL_CHUNK, gather=True)
+    assert torch.equal(clamp, gather) and int(clamp.sum()) == int(top[bucket])
