@@ -24,10 +24,20 @@ def list_plugins() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import types
+
+    from gmt_plugins.finetune.cli import one_line_error
+
     parser = argparse.ArgumentParser(prog="gmt-plugins", description="Gradient-Mask Tuning for the Hugging Face stack")
+    parser.error = types.MethodType(one_line_error, parser)  # one line on stderr, exit 2, like the subcommands
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="registered strategies, loaded plugins and the hooks each implements")
+    from gmt_plugins.finetune.cli import add_finetune_parser, run_finetune
+
+    add_finetune_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "finetune":
+        return run_finetune(args)
     if args.command == "list":
         print(list_plugins())
     return 0

@@ -6,19 +6,23 @@ import functools
 
 import torch
 
-WORDS = "the cat sat on a mat and dog ran to big red ball is good bad yes no one two three four five".split()
+WORDS = "question answer the cat sat on a mat and dog ran to big red ball is good bad yes no one two three four five six seven".split()
 
 
 @functools.lru_cache
 def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained in-process; it has the whole byte alphabet, so any text encodes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<unk>"], show_progress=False)
-    corpus = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", "<unk>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    corpus = [" ".join(WORDS[i:] + WORDS[:i]) + " Question: Answer: #### 12" for i in range(len(WORDS))]
     tok.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
 
