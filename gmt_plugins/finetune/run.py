@@ -235,7 +235,7 @@ def train_method(
         output_dir=str(out), max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.grad_accum, learning_rate=lr, lr_scheduler_type=settings.lr_scheduler,
         warmup_steps=settings.warmup_steps, weight_decay=settings.weight_decay, optim=settings.optim, logging_steps=1,
-        save_strategy="no", eval_strategy="no", report_to="none", use_cpu=True, bf16=False, fp16=False,
+        save_strategy="no", eval_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False,
         seed=settings.seed, data_seed=settings.seed, dataloader_num_workers=0,
         remove_unused_columns=False, disable_tqdm=not settings.progress,
     )
