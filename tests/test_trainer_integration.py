@@ -411,3 +411,17 @@ def test_qlora_4bit_base_never_touched(tmp_path):
         grads = [step["grads"][n] for n in names]
         for name, grad, mask in zip(names, grads, reference_masks(grads, 0.3, "tensor")):
             assert torch.equal(step["masked_grads"][name], torch.where(mask, torch.zeros_like(grad), grad)), name
+
+
+def test_callback_added_after_init_still_runs_before_reporters(tmp_path):
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(output_dir=str(tmp_path), **cpu_args(max_steps=1, per_device_train_batch_size=4, max_length=32, report_to=["tensorboard"]))
+    trainer = SFTTrainer(model=tiny_llama(), args=args, train_dataset=text_dataset(), processing_class=tiny_tokenizer())
+    callback = GMTCallback(mask_ratio=0.3)
+    trainer.add_callback(callback)
+    names = [type(cb).__name__ for cb in trainer.callback_handler.callbacks]
+    assert names.index("GMTCallback") > names.index("TensorBoardCallback")
+    trainer.train()
+    assert trainer.callback_handler.callbacks[0] is callback
+    assert any("gmt/masked_fraction" in e for e in trainer.state.log_history)

@@ -110,6 +110,8 @@ class GMTCallback(TrainerCallback):
         )
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if not self._handler_found:  # added with trainer.add_callback() after the Trainer was built
+            self._move_to_front()
         model, optimizer = kwargs.get("model"), kwargs.get("optimizer")
         problems = [
             p for p in self.plugin_manager.hook.gmt_check_training_setup(args=args, model=model, optimizer=optimizer, config=self.config) if p
