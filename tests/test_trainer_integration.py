@@ -368,13 +368,15 @@ def final_params(trainer):
     return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
 
 
-@pytest.mark.parametrize("strategy", ["random", "gmt"])
+@pytest.mark.parametrize("strategy", ["random", "gmt", "gmt_momentum", "sift"])
 def test_resume_is_identical_to_uninterrupted(tmp_path, strategy):
     common = dict(optim="adamw_torch", weight_decay=0.1, learning_rate=1e-2, max_steps=6, save_strategy="steps", save_steps=3, gradient_accumulation_steps=2)
     full = sft_trainer(tmp_path / "full", GMTCallback(mask_ratio=0.3, strategy=strategy, mask_seed=5, strict=True), **common)
     full.train()
     checkpoint = tmp_path / "full" / "checkpoint-3"
     assert (checkpoint / "gmt_state.json").is_file()
+    # strategies that keep tensors (an EMA, a chosen mask) save them with safetensors, never pickled
+    assert (checkpoint / "gmt_state.safetensors").is_file() == (strategy in ("gmt_momentum", "sift"))
 
     resumed_callback = GMTCallback(mask_ratio=0.3, strategy=strategy, mask_seed=5, strict=True)
     resumed = sft_trainer(tmp_path / "resumed", resumed_callback, resume_from_checkpoint=str(checkpoint), **common)
