@@ -215,6 +215,7 @@ def load_model(model_dir: Path, *, lora: bool, lora_r: int, seed: int):
 def train_method(
     method: str, settings: FinetuneSettings, model_dir: Path, tokenizer: Any, train_data: Any, eval_data: Any
 ) -> MethodResult:
+    import torch
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
