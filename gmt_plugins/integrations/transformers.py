@@ -14,10 +14,40 @@ from gmt_plugins.masker import GradientMasker
 from gmt_plugins.optimizers import OptimizerInfo, inspect_optimizer
 from gmt_plugins.plugins import get_plugin_manager, strategy_registry
 from gmt_plugins.state_io import STEM, has_state, load_state, save_state
+from gmt_plugins.stats import MaskStats
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint"
+
+
+class LogWindow:
+    """Running sums of the steps since the last log, so memory does not grow between logs."""
+
+    def __init__(self, *, per_tensor: bool) -> None:
+        self.per_tensor = per_tensor
+        self.steps = 0
+        self.fraction_sums: dict[str, float] = {}
+        self.nonfinite = 0
+        self.last: dict[str, float] = {}
+
+    def add(self, stats: MaskStats) -> None:
+        self.last = stats.to_log_dict(per_tensor=self.per_tensor)
+        for key, value in self.last.items():
+            if "masked_fraction" in key:
+                self.fraction_sums[key] = self.fraction_sums.get(key, 0.0) + value
+        self.nonfinite += stats.nonfinite
+        self.steps += 1
+
+    def summary(self) -> dict[str, float]:
+        if not self.steps:
+            return {}
+        logs = dict(self.last)
+        for key, total in self.fraction_sums.items():
+            logs[key] = total / self.steps
+        logs["gmt/nonfinite"] = float(self.nonfinite)
+        logs["gmt/steps"] = float(self.steps)
+        return logs
 
 
 def has_per_rank_state(folders: list[str]) -> bool:
@@ -79,7 +109,7 @@ class GMTCallback(TrainerCallback):
         self.masker: GradientMasker | None = None
         self.optimizer_info: OptimizerInfo | None = None
         self.last_stats = None
-        self._pending: list[Any] = []
+        self._window = LogWindow(per_tensor=self.config.log_per_tensor)
         self._handler_found = False
 
     # -- setup -------------------------------------------------------------------------------
@@ -149,7 +179,7 @@ class GMTCallback(TrainerCallback):
             raise RuntimeError("GMTCallback.on_pre_optimizer_step before on_train_begin")
         self.masker.step = state.global_step
         self.last_stats = self.masker.apply()
-        self._pending.append(self.last_stats)
+        self._window.add(self.last_stats)
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.masker is not None:
@@ -160,23 +190,13 @@ class GMTCallback(TrainerCallback):
     def log_dict(self) -> dict[str, float]:
         """Statistics since the last log: fractions averaged over the steps, NaN/inf counts summed, the
         thresholds of the last step."""
-        if not self._pending:
-            return {}
-        per_tensor = self.config.log_per_tensor
-        logs = self._pending[-1].to_log_dict(per_tensor=per_tensor)
-        steps = [s.to_log_dict(per_tensor=per_tensor) for s in self._pending]
-        for key in logs:
-            if "masked_fraction" in key:
-                logs[key] = sum(s[key] for s in steps) / len(steps)
-        logs["gmt/nonfinite"] = float(sum(s.nonfinite for s in self._pending))
-        logs["gmt/steps"] = float(len(self._pending))
-        return logs
+        return self._window.summary()
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
-        if logs is None or not self._pending or "loss" not in logs:
+        if logs is None or not self._window.steps or "loss" not in logs:
             return
         stats = self.log_dict()
-        self._pending.clear()
+        self._window = LogWindow(per_tensor=self.config.log_per_tensor)
         # The reporting callbacks after this one read the same dict; log_history holds a copy made before on_log.
         logs.update(stats)
         entry = state.log_history[-1] if state.log_history else None
