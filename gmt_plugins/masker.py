@@ -13,7 +13,7 @@ from gmt_plugins.distributed import ShardReducer, is_dtensor, local_shard, reduc
 from gmt_plugins.plugins import get_plugin_manager, strategy_registry
 from gmt_plugins.selection import Cut, apply_cut, count_equal
 from gmt_plugins.stats import MaskStats, TensorStats
-from gmt_plugins.strategies.base import GradEntry, MaskPlan
+from gmt_plugins.strategies.base import GradEntry, MaskPlan, TensorPlan
 from gmt_plugins.strict import MaskedEntryGuard
 
 NamedParameters = Iterable[tuple[str, torch.nn.Parameter]]
@@ -148,19 +148,25 @@ class GradientMasker:
         self.step += 1
         return stats
 
+    def _mask(self, entry: GradEntry, tensor_plan: TensorPlan, cut: Cut) -> tuple[int, int]:
+        """The one place where gradients are changed: zero what ``cut`` selects of ``entry``, in place
+        (and, in strict mode, keep the masked parameter entries). Returns ``(masked, ties_used)``."""
+        record = MaskedEntryGuard.new_mask(entry.flat) if self._guard is not None else None
+        masked, ties_used = apply_cut(
+            tensor_plan.source, tensor_plan.local_index, entry.flat, cut, chunk_numel=self.config.chunk_numel, record=record
+        )
+        if record is not None and masked:
+            self._guard.capture(entry.param, record)
+        return masked, ties_used
+
     def _execute(self, entries: list[GradEntry], plan: MaskPlan) -> list[TensorStats]:
-        """The one place where gradients are changed: zero what ``plan`` selects, in place."""
+        """Apply ``plan`` to whole (unsharded) gradients; the global scope spends one tie budget in order."""
         tensors = []
         shared_ties = plan.tensors[0].cut.ties if plan.shared_ties and plan.tensors else 0
         for entry, tensor_plan, threshold in zip(entries, plan.tensors, plan.threshold_values()):
             cut = Cut(tensor_plan.cut.threshold, shared_ties) if plan.shared_ties else tensor_plan.cut
-            record = MaskedEntryGuard.new_mask(entry.flat) if self._guard is not None else None
-            masked, ties_used = apply_cut(
-                tensor_plan.source, tensor_plan.local_index, entry.flat, cut, chunk_numel=self.config.chunk_numel, record=record
-            )
+            masked, ties_used = self._mask(entry, tensor_plan, cut)
             shared_ties -= ties_used
-            if record is not None and masked:
-                self._guard.capture(entry.param, record)
             tensors.append(TensorStats(entry.name, entry.flat.numel(), masked, tensor_plan.nonfinite, threshold))
         return tensors
 
@@ -180,13 +186,7 @@ class GradientMasker:
             ties = [c.ties for c in cuts]
             budgets = reducer.tie_budgets(ties, plan.shared_ties, equal, [e.offset for e in entries], entries[0].flat.device)
             cuts = [Cut(c.threshold, b) if s else c for c, b, s in zip(cuts, budgets, straddling)]
-        masked_local = []
-        for entry, tensor_plan, cut in zip(entries, plan.tensors, cuts):
-            record = MaskedEntryGuard.new_mask(entry.flat) if self._guard is not None else None
-            masked, _ = apply_cut(tensor_plan.source, tensor_plan.local_index, entry.flat, cut, chunk_numel=chunk, record=record)
-            if record is not None and masked:
-                self._guard.capture(entry.param, record)
-            masked_local.append(masked)
+        masked_local = [self._mask(entry, tensor_plan, cut)[0] for entry, tensor_plan, cut in zip(entries, plan.tensors, cuts)]
         masked_all = reducer.sum_counts(masked_local, entries[0].flat.device)
         return [
             TensorStats(e.name, e.shard.full_numel, m, p.nonfinite, t)
