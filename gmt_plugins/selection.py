@@ -31,7 +31,6 @@ from gmt_plugins.distributed import ShardReducer, active_reducer
 
 DIGIT_BITS = 16
 NUM_BINS = 1 << DIGIT_BITS
-DIGIT_MASK = NUM_BINS - 1
 DEFAULT_CHUNK_NUMEL = 1 << 18
 
 
@@ -186,6 +185,22 @@ def rank(
     return Cut(prefix, ties=remaining), ranked
 
 
+def select_chunk(keys: torch.Tensor, threshold: int, ties_left: int) -> tuple[torch.Tensor, int]:
+    """The entries of one chunk a cut selects: keys below ``threshold``, then the first ``ties_left``
+    keys equal to it (in position order). Returns the bool mask and how many ties it took."""
+    mask = keys < threshold
+    if ties_left <= 0:
+        return mask, 0
+    equal = keys == threshold
+    n_equal = int(equal.sum().item())
+    if n_equal > ties_left:
+        first = equal.nonzero()[:ties_left, 0]
+        equal = torch.zeros_like(equal)
+        equal[first] = True
+        n_equal = ties_left
+    return mask | equal, n_equal
+
+
 def apply_cut(
     source: KeySource,
     index: int,
@@ -214,19 +229,9 @@ def apply_cut(
         if fast is not None and record is None and ties_left == 0:
             masked += fast(index, chunk, threshold)
             continue
-        keys = source.keys(index, chunk, start)
-        mask = keys < threshold
-        if ties_left > 0:
-            equal = keys == threshold
-            n_equal = int(equal.sum().item())
-            if n_equal > ties_left:
-                first = equal.nonzero()[:ties_left, 0]
-                equal = torch.zeros_like(equal)
-                equal[first] = True
-                n_equal = ties_left
-            mask |= equal
-            ties_left -= n_equal
-            ties_used += n_equal
+        mask, n_equal = select_chunk(source.keys(index, chunk, start), threshold, ties_left)
+        ties_left -= n_equal
+        ties_used += n_equal
         chunk.masked_fill_(mask, 0)
         masked += mask.sum()
         if record is not None:

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from gmt_plugins.config import GMTConfig
-from gmt_plugins.selection import Cut, KeySource, iter_chunks, rank
+from gmt_plugins.selection import Cut, KeySource, iter_chunks, rank, select_chunk
 from gmt_plugins.strategies.base import GradEntry, MaskPlan, MaskStrategy, TensorPlan
 
 # Largest finite float32 bit pattern, and +inf's: scores are clamped below the latter.
@@ -181,12 +181,8 @@ def mark(source: KeySource, flats: Sequence[tuple[int, torch.Tensor]], cut: Cut,
     ties_left = cut.ties
     for (index, flat), mask in zip(flats, out):
         for start, chunk in iter_chunks(flat, chunk_numel):
-            keys = source.keys(index, chunk, start)
-            selected = keys < cut.threshold
-            if ties_left > 0:
-                equal = (keys == cut.threshold).nonzero()[:ties_left, 0]
-                selected[equal] = True
-                ties_left -= equal.numel()
+            selected, n_equal = select_chunk(source.keys(index, chunk, start), cut.threshold, ties_left)
+            ties_left -= n_equal
             mask[start : start + chunk.numel()] = selected
     return out
 
