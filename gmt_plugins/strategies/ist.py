@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,30 +13,26 @@ from gmt_plugins.hookspecs import hookimpl
 from gmt_plugins.keys import stable_salt
 from gmt_plugins.registry import StrategyRegistry
 from gmt_plugins.strategies._layers import layer_groups, matches_any
-from gmt_plugins.strategies._masks import check_float, check_int, check_patterns, mask_plan
+from gmt_plugins.strategies._masks import check_float, mask_plan
 from gmt_plugins.strategies.base import GradEntry, MaskPlan, MaskStrategy
-from gmt_plugins.strategies.lisa import DEFAULT_ALWAYS_ACTIVE
+from gmt_plugins.strategies.lisa import LISAOptions
 
 
 @dataclass
-class ISTOptions:
-    active_layers: int = 2
-    """How many layers are updated at a time."""
+class ISTOptions(LISAOptions):
+    """LISA's layer options (``active_layers``, ``interval``, ``always_active``) plus the importance EMA."""
+
     interval: int = 10
     """Steps between re-draws of the active layers."""
     beta: float = 0.9
     """EMA factor of the importance scores, in [0, 1)."""
     temperature: float = 1.0
     """Softmax temperature of the sampling (> 0); smaller follows the scores more greedily."""
-    always_active: list[str] = field(default_factory=lambda: list(DEFAULT_ALWAYS_ACTIVE))
-    """Regular expressions (re.search) of parameters that are always updated, even inside a layer."""
 
     def __post_init__(self) -> None:
-        check_int("active_layers", self.active_layers, 1)
-        check_int("interval", self.interval, 1)
+        super().__post_init__()
         self.beta = check_float("beta", self.beta, 0.0, 1.0, high_open=True)
         self.temperature = check_float("temperature", self.temperature, 0.0, math.inf, low_open=True, high_open=True)
-        self.always_active = check_patterns("always_active", self.always_active)
 
 
 class ISTStrategy(MaskStrategy):
