@@ -99,6 +99,9 @@ def _histogram(
     device = flats[0][1].device
     total = torch.zeros(NUM_BINS, dtype=torch.int64, device=device)
     cap_digit = source.cap >> shift
+    # On CPU, index_add_ into one histogram beats bincount, which allocates a histogram per chunk
+    # and makes two extra passes (min and max) over the digits; on CUDA bincount is kept.
+    ones = None if device.type == "cuda" else torch.ones(min(chunk_numel, max(f.numel() for _, f in flats)), dtype=torch.int64)
     for index, flat in flats:
         hist = torch.zeros(NUM_BINS + (2 if base is not None else 0), dtype=torch.int64, device=device)
         for start, chunk in iter_chunks(flat, chunk_numel):
@@ -115,7 +118,10 @@ def _histogram(
                 if shift:
                     digits >>= shift  # arithmetic: keys below the bucket stay negative
                 digits = digits.clamp_(-1, NUM_BINS).add_(1)
-            hist += torch.bincount(digits, minlength=hist.numel())
+            if ones is None or digits.is_cuda:
+                hist += torch.bincount(digits, minlength=hist.numel())
+            else:
+                hist.index_add_(0, digits, ones[: digits.numel()])
         if base is None:
             if nonfinite is not None:
                 nonfinite.append(int(hist[cap_digit:].sum().item()))

@@ -288,3 +288,16 @@ def test_refine_histogram_gather_branch_equals_clamp_branch(key_bits_dtype):
     clamp = _histogram(source, flats, shift=shift, base=base, chunk_numel=SMALL_CHUNK, gather=False)
     gather = _histogram(source, flats, shift=shift, base=base, chunk_numel=SMALL_CHUNK, gather=True)
     assert torch.equal(clamp, gather) and int(clamp.sum()) == int(top[bucket])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_branchless_count_equals_count_nonzero(dtype):
+    """The apply pass counts with bit tricks; torch.count_nonzero is its twin (±0, NaN, ±inf, subnormals)."""
+    from gmt_plugins.keys import count_nonzero_bits
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.nn.functional.hardshrink(torch.randn(4099, generator=gen), 0.7).to(dtype)
+    tiny = torch.finfo(dtype).tiny
+    x[:8] = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), tiny / 2, -tiny / 4, -1.0]).to(dtype)
+    assert int(count_nonzero_bits(x)) == int(torch.count_nonzero(x)) > 0
+    assert int(count_nonzero_bits(torch.zeros(10, dtype=dtype).neg())) == 0
