@@ -21,12 +21,14 @@ one (a single process, or DDP's whole gradients) no collective is made.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from gmt_plugins import native
 from gmt_plugins.distributed import ShardReducer, active_reducer
 
 DIGIT_BITS = 16
@@ -86,6 +88,7 @@ def _histogram(
     chunk_numel: int,
     nonfinite: list[int] | None = None,
     gather: bool | None = None,
+    use_native: bool | None = None,
 ) -> torch.Tensor:
     """Histogram of the 16-bit digit at ``shift``.
 
@@ -95,40 +98,65 @@ def _histogram(
     bins, which on CPU is several times cheaper than gathering the bucket with a boolean mask. On
     CUDA (or with ``gather=True``) the bucket is gathered instead; the two branches are twins.
     The spill bins of the clamp branch are only ever sliced off, so both return the same histogram.
+
+    For magnitude keys of CPU tensors the compiled kernel of :mod:`gmt_plugins.native` computes
+    the same histogram in one read (``use_native=None``: when it is available; ``False``: never;
+    ``True``: required). The torch chunks below are its reference twin.
     """
     device = flats[0][1].device
-    total = torch.zeros(NUM_BINS, dtype=torch.int64, device=device)
     cap_digit = source.cap >> shift
-    # On CPU, index_add_ into one histogram beats bincount, which allocates a histogram per chunk
-    # and makes two extra passes (min and max) over the digits; on CUDA bincount is kept.
-    ones = None if device.type == "cuda" else torch.ones(min(chunk_numel, max(f.numel() for _, f in flats)), dtype=torch.int64)
+    kernel = _native_kernel(source, use_native)
+    full = torch.zeros(NUM_BINS + 2, dtype=torch.int64, device=device)  # below, the digits, above
+    digits_hist = full[1 : NUM_BINS + 1]
+    ones = None
+    excluded_before = 0
     for index, flat in flats:
-        hist = torch.zeros(NUM_BINS + (2 if base is not None else 0), dtype=torch.int64, device=device)
-        for start, chunk in iter_chunks(flat, chunk_numel):
-            keys = source.keys(index, chunk, start)
-            if base is None:
-                digits = keys >> shift if shift else keys
-            elif gather if gather is not None else keys.is_cuda:
-                # CUDA: compaction is cheap, while ~all keys landing in two spill bins would
-                # serialise bincount's atomics; keep only the bucket, count spills as zero.
-                inside = keys[(keys >= base) & (keys < base + (NUM_BINS << shift))]
-                digits = ((inside - base) >> shift) + 1  # bin 0 (below) stays empty and is sliced off
-            else:
-                digits = keys - base
-                if shift:
-                    digits >>= shift  # arithmetic: keys below the bucket stay negative
-                digits = digits.clamp_(-1, NUM_BINS).add_(1)
-            if ones is None or digits.is_cuda:
-                hist += torch.bincount(digits, minlength=hist.numel())
-            else:
-                hist.index_add_(0, digits, ones[: digits.numel()])
-        if base is None:
-            if nonfinite is not None:
-                nonfinite.append(int(hist[cap_digit:].sum().item()))
-            total += hist
+        if kernel is not None and native.supports(flat, source.key_bits):
+            native.add_histogram(kernel, flat, source.key_bits, base or 0, shift, full)
         else:
-            total += hist[1 : NUM_BINS + 1]
-    return total
+            for start, chunk in iter_chunks(flat, chunk_numel):
+                keys = source.keys(index, chunk, start)
+                target = full
+                if base is None:
+                    digits, target = (keys >> shift if shift else keys), digits_hist
+                elif gather if gather is not None else keys.is_cuda:
+                    # CUDA: compaction is cheap, while ~all keys landing in two spill bins would
+                    # serialise bincount's atomics; keep only the bucket, count spills as zero.
+                    inside = keys[(keys >= base) & (keys < base + (NUM_BINS << shift))]
+                    digits = ((inside - base) >> shift) + 1
+                else:
+                    digits = keys - base
+                    if shift:
+                        digits >>= shift  # arithmetic: keys below the bucket stay negative
+                    digits = digits.clamp_(-1, NUM_BINS).add_(1)
+                if digits.is_cuda:
+                    target += torch.bincount(digits, minlength=target.numel())
+                else:
+                    # index_add_ into one histogram beats bincount, which allocates a histogram per
+                    # chunk and makes two extra passes (min and max) over the digits
+                    if ones is None or ones.numel() < digits.numel():
+                        ones = torch.ones(max(digits.numel(), min(chunk_numel, flat.numel())), dtype=torch.int64)
+                    target.index_add_(0, digits, ones[: digits.numel()])
+        if base is None and nonfinite is not None:
+            # the group's excluded keys so far, minus those before this flat
+            excluded = int(digits_hist[cap_digit:].sum().item())
+            nonfinite.append(excluded - excluded_before)
+            excluded_before = excluded
+    return digits_hist
+
+
+def _native_kernel(source: KeySource, required: bool | None) -> ctypes.CDLL | None:
+    """The compiled kernel when it may serve ``source`` (exact magnitude keys) and ``required`` allows."""
+    if required is False or not getattr(source, "native_keys", False):
+        if required:
+            raise ValueError(f"the compiled histogram only computes magnitude keys, not those of {type(source).__name__}")
+        return None
+    if required:
+        kernel = native.library()
+        if kernel is None:
+            raise native.NativeUnavailable(f"the compiled histogram is unavailable ({native.ENV}={native.mode()})")
+        return kernel
+    return native.library()
 
 
 def _locate(hist: torch.Tensor, k: int) -> tuple[int, int]:

@@ -14,6 +14,14 @@ from gmt_plugins.keys import RandomKeys, stable_salt
 from reference import reference_apply, reference_masks
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def engine(request, monkeypatch):
+    """Every test here runs twice: histograms from the compiled kernel (required, so a build failure
+    fails the test) and from the pure-torch passes, its twin."""
+    monkeypatch.setenv("GMT_PLUGINS_NATIVE", "1" if request.param == "native" else "0")
+    return request.param
 RATIOS = [0.0, 1e-3, 0.5, 0.99]
 SMALL_CHUNK = 1024  # forces several chunks per tensor
 

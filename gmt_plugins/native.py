@@ -1,0 +1,143 @@
+"""The compiled histogram passes of the selection engine (CPU), loaded with ``ctypes``.
+
+On CPU the engine's cost is its histogram passes. In torch ops each pass is a chain of
+elementwise ops and an ``index_add_``, about 1.5-2.5 ns per entry; the C loop in
+``gmt_plugins/_native/histogram.c`` computes the key and counts it in one read, about 0.6 ns.
+
+The C source ships with the package and is compiled on first use by the system C compiler
+(``$CC``, else ``cc``) into ``$GMT_PLUGINS_CACHE/native`` (default ``~/.cache/gmt_plugins/native``),
+under a name that hashes the source, the compiler and its flags, so each machine builds it once
+(in well under a second; no torch headers, no ninja). The pure-torch passes in
+:mod:`gmt_plugins.selection` are its reference twin and give identical histograms.
+
+``GMT_PLUGINS_NATIVE`` chooses:
+
+- ``auto`` (default): use the kernel when it builds, else warn once and run the torch passes;
+- ``0``: never use it;
+- ``1``: require it, and raise when it cannot be built.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+ENV = "GMT_PLUGINS_NATIVE"
+MODES = ("auto", "0", "1")
+CFLAGS = ("-O3", "-shared", "-fPIC")
+SOURCE = Path(__file__).with_name("_native") / "histogram.c"
+HIST_BINS = (1 << 16) + 2
+
+# (dtype, key width) -> C function: which flats the kernel computes keys for itself, exactly as
+# MagnitudeKeys.keys does. fp16 widened to 32 bits goes through fp32 in torch, so it stays there.
+_FUNCTIONS = {
+    (torch.float32, 32): "gmt_hist_f32",
+    (torch.bfloat16, 32): "gmt_hist_bf16_wide",
+    (torch.bfloat16, 16): "gmt_hist_16",
+    (torch.float16, 16): "gmt_hist_16",
+}
+
+_lock = threading.Lock()
+_libraries: dict[str, ctypes.CDLL | str] = {}  # compiler -> library, or the reason it failed
+_warned: set[str] = set()
+
+
+class NativeUnavailable(RuntimeError):
+    """The kernel was required (``GMT_PLUGINS_NATIVE=1``) but could not be built or loaded."""
+
+
+def mode() -> str:
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in MODES:
+        raise ValueError(f"{ENV}={value!r} is not valid; allowed values: {', '.join(MODES)}")
+    return value
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("GMT_PLUGINS_CACHE") or Path.home() / ".cache" / "gmt_plugins"
+    return Path(root).expanduser() / "native"
+
+
+def _compiler() -> str:
+    return os.environ.get("CC") or "cc"
+
+
+def _build(compiler: str) -> ctypes.CDLL:
+    """Compile (once per machine; concurrent processes race harmlessly) and load the kernel."""
+    path = shutil.which(compiler)
+    if path is None:
+        raise NativeUnavailable(f"no C compiler found (tried {compiler!r}; set CC to choose one)")
+    digest = hashlib.sha256(SOURCE.read_bytes() + "\0".join((path, *CFLAGS)).encode()).hexdigest()[:16]
+    target = cache_dir() / f"histogram-{digest}-{platform.machine()}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            done = subprocess.run([path, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+            if done.returncode != 0:
+                raise NativeUnavailable(f"{compiler} failed to build {SOURCE.name}: {done.stderr.strip()[-500:]}")
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    library = ctypes.CDLL(str(target))
+    for name in set(_FUNCTIONS.values()):
+        function = getattr(library, name)
+        function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p]
+        function.restype = None
+    return library
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, or ``None`` when the mode or the machine rules it out (see the module doc)."""
+    chosen = mode()
+    if chosen == "0":
+        return None
+    compiler = _compiler()
+    with _lock:
+        if compiler not in _libraries:
+            try:
+                _libraries[compiler] = _build(compiler)
+            except (OSError, subprocess.SubprocessError, NativeUnavailable) as error:
+                _libraries[compiler] = str(error)
+        loaded = _libraries[compiler]
+        if isinstance(loaded, str):
+            if chosen == "1":
+                raise NativeUnavailable(f"{ENV}=1 but the compiled histogram is unavailable: {loaded}")
+            if compiler not in _warned:
+                _warned.add(compiler)
+                warnings.warn(
+                    f"gmt_plugins: compiled histogram unavailable ({loaded}); masking uses the pure-torch "
+                    f"passes, about 3x slower on CPU. Set {ENV}=0 to silence this.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return None
+        return loaded
+
+
+def supports(flat: torch.Tensor, key_bits: int) -> bool:
+    """Whether the kernel computes ``MagnitudeKeys`` keys of width ``key_bits`` for ``flat``."""
+    return flat.device.type == "cpu" and flat.is_contiguous() and (flat.dtype, key_bits) in _FUNCTIONS
+
+
+def add_histogram(lib: ctypes.CDLL, flat: torch.Tensor, key_bits: int, base: int, shift: int, hist: torch.Tensor) -> None:
+    """Add to ``hist`` (``HIST_BINS`` int64: below, 65,536 digits, above) the digit histogram of the
+    magnitude keys of ``flat``: keys below ``base``, digits ``(key - base) >> shift``, keys above."""
+    if not (supports(flat, key_bits) and 0 <= base < 1 << key_bits and 0 <= shift <= key_bits - 16):
+        raise ValueError(f"kernel cannot histogram {flat.dtype} {flat.device} keys of {key_bits} bits at base={base} shift={shift}")
+    if hist.dtype != torch.int64 or hist.numel() != HIST_BINS or not hist.is_contiguous() or hist.device.type != "cpu":
+        raise ValueError(f"hist must be a contiguous CPU int64 tensor of {HIST_BINS} bins")
+    if flat.numel():
+        getattr(lib, _FUNCTIONS[(flat.dtype, key_bits)])(flat.data_ptr(), flat.numel(), base, shift, hist.data_ptr())
