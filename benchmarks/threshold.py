@@ -7,6 +7,9 @@ Ratios are taken side by side in this one run.
 
     OMP_NUM_THREADS=1 python benchmarks/threshold.py                 # 1M, 10M, 50M; fp32 and bf16
     OMP_NUM_THREADS=1 python benchmarks/threshold.py --sizes 1e6 --dtypes float32
+
+On CPU the ``gmt_plugins`` row requires the compiled histogram (``GMT_PLUGINS_NATIVE=1``) and the
+``gmt_plugins[torch]`` row forbids it, so both engines are measured side by side.
     python benchmarks/threshold.py --device cuda                     # on a GPU machine
 """
 
@@ -18,7 +21,9 @@ import os
 import subprocess
 import sys
 
-METHODS = ["gmt_plugins", "kthvalue", "topk", "sort", "numpy.partition"]
+METHODS = ["gmt_plugins", "gmt_plugins[torch]", "kthvalue", "topk", "sort", "numpy.partition"]
+# gmt_plugins uses its compiled histogram on CPU when it builds; "gmt_plugins[torch]" is the same
+# engine with GMT_PLUGINS_NATIVE=0 (the pure-torch passes, also what runs on CUDA).
 RATIO = 0.2
 
 
@@ -26,7 +31,7 @@ def _threshold_and_apply(method: str, g, k: int):
     import numpy as np
     import torch
 
-    if method == "gmt_plugins":
+    if method.startswith("gmt_plugins"):
         from gmt_plugins import GradientMasker
 
         p = torch.nn.Parameter(g.detach())  # shares g's storage: no allocation; only .grad is read
@@ -105,7 +110,12 @@ def main() -> None:
             results = {}
             for method in args.methods:
                 cmd = [sys.executable, __file__, "--child", f"{method},{n},{dtype_name}", "--device", args.device, "--repeats", str(args.repeats)]
-                out = subprocess.run(cmd, capture_output=True, text=True)
+                env = dict(os.environ)
+                if method == "gmt_plugins[torch]":
+                    env["GMT_PLUGINS_NATIVE"] = "0"
+                elif method == "gmt_plugins" and args.device == "cpu":
+                    env["GMT_PLUGINS_NATIVE"] = "1"
+                out = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if out.returncode != 0:
                     results[method] = None
                     print(f"{n:>10} {dtype_name:>9} {method:>16}   failed: {out.stderr.strip().splitlines()[-1][:80]}")
