@@ -156,7 +156,7 @@ class GradientMasker:
             tensor_plan.source, tensor_plan.local_index, entry.flat, cut, chunk_numel=self.config.chunk_numel, record=record
         )
         if record is not None and masked:
-            self._guard.capture(entry.param, record)
+            self._guard.capture(entry.param, record, masked)
         return masked, ties_used
 
     def _execute(self, entries: list[GradEntry], plan: MaskPlan) -> list[TensorStats]:

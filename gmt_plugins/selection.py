@@ -249,7 +249,7 @@ def apply_cut(
     Returns ``(masked, ties_used)``. When ``record`` (a flat bool tensor shaped like ``flat``) is
     given, it receives the mask. Sources whose ``has_zero_below`` is true offer a
     ``zero_below(index, chunk, threshold)`` fast path (magnitude keys), taken for chunks that need
-    neither a record nor tie breaking; the generic path below is its twin.
+    no tie breaking; the generic path below is its twin.
     """
     if cut.threshold is None:
         if record is not None:
@@ -260,8 +260,16 @@ def apply_cut(
     masked = torch.zeros((), dtype=torch.int64, device=flat.device)
     ties_used = 0
     for start, chunk in iter_chunks(flat, chunk_numel):
-        if fast is not None and record is None and ties_left == 0:
+        if fast is not None and ties_left == 0:
             masked += fast(index, chunk, threshold)
+            if record is not None:
+                # with no ties to break the cut is "key < threshold": for threshold > 0 exactly the
+                # entries that are zero now (every zero has key 0); for threshold 0, none of them
+                out = record[start : start + chunk.numel()]
+                if threshold > 0:
+                    torch.eq(chunk, 0, out=out)
+                else:
+                    out.zero_()
             continue
         mask, n_equal = select_chunk(source.keys(index, chunk, start), threshold, ties_left)
         ties_left -= n_equal

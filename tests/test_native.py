@@ -143,3 +143,33 @@ def test_builds_once_into_the_cache(monkeypatch, tmp_path):
     lib = native._build("cc")
     assert calls == [] and built[0].stat().st_mtime_ns == stamp and hasattr(lib, "gmt_hist_f32")
     assert list((tmp_path / "native").iterdir()) == built  # no temporary file left behind
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_masked_moves_equal_boolean_indexing(dtype):
+    flat = awkward(9999, dtype, seed=3)
+    gen = torch.Generator().manual_seed(9)
+    mask = torch.rand(9999, generator=gen) < 0.3
+    lib = native.library()
+    saved = native.gather_masked(lib, flat, mask, int(mask.sum()))
+    assert torch.equal(saved[:-1].view(torch.uint8), flat[mask].view(torch.uint8))  # bits, so NaN and -0.0 count
+    moved = torch.zeros_like(flat)
+    native.scatter_masked(lib, moved, mask, saved)
+    expected = torch.zeros_like(flat)
+    expected[mask] = flat[mask]
+    assert torch.equal(moved.view(torch.uint8), expected.view(torch.uint8))
+
+
+def test_masked_moves_refuse_a_wrong_count_without_overrunning():
+    flat, mask = torch.arange(100, dtype=torch.float32), torch.zeros(100, dtype=torch.bool)
+    mask[::3] = True
+    lib = native.library()
+    with pytest.raises(RuntimeError, match="mask holds 34 entries, expected 10"):
+        native.gather_masked(lib, flat, mask, 10)
+    saved = native.gather_masked(lib, flat, mask, 34)
+    mask[1] = True
+    with pytest.raises(RuntimeError, match="mask holds 35 entries, 34 were saved"):
+        native.scatter_masked(lib, flat.clone(), mask, saved)
+    with pytest.raises(ValueError, match="mask must be"):
+        native.gather_masked(lib, flat, mask[:50], 1)
+    assert not native.supports_moves(flat[::2])
