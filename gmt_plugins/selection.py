@@ -105,7 +105,9 @@ def _histogram(
     """
     device = flats[0][1].device
     cap_digit = source.cap >> shift
-    kernel = _native_kernel(source, use_native)
+    # resolved only when a flat can use it: CUDA-only groups never build the kernel nor warn about it
+    wanted = use_native or any(native.supports(flat, source.key_bits) for _, flat in flats)
+    kernel = _native_kernel(source, use_native) if wanted else None
     full = torch.zeros(NUM_BINS + 2, dtype=torch.int64, device=device)  # below, the digits, above
     digits_hist = full[1 : NUM_BINS + 1]
     ones = None
@@ -145,18 +147,16 @@ def _histogram(
     return digits_hist
 
 
-def _native_kernel(source: KeySource, required: bool | None) -> ctypes.CDLL | None:
-    """The compiled kernel when it may serve ``source`` (exact magnitude keys) and ``required`` allows."""
-    if required is False or not getattr(source, "native_keys", False):
-        if required:
-            raise ValueError(f"the compiled histogram only computes magnitude keys, not those of {type(source).__name__}")
-        return None
-    if required:
-        kernel = native.library()
-        if kernel is None:
-            raise native.NativeUnavailable(f"the compiled histogram is unavailable ({native.ENV}={native.mode()})")
-        return kernel
-    return native.library()
+def _native_kernel(source: KeySource, use_native: bool | None) -> ctypes.CDLL | None:
+    """The compiled kernel when it may serve ``source`` (exact magnitude keys): ``use_native=None``
+    follows ``GMT_PLUGINS_NATIVE``, ``False`` declines it, ``True`` raises when it cannot serve."""
+    serves = getattr(source, "native_keys", False)
+    if use_native and not serves:
+        raise ValueError(f"the compiled histogram only computes magnitude keys, not those of {type(source).__name__}")
+    kernel = native.library() if serves and use_native is not False else None
+    if use_native and kernel is None:
+        raise native.NativeUnavailable(f"the compiled histogram is unavailable ({native.ENV}={native.mode()})")
+    return kernel
 
 
 def _locate(hist: torch.Tensor, k: int) -> tuple[int, int]:

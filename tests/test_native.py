@@ -117,6 +117,9 @@ def test_missing_compiler_required_raises_auto_warns_once_and_falls_back(monkeyp
     with pytest.raises(native.NativeUnavailable, match="no C compiler found"):
         native.library()
     monkeypatch.setenv(native.ENV, "auto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a group the kernel cannot serve (fp64) never asks for it
+        _histogram(MagnitudeKeys([torch.float64]), [(0, torch.randn(100, dtype=torch.float64))], shift=48, base=None, chunk_numel=64)
     flat = torch.randn(3000)
     want = reference_apply([flat.clone()], reference_masks([flat.clone()], 0.25, "tensor"))[0]
     with warnings.catch_warnings(record=True) as caught:
