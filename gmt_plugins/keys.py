@@ -67,10 +67,9 @@ class MagnitudeKeys:
         """The fast path is only right for these exact keys: a subclass that overrides ``keys`` loses it."""
         return type(self).keys is MagnitudeKeys.keys
 
-    @property
-    def native_keys(self) -> bool:
-        """These exact keys, which the compiled histogram (:mod:`gmt_plugins.native`) computes itself."""
-        return type(self).keys is MagnitudeKeys.keys
+    native_keys = has_zero_below
+    """The same test: only these exact keys are what the compiled histogram (:mod:`gmt_plugins.native`)
+    computes itself."""
 
     def zero_below(self, index: int, chunk: torch.Tensor, threshold: int) -> torch.Tensor:
         """Fast path of the engine: zero the entries with key ``< threshold`` and count them.
