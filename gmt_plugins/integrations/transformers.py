@@ -190,10 +190,9 @@ class GMTCallback(TrainerCallback):
         if self.masker is None:
             raise RuntimeError("GMTCallback.on_pre_optimizer_step before on_train_begin")
         if self._deepspeed is not None:  # masked inside engine.step(); None when an fp16 overflow skipped it
-            stats = self._deepspeed.pop_stats()
-            if stats is None:
+            self.last_stats = self._deepspeed.pop_stats()
+            if self.last_stats is None:
                 return
-            self.last_stats = stats
         else:
             self.masker.step = state.global_step
             self.last_stats = self.masker.apply()

@@ -33,8 +33,13 @@ CASES = [
     # sub_group_size 1500 splits the parameters into several ZeRO-3 sub-groups
     ("z3_tensor", 3, dict(strategy="gmt", scope="tensor", mask_ratio=0.3), dict(max_grad_norm=0.0), {"sub_group_size": 1500}),
     ("z3_global_clip", 3, dict(strategy="gmt", scope="global", mask_ratio=0.5), dict(max_grad_norm=0.5), {"sub_group_size": 1500}),
+    ("z2_momentum_skip", 2, dict(strategy="gmt_momentum", scope="tensor", mask_ratio=0.3, strategy_options={"beta": 0.5}), dict(max_grad_norm=0.0), {}),
+    ("z3_bf16_global", 3, dict(strategy="gmt", scope="global", mask_ratio=0.3), dict(max_grad_norm=0.0, bf16=True), {}),
     ("z3_momentum_global", 3, dict(strategy="gmt_momentum", scope="global", mask_ratio=0.3, strategy_options={"beta": 0.5}), dict(max_grad_norm=0.0), {}),
 ]
+# A NaN in the gradient of this step makes DeepSpeed skip the step (invalid norm, as on an fp16
+# overflow): nothing may be masked and no strategy state may advance.
+SKIP_STEP = {"z2_momentum_skip": 1}
 STEPS = 3
 GRAD_ACCUM = 2
 SHAPES = {
@@ -46,10 +51,13 @@ SHAPES = {
 }
 
 
-def known_gradients(steps: int = STEPS) -> dict[str, torch.Tensor]:
+def known_gradients(case: str, steps: int = STEPS) -> dict[str, torch.Tensor]:
     """``C[name][s]``: multiples of 1/64 in [-1/8, 1/8], so most entries tie with others; a few zeros."""
     gen = torch.Generator().manual_seed(11)
-    return {name: torch.randint(-8, 9, (steps, *shape), generator=gen).to(torch.float32) / 64 for name, shape in SHAPES.items()}
+    known = {name: torch.randint(-8, 9, (steps, *shape), generator=gen).to(torch.float32) / 64 for name, shape in SHAPES.items()}
+    if case in SKIP_STEP:
+        known["layer.weight"][SKIP_STEP[case], 3, 4] = float("nan")
+    return known
 
 
 class Term(torch.nn.Module):
@@ -71,9 +79,9 @@ class Term(torch.nn.Module):
 class KnownGradModel(torch.nn.Module):
     """``loss = sum_k sum(C_k[s] * W_k)`` with ``s`` the optimizer step (forward calls // accumulation)."""
 
-    def __init__(self) -> None:
+    def __init__(self, case: str) -> None:
         super().__init__()
-        known = known_gradients()
+        known = known_gradients(case)
         self.terms = torch.nn.ModuleDict({prefix: Term(prefix, known) for prefix in dict.fromkeys(k.split(".")[0] for k in SHAPES)})
         self.calls = 0
 
@@ -112,13 +120,15 @@ def run_case(name: str, stage: int, gmt: dict, args_overrides: dict, zero_extra:
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
             self.weights.append(full_weights(model))
-            self.stats.append(dataclasses.asdict(gmt_callback.last_stats))
+            stats = gmt_callback.last_stats
+            self.stats.append(None if stats is None else dataclasses.asdict(stats))
 
     ds_config = {
         "zero_optimization": {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {}), **zero_extra},
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
         "zero_allow_untested_optimizer": True,
     }
     args = TrainingArguments(
@@ -129,15 +139,16 @@ def run_case(name: str, stage: int, gmt: dict, args_overrides: dict, zero_extra:
     dataset = [{"input_ids": [i], "labels": [i]} for i in range(2 * GRAD_ACCUM * STEPS)]
     gmt_callback = GMTCallback(**gmt, chunk_numel=1024)
     record = Record()
-    trainer = Trainer(model=KnownGradModel(), args=args, train_dataset=dataset, callbacks=[gmt_callback, record])
+    trainer = Trainer(model=KnownGradModel(name), args=args, train_dataset=dataset, callbacks=[gmt_callback, record])
     trainer.train()
     engine = trainer.model_wrapped
     stage_seen = engine.zero_optimization_stage()
     rank = torch.distributed.get_rank()
-    torch.save({"stats": record.stats, "stage": stage_seen, "log_history": trainer.state.log_history},
+    lp_dtype = str(next(engine.module.parameters()).dtype)
+    torch.save({"stats": record.stats, "stage": stage_seen, "lp_dtype": lp_dtype, "log_history": trainer.state.log_history},
                os.path.join(out, f"{name}.stats{rank}.pt"))
     if rank == 0:
-        torch.save({"weights": record.weights, "known": known_gradients()}, os.path.join(out, f"{name}.pt"))
+        torch.save({"weights": record.weights, "known": known_gradients(name)}, os.path.join(out, f"{name}.pt"))
     gmt_callback._deepspeed.detach()
     del trainer, engine
     AcceleratorState._reset_state(True)
@@ -151,7 +162,7 @@ def run_refusals(out: str) -> None:
     from gmt_plugins import GradientMasker
     from gmt_plugins.integrations.deepspeed import attach_deepspeed
 
-    model = KnownGradModel()
+    model = KnownGradModel("refusals")
     config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}
     engine, *_ = deepspeed.initialize(model=model, config=config, optimizer=torch.optim.SGD(model.parameters(), lr=1.0))
     messages = {}
