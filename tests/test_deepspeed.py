@@ -41,20 +41,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ds_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("deepspeed")
+def torchrun_cpu(script: Path, *args: str) -> str:
+    """``DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 script args``; returns stdout."""
     root = str(DIST.parent.parent)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(DIST / "deepspeed_worker.py"), str(out)]
+           "--master_port", str(free_port()), str(script), *args]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired as err:
-        pytest.fail(f"deepspeed_worker.py timed out after {TIMEOUT_S}s\nstdout:\n{err.stdout}\nstderr:\n{err.stderr}")
+        pytest.fail(f"{script.name} timed out after {TIMEOUT_S}s\nstdout:\n{err.stdout}\nstderr:\n{err.stderr}")
     if proc.returncode != 0:
-        pytest.fail(f"deepspeed_worker.py failed ({proc.returncode})\nstdout:\n{proc.stdout[-6000:]}\nstderr:\n{proc.stderr[-10000:]}")
+        pytest.fail(f"{script.name} failed ({proc.returncode})\nstdout:\n{proc.stdout[-6000:]}\nstderr:\n{proc.stderr[-10000:]}")
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def ds_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("deepspeed")
+    torchrun_cpu(DIST / "deepspeed_worker.py", str(out))
     return out
 
 
@@ -144,3 +150,11 @@ def test_zero_refusals(ds_run):
         assert "'hft'" in refusals["hft"] and "DeepSpeed ZeRO-2" in refusals["hft"]
         assert "strict=True" in refusals["strict"]
         assert "engine.step()" in refusals["apply"]
+
+
+def test_plain_deepspeed_loop_example():
+    """examples/deepspeed_loop.py as its docstring runs it, on ZeRO-3: the same masked count as the
+    single-process examples/plain_loop.py on the same model (floor(0.2 * n) per tensor)."""
+    out = torchrun_cpu(DIST.parent.parent / "examples" / "deepspeed_loop.py", "--stage", "3")
+    lines = [line for line in out.splitlines() if line.startswith("step ")]
+    assert lines == [f"step {s}: masked 433/2177 (0.199) on ZeRO-3" for s in range(3)], out

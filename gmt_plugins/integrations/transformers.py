@@ -161,7 +161,7 @@ class GMTCallback(TrainerCallback):
         logger.info(
             "GMT: strategy=%s mask_ratio=%s scope=%s over %d tensors (%d entries)",
             self.config.strategy, self.config.mask_ratio, self.config.scope,
-            len(self.masker.parameters), sum(p.numel() for _, p in self.masker.parameters),
+            len(self.masker.parameters), sum(getattr(p, "ds_numel", p.numel()) for _, p in self.masker.parameters),  # ZeRO-3: data is partitioned
         )
 
     def _attach_deepspeed(self, args: TrainingArguments, state: TrainerState, optimizer: Any) -> None:
