@@ -82,6 +82,7 @@ def test_zero_masks_equal_single_process_and_reference(ds_run, case):
     assert all(r["stage"] == stage for r in ranks), "the engine did not run the ZeRO stage the case asked for"
     expected_dtype = "torch.bfloat16" if args_overrides.get("bf16") else "torch.float32"
     assert all(r["lp_dtype"] == expected_dtype for r in ranks), "the engine did not train in the precision the case asked for"
+    assert all(r["offload"] == ("offload" in case) for r in ranks), "optimizer offload is not what the case asked for"
     known, weights = dump["known"], dump["weights"]
     names = list(known)
     steps = len(weights) - 1

@@ -34,6 +34,10 @@ CASES = [
     ("z3_tensor", 3, dict(strategy="gmt", scope="tensor", mask_ratio=0.3), dict(max_grad_norm=0.0), {"sub_group_size": 1500}),
     ("z3_global_clip", 3, dict(strategy="gmt", scope="global", mask_ratio=0.5), dict(max_grad_norm=0.5), {"sub_group_size": 1500}),
     ("z2_momentum_skip", 2, dict(strategy="gmt_momentum", scope="tensor", mask_ratio=0.3, strategy_options={"beta": 0.5}), dict(max_grad_norm=0.0), {}),
+    ("z2_offload_global", 2, dict(strategy="gmt", scope="global", mask_ratio=0.3), dict(max_grad_norm=0.5),
+     {"offload_optimizer": {"device": "cpu"}}),
+    ("z3_offload_tensor", 3, dict(strategy="gmt", scope="tensor", mask_ratio=0.3), dict(max_grad_norm=0.5),
+     {"offload_optimizer": {"device": "cpu"}, "sub_group_size": 1500}),
     ("z3_bf16_global", 3, dict(strategy="gmt", scope="global", mask_ratio=0.3), dict(max_grad_norm=0.0, bf16=True), {}),
     ("z3_momentum_global", 3, dict(strategy="gmt_momentum", scope="global", mask_ratio=0.3, strategy_options={"beta": 0.5}), dict(max_grad_norm=0.0), {}),
 ]
@@ -130,6 +134,7 @@ def run_case(name: str, stage: int, gmt: dict, args_overrides: dict, zero_extra:
         "gradient_clipping": "auto",
         "bf16": {"enabled": "auto"},
         "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # offload cases step torch's SGD on the CPU partitions
     }
     args = TrainingArguments(
         output_dir=os.path.join(out, name), deepspeed=ds_config, optim="sgd", learning_rate=1.0, weight_decay=0.0,
@@ -145,7 +150,8 @@ def run_case(name: str, stage: int, gmt: dict, args_overrides: dict, zero_extra:
     stage_seen = engine.zero_optimization_stage()
     rank = torch.distributed.get_rank()
     lp_dtype = str(next(engine.module.parameters()).dtype)
-    torch.save({"stats": record.stats, "stage": stage_seen, "lp_dtype": lp_dtype, "log_history": trainer.state.log_history},
+    offload = bool(getattr(engine.optimizer, "cpu_offload", False) or getattr(engine.optimizer, "offload_optimizer", False))
+    torch.save({"stats": record.stats, "stage": stage_seen, "lp_dtype": lp_dtype, "offload": offload, "log_history": trainer.state.log_history},
                os.path.join(out, f"{name}.stats{rank}.pt"))
     if rank == 0:
         torch.save({"weights": record.weights, "known": known_gradients(name)}, os.path.join(out, f"{name}.pt"))
