@@ -14,9 +14,10 @@ from gmt_plugins.state_io import load_state, save_state
 from reference import reference_masks
 from test_strategies_common import grads_for, make_model, masker_for, run_steps, same_masks, step_once
 
-SPARSE = ["sara"]
+SPARSE = ["sara", "dsee"]
 OPTIONS = {
     "sara": {"fraction": 0.2, "interval": 2},
+    "dsee": {"rank": 2, "density": 0.2},
 }
 CONFIG = {"mask_seed": 3}
 
@@ -92,6 +93,11 @@ BAD_OPTIONS = [
     ("sara", {"fraction": 0.0}, "fraction"),
     ("sara", {"fraction": 1.5}, "fraction"),
     ("sara", {"interval": 0}, "interval"),
+    ("dsee", {"rank": 0}, "rank"),
+    ("dsee", {"density": -0.1}, "density"),
+    ("dsee", {"num_sparse": 0}, "num_sparse"),
+    ("dsee", {"dense": "lora_"}, "dense"),
+    ("dsee", {"vectors": "magnitude"}, "vectors"),
 ]
 
 
@@ -140,6 +146,121 @@ def test_sara_without_interval_keeps_its_first_choice():
     masker = masker_for(params, "sara", {"fraction": 0.2})
     masks = run_steps(masker, params, 4, lr=1.0)  # large steps: |w| order changes a lot
     assert all(torch.equal(masks[0][n], m[n]) for m in masks for n in m)
+
+
+# --- dsee -----------------------------------------------------------------------------------
+
+
+def low_rank_plus_spikes(m: int, n: int, spikes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A rank-2 matrix whose entries are larger than ``spikes`` sparse outliers added to it: ``|W|``
+    alone ranks the low-rank part first, ``|W - W_2|`` finds the outliers."""
+    gen = torch.Generator().manual_seed(seed)
+    w = 5.0 * torch.randn(m, 2, generator=gen) @ torch.randn(2, n, generator=gen)
+    where = torch.zeros(m * n, dtype=torch.bool)
+    where[torch.randperm(m * n, generator=gen)[:spikes]] = True
+    w.view(-1)[where] += 3.0 * torch.where(torch.rand(spikes, generator=gen) < 0.5, -1.0, 1.0)
+    return w, where.view(m, n)
+
+
+@pytest.mark.parametrize("shape", [(24, 30), (64, 80)], ids=["small", "randomized"])
+def test_dsee_trains_the_entries_the_low_rank_approximation_misses(shape):
+    w, spikes = low_rank_plus_spikes(*shape, spikes=12, seed=1)
+    params = [("layers.0.w", torch.nn.Parameter(w.clone())), ("layers.0.b", torch.nn.Parameter(torch.randn(shape[0])))]
+    zeroed = step_once(masker_for(params, "dsee", {"rank": 2, "num_sparse": 12}), params, grads_for(params, 0))
+    assert torch.equal(~zeroed["layers.0.w"], spikes)
+    assert bool(zeroed["layers.0.b"].all())  # vectors="freeze" by default
+    largest_w = reference_masks([w], 1 - 12 / w.numel(), "tensor")[0]  # plain |W| would choose others
+    assert not torch.equal(~largest_w, spikes)
+
+
+def test_dsee_matches_its_slow_twin_exact_svd_and_sorting():
+    from gmt_plugins.strategies._sparse import reference_top_count
+
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(10, 12, generator=gen)
+    params = [("w", torch.nn.Parameter(w.clone()))]
+    zeroed = step_once(masker_for(params, "dsee", {"rank": 3, "density": 0.25}), params, grads_for(params, 0))
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    residual = (w.double() - (u[:, :3] * s[:3]) @ vh[:3]).abs().view(-1)
+    expected = reference_top_count(residual, 30, largest=True).view(10, 12)
+    # the randomized SVD is exact to float32 rounding here, so only near-ties could differ
+    assert int((~zeroed["w"] != expected).sum()) <= 2 and int((~zeroed["w"]).sum()) == 30
+
+
+def test_top_count_matches_its_twin_with_ties_nonfinite_and_exclusions():
+    from gmt_plugins.strategies._sparse import reference_top_count, top_count
+
+    gen = torch.Generator().manual_seed(0)
+    score = torch.randint(-4, 5, (300,), generator=gen).float()  # many ties
+    score[[3, 50]] = float("nan")
+    score[7] = float("inf")
+    excluded = torch.rand(300, generator=gen) < 0.3
+    for largest in (True, False):
+        for k in (0, 1, 17, 150, 400):
+            for ex in (None, excluded):
+                got = top_count(score, k, 64, largest=largest, excluded=ex)
+                assert torch.equal(got, reference_top_count(score, k, largest=largest, excluded=ex)), (largest, k, ex is None)
+
+
+def test_dsee_mask_is_fixed_and_dense_patterns_are_trained_fully():
+    w, _ = low_rank_plus_spikes(16, 16, spikes=5, seed=2)
+    params = [("q.weight", torch.nn.Parameter(w.clone())), ("q.lora_A.weight", torch.nn.Parameter(torch.randn(2, 16))), ("norm", torch.nn.Parameter(torch.ones(16)))]
+    masker = masker_for(params, "dsee", {"rank": 2, "num_sparse": 5, "vectors": "update"})
+    masks = run_steps(masker, params, 3, lr=1.0)
+    for step in masks[1:]:
+        assert all(torch.equal(step[n], masks[0][n]) for n in step)
+    assert int((~masks[0]["q.weight"]).sum()) == 5
+    assert not masks[0]["q.lora_A.weight"].any() and not masks[0]["norm"].any()
+
+
+def lora_model(unfreeze_base: bool):
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+
+    from tiny import tiny_llama
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    if unfreeze_base:
+        for name, p in model.named_parameters():
+            if "base_layer.weight" in name:
+                p.requires_grad_(True)
+    return model
+
+
+def test_dsee_with_a_lora_adapter_trains_lora_fully_and_the_base_sparsely():
+    model = lora_model(unfreeze_base=True)
+    masker = GradientMasker(model, GMTConfig(strategy="dsee", strategy_options={"rank": 2, "num_sparse": 10}))
+    names = masker.names
+    assert any("lora_A" in n for n in names) and any("base_layer.weight" in n for n in names)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        masker.apply()
+        optimizer.step()
+    trainable = masker.strategy.trainable
+    for name, p in model.named_parameters():
+        moved = p.detach() != before[name]
+        if "base_layer.weight" in name:
+            assert int(trainable[name].sum()) == 10 and not bool(moved[~trainable[name]].any()), name
+            assert bool(moved.any()), name
+        elif "lora_" in name:
+            assert bool(trainable[name].all()), name
+        else:
+            assert not bool(moved.any()), name  # the frozen rest of the base
+    assert any(bool((model.get_parameter(n) != before[n]).any()) for n in names if "lora_B" in n)
+
+
+def test_dsee_on_a_lora_adapter_alone_is_refused_with_the_fix_named():
+    model = lora_model(unfreeze_base=False)
+    masker = GradientMasker(model, GMTConfig(strategy="dsee"))
+    ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    with pytest.raises(ValueError, match="base_layer.weight"):
+        masker.apply()
 
 
 # --- every strategy in a plain loop ---------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from gmt_plugins.strategies._masks import mask_plan
+from gmt_plugins.strategies._masks import ScoreKeys, cut_for_count, mark, mask_plan
 from gmt_plugins.strategies.base import GradEntry, MaskPlan
 
 
@@ -47,3 +47,27 @@ def check_state_keys(strategy: str, state: dict[str, Any], known: set[str]) -> N
     if unknown:
         raise ValueError(f"unknown {strategy} state keys {sorted(unknown)}")
 
+
+
+def top_count(
+    score: torch.Tensor, k: int, chunk_numel: int, *, largest: bool, excluded: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Flat bool mask of the ``k`` largest (or smallest) entries of the flat ``score``, among those
+    ``excluded`` does not flag; fewer when fewer are rankable (NaN scores are never chosen). Exact
+    radix selection by the engine (ties in flat order); see :func:`reference_top_count` for its twin."""
+    source = ScoreKeys.from_tensors([score], largest=largest, excluded=None if excluded is None else [excluded])
+    flats = [(0, score)]
+    return mark(source, flats, cut_for_count(source, flats, k, chunk_numel), chunk_numel)[0]
+
+
+def reference_top_count(score: torch.Tensor, k: int, *, largest: bool, excluded: torch.Tensor | None = None) -> torch.Tensor:
+    """Slow twin of :func:`top_count`: a stable sort of ``|score|`` (ties in flat order)."""
+    values = score.detach().float().abs().cpu()
+    candidates = torch.isfinite(score.detach().cpu())
+    if excluded is not None:
+        candidates &= ~excluded.cpu()
+    positions = [i for i in range(values.numel()) if candidates[i]]
+    positions.sort(key=lambda i: (-values[i].item() if largest else values[i].item(), i))
+    out = torch.zeros(values.numel(), dtype=torch.bool)
+    out[positions[:k]] = True
+    return out.to(score.device)
