@@ -136,6 +136,8 @@ class GradientMasker:
             raise RuntimeError("restore_masked() was not called after the previous optimizer step (strict mode)")
         entries, without_grad, reducer = self._entries()
         self.sharded = reducer is not None
+        # Parameter changes a strategy makes at a step boundary (resets) come before this step's plan.
+        self.strategy.on_step_boundary(self.parameters, step=self.step)
         if reducer is None:
             plan = self.strategy.plan(entries, step=self.step) if entries else MaskPlan([])
         else:
