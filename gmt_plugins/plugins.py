@@ -28,6 +28,7 @@ DEFAULT_PLUGINS = (
     "gmt_plugins.strategies.gmt_momentum",
     "gmt_plugins.strategies.sara",
     "gmt_plugins.strategies.dsee",
+    "gmt_plugins.strategies.spiel",
     "gmt_plugins.integrations.torch_defaults",
     "gmt_plugins.integrations.peft",
     "gmt_plugins.integrations.bitsandbytes",

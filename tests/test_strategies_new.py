@@ -14,10 +14,11 @@ from gmt_plugins.state_io import load_state, save_state
 from reference import reference_masks
 from test_strategies_common import grads_for, make_model, masker_for, run_steps, same_masks, step_once
 
-SPARSE = ["sara", "dsee"]
+SPARSE = ["sara", "dsee", "spiel"]
 OPTIONS = {
     "sara": {"fraction": 0.2, "interval": 2},
     "dsee": {"rank": 2, "density": 0.2},
+    "spiel": {"density": 0.3, "update_interval": 2, "drop_fraction": 0.5},
 }
 CONFIG = {"mask_seed": 3}
 
@@ -98,6 +99,10 @@ BAD_OPTIONS = [
     ("dsee", {"num_sparse": 0}, "num_sparse"),
     ("dsee", {"dense": "lora_"}, "dense"),
     ("dsee", {"vectors": "magnitude"}, "vectors"),
+    ("spiel", {"density": 0}, "density"),
+    ("spiel", {"update_interval": 0}, "update_interval"),
+    ("spiel", {"drop_fraction": 1.1}, "drop_fraction"),
+    ("spiel", {"regrow": "momentum"}, "regrow"),
 ]
 
 
@@ -261,6 +266,51 @@ def test_dsee_on_a_lora_adapter_alone_is_refused_with_the_fix_named():
     model(input_ids=ids, labels=ids).loss.backward()
     with pytest.raises(ValueError, match="base_layer.weight"):
         masker.apply()
+
+
+# --- spiel ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("regrow", ["gradient", "random"])
+def test_spiel_keeps_density_constant_through_drop_and_regrow(regrow):
+    params = make_model()
+    pretrained = {n: p.detach().clone() for n, p in params}
+    masker = masker_for(params, "spiel", {"density": 0.25, "update_interval": 3, "drop_fraction": 0.5, "regrow": regrow})
+    history = run_steps(masker, params, 10, lr=0.1)
+    for step in history:
+        for name, p in params:
+            assert int((~step[name]).sum()) == math.floor(0.25 * p.numel()), name
+    changed = sum(int((history[2][n] != history[3][n]).sum()) for n in history[0])
+    assert changed > 0 and all(torch.equal(history[3][n], history[5][n]) for n in history[0])
+    # the model is the pretrained one plus a delta on the active entries only: dropped entries were reset
+    for name, p in params:
+        active = masker.strategy.active[name].view(p.shape)
+        assert torch.equal(p.detach()[~active], pretrained[name][~active]), name
+
+
+def test_spiel_drops_the_smallest_deltas_and_regrows_by_accumulated_gradient():
+    from gmt_plugins.strategies._sparse import reference_top_count
+
+    gen = torch.Generator().manual_seed(0)
+    params = [("w", torch.nn.Parameter(torch.randn(20, 10, generator=gen)))]
+    options = {"density": 0.2, "update_interval": 4, "drop_fraction": 0.25}
+    masker = masker_for(params, "spiel", options)
+    grads = [grads_for(params, s)[0] for s in range(5)]
+    for s in range(4):
+        step_once(masker, params, [grads[s]], lr=0.05 * (s + 1))
+    strategy = masker.strategy
+    active_before = strategy.active["w"].clone()
+    weights_before = params[0][1].detach().clone().view(-1)
+    delta = weights_before - strategy.pretrained["w"]
+    accumulated = sum(g.view(-1) for g in grads[:4])  # summed over the steps since the start
+    # the slow twin of one update: sort the active |delta|s, then the non-remaining |sum of grad|s
+    dropped = reference_top_count(delta, 10, largest=False, excluded=~active_before)
+    remaining = active_before & ~dropped
+    grown = reference_top_count(accumulated, 10, largest=True, excluded=remaining)
+    step_once(masker, params, [grads[4]])
+    assert torch.equal(strategy.active["w"], remaining | grown)
+    reset = dropped & ~grown
+    assert int(reset.sum()) > 0 and torch.equal(params[0][1].detach().view(-1)[reset], strategy.pretrained["w"][reset])
 
 
 # --- every strategy in a plain loop ---------------------------------------------------------
