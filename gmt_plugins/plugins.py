@@ -29,6 +29,7 @@ DEFAULT_PLUGINS = (
     "gmt_plugins.strategies.sara",
     "gmt_plugins.strategies.dsee",
     "gmt_plugins.strategies.spiel",
+    "gmt_plugins.strategies.lt_sft",
     "gmt_plugins.integrations.torch_defaults",
     "gmt_plugins.integrations.peft",
     "gmt_plugins.integrations.bitsandbytes",

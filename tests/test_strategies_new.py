@@ -14,11 +14,12 @@ from gmt_plugins.state_io import load_state, save_state
 from reference import reference_masks
 from test_strategies_common import grads_for, make_model, masker_for, run_steps, same_masks, step_once
 
-SPARSE = ["sara", "dsee", "spiel"]
+SPARSE = ["sara", "dsee", "spiel", "lt_sft"]
 OPTIONS = {
     "sara": {"fraction": 0.2, "interval": 2},
     "dsee": {"rank": 2, "density": 0.2},
     "spiel": {"density": 0.3, "update_interval": 2, "drop_fraction": 0.5},
+    "lt_sft": {"full_steps": 3, "density": 0.2},
 }
 CONFIG = {"mask_seed": 3}
 
@@ -103,6 +104,10 @@ BAD_OPTIONS = [
     ("spiel", {"update_interval": 0}, "update_interval"),
     ("spiel", {"drop_fraction": 1.1}, "drop_fraction"),
     ("spiel", {"regrow": "momentum"}, "regrow"),
+    ("lt_sft", {"full_steps": 0}, "full_steps"),
+    ("lt_sft", {"sparse_steps": 0}, "sparse_steps"),
+    ("lt_sft", {"density": 2}, "density"),
+    ("lt_sft", {"num_entries": -5}, "num_entries"),
 ]
 
 
@@ -313,6 +318,119 @@ def test_spiel_drops_the_smallest_deltas_and_regrows_by_accumulated_gradient():
     assert int(reset.sum()) > 0 and torch.equal(params[0][1].detach().view(-1)[reset], strategy.pretrained["w"][reset])
 
 
+# --- lt_sft ---------------------------------------------------------------------------------
+
+
+def lt_sft_run(seed: int, steps: int, options: dict, grad_seed: int = 100):
+    params = make_model(seed)
+    pretrained = {n: p.detach().clone() for n, p in params}
+    masker = masker_for(params, "lt_sft", options)
+    history = run_steps(masker, params, steps, lr=0.1, seed=grad_seed)
+    return params, pretrained, masker, history
+
+
+def test_lt_sft_full_phase_then_reset_then_only_the_entries_that_moved_most():
+    from gmt_plugins.strategies._sparse import reference_top_count
+
+    options = {"full_steps": 3, "num_entries": 40}
+    params, pretrained, masker, history = lt_sft_run(0, 3, options)
+    assert all(not m.any() for step in history for m in step.values())  # phase 1 masks nothing
+    moved = torch.cat([(p.detach() - pretrained[n]).view(-1) for n, p in params])
+    expected = reference_top_count(moved, 40, largest=True)  # the slow twin: a global sort
+    run_steps(masker, params, 4, start=3, lr=0.1)
+    chosen = torch.cat([masker.strategy.trainable[n].view(-1) for n, _ in params])
+    assert torch.equal(chosen, expected) and int(chosen.sum()) == 40
+    for name, p in params:  # reset at step 3, then only chosen entries moved (SGD)
+        keep = masker.strategy.trainable[name]
+        assert torch.equal(p.detach()[~keep], pretrained[name][~keep]), name
+    assert any(not torch.equal(p.detach(), pretrained[n]) for n, p in params)
+
+
+def test_lt_sft_phase_two_masks_all_but_the_chosen_and_ends_after_sparse_steps():
+    params, _, masker, history = lt_sft_run(0, 8, {"full_steps": 2, "sparse_steps": 3, "density": 0.1})
+    total = sum(p.numel() for _, p in params)
+    for step in history[2:5]:
+        assert sum(int((~m).sum()) for m in step.values()) == math.floor(0.1 * total)
+    for step in history[5:]:
+        assert all(bool(m.all()) for m in step.values())  # after phase 2 every entry is frozen
+
+
+def test_lt_sft_state_saved_in_phase_two_resumes_identically(tmp_path):
+    options = {"full_steps": 2, "density": 0.2}
+    params, _, masker, _ = lt_sft_run(0, 4, options)
+    save_state(masker.state_dict(), str(tmp_path))
+    assert sum(v.numel() for v in masker.strategy.pretrained.values()) == sum(int(m.sum()) for m in masker.strategy.trainable.values())
+    resumed_params = clone(params)
+    resumed = masker_for(resumed_params, "lt_sft", options)
+    resumed.load_state_dict(load_state(str(tmp_path)))
+    assert same_masks(run_steps(resumed, resumed_params, 3, start=4), run_steps(masker, params, 3, start=4))
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(params, resumed_params))
+
+
+def test_lt_sft_sparse_delta_export_reapplies_to_the_base(tmp_path):
+    from gmt_plugins.sparse_delta import apply_sparse_delta, load_sparse_delta, save_sparse_delta, sparse_difference
+
+    params, pretrained, masker, _ = lt_sft_run(0, 6, {"full_steps": 2, "num_entries": 30})
+    delta = masker.strategy.sparse_delta(params)
+    assert delta.nnz == 30
+    save_sparse_delta(delta, str(tmp_path / "delta.safetensors"))
+    loaded = load_sparse_delta(str(tmp_path / "delta.safetensors"))
+    base = {n: t.clone() for n, t in pretrained.items()}
+    apply_sparse_delta(base, loaded)
+    for name, p in params:
+        torch.testing.assert_close(base[name], p.detach(), rtol=0, atol=1e-6)
+        keep = masker.strategy.trainable[name]
+        assert torch.equal(base[name][~keep], pretrained[name][~keep])
+    # the generic difference of two models finds the same support (the entries that really moved)
+    generic = sparse_difference(dict(params), pretrained)
+    for name, part in generic.tensors.items():
+        assert set(part.indices.tolist()) <= set(delta.tensors[name].indices.tolist())
+
+
+def test_sparse_differences_compose_by_addition():
+    from gmt_plugins.sparse_delta import add_sparse_deltas, apply_sparse_delta, sparse_difference
+
+    base = dict(make_model(0))
+    base = {n: p.detach() for n, p in base.items()}
+    deltas = []
+    for grad_seed in (100, 200):  # two sparse fine-tunings of the same base ("language" and "task")
+        params, pretrained, masker, _ = lt_sft_run(0, 5, {"full_steps": 2, "num_entries": 25}, grad_seed=grad_seed)
+        deltas.append(masker.strategy.sparse_delta(params))
+    both = add_sparse_deltas(*deltas)
+    assert both.nnz <= deltas[0].nnz + deltas[1].nnz
+    one_by_one = {n: t.clone() for n, t in base.items()}
+    for d in deltas:
+        apply_sparse_delta(one_by_one, d)
+    at_once = {n: t.clone() for n, t in base.items()}
+    apply_sparse_delta(at_once, deltas[0] + deltas[1])
+    for name in base:
+        # the slow twin: dense differences added to the base
+        dense = base[name] + sum(d.tensors[name].to_dense() for d in deltas if name in d.tensors)
+        torch.testing.assert_close(at_once[name], dense, rtol=0, atol=1e-6)
+        torch.testing.assert_close(one_by_one[name], dense, rtol=0, atol=1e-6)
+    removed = {n: t.clone() for n, t in at_once.items()}
+    apply_sparse_delta(removed, both, scale=-1.0)
+    assert all(torch.allclose(removed[n], base[n], atol=1e-6) for n in base)
+    assert sparse_difference(base, base).nnz == 0
+
+
+def test_sparse_delta_errors_name_what_is_wrong(tmp_path):
+    from safetensors.torch import save_file
+
+    from gmt_plugins.sparse_delta import SparseDelta, TensorDelta, apply_sparse_delta, load_sparse_delta
+
+    delta = SparseDelta({"w": TensorDelta((2, 3), torch.tensor([0, 5]), torch.tensor([1.0, -1.0]))})
+    with pytest.raises(KeyError, match="'w'"):
+        apply_sparse_delta({"v": torch.zeros(2, 3)}, delta)
+    with pytest.raises(ValueError, match=r"\(2, 3\)"):
+        apply_sparse_delta({"w": torch.zeros(3, 2)}, delta)
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a sparse difference"):
+        load_sparse_delta(str(tmp_path / "other.safetensors"))
+    with pytest.raises(RuntimeError, match="phase 1"):
+        masker_for(make_model(), "lt_sft", {"full_steps": 5}).strategy.sparse_delta([])
+
+
 # --- every strategy in a plain loop ---------------------------------------------------------
 
 
@@ -336,3 +454,62 @@ def test_plain_loop_with_sgd_moves_only_unmasked_entries(strategy):
             assert torch.equal(p[~kept[n]], start[n][~kept[n]]), n  # a masked entry does not move
         assert any(bool((grads[n] != 0).any()) for n in grads)
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+# --- every strategy in the Trainer ----------------------------------------------------------
+
+TRAINER_OPTIONS = {
+    "sara": {"fraction": 0.2, "interval": 2},
+    "dsee": {"rank": 2, "density": 0.1, "vectors": "update"},
+    "spiel": {"density": 0.2, "update_interval": 2},
+    "lt_sft": {"full_steps": 2, "density": 0.05},
+}
+
+
+@pytest.mark.parametrize("strategy", SPARSE)
+def test_trainer_runs_each_strategy_and_updates_only_its_entries(tmp_path, strategy):
+    pytest.importorskip("transformers")
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from gmt_plugins import GMTCallback
+    from tiny import cpu_args, text_dataset, tiny_llama, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    data = text_dataset().map(lambda b: tok(b["text"]), batched=True, remove_columns=["text"])
+    model = tiny_llama()
+    pretrained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    callback = GMTCallback(strategy=strategy, strategy_options=TRAINER_OPTIONS[strategy], mask_seed=2)
+    args = TrainingArguments(output_dir=str(tmp_path), **cpu_args(max_steps=4, per_device_train_batch_size=4, learning_rate=0.5, lr_scheduler_type="constant"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # a zero gradient never moves an entry
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=DataCollatorForLanguageModeling(tok, mlm=False), callbacks=[callback], optimizers=(optimizer, None))
+    trainer.train()
+    assert callback.masker.step == 4 and callback.last_stats.masked > 0
+    strategy_obj = callback.masker.strategy
+    kept = {"sara": None, "dsee": "trainable", "spiel": "active", "lt_sft": "trainable"}[strategy]
+    moved_any = False
+    for name, p in model.named_parameters():
+        moved = p.detach() != pretrained[name]
+        moved_any |= bool(moved.any())
+        if kept is not None:  # fixed (or, for spiel, current) sets: nothing outside them differs from pretrained
+            assert not bool(moved[~getattr(strategy_obj, kept)[name].view(p.shape)].any()), name
+    assert moved_any
+
+
+@pytest.mark.parametrize("strategy", ["spiel", "lt_sft"])
+def test_trainer_resume_is_identical_to_uninterrupted(tmp_path, strategy):
+    pytest.importorskip("trl")
+    from test_trainer_integration import final_params, sft_trainer
+
+    from gmt_plugins import GMTCallback
+
+    options = {"spiel": {"density": 0.2, "update_interval": 2}, "lt_sft": {"full_steps": 3, "density": 0.05}}[strategy]
+    common = dict(optim="adamw_torch", weight_decay=0.1, learning_rate=1e-2, max_steps=6, save_strategy="steps", save_steps=3)
+    full = sft_trainer(tmp_path / "full", GMTCallback(strategy=strategy, strategy_options=options, mask_seed=5, strict=True), **common)
+    full.train()
+    checkpoint = tmp_path / "full" / "checkpoint-3"
+    assert (checkpoint / "gmt_state.safetensors").is_file()  # the pretrained copy and masks, never pickled
+    resumed_callback = GMTCallback(strategy=strategy, strategy_options=options, mask_seed=5, strict=True)
+    resumed = sft_trainer(tmp_path / "resumed", resumed_callback, resume_from_checkpoint=str(checkpoint), **common)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    expected, got = final_params(full), final_params(resumed)
+    assert all(torch.equal(expected[n], got[n]) for n in expected)

@@ -52,12 +52,25 @@ def check_state_keys(strategy: str, state: dict[str, Any], known: set[str]) -> N
 def top_count(
     score: torch.Tensor, k: int, chunk_numel: int, *, largest: bool, excluded: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Flat bool mask of the ``k`` largest (or smallest) entries of the flat ``score``, among those
-    ``excluded`` does not flag; fewer when fewer are rankable (NaN scores are never chosen). Exact
-    radix selection by the engine (ties in flat order); see :func:`reference_top_count` for its twin."""
-    source = ScoreKeys.from_tensors([score], largest=largest, excluded=None if excluded is None else [excluded])
-    flats = [(0, score)]
-    return mark(source, flats, cut_for_count(source, flats, k, chunk_numel), chunk_numel)[0]
+    """Flat bool mask of the ``k`` largest (or smallest) ``|score|`` entries of the flat ``score``,
+    among those ``excluded`` does not flag; fewer when fewer are rankable (non-finite scores are
+    never chosen). Exact radix selection by the engine (ties in flat order); see
+    :func:`reference_top_count` for its twin."""
+    return top_count_over([score], k, chunk_numel, largest=largest, excluded=None if excluded is None else [excluded])[0]
+
+
+def top_count_over(
+    scores: Sequence[torch.Tensor],
+    k: int,
+    chunk_numel: int,
+    *,
+    largest: bool,
+    excluded: Sequence[torch.Tensor | None] | None = None,
+) -> list[torch.Tensor]:
+    """:func:`top_count` over several flat score tensors ranked together (ties in list, then flat order)."""
+    source = ScoreKeys.from_tensors(scores, largest=largest, excluded=excluded)
+    flats = list(enumerate(scores))
+    return mark(source, flats, cut_for_count(source, flats, k, chunk_numel), chunk_numel)
 
 
 def reference_top_count(score: torch.Tensor, k: int, *, largest: bool, excluded: torch.Tensor | None = None) -> torch.Tensor:
