@@ -456,6 +456,26 @@ def test_plain_loop_with_sgd_moves_only_unmasked_entries(strategy):
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
+@pytest.mark.parametrize("strategy", SPARSE)
+def test_bfloat16_parameters_keep_exact_pretrained_values_outside_the_update(strategy):
+    params = [(n, torch.nn.Parameter(p.detach().to(torch.bfloat16))) for n, p in make_model()]
+    pretrained = {n: p.detach().clone() for n, p in params}
+    masker = masker_for(params, strategy, OPTIONS[strategy], **CONFIG)
+    for step in range(6):
+        for (_, p), g in zip(params, grads_for(params, step)):
+            p.grad = g.to(torch.bfloat16)
+        masker.apply()
+        with torch.no_grad():
+            for _, p in params:
+                p -= 0.1 * p.grad
+    kept = {"spiel": "active", "lt_sft": "trainable", "dsee": "trainable"}.get(strategy)
+    for name, p in params:
+        assert p.dtype == torch.bfloat16
+        if kept is not None:
+            outside = ~getattr(masker.strategy, kept)[name].view(p.shape)
+            assert torch.equal(p.detach()[outside], pretrained[name][outside]), name
+
+
 # --- every strategy in the Trainer ----------------------------------------------------------
 
 TRAINER_OPTIONS = {
