@@ -164,6 +164,8 @@ class GradientMasker:
 
     def _apply(self, entries: list[GradEntry], without_grad: list[str], reducer: ShardReducer | None) -> MaskStats:
         self.sharded = reducer is not None
+        # Parameter changes a strategy makes at a step boundary (resets) come before this step's plan.
+        self.strategy.on_step_boundary(self.parameters, step=self.step)
         if reducer is None:
             plan = self.strategy.plan(entries, step=self.step) if entries else MaskPlan([])
         else:
