@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable, Hashable
 
 import torch
 
@@ -55,6 +56,16 @@ class MaskedEntryGuard:
                 held += saved.numel()
         self._held.clear()
         return held
+
+    def split(self, key: Callable[[torch.Tensor], Hashable]) -> dict[Hashable, MaskedEntryGuard]:
+        """Move the held entries into one guard per ``key(flat parameter)``, for optimizers that step
+        parameter groups one at a time and must have each group restored right after its step
+        (DeepSpeed ZeRO copies a group to the model as soon as it stepped)."""
+        guards: dict[Hashable, MaskedEntryGuard] = {}
+        for item in self._held:
+            guards.setdefault(key(item[0]), MaskedEntryGuard(chunk_numel=self._chunk_numel))._held.append(item)
+        self._held.clear()
+        return guards
 
     @property
     def held_bytes(self) -> int:
