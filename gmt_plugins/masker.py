@@ -10,22 +10,15 @@ import torch
 
 from gmt_plugins.config import GMTConfig, resolve_config
 from gmt_plugins.distributed import ShardReducer, is_dtensor, local_shard, reducing
+from gmt_plugins.layout import flat_view, same_layout
 from gmt_plugins.plugins import get_plugin_manager, strategy_registry
 from gmt_plugins.selection import Cut, apply_cut, count_equal
 from gmt_plugins.stats import MaskStats, TensorStats
 from gmt_plugins.strategies.base import GradEntry, MaskPlan, TensorPlan
 from gmt_plugins.strict import MaskedEntryGuard
+from gmt_plugins.wrappers import unwrap_model  # noqa: F401 - re-exported: it lived here before
 
 NamedParameters = Iterable[tuple[str, torch.nn.Parameter]]
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Remove DDP / FSDP1 / DeepSpeed (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    while True:
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        if not isinstance(inner, torch.nn.Module) or inner is model:
-            return model
-        model = inner
 
 
 class GradientMasker:
@@ -109,9 +102,10 @@ class GradientMasker:
                 whole.append(name)
             if grad.is_sparse:
                 raise ValueError(f"gradient of {name!r} is a {type(grad).__name__} ({grad.layout}); only dense gradients can be masked")
-            if not grad.is_contiguous():
-                raise ValueError(f"gradient of {name!r} is not contiguous; masking works on flat views")
-            entries.append(GradEntry(len(entries), name, param, grad.view(-1), shard))
+            flat = flat_view(grad)  # memory order: channels_last gradients are masked in place too
+            if flat is None or (self._guard is not None and not same_layout(param, grad)):
+                raise ValueError(f"gradient of {name!r} (strides {grad.stride()}, parameter {param.stride()}) is not a dense block laid out like its parameter; masking works on flat views")
+            entries.append(GradEntry(len(entries), name, param, flat, shard))
         if not groups:
             return entries, without_grad, None
         if whole:
