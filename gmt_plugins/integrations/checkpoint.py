@@ -107,6 +107,9 @@ def load_record(record: dict[str, Any], candidates: list[str]) -> dict[str, Any]
         folders = list(dict.fromkeys(c for c in [*candidates, record.get("folder")] if c))
         found = next((f for f in folders if tensors_match(f, tensor_record)), None)
         if found is None:
+            damaged = next((f for f in folders if os.path.isfile(os.path.join(f, tensor_record["file"]))), None)
+            if damaged is not None:  # say what is wrong with it (size, id, unreadable) rather than only "not found"
+                read_tensors(damaged, tensor_record, named_by=os.path.join(damaged, "trainer_state.json"))
             raise FileNotFoundError(
                 f"the GMT state in trainer_state.json names {tensor_record['file']} (id {tensor_record['id']}), but none of "
                 f"{folders} holds it. Keep {tensor_record['file']} beside trainer_state.json, or name the checkpoint folder "
