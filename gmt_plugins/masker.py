@@ -130,17 +130,36 @@ class GradientMasker:
             raise RuntimeError("restore_masked() was not called after the previous optimizer step (strict mode)")
         entries, without_grad, reducer = self._entries()
         self.sharded = reducer is not None
+        held = self._state_to_keep(entries, reducer)
         if reducer is None:
             plan = self.strategy.plan(entries, step=self.step) if entries else MaskPlan([])
         else:
             with reducing(reducer):
                 plan = self.strategy.plan(entries, step=self.step)
+        if held is not None:
+            self.strategy.load_state_dict(held)
         if len(plan.tensors) != len(entries):
             raise RuntimeError(f"strategy {self.strategy.name!r} planned {len(plan.tensors)} tensors for {len(entries)} gradients")
         tensors = self._execute(entries, plan) if reducer is None else self._execute_sharded(entries, plan, reducer)
         stats = MaskStats(self.step, self.strategy.name, self.config.scope, tensors, without_grad)
         self.step += 1
         return stats
+
+    def _state_to_keep(self, entries: list[GradEntry], reducer: ShardReducer | None) -> dict[str, Any] | None:
+        """A copy of the strategy's state when this step's gradients hold inf/NaN, to put back after planning.
+
+        An AMP ``GradScaler`` skips exactly those steps, and an inf would poison an EMA for good: a stateful
+        strategy's state therefore never moves on them. One max-abs reduction per gradient, stateful strategies only.
+        """
+        state = self.strategy.state_dict()
+        if not state or not entries:
+            return None
+        device = entries[0].flat.device
+        peaks = [torch.linalg.vector_norm(e.flat, ord=float("inf")).float().to(device) for e in entries if e.flat.numel()]
+        nonfinite = int(bool(peaks) and not bool(torch.isfinite(torch.stack(peaks)).all()))
+        if reducer is not None:  # every rank skips the step: keep every rank's state
+            nonfinite = reducer.sum_counts([nonfinite], device)[0]
+        return _cloned(state) if nonfinite else None
 
     def _mask(self, entry: GradEntry, tensor_plan: TensorPlan, cut: Cut) -> tuple[int, int]:
         """The one place where gradients are changed: zero what ``cut`` selects of ``entry``, in place
@@ -202,3 +221,13 @@ class GradientMasker:
             raise ValueError(f"state is for strategy {state.get('strategy')!r}, this masker uses {self.strategy.name!r}")
         self.step = int(state["step"])
         self.strategy.load_state_dict(state.get("strategy_state", {}))
+
+
+def _cloned(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _cloned(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cloned(v) for v in value)
+    return value
