@@ -60,6 +60,12 @@ def attach_recorder(trainer) -> Recorder:
     return recorder
 
 
+def insert_after_gmt(trainer, callback: TrainerCallback) -> None:
+    """Put ``callback`` right after the GMTCallback, wherever the Trainer placed that."""
+    callbacks = trainer.callback_handler.callbacks
+    callbacks.insert(next(i for i, cb in enumerate(callbacks) if isinstance(cb, GMTCallback)) + 1, callback)
+
+
 def trainable(recorder: Recorder) -> list[str]:
     return [n for n, p in recorder.named if p.requires_grad]
 
@@ -228,7 +234,7 @@ def test_plain_transformers_trainer(tmp_path):
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=DataCollatorForLanguageModeling(tok, mlm=False), callbacks=[GMTCallback(mask_ratio=0.3, strategy="random")], optimizers=(sgd(model), None))
     recorder = attach_recorder(trainer)
     spy = MaskSpy(recorder)
-    trainer.callback_handler.callbacks.insert(2, spy)  # recorder, GMT, spy
+    insert_after_gmt(trainer, spy)
     trainer.train()
     from gmt_plugins.keys import RandomKeys, stable_salt
 
@@ -247,7 +253,7 @@ def test_plain_transformers_trainer(tmp_path):
 def run_with_masks(tmp_path, callback, **args):
     trainer = sft_trainer(tmp_path, callback, **args)
     recorder = attach_recorder(trainer)
-    trainer.callback_handler.callbacks.insert(2, MaskSpy(recorder))  # recorder, GMT, spy
+    insert_after_gmt(trainer, MaskSpy(recorder))
     trainer.train()
     return recorder
 
@@ -357,7 +363,7 @@ def test_nonfinite_gradients_are_reported_and_left_for_the_optimizer(tmp_path):
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
             seen["grad"] = model.model.layers[0].mlp.up_proj.weight.grad[0, :3].clone()
 
-    trainer.callback_handler.callbacks.insert(2, Check())
+    insert_after_gmt(trainer, Check())
     trainer.train()
     assert torch.isnan(seen["grad"]).all()
     entry = next(e for e in trainer.state.log_history if "loss" in e)
@@ -410,7 +416,7 @@ def test_qlora_4bit_base_never_touched(tmp_path):
     trainer.create_optimizer()
     trainer.optimizer = sgd(trainer.model)
     recorder = attach_recorder(trainer)
-    trainer.callback_handler.callbacks.insert(2, MaskSpy(recorder))  # recorder, GMT, spy
+    insert_after_gmt(trainer, MaskSpy(recorder))
     trainer.train()
     assert all("lora_" in name for name in callback.masker.names)
     assert_frozen_never_moved(recorder)  # includes the packed 4-bit weights

@@ -159,7 +159,8 @@ class GMTCallback(TrainerCallback, ExportableState):
         self._args = self._state = None
 
     def _warn_if_reporters_miss_stats(self, args: TrainingArguments) -> None:
-        reporters = [r for r in (args.report_to or []) if r != "none"]
+        report_to = getattr(args, "report_to", None) or []
+        reporters = [r for r in ([report_to] if isinstance(report_to, str) else report_to) if r != "none"]
         if reporters and not self.before_reporters:
             logger.warning(
                 "GMT statistics reach trainer.state.log_history, but not the report_to integrations %s: the Trainer calls "
