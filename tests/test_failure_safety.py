@@ -219,3 +219,38 @@ def test_restore_callback_states_from_checkpoint_rebuilds_a_working_callback(tmp
     assert len(restored) == 1 and restored[0].masker.step == 4
     got = params(trainer)
     assert all(torch.equal(v, got[n]) for n, v in saved_run[1].items())
+
+
+# --- what a pushed checkpoint holds, and where it is written --------------------------------
+
+
+def test_tensors_are_in_the_checkpoint_before_it_is_pushed(tmp_path):
+    """``push_to_hub`` with ``hub_strategy="checkpoint"`` uploads the folder inside ``_save_checkpoint``, before ``on_save``."""
+    from transformers import Trainer
+
+    pushed = {}
+
+    class Recording(Trainer):
+        def _push_from_checkpoint(self, checkpoint_folder):  # stands in for the upload: what would it send?
+            state = json.loads((tmp_path / os.path.basename(checkpoint_folder) / "trainer_state.json").read_text())
+            pushed[os.path.basename(checkpoint_folder)] = (
+                sorted(os.listdir(checkpoint_folder)), state["stateful_callbacks"]["GMTCallback"]["attributes"]["resume_state"]["step"]
+            )
+
+    trainer = tiny_trainer(tmp_path, momentum(), max_steps=2, trainer_class=Recording)
+    trainer.args.push_to_hub = True  # set after __init__, which would otherwise create a hub repository
+    trainer.train()
+    files, step = pushed["checkpoint-2"]
+    assert "gmt_state.safetensors" in files and "trainer_state.json" in files and step == 2
+
+
+def test_checkpoint_folder_follows_the_trainer_run_directory(tmp_path):
+    from gmt_plugins.integrations.checkpoint import checkpoint_folder
+
+    assert checkpoint_folder("out", 3, trial_name=None, hyper_param_search=False) == os.path.join("out", "checkpoint-3")
+    assert checkpoint_folder("out", 3, trial_name="trial-a", hyper_param_search=True) == os.path.join("out", "trial-a", "checkpoint-3")
+    older, newer = tmp_path / "run-0" / "checkpoint-3", tmp_path / "run-1" / "checkpoint-3"
+    older.mkdir(parents=True)
+    newer.mkdir(parents=True)
+    os.utime(older, (1, 1))  # run-1 is the trial being saved now
+    assert checkpoint_folder(str(tmp_path), 3, trial_name=None, hyper_param_search=True) == str(newer)

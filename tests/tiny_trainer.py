@@ -37,7 +37,7 @@ def dataset(n: int = 64, width: int = 8) -> list[dict[str, torch.Tensor]]:
     return [{"x": x[i], "labels": y[i]} for i in range(n)]
 
 
-def tiny_trainer(output_dir, callback, *, callbacks=(), **args):
+def tiny_trainer(output_dir, callback, *, callbacks=(), trainer_class=None, **args):
     from transformers import Trainer, TrainingArguments
 
     torch.manual_seed(0)
@@ -47,7 +47,7 @@ def tiny_trainer(output_dir, callback, *, callbacks=(), **args):
     )
     base.update(args)
     training_args = TrainingArguments(output_dir=str(output_dir), **cpu_args(**base))
-    return Trainer(model=TinyNet(), args=training_args, train_dataset=dataset(), callbacks=[callback, *callbacks])
+    return (trainer_class or Trainer)(model=TinyNet(), args=training_args, train_dataset=dataset(), callbacks=[callback, *callbacks])
 
 
 def params(trainer) -> dict[str, torch.Tensor]:
