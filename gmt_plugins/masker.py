@@ -104,7 +104,10 @@ class GradientMasker:
                 raise ValueError(f"gradient of {name!r} is a {type(grad).__name__} ({grad.layout}); only dense gradients can be masked")
             flat = flat_view(grad)  # memory order: channels_last gradients are masked in place too
             if flat is None or (self._guard is not None and not same_layout(param, grad)):
-                raise ValueError(f"gradient of {name!r} (strides {grad.stride()}, parameter {param.stride()}) is not a dense block laid out like its parameter; masking works on flat views")
+                raise ValueError(
+                    f"gradient of {name!r} (strides {grad.stride()}, parameter {param.stride()}) is not a dense block "
+                    "laid out like its parameter; masking works on flat views"
+                )
             entries.append(GradEntry(len(entries), name, param, flat, shard))
         if not groups:
             return entries, without_grad, None

@@ -62,7 +62,10 @@ def _join(value: Any, tensors: dict[str, torch.Tensor], source: str) -> Any:
         if set(value) == {_TENSOR_REF}:
             name = value[_TENSOR_REF]
             if name not in tensors:
-                raise StateFileError(f"{source} names tensor {name!r}, which its safetensors file does not hold; the checkpoint is inconsistent, resume from another checkpoint")
+                raise StateFileError(
+                    f"{source} names tensor {name!r}, which its safetensors file does not hold; the checkpoint is "
+                    "inconsistent, resume from another checkpoint"
+                )
             return tensors[name]
         return {k: _join(v, tensors, source) for k, v in value.items()}
     if isinstance(value, list):
@@ -144,7 +147,10 @@ def _metadata(path: str) -> dict[str, str]:
         with safe_open(path, framework="pt") as f:
             return f.metadata() or {}
     except Exception as err:  # safetensors raises its own error types for truncated or foreign files
-        raise StateFileError(f"{path} is not a readable safetensors file ({err}); the checkpoint was not completely written, resume from another checkpoint") from None
+        raise StateFileError(
+            f"{path} is not a readable safetensors file ({err}); the checkpoint was not completely written, resume "
+            "from another checkpoint"
+        ) from None
 
 
 def read_tensors(directory: str, record: dict[str, Any], *, named_by: str) -> dict[str, torch.Tensor]:
@@ -153,7 +159,9 @@ def read_tensors(directory: str, record: dict[str, Any], *, named_by: str) -> di
 
     path = os.path.join(directory, record["file"])
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{named_by} names {path}, which does not exist; copy the whole checkpoint folder, or resume from another checkpoint")
+        raise FileNotFoundError(
+            f"{named_by} names {path}, which does not exist; copy the whole checkpoint folder, or resume from another checkpoint"
+        )
     size = os.path.getsize(path)
     if size != record.get("bytes"):
         raise StateFileError(

@@ -67,7 +67,7 @@ def build_record(
     record["state"] = skeleton
     if tensors:
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"GMTCallback: the checkpoint folder {folder} the Trainer is saving does not exist; cannot write GMT tensors")
+            raise FileNotFoundError(f"GMTCallback: the checkpoint folder {folder} the Trainer is saving does not exist")
         record["tensors"] = write_tensors(tensors, folder)
     return record
 
@@ -96,7 +96,9 @@ def check_record(record: dict[str, Any], *, config: GMTConfig, names: list[str],
             "strategy state cannot be re-partitioned: resume with the same number of processes"
         )
     if record.get("step") != global_step:
-        raise ValueError(f"{where} is for step {record.get('step')}, the Trainer resumes at step {global_step}; the checkpoint is inconsistent")
+        raise ValueError(
+            f"{where} is for step {record.get('step')}, the Trainer resumes at step {global_step}; the checkpoint is inconsistent"
+        )
 
 
 def load_record(record: dict[str, Any], candidates: list[str]) -> dict[str, Any]:

@@ -223,7 +223,7 @@ class GMTCallback(TrainerCallback, ExportableState):
         if self.masker is None or self._args is None or self._state is None:
             return exported
         state, args = self._state, self._args
-        folder = checkpoint_folder(args.output_dir, state.global_step, trial_name=state.trial_name, hyper_param_search=state.is_hyper_param_search)
+        folder = run_checkpoint(args, state)
         exported["attributes"][RECORD_KEY] = build_record(
             self.masker.state_dict(), config=self.config, names=self.masker.names, folder=folder,
             world_size=args.world_size, sharded=self.masker.sharded,
@@ -236,14 +236,14 @@ class GMTCallback(TrainerCallback, ExportableState):
             return
         import torch.distributed as dist
 
-        folder = checkpoint_folder(args.output_dir, state.global_step, trial_name=state.trial_name, hyper_param_search=state.is_hyper_param_search)
+        folder = run_checkpoint(args, state)
         save_state({**self.masker.state_dict(), "world_size": args.world_size}, folder, stem=rank_stem(dist.get_rank()))
 
     def _resume_candidates(self, args: TrainingArguments, state: TrainerState) -> list[str]:
         """Folders that may be the checkpoint the Trainer resumed from (it does not tell its callbacks)."""
         name = f"{CHECKPOINT_PREFIX}-{state.global_step}"
         candidates = [args.resume_from_checkpoint] if isinstance(args.resume_from_checkpoint, str) else []
-        candidates.append(checkpoint_folder(args.output_dir, state.global_step, trial_name=state.trial_name, hyper_param_search=state.is_hyper_param_search))
+        candidates.append(run_checkpoint(args, state))
         candidates.append(os.path.join(args.output_dir, name))
         return list(dict.fromkeys(candidates))
 
@@ -271,11 +271,15 @@ class GMTCallback(TrainerCallback, ExportableState):
                     f"none of {candidates} holds gmt_state.json; the strategy {self.config.strategy!r} keeps state, so it "
                     "cannot continue. Resume from a checkpoint saved with GMTCallback, or start a new run"
                 )
-            logger.info("GMT: no saved state found; strategy %r is stateless, resuming at step %d", self.config.strategy, state.global_step)
+            logger.info(
+                "GMT: no saved state found; strategy %r is stateless, resuming at step %d", self.config.strategy, state.global_step
+            )
             return
         self.masker.load_state_dict(saved)
         if self.masker.step != state.global_step:
-            raise ValueError(f"GMT state is for step {self.masker.step}, the Trainer resumes at {state.global_step}; the checkpoint is inconsistent")
+            raise ValueError(
+                f"GMT state is for step {self.masker.step}, the Trainer resumes at {state.global_step}; the checkpoint is inconsistent"
+            )
 
     def _sharded_state(self, record: dict[str, Any], candidates: list[str]) -> dict[str, Any]:
         import torch.distributed as dist
@@ -289,7 +293,9 @@ class GMTCallback(TrainerCallback, ExportableState):
             )
         saved = load_state(folder, stem=stem)
         if saved.pop("world_size", record["world_size"]) != record["world_size"] or saved.get("step") != record["step"]:
-            raise ValueError(f"{os.path.join(folder, stem)}.json is not from the same save as trainer_state.json (its step or world size differ)")
+            raise ValueError(
+                f"{os.path.join(folder, stem)}.json is not from the same save as trainer_state.json (its step or world size differ)"
+            )
         return saved
 
     def _legacy_state(self, candidates: list[str]) -> dict[str, Any] | None:
@@ -300,9 +306,19 @@ class GMTCallback(TrainerCallback, ExportableState):
         saved = load_state(folder)
         strategy = saved.pop("config", {}).get("strategy")
         if strategy not in (None, self.config.strategy):
-            raise ValueError(f"{folder}/gmt_state.json was written by strategy {strategy!r}, this run uses {self.config.strategy!r}; resume with the same strategy")
+            raise ValueError(
+                f"{folder}/gmt_state.json was written by strategy {strategy!r}, this run uses {self.config.strategy!r}; "
+                "resume with the same strategy"
+            )
         saved.pop("sharded", None)
         return saved
+
+
+def run_checkpoint(args: TrainingArguments, state: TrainerState) -> str:
+    """The ``checkpoint-<global_step>`` folder in the Trainer's run directory."""
+    return checkpoint_folder(
+        args.output_dir, state.global_step, trial_name=state.trial_name, hyper_param_search=state.is_hyper_param_search
+    )
 
 
 def place_before_reporters(trainer: Any) -> GMTCallback:
