@@ -254,3 +254,59 @@ def test_checkpoint_folder_follows_the_trainer_run_directory(tmp_path):
     newer.mkdir(parents=True)
     os.utime(older, (1, 1))  # run-1 is the trial being saved now
     assert checkpoint_folder(str(tmp_path), 3, trial_name=None, hyper_param_search=True) == str(newer)
+
+
+def test_damaged_record_in_trainer_state_is_an_error_naming_it(tmp_path, saved_run):
+    checkpoint = copy_checkpoint(saved_run, tmp_path)
+    path = checkpoint / "trainer_state.json"
+    document = json.loads(path.read_text())
+    del document["stateful_callbacks"]["GMTCallback"]["attributes"]["resume_state"]["state"]
+    path.write_text(json.dumps(document))
+    with pytest.raises(StateFileError, match=r"trainer_state.json\) lacks \['state'\].*resume from another checkpoint"):
+        tiny_trainer(tmp_path / "run", momentum()).train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_per_rank_state_round_trip_and_world_size_check(tmp_path):
+    """The FSDP2 layout on one process (gloo): every rank's file in on_save, the world size in the record."""
+    import torch.distributed as dist
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from gmt_plugins.testing import cpu_args
+    from tiny_trainer import TinyNet, dataset
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        args = TrainingArguments(output_dir=str(tmp_path), **cpu_args())
+        model = TinyNet()
+        saving, state = momentum(), TrainerState(global_step=0)
+        saving.on_train_begin(args, state, TrainerControl(), model=model)
+        x = torch.stack([d["x"] for d in dataset()[:8]])
+        y = torch.stack([d["labels"] for d in dataset()[:8]])
+        for step in range(2):
+            model.zero_grad()
+            model(x, y)["loss"].backward()
+            saving.on_pre_optimizer_step(args, state, TrainerControl())
+            state.global_step = step + 1
+        saving.masker.sharded = True  # as after an apply() on FSDP2 shards
+        (tmp_path / "checkpoint-2").mkdir()
+        exported = saving.state()
+        record = exported["attributes"]["resume_state"]
+        assert record["sharded"] and record["world_size"] == 1 and record["tensors"] is None
+        saving.on_save(args, state, TrainerControl())
+        assert (tmp_path / "checkpoint-2" / "gmt_state.rank0.json").is_file()
+        assert (tmp_path / "checkpoint-2" / "gmt_state.rank0.safetensors").is_file()
+
+        def resume(record):
+            loading = momentum()
+            loaded = TrainerState(global_step=2)
+            loaded.stateful_callbacks = {"GMTCallback": {"args": exported["args"], "attributes": {"resume_state": record}}}
+            loading.on_train_begin(args, loaded, TrainerControl(), model=model)
+            return loading
+
+        loading = resume(record)
+        for name, ema in saving.masker.strategy.state_dict()["ema"].items():
+            assert torch.equal(loading.masker.strategy.state_dict()["ema"][name], ema)
+        with pytest.raises(ValueError, match="world size 4, this run has 1"):
+            resume({**record, "world_size": 4})
+    finally:
+        dist.destroy_process_group()

@@ -28,6 +28,9 @@ RESUME_FIELDS = ("strategy", "mask_ratio", "scope", "strategy_options", "mask_se
 """Config fields that decide the masks: a resume with another value would silently change the run."""
 
 
+_RECORD_FIELDS = ("format", "step", "config", "parameters", "world_size", "sharded", "state", "tensors")
+
+
 def parameter_digest(names: list[str]) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()
 
@@ -75,6 +78,9 @@ def build_record(
 def check_record(record: dict[str, Any], *, config: GMTConfig, names: list[str], world_size: int, global_step: int) -> None:
     """A ``ValueError`` naming the field when the checkpoint does not belong to this run's setup."""
     where = f"the GMT state of checkpoint-{global_step} (trainer_state.json)"
+    missing = [k for k in _RECORD_FIELDS if k not in record] if isinstance(record, dict) else list(_RECORD_FIELDS)
+    if missing:
+        raise StateFileError(f"{where} lacks {missing}: it is damaged or was edited; resume from another checkpoint")
     if record.get("format") != FORMAT:
         raise StateFileError(f"{where} has format {record.get('format')!r}; this gmt_plugins reads format {FORMAT}")
     saved, current = record.get("config", {}), config.to_dict()
