@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("transformers")
 
 from gmt_plugins import GMTCallback  # noqa: E402
-from gmt_plugins.plugins import get_plugin_manager, strategy_registry  # noqa: E402
+from gmt_plugins.plugins import strategy_registry  # noqa: E402
 from tiny_trainer import OPTIONS, params, tiny_trainer  # noqa: E402
 
 STRATEGIES = ["gmt", "random", "hft", "sift", "id3", "lift", "spt", "lisa", "ist", "gmt_momentum"]
@@ -40,8 +40,8 @@ def assert_same_state(expected, got, path="state"):
         assert expected == got, path
 
 
-def test_the_list_covers_every_built_in_strategy():
-    assert sorted(STRATEGIES) == sorted(strategy_registry(get_plugin_manager()).names())
+def test_the_list_covers_every_built_in_strategy(pm):
+    assert sorted(STRATEGIES) == sorted(strategy_registry(pm).names())
 
 
 @pytest.fixture(scope="module")

@@ -60,7 +60,7 @@ def build_record(
         "parameters": {"count": len(names), "sha256": parameter_digest(names)},
         "world_size": world_size,
         "sharded": sharded,
-        "folder": os.path.abspath(folder),
+        "folder": folder,  # as the Trainer names it (relative if output_dir is), like best_model_checkpoint
         "state": None,
         "tensors": None,
     }
