@@ -8,6 +8,7 @@ from collections.abc import Callable, Hashable
 import torch
 
 from gmt_plugins import native
+from gmt_plugins.layout import flat_view
 from gmt_plugins.selection import iter_chunks
 
 
@@ -78,6 +79,7 @@ class MaskedEntryGuard:
 
 
 def _flat_data(param: torch.Tensor) -> torch.Tensor:
-    if not param.is_contiguous():
-        raise ValueError("strict mode needs contiguous parameters")
-    return param.detach().view(-1)
+    flat = flat_view(param.detach())  # memory order, as the gradient's flat view (the masker checks the strides match)
+    if flat is None:
+        raise ValueError("strict mode needs parameters whose entries form one dense block")
+    return flat
