@@ -280,3 +280,15 @@ def test_list_leaves_the_environment_unchanged():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"  # nor does it import the job or trl
+
+
+def test_the_example_yaml_parses_and_flags_override_it():
+    from pathlib import Path
+
+    from gmt_plugins.finetune.run import Job
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "finetune_config.yaml"
+    job = Job.from_argv(["--config", str(example), "--max_steps", "3"])
+    assert job.script.methods == ["sft", "gmt", "random"] and job.training.max_steps == 3
+    assert job.gmt.exclude == ["embed_tokens"] and job.training.lr_scheduler_type == "cosine"
+    assert job.model.lora_target_modules == "all-linear" and job.training.output_dir == "runs/from-yaml"
