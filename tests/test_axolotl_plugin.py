@@ -99,7 +99,7 @@ def test_a_bad_value_fails_axolotl_validation_naming_the_key(plugin_manager, yam
     assert key in str(info.value)
 
 
-def test_the_trainer_gets_a_gmt_callback_configured_from_yaml(plugin_manager):
+def test_the_trainer_gets_a_gmt_callback_configured_from_yaml(plugin_manager, tmp_path):
     from transformers import Trainer, TrainingArguments
 
     from gmt_plugins.finetune.data import PadCollator, build_dataset
@@ -108,7 +108,7 @@ def test_the_trainer_gets_a_gmt_callback_configured_from_yaml(plugin_manager):
     cfg = validated("gmt_mask_ratio: 0.3\ngmt_scope: global\ngmt_mask_seed: 3\ngmt_exclude: ['embed_tokens']\n")
     tok = tiny_tokenizer()
     rows = [{"text": " ".join(WORDS[i % 9 : i % 9 + 7])} for i in range(8)]
-    args = TrainingArguments(output_dir="unused", max_steps=2, per_device_train_batch_size=2, **cpu_args(remove_unused_columns=False))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, **cpu_args(remove_unused_columns=False))
     trainer = Trainer(model=tiny_llama(), args=args, train_dataset=build_dataset(rows, tok, 32), data_collator=PadCollator(tok.pad_token_id))
     callbacks = plugin_manager.add_callbacks_post_trainer(cfg, trainer)  # what Axolotl's trainer builder calls
     assert [type(c) for c in callbacks] == [GMTCallback]

@@ -90,6 +90,8 @@ def test_wrong_columns(capsys, tmp_path, tiny_model_dir):
         (["--per_device_train_batch_size", "0"], "per_device_train_batch_size must be at least 1"),
         (["--lora_learning_rate", "0"], "lora_learning_rate must be positive"),
         (["--packing"], "packing=True is not supported by gmt-plugins finetune"),
+        (["--lora_task_type", "SEQ_CLS"], "lora_task_type must be 'CAUSAL_LM'"),
+        (["--eval_strategy", "steps", "--eval_size", "0"], "eval_strategy='steps' needs held-out examples"),
         (["--model_revision", "v2"], "model_revision='v2' is not supported"),
         (["--no_such_flag", "1"], "not used by the HfArgumentParser: ['--no_such_flag', '1']"),
         (["--config"], "argument --config: expected one argument"),

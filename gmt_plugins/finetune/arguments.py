@@ -210,6 +210,10 @@ def validate(script: FinetuneArguments, training: Any, gmt: Any, model: Any) -> 
         raise FinetuneError(f"learning_rate must be positive, got {training.learning_rate}")
     if model.lora_r < 1:
         raise FinetuneError(f"lora_r must be at least 1, got {model.lora_r}")
+    if model.lora_task_type != "CAUSAL_LM":
+        raise FinetuneError(f"lora_task_type must be 'CAUSAL_LM' (the job trains causal LMs), got {model.lora_task_type!r}")
+    if training.eval_strategy != "no" and script.eval_size == 0:
+        raise FinetuneError(f"eval_strategy={training.eval_strategy.value!r} needs held-out examples; eval_size is 0")
     if model.model_name_or_path is not None:
         folder = Path(model.model_name_or_path)
         if not folder.is_dir():

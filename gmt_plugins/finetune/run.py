@@ -72,7 +72,7 @@ def _run(job: Job) -> dict[str, Any]:
 
     from gmt_plugins.finetune.data import build_dataset, ensure_pad_token, load_rows
     from gmt_plugins.finetune.evaluate import exact_match, heldout_answer_loss
-    from gmt_plugins.finetune.report import format_table, plot_results, write_results
+    from gmt_plugins.finetune.report import format_table, jsonable, plot_results, write_results
     from gmt_plugins.finetune.training import load_model, resolve_model_dir, train_method
 
     script, training = job.script, job.training
@@ -115,4 +115,4 @@ def _run(job: Job) -> dict[str, Any]:
         png = plot_results(results, out / "loss_curves.png", title=f"{model_dir.name}: {', '.join(script.methods)}")
         print(f"wrote {out / 'results.json'} and {png}")
         payload["plot"] = str(png)
-    return payload
+    return jsonable(payload)
