@@ -17,8 +17,8 @@ gmt-plugins finetune --methods sft gmt-tensor gmt-global random lora --max_steps
 # 3. GMT on LoRA adapters (every method trains adapters), with exact match of the '#### answer' on 16 problems.
 gmt-plugins finetune --use_peft --methods sft gmt --exact_match 16 --output_dir runs/lora
 
-# 4. A YAML file (examples/finetune_config.yaml); flags after it override its values.
-gmt-plugins finetune --config finetune_config.yaml --max_steps 10
+# 4. A YAML file; flags after it override its values. (Run this script from the repository root.)
+gmt-plugins finetune --config examples/finetune_config.yaml --max_steps 10
 
 # 5. Your own model folder and JSONL (question/answer, prompt/completion or text columns).
 # gmt-plugins finetune --model_name_or_path path/to/hf-model --dataset_path my.jsonl \

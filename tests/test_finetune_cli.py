@@ -294,3 +294,32 @@ def test_the_example_yaml_parses_and_flags_override_it():
     assert job.script.methods == ["sft", "gmt", "random"] and job.training.max_steps == 3
     assert job.gmt.exclude == ["embed_tokens"] and job.training.lr_scheduler_type == "cosine"
     assert job.model.lora_target_modules == "all-linear" and job.training.output_dir == "runs/from-yaml"
+
+
+def documented_commands() -> list[list[str]]:
+    """Every ``gmt-plugins finetune ...`` command line in examples/finetune_cli.sh and the README."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "examples" / "finetune_cli.sh").read_text() + (root / "README.md").read_text()
+    text = re.sub(r"\\\n#?\s*", " ", text)  # join continuation lines
+    commands = []
+    for line in text.splitlines():
+        match = re.match(r"\s*#?\s*gmt-plugins finetune (.*)", line)
+        if match:
+            commands.append(shlex.split(match.group(1).split(" #")[0]))
+    return commands
+
+
+def test_documented_command_lines_parse(monkeypatch):
+    from pathlib import Path
+
+    from gmt_plugins.finetune.run import Job
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the commands run from the repository root
+    commands = documented_commands()
+    assert len(commands) >= 6, commands
+    for argv in commands:
+        Job.from_argv(argv)  # raises FinetuneError naming the field if a documented flag is wrong
