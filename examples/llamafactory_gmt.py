@@ -11,8 +11,8 @@ config, takes the ``gmt_*`` keys out (LLaMA-Factory rejects keys it does not kno
     python examples/llamafactory_gmt.py my_config.yaml gmt_mask_ratio=0.3 learning_rate=1.0e-5   # key=value overrides
 
 Needs ``pip install llamafactory`` in an environment whose transformers/trl/peft versions LLaMA-Factory
-supports (0.9.5 pins transformers<=5.6.0, trl<=0.24.0, peft<=0.18.1); see the README's LLaMA-Factory
-section for what was checked.
+supports (0.9.5 pins transformers<=5.6.0, trl<=0.24.0, peft<=0.18.1, and imports torchaudio); see the
+README's LLaMA-Factory section for what was checked. Not run against LLaMA-Factory in this project.
 """
 
 from __future__ import annotations
