@@ -34,14 +34,15 @@ METHODS = ["sft", "gmt-tensor", "gmt-global", "random", "lora"]
 
 
 def part_a(args: argparse.Namespace) -> dict:
-    from gmt_plugins.finetune.run import FinetuneSettings, run
+    from gmt_plugins.finetune.run import Job, run
 
-    settings = FinetuneSettings(
-        methods=args.methods, steps=args.llm_steps, max_length=args.llm_max_length, batch_size=1, grad_accum=args.llm_grad_accum,
-        eval_size=args.llm_eval_size, mask_ratio=args.mask_ratio, seed=0, output_dir=str(Path(args.work_dir) / "smollm2-gsm8k"),
-        progress=not args.no_progress,
-    )
-    return run(settings)
+    job = Job.from_argv([
+        "--methods", *args.methods, "--max_steps", str(args.llm_steps), "--max_length", str(args.llm_max_length),
+        "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", str(args.llm_grad_accum),
+        "--eval_size", str(args.llm_eval_size), "--mask_ratio", str(args.mask_ratio), "--seed", "0",
+        "--output_dir", str(Path(args.work_dir) / "smollm2-gsm8k"), "--disable_tqdm", str(bool(args.no_progress)),
+    ])
+    return run(job)
 
 
 # -- (b) MiniLM + movie-review sentiment ------------------------------------------------------------
@@ -74,7 +75,7 @@ def train_classifier(method: str, seed: int, args: argparse.Namespace, train, he
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
     from transformers.trainer_callback import PrinterCallback
 
-    from gmt_plugins.finetune.run import METHODS as SPECS
+    from gmt_plugins.finetune.arguments import METHODS as SPECS
 
     overrides, lora = SPECS[method]
     set_seed(seed)

@@ -1,12 +1,19 @@
-"""``gmt-plugins``: inspect the plugin system."""
+"""``gmt-plugins``: inspect the plugin system (``list``) and run the fine-tuning job (``finetune``)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import types
 from collections.abc import Sequence
 
 from gmt_plugins.plugins import get_plugin_manager, strategy_registry
+
+PROG_ERROR_STATUS = 2
+
+
+def one_line_error(self: argparse.ArgumentParser, message: str) -> None:
+    self.exit(PROG_ERROR_STATUS, f"{self.prog}: error: {message}\n")
 
 
 def list_plugins() -> str:
@@ -24,21 +31,23 @@ def list_plugins() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import types
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["finetune"]:
+        # Its own TrlParser (every SFTConfig/GMTConfig/ModelConfig field, --config); imported only here.
+        from gmt_plugins.finetune.cli import main as finetune_main
 
-    from gmt_plugins.finetune.cli import one_line_error
-
+        return finetune_main(args[1:])
     parser = argparse.ArgumentParser(prog="gmt-plugins", description="Gradient-Mask Tuning for the Hugging Face stack")
     parser.error = types.MethodType(one_line_error, parser)  # one line on stderr, exit 2, like the subcommands
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="registered strategies, loaded plugins and the hooks each implements")
-    from gmt_plugins.finetune.cli import add_finetune_parser, run_finetune
-
-    add_finetune_parser(sub)
-    args = parser.parse_args(argv)
-    if args.command == "finetune":
-        return run_finetune(args)
-    if args.command == "list":
+    sub.add_parser(
+        "finetune", add_help=False,
+        help="plain SFT vs Gradient-Mask Tuning side by side (default: SmolLM2-135M on GSM8K, CPU, minutes); "
+        "see gmt-plugins finetune --help",
+    )
+    parsed = parser.parse_args(args)
+    if parsed.command == "list":
         print(list_plugins())
     return 0
 

