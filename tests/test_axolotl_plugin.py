@@ -116,6 +116,8 @@ def test_the_trainer_gets_a_gmt_callback_configured_from_yaml(plugin_manager, tm
     assert callback.config == GMTConfig(mask_ratio=0.3, scope="global", mask_seed=3, exclude=["embed_tokens"])
     for c in callbacks:
         trainer.add_callback(c)
+    plugin_manager.post_trainer_create(cfg, trainer)  # what axolotl.train calls next: GMT goes before the reporters
+    assert trainer.callback_handler.callbacks[0] is callback and callback.before_reporters
     trainer.train()
     fractions = [h["gmt/masked_fraction"] for h in trainer.state.log_history if "gmt/masked_fraction" in h]
     assert len(fractions) == 2 and all(f == pytest.approx(0.3, abs=1e-3) for f in fractions)

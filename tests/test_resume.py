@@ -18,7 +18,7 @@ from gmt_plugins import GMTCallback  # noqa: E402
 from gmt_plugins.plugins import strategy_registry  # noqa: E402
 from tiny_trainer import OPTIONS, params, tiny_trainer  # noqa: E402
 
-STRATEGIES = ["gmt", "random", "hft", "sift", "id3", "lift", "spt", "lisa", "ist", "gmt_momentum"]
+STRATEGIES = ["gmt", "random", "hft", "sift", "id3", "lift", "spt", "lisa", "ist", "gmt_momentum", "sara", "dsee", "spiel", "lt_sft"]
 
 
 def callback(strategy: str) -> GMTCallback:

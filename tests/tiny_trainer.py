@@ -13,6 +13,10 @@ OPTIONS = {
     "ist": {"interval": 1},
     "lift": {"interval": 2, "rank": 2},
     "lisa": {"interval": 1, "active_layers": 1},
+    "sara": {"interval": 1, "fraction": 0.2},
+    "spiel": {"update_interval": 1, "density": 0.3},
+    "lt_sft": {"full_steps": 3, "density": 0.3},  # the reset to pretrained values happens after the resume
+    "dsee": {"rank": 2, "density": 0.3},
 }
 """Strategy options that make every strategy change its state within a 4-step run."""
 

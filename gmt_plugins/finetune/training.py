@@ -115,6 +115,10 @@ def train_method(method: str, job: Any, model_dir: Path, tokenizer: Any, train_d
         trainer.add_callback(quiet_progress_callback())
     else:
         trainer.remove_callback(PrinterCallback)  # it would print every per-tensor key of every step
+    if gmt is not None:  # --report_to tensorboard etc. then receives the gmt/* statistics too
+        from gmt_plugins import place_before_reporters
+
+        place_before_reporters(trainer)
     describe = "plain SFT" if gmt is None else f"strategy={gmt.strategy} mask_ratio={gmt.mask_ratio} scope={gmt.scope}"
     steps = f"{args.max_steps} steps" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs"
     print(f"== {method}: {describe}{' + LoRA' if lora else ''}, lr={lr:g}, {steps} "

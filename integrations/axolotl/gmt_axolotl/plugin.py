@@ -25,7 +25,8 @@ class GMTPlugin(BasePlugin):
         gmt_scope: tensor
 
     The callback is added once the trainer exists (``add_callbacks_post_trainer``, as Axolotl's
-    Grokfast plugin does); ``gmt_enabled: false`` leaves it out.
+    Grokfast plugin does), then moved before the ``report_to`` callbacks (``post_trainer_create``)
+    so that ``gmt/*`` statistics reach TensorBoard or W&B; ``gmt_enabled: false`` leaves it out.
     """
 
     def get_input_args(self) -> str:
@@ -45,3 +46,11 @@ class GMTPlugin(BasePlugin):
     def add_callbacks_post_trainer(self, cfg: Any, trainer: Any) -> list[Any]:
         callback = self.build_callback(cfg)
         return [] if callback is None else [callback]
+
+    def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
+        """Axolotl calls this after the trainer builder added the post-trainer callbacks."""
+        from gmt_plugins import GMTCallback
+        from gmt_plugins.integrations.transformers import place_before_reporters
+
+        if any(isinstance(cb, GMTCallback) for cb in trainer.callback_handler.callbacks):
+            place_before_reporters(trainer)
