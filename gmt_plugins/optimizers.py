@@ -1,14 +1,10 @@
-"""What an optimizer does to an entry whose gradient was zeroed."""
+"""What an optimizer does to an entry whose gradient was zeroed (``inspect_optimizer`` asks the plugins:
+it lives in :mod:`gmt_plugins.plugins`, which owns the plugin manager)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    import pluggy
-
-    from gmt_plugins.config import GMTConfig
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -33,13 +29,3 @@ def unwrap_optimizer(optimizer: Any) -> Any:
             break
         optimizer = inner
     return optimizer
-
-
-def inspect_optimizer(
-    optimizer: Any, config: GMTConfig, *, plugin_manager: pluggy.PluginManager | None = None
-) -> OptimizerInfo:
-    from gmt_plugins.plugins import get_plugin_manager
-
-    pm = plugin_manager or get_plugin_manager()
-    info = pm.hook.gmt_inspect_optimizer(optimizer=unwrap_optimizer(optimizer), config=config)
-    return info if info is not None else OptimizerInfo(family=type(optimizer).__name__, moves_masked_entries=True, reasons=("unknown optimizer",))

@@ -6,11 +6,16 @@ import importlib
 import os
 import weakref
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from gmt_plugins import hookspecs
+from gmt_plugins.optimizers import OptimizerInfo, unwrap_optimizer
 from gmt_plugins.registry import StrategyRegistry
+
+if TYPE_CHECKING:
+    from gmt_plugins.config import GMTConfig
 
 ENTRY_POINT_GROUP = "gmt_plugins"
 BLOCK_ENV = "GMT_PLUGINS_BLOCK"
@@ -87,3 +92,11 @@ def strategy_registry(pm: pluggy.PluginManager | None = None) -> StrategyRegistr
         pm.hook.gmt_register_strategies(register=registry)
         _registries[pm] = registry
     return registry
+
+
+def inspect_optimizer(optimizer: Any, config: GMTConfig, *, plugin_manager: pluggy.PluginManager | None = None) -> OptimizerInfo:
+    """What ``optimizer`` (accelerate wrappers removed) does to masked entries: the first plugin that
+    recognises it answers (``gmt_inspect_optimizer``); an optimizer none recognises is assumed to move them."""
+    pm = plugin_manager or get_plugin_manager()
+    info = pm.hook.gmt_inspect_optimizer(optimizer=unwrap_optimizer(optimizer), config=config)
+    return info if info is not None else OptimizerInfo(family=type(optimizer).__name__, moves_masked_entries=True, reasons=("unknown optimizer",))

@@ -83,7 +83,7 @@ def test_yaml_values_pass_axolotl_validation_normalised(plugin_manager):
         ("gmt_mask_ratio: abc\n", "gmt_mask_ratio", "gmt_mask_ratio must be a number in [0, 1), got 'abc'"),
         ("gmt_scope: layer\n", "gmt_scope", "gmt_scope must be one of ('tensor', 'global'), got 'layer'"),
         ("gmt_strict: maybe\n", "gmt_strict", "valid boolean"),
-        ("gmt_strategy: nosuch\n", "gmt_strategy", "unknown strategy 'nosuch'; registered strategies: gmt"),
+        ("gmt_strategy: nosuch\n", "gmt_strategy", "unknown strategy 'nosuch'; registered strategies: dsee, gmt"),
         ("gmt_strategy_options: '{oops'\n", "gmt_strategy_options", "strategy_options must be a JSON object"),
         ("gmt_mask_seed: -1\n", "gmt_mask_seed", "gmt_mask_seed must be a non-negative integer"),
         ("gmt_include: ['(']\n", "gmt_include", "is not a valid regular expression"),

@@ -167,7 +167,7 @@ def test_gmt_select_parameters_default_and_include_exclude(pm):
 
 
 def test_gmt_inspect_optimizer(pm):
-    from gmt_plugins.optimizers import inspect_optimizer
+    from gmt_plugins.plugins import inspect_optimizer
 
     p = [torch.nn.Parameter(torch.zeros(2))]
     config = GMTConfig()

@@ -20,8 +20,8 @@ from gmt_plugins.integrations.checkpoint import (
     rank_stem,
 )
 from gmt_plugins.masker import GradientMasker
-from gmt_plugins.optimizers import OptimizerInfo, inspect_optimizer
-from gmt_plugins.plugins import get_plugin_manager, strategy_registry
+from gmt_plugins.optimizers import OptimizerInfo
+from gmt_plugins.plugins import get_plugin_manager, inspect_optimizer, strategy_registry
 from gmt_plugins.state_io import STEM, has_state, load_state, save_state
 from gmt_plugins.stats import MaskStats
 
