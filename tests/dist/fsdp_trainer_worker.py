@@ -38,7 +38,7 @@ from tiny import cpu_args  # noqa: E402
 SHAPES = {"blocks.0.w": (96, 64), "blocks.0.b": (7,), "blocks.1.w": (33, 5), "blocks.1.v": (1, 3), "head": (13, 3)}
 STEPS = 2
 
-# name, fsdp_version, fsdp_config extras, GMTCallback overrides, expected outcome
+# name, fsdp_version, fsdp_config extras, GMTCallback overrides[, SGD weight decay]
 CASES = [
     ("fsdp2_tensor", 2, {}, dict(strategy="gmt", scope="tensor", mask_ratio=0.3, chunk_numel=1024)),
     ("fsdp2_global", 2, {}, dict(strategy="gmt", scope="global", mask_ratio=0.45, chunk_numel=1024)),
@@ -47,7 +47,11 @@ CASES = [
     ("fsdp1_flat_tensor", 1, {"use_orig_params": False}, dict(strategy="gmt", scope="tensor", mask_ratio=0.3, chunk_numel=1024)),
     ("fsdp1_flat_global", 1, {"use_orig_params": False}, dict(strategy="gmt", scope="global", mask_ratio=0.45, chunk_numel=1024)),
     ("fsdp1_random_global", 1, {"use_orig_params": True}, dict(strategy="random", scope="global", mask_ratio=0.3, mask_seed=3, chunk_numel=1024)),
+    # weight decay would move entries masked at step 1 but not at step 0 (random masks change with
+    # the step); strict mode must hold them
+    ("fsdp1_flat_strict", 1, {"use_orig_params": False}, dict(strategy="random", scope="tensor", mask_ratio=0.3, mask_seed=1, strict=True), 0.5),
 ]
+WEIGHT_DECAY = 0.0
 REFUSAL = ("fsdp1_hft", 1, {"use_orig_params": True}, dict(strategy="hft", mask_ratio=0.3))
 
 
@@ -129,7 +133,7 @@ def fake_gpu_state(version: int) -> None:
         PartialState._shared_state["device"] = torch.device("cpu")
 
 
-def run_case(out: str, name: str, version: int, extra: dict, overrides: dict) -> None:
+def run_case(out: str, name: str, version: int, extra: dict, overrides: dict, weight_decay: float = WEIGHT_DECAY) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp._flat_param import FlatParameter
 
@@ -140,7 +144,7 @@ def run_case(out: str, name: str, version: int, extra: dict, overrides: dict) ->
     args = TrainingArguments(
         output_dir=os.path.join(out, name),
         **cpu_args(max_steps=STEPS, per_device_train_batch_size=1, learning_rate=1.0, lr_scheduler_type="constant",
-                   optim="sgd", weight_decay=0.0, max_grad_norm=0.0, logging_steps=1, ddp_backend="gloo"),
+                   optim="sgd", weight_decay=weight_decay, max_grad_norm=0.0, logging_steps=1, ddp_backend="gloo"),
         fsdp="full_shard", fsdp_config=fsdp_config,
     )
     args.distributed_state  # TrainingArguments resets accelerate's state: fake the GPU after it
@@ -151,7 +155,6 @@ def run_case(out: str, name: str, version: int, extra: dict, overrides: dict) ->
     callback = GMTCallback(**overrides)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback, recorder])
     error = None
-    initial = None
     try:
         trainer.train()
     except ValueError as err:
@@ -172,7 +175,7 @@ def run_case(out: str, name: str, version: int, extra: dict, overrides: dict) ->
     }
     torch.save(record, os.path.join(out, f"{name}.rank{rank}.pt"))
     if rank == 0:
-        torch.save({"steps": recorder.steps, "initial": initial}, os.path.join(out, f"{name}.pt"))
+        torch.save({"steps": recorder.steps}, os.path.join(out, f"{name}.pt"))
     dist.barrier()
 
 
