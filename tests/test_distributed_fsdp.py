@@ -69,9 +69,9 @@ def expected_parameters(names: list[str], overrides: dict, weight_decay: float, 
 
 @pytest.mark.parametrize("case", [c[0] for c in cases()])
 def test_trainer_masks_equal_single_process_and_reference(trainer_run, case):
-    from fsdp_trainer_worker import STEPS, WEIGHT_DECAY
+    from fsdp_trainer_worker import STEPS
 
-    _, version, _, overrides, *decay = next(c for c in cases() if c[0] == case)
+    _, version, _, overrides, *train = next(c for c in cases() if c[0] == case)
     ranks = [load(trainer_run / f"{case}.rank{r}.pt") for r in (0, 1)]
     for r in ranks:
         assert r["error"] is None
@@ -83,7 +83,7 @@ def test_trainer_masks_equal_single_process_and_reference(trainer_run, case):
     names = ranks[0]["names"]
     assert ranks[1]["names"] == names and "blocks.0.w" in names  # original names, in the same order on both ranks
     trained = load(trainer_run / f"{case}.pt")["steps"]
-    expected, masked = expected_parameters(names, overrides, decay[0] if decay else WEIGHT_DECAY, STEPS)
+    expected, masked = expected_parameters(names, overrides, train[0].get("weight_decay", 0.0) if train else 0.0, STEPS)
     assert len(trained) == STEPS
     for step, (got, want) in enumerate(zip(trained, expected)):
         assert_same(got, want, f"{case} step {step}")

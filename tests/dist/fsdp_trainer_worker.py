@@ -38,20 +38,22 @@ from tiny import cpu_args  # noqa: E402
 SHAPES = {"blocks.0.w": (96, 64), "blocks.0.b": (7,), "blocks.1.w": (33, 5), "blocks.1.v": (1, 3), "head": (13, 3)}
 STEPS = 2
 
-# name, fsdp_version, fsdp_config extras, GMTCallback overrides[, SGD weight decay]
+# name, fsdp_version, fsdp_config extras, GMTCallback overrides[, TrainingArguments overrides]
 CASES = [
     ("fsdp2_tensor", 2, {}, dict(strategy="gmt", scope="tensor", mask_ratio=0.3, chunk_numel=1024)),
     ("fsdp2_global", 2, {}, dict(strategy="gmt", scope="global", mask_ratio=0.45, chunk_numel=1024)),
     ("fsdp1_orig_tensor", 1, {"use_orig_params": True}, dict(strategy="gmt", scope="tensor", mask_ratio=0.3, chunk_numel=1024)),
-    ("fsdp1_orig_global", 1, {"use_orig_params": True}, dict(strategy="gmt", scope="global", mask_ratio=0.45, chunk_numel=1024)),
+    # accumulation: FSDP1 holds unsharded gradients between micro-batches (no_sync) and reduces at the last
+    ("fsdp1_orig_global", 1, {"use_orig_params": True}, dict(strategy="gmt", scope="global", mask_ratio=0.45, chunk_numel=1024),
+     dict(gradient_accumulation_steps=2)),
     ("fsdp1_flat_tensor", 1, {"use_orig_params": False}, dict(strategy="gmt", scope="tensor", mask_ratio=0.3, chunk_numel=1024)),
     ("fsdp1_flat_global", 1, {"use_orig_params": False}, dict(strategy="gmt", scope="global", mask_ratio=0.45, chunk_numel=1024)),
     ("fsdp1_random_global", 1, {"use_orig_params": True}, dict(strategy="random", scope="global", mask_ratio=0.3, mask_seed=3, chunk_numel=1024)),
     # weight decay would move entries masked at step 1 but not at step 0 (random masks change with
     # the step); strict mode must hold them
-    ("fsdp1_flat_strict", 1, {"use_orig_params": False}, dict(strategy="random", scope="tensor", mask_ratio=0.3, mask_seed=1, strict=True), 0.5),
+    ("fsdp1_flat_strict", 1, {"use_orig_params": False}, dict(strategy="random", scope="tensor", mask_ratio=0.3, mask_seed=1, strict=True),
+     dict(weight_decay=0.5)),
 ]
-WEIGHT_DECAY = 0.0
 REFUSAL = ("fsdp1_hft", 1, {"use_orig_params": True}, dict(strategy="hft", mask_ratio=0.3))
 
 
@@ -133,7 +135,7 @@ def fake_gpu_state(version: int) -> None:
         PartialState._shared_state["device"] = torch.device("cpu")
 
 
-def run_case(out: str, name: str, version: int, extra: dict, overrides: dict, weight_decay: float = WEIGHT_DECAY) -> None:
+def run_case(out: str, name: str, version: int, extra: dict, overrides: dict, train: dict | None = None) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp._flat_param import FlatParameter
 
@@ -141,10 +143,11 @@ def run_case(out: str, name: str, version: int, extra: dict, overrides: dict, we
     fsdp_config = {"fsdp_version": version, "transformer_layer_cls_to_wrap": ["Block"], **extra}
     if version == 1:
         fsdp_config["sync_module_states"] = False
+    training = dict(max_steps=STEPS, per_device_train_batch_size=1, learning_rate=1.0, lr_scheduler_type="constant", optim="sgd",
+                    weight_decay=0.0, max_grad_norm=0.0, logging_steps=1, ddp_backend="gloo")
     args = TrainingArguments(
         output_dir=os.path.join(out, name),
-        **cpu_args(max_steps=STEPS, per_device_train_batch_size=1, learning_rate=1.0, lr_scheduler_type="constant",
-                   optim="sgd", weight_decay=weight_decay, max_grad_norm=0.0, logging_steps=1, ddp_backend="gloo"),
+        **cpu_args(**{**training, **(train or {})}),
         fsdp="full_shard", fsdp_config=fsdp_config,
     )
     args.distributed_state  # TrainingArguments resets accelerate's state: fake the GPU after it
