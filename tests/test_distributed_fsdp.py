@@ -101,3 +101,63 @@ def test_fsdp1_refuses_strategies_that_are_not_elementwise(trainer_run):
 def test_worker_case_names_are_unique():
     names = [c[0] for c in cases()]
     assert len(set(names)) == len(names) and (DIST / "fsdp_trainer_worker.py").exists()
+
+
+# --- global scope over parameters on several devices (device_map="auto", CPU offload) -----------
+
+
+def spread_gradients() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(11)
+    grads = {f"p{i}": (torch.randint(-6, 7, shape, generator=gen).double() / 4).float() for i, shape in enumerate([(40, 9), (7,), (3, 50), (1,), (129,)])}
+    grads["p0"].view(-1)[5] = float("nan")
+    grads["p2"].view(-1)[7] = float("inf")
+    grads["p4"][0] = float("-inf")
+    return grads
+
+
+@pytest.mark.parametrize("shift,base", [(16, None), (0, 0x3E800000)])
+def test_histogram_across_device_groups_equals_one_device(shift, base):
+    from gmt_plugins.keys import MagnitudeKeys
+    from gmt_plugins.selection import _histogram, histogram_across_devices
+
+    grads = list(spread_gradients().values())
+    source = MagnitudeKeys([g.dtype for g in grads])
+    flats = [(i, g.view(-1)) for i, g in enumerate(grads)]
+    counts_one, counts_split = [], []
+    one = _histogram(source, flats, shift=shift, base=base, chunk_numel=1024, nonfinite=counts_one)
+    # three "devices": the flats interleave, so the sum must put the non-finite counts back in order
+    split = histogram_across_devices(source, flats, shift=shift, base=base, chunk_numel=1024, nonfinite=counts_split,
+                                     device_of=lambda flat: flat.numel() % 3)
+    assert torch.equal(one, split) and int(one.sum()) > 0
+    if base is None:
+        assert counts_split == counts_one == [1, 0, 1, 0, 1]
+
+
+def test_global_scope_over_device_groups_equals_reference(monkeypatch):
+    import functools
+
+    import gmt_plugins.selection as selection
+
+    grouped = functools.partial(selection.histogram_across_devices, device_of=lambda flat: flat.numel() % 2)
+    monkeypatch.setattr(selection, "histogram_across_devices", grouped)
+    grads = spread_gradients()
+    params = [(n, torch.nn.Parameter(torch.zeros_like(g))) for n, g in grads.items()]
+    for n, p in params:
+        p.grad = grads[n].clone()
+    stats = GradientMasker(params, scope="global", mask_ratio=0.4, chunk_numel=1024).apply()
+    expected = reference_apply(list(grads.values()), reference_masks(list(grads.values()), 0.4, "global"))
+    assert_same({n: p.grad for n, p in params}, dict(zip(grads, expected)), "grouped global scope")
+    assert stats.nonfinite == 3 and stats.masked > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: parameters split between the CPU and the GPU")
+def test_global_scope_over_cpu_and_cuda_equals_reference():
+    grads = spread_gradients()
+    devices = ["cuda", "cpu", "cuda", "cpu", "cpu"]  # as CPU offload or device_map="auto" leaves them
+    params = [(n, torch.nn.Parameter(torch.zeros_like(g, device=d))) for (n, g), d in zip(grads.items(), devices)]
+    for (n, p), d in zip(params, devices):
+        p.grad = grads[n].clone().to(d)
+    GradientMasker(params, scope="global", mask_ratio=0.4, chunk_numel=1024).apply()
+    expected = reference_apply(list(grads.values()), reference_masks(list(grads.values()), 0.4, "global"))
+    assert_same({n: p.grad.cpu() for n, p in params}, dict(zip(grads, expected)), "CPU + CUDA global scope")
