@@ -98,6 +98,12 @@ def test_fsdp1_refuses_strategies_that_are_not_elementwise(trainer_run):
         assert message is not None and "'hft'" in message and "FSDP1" in message and "sharded" in message
 
 
+def test_fsdp1_named_flat_parameters_are_refused(trainer_run):
+    for r in (0, 1):
+        message = load(trainer_run / f"named_flat.rank{r}.pt")
+        assert message is not None and "FlatParameter" in message and "fsdp_version" in message
+
+
 def test_worker_case_names_are_unique():
     names = [c[0] for c in cases()]
     assert len(set(names)) == len(names) and (DIST / "fsdp_trainer_worker.py").exists()

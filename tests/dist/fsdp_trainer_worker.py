@@ -182,6 +182,22 @@ def run_case(out: str, name: str, version: int, extra: dict, overrides: dict, tr
     dist.barrier()
 
 
+def run_named_flat_parameters(out: str) -> None:
+    """Plain loop: named FSDP1 flat parameters (no model) cannot be split into original parameters."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from gmt_plugins import GradientMasker
+
+    model = FSDP(KnownGradient(), use_orig_params=False, auto_wrap_policy=ModuleWrapPolicy({Block}), device_id=torch.device("cpu"))
+    try:
+        GradientMasker(list(model.named_parameters()), mask_ratio=0.3)
+        message = None
+    except ValueError as err:
+        message = str(err)
+    torch.save(message, os.path.join(out, f"named_flat.rank{dist.get_rank()}.pt"))
+
+
 def main() -> None:
     out = sys.argv[1]
     dist.init_process_group("gloo")
@@ -189,6 +205,8 @@ def main() -> None:
     for case in CASES + [REFUSAL]:
         if only is None or case[0] in only:
             run_case(out, *case)
+    if only is None:
+        run_named_flat_parameters(out)
     dist.destroy_process_group()
 
 
