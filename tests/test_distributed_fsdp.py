@@ -167,3 +167,11 @@ def test_global_scope_over_cpu_and_cuda_equals_reference():
     GradientMasker(params, scope="global", mask_ratio=0.4, chunk_numel=1024).apply()
     expected = reference_apply(list(grads.values()), reference_masks(list(grads.values()), 0.4, "global"))
     assert_same({n: p.grad.cpu() for n, p in params}, dict(zip(grads, expected)), "CPU + CUDA global scope")
+
+
+def test_fsdp2_accelerate_config_selects_fsdp2():
+    pytest.importorskip("accelerate")
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(DIST.parent.parent / "examples" / "accelerate_configs" / "fsdp2.yaml"))
+    assert config.distributed_type == "FSDP" and config.fsdp_config["fsdp_version"] == 2
