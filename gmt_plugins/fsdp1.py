@@ -49,14 +49,6 @@ class FlatSlice:
     group: Any
     """The process group over which the flat parameter is sharded; ``None`` for ``NO_SHARD``."""
 
-    @property
-    def shape(self) -> torch.Size:
-        return self.flat_param._shapes[self.index]
-
-    @property
-    def requires_grad(self) -> bool:
-        return self.flat_param.requires_grad
-
     def numel(self) -> int:
         """Entries of the full original parameter."""
         return int(self.flat_param._numels[self.index])

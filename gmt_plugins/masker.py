@@ -71,7 +71,7 @@ class GradientMasker:
         """Whether the last ``apply`` saw FSDP2 shards: the strategy's state is then per rank."""
         self._guard = MaskedEntryGuard(chunk_numel=self.config.chunk_numel) if self.config.strict else None
 
-    def _select(self, source: torch.nn.Module | NamedParameters) -> list[tuple[str, torch.nn.Parameter]]:
+    def _select(self, source: torch.nn.Module | NamedParameters) -> list[tuple[str, torch.nn.Parameter | fsdp1.FlatSlice]]:
         if isinstance(source, torch.nn.Module):
             layout = fsdp1.Layout.of(source)  # before unwrapping: the root FSDP1 module holds parameters too
             model = unwrap_model(source)
