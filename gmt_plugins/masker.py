@@ -70,6 +70,8 @@ class GradientMasker:
         self.sharded = False
         """Whether the last ``apply`` saw FSDP2 shards: the strategy's state is then per rank."""
         self._guard = MaskedEntryGuard(chunk_numel=self.config.chunk_numel) if self.config.strict else None
+        self.partitioned_by: str | None = None
+        """Set by an integration that masks inside the optimizer step (``"DeepSpeed ZeRO"``)."""
 
     def _select(self, source: torch.nn.Module | NamedParameters) -> list[tuple[str, torch.nn.Parameter | fsdp1.FlatSlice]]:
         if isinstance(source, torch.nn.Module):
@@ -139,8 +141,36 @@ class GradientMasker:
         """Mask the gradients for the current optimizer step and return what was done."""
         if self._guard is not None and self._guard.pending:
             raise RuntimeError("restore_masked() was not called after the previous optimizer step (strict mode)")
+        if self.partitioned_by is not None:
+            raise RuntimeError(
+                f"this masker masks inside {self.partitioned_by}'s optimizer step, engine.step() (the gradients are gone by the time "
+                "apply() could run); read the statistics from the attached hook instead of calling apply()"
+            )
         entries, without_grad, reducer = self._entries()
+        return self._apply(entries, without_grad, reducer)
+
+    @torch.no_grad()
+    def apply_partitions(self, entries: list[GradEntry], without_grad: list[str], reducer: ShardReducer) -> MaskStats:
+        """Mask gradient partitions that an integration collected itself (DeepSpeed ZeRO's flat fp32
+        partitions, see :mod:`gmt_plugins.integrations.deepspeed`): every entry is a flat local slice
+        with its :class:`~gmt_plugins.distributed.ShardInfo`, and every rank of ``reducer``'s group
+        passes the same parameters in the same order (empty slices included)."""
+        if not self.strategy.supports_sharded_gradients:
+            raise ValueError(self.sharded_refusal("partitioned"))
+        return self._apply(entries, without_grad, reducer)
+
+    def sharded_refusal(self, how: str) -> str:
+        """The message that refuses a strategy whose plan is not exact on shards."""
+        return (
+            f"strategy {self.strategy.name!r} does not support {how} gradients: its masks depend on more than "
+            "elementwise keys of each shard. Use DDP, or a strategy with supports_sharded_gradients "
+            "(gmt, random, gmt_momentum)"
+        )
+
+    def _apply(self, entries: list[GradEntry], without_grad: list[str], reducer: ShardReducer | None) -> MaskStats:
         self.sharded = reducer is not None
+        # Parameter changes a strategy makes at a step boundary (resets) come before this step's plan.
+        self.strategy.on_step_boundary(self.parameters, step=self.step)
         if reducer is None:
             plan = self.strategy.plan(entries, step=self.step) if entries else MaskPlan([])
         else:

@@ -13,11 +13,10 @@ FUSED_UPDATE_OPTIMIZERS = ("lomo", "adalomo")
 
 @hookimpl
 def gmt_check_training_setup(args: Any, model: Any, optimizer: Any, config: GMTConfig) -> str | None:
-    if getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None) is not None:
-        return (
-            "DeepSpeed is not supported: its engine steps the optimizer inside backward, before "
-            "on_pre_optimizer_step, so there is no accumulated gradient left to mask"
-        )
+    from gmt_plugins.integrations.deepspeed import deepspeed_setup_problem, uses_deepspeed
+
+    if uses_deepspeed(args, optimizer):
+        return deepspeed_setup_problem(optimizer)
     optim = str(getattr(getattr(args, "optim", None), "value", getattr(args, "optim", "")) or "")
     if optim in FUSED_UPDATE_OPTIMIZERS:
         return f"optim={optim!r} fuses the update into backward (LOMO/AdaLomo): parameters change before any mask"

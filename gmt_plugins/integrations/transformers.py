@@ -111,6 +111,7 @@ class GMTCallback(TrainerCallback):
         self.last_stats = None
         self._window = LogWindow(per_tensor=self.config.log_per_tensor)
         self._handler_found = False
+        self._deepspeed = None
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -151,6 +152,7 @@ class GMTCallback(TrainerCallback):
         if model is None:
             raise ValueError("GMTCallback needs the model at train begin, but the Trainer passed none")
         self.masker = GradientMasker(model, self.config, plugin_manager=self.plugin_manager)
+        self._attach_deepspeed(args, state, optimizer)
         if optimizer is not None:
             self.optimizer_info = inspect_optimizer(optimizer, self.config, plugin_manager=self.plugin_manager)
             self._explain_optimizer(self.optimizer_info)
@@ -159,8 +161,18 @@ class GMTCallback(TrainerCallback):
         logger.info(
             "GMT: strategy=%s mask_ratio=%s scope=%s over %d tensors (%d entries)",
             self.config.strategy, self.config.mask_ratio, self.config.scope,
-            len(self.masker.parameters), sum(p.numel() for _, p in self.masker.parameters),
+            len(self.masker.parameters), sum(getattr(p, "ds_numel", p.numel()) for _, p in self.masker.parameters),  # ZeRO-3: data is partitioned
         )
+
+    def _attach_deepspeed(self, args: TrainingArguments, state: TrainerState, optimizer: Any) -> None:
+        """Under DeepSpeed ZeRO the mask runs inside ``engine.step()`` (see :mod:`gmt_plugins.integrations.deepspeed`)."""
+        from gmt_plugins.integrations.deepspeed import attach_deepspeed, uses_deepspeed
+
+        if self._deepspeed is not None:  # a second train() on the same callback: the new engine gets a new hook
+            self._deepspeed.detach()
+            self._deepspeed = None
+        if uses_deepspeed(args, optimizer):
+            self._deepspeed = attach_deepspeed(self.masker, optimizer, step_index=lambda: state.global_step)
 
     def _explain_optimizer(self, info: OptimizerInfo) -> None:
         if self.config.strict or not info.moves_masked_entries:
@@ -177,8 +189,13 @@ class GMTCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.masker is None:
             raise RuntimeError("GMTCallback.on_pre_optimizer_step before on_train_begin")
-        self.masker.step = state.global_step
-        self.last_stats = self.masker.apply()
+        if self._deepspeed is not None:  # masked inside engine.step(); None when an fp16 overflow skipped it
+            self.last_stats = self._deepspeed.pop_stats()
+            if self.last_stats is None:
+                return
+        else:
+            self.masker.step = state.global_step
+            self.last_stats = self.masker.apply()
         self._window.add(self.last_stats)
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:

@@ -92,6 +92,18 @@ class MaskStrategy(ABC):
     def plan(self, entries: Sequence[GradEntry], *, step: int) -> MaskPlan:
         """Decide what to mask at optimizer step ``step`` (0-based) from the accumulated gradients."""
 
+    def on_step_boundary(self, params: Sequence[tuple[str, torch.nn.Parameter]], *, step: int) -> None:
+        """Act on the parameters themselves at optimizer step ``step`` (0-based); does nothing by default.
+
+        :class:`~gmt_plugins.masker.GradientMasker` calls it once per optimizer step from ``apply()``:
+        after the backward pass and before this step's :meth:`plan` and ``optimizer.step()``, under
+        ``torch.no_grad()``, with every selected ``(name, parameter)`` pair (those without a gradient
+        too). A strategy may change parameter *values* here, in place (``lt_sft`` resets the weights
+        to their pretrained values at its phase boundary, ``spiel`` resets the entries it drops);
+        gradients are left to :meth:`plan`. Under FSDP2 the parameters are DTensor shards, so a
+        strategy that overrides this keeps ``supports_sharded_gradients`` False unless it handles them.
+        """
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

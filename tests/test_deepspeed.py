@@ -1,0 +1,161 @@
+"""GMT under DeepSpeed ZeRO-1/2/3 through the transformers Trainer, on 2 CPU processes (gloo).
+
+One ``torchrun`` launch (``tests/dist/deepspeed_worker.py``) trains every case of its ``CASES`` on a
+model whose gradient is known; the tests check, step by step, that the entries the optimizer left
+bit-identical are exactly those a single-process ``GradientMasker`` and the slow reference twin mask
+on the same gradient, and that both ranks logged the same full-model statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gmt_plugins import GradientMasker
+from reference import reference_masks
+
+pytest.importorskip("deepspeed")
+pytest.importorskip("transformers")
+
+DIST = Path(__file__).parent / "dist"
+sys.path.insert(0, str(DIST))
+# The first DeepSpeed start on a machine compiles its shared-memory comm op (tens of seconds, minutes
+# on a loaded 2-core box); later starts load it from the torch extensions cache.
+TIMEOUT_S = 900
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_cpu(script: Path, *args: str) -> str:
+    """``DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 script args``; returns stdout."""
+    root = str(DIST.parent.parent)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(script), *args]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"{script.name} timed out after {TIMEOUT_S}s\nstdout:\n{err.stdout}\nstderr:\n{err.stderr}")
+    if proc.returncode != 0:
+        pytest.fail(f"{script.name} failed ({proc.returncode})\nstdout:\n{proc.stdout[-6000:]}\nstderr:\n{proc.stderr[-10000:]}")
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def ds_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("deepspeed")
+    torchrun_cpu(DIST / "deepspeed_worker.py", str(out))
+    return out
+
+
+def cases():
+    from deepspeed_worker import CASES
+
+    return CASES
+
+
+def load(path: Path):
+    return torch.load(path, weights_only=False)
+
+
+@pytest.mark.parametrize("case", [c[0] for c in cases()])
+def test_zero_masks_equal_single_process_and_reference(ds_run, case):
+    name, stage, gmt, args_overrides, _ = next(c for c in cases() if c[0] == case)
+    dump = load(ds_run / f"{case}.pt")
+    ranks = [load(ds_run / f"{case}.stats{r}.pt") for r in (0, 1)]
+    assert all(r["stage"] == stage for r in ranks), "the engine did not run the ZeRO stage the case asked for"
+    expected_dtype = "torch.bfloat16" if args_overrides.get("bf16") else "torch.float32"
+    assert all(r["lp_dtype"] == expected_dtype for r in ranks), "the engine did not train in the precision the case asked for"
+    assert all(r["offload"] == ("offload" in case) for r in ranks), "optimizer offload is not what the case asked for"
+    known, weights = dump["known"], dump["weights"]
+    names = list(known)
+    steps = len(weights) - 1
+    assert steps == 3 and len(ranks[0]["stats"]) == steps
+    from deepspeed_worker import SKIP_STEP
+
+    masker, ema = None, {}
+    for s in range(steps):
+        grads = {n: known[n][s] for n in names}
+        if SKIP_STEP.get(case) == s:  # DeepSpeed skipped the step: nothing moved, nothing masked or logged
+            assert all(torch.equal(weights[s + 1][n], weights[s][n]) for n in names)
+            assert all(r["stats"][s] is None for r in ranks)
+            continue
+        # what the optimizer did: SGD, lr 1, no weight decay: an entry stayed put iff its gradient was zeroed
+        stayed = {n: weights[s + 1][n] == weights[s][n] for n in names}
+        # one process, same strategy and state, on the same gradient (up to the positive factor)
+        params = [(f"terms.{n}", torch.nn.Parameter(torch.zeros_like(grads[n]))) for n in names]  # the Trainer's names
+        for n, p in params:
+            p.grad = grads[n.removeprefix("terms.")].clone()
+        if masker is None:
+            masker = GradientMasker(params, **gmt)
+        else:
+            masker.parameters = params
+        masker.step = s
+        stats = masker.apply()
+        single = {n.removeprefix("terms."): p.grad == 0 for n, p in params}
+        for n in names:
+            assert torch.equal(stayed[n], single[n]), f"{case} step {s} {n}: ZeRO-{stage} mask differs from one process"
+        # and the values: every entry that moved got the known gradient times one positive factor per step
+        # (accumulation, averaging, clipping), so no group was unscaled or clipped twice or not at all
+        delta = torch.cat([(weights[s][n] - weights[s + 1][n]).flatten() for n in names])
+        known_s = torch.cat([grads[n].flatten() for n in names])
+        moved = delta != 0
+        factor = (delta[moved] / known_s[moved]).median()
+        assert factor > 0
+        torch.testing.assert_close(delta[moved], factor * known_s[moved], rtol=1e-5, atol=0)
+        if gmt["strategy"] != "random":
+            scores = None
+            if gmt["strategy"] == "gmt_momentum":
+                beta = gmt["strategy_options"]["beta"]
+                for n in names:
+                    ema[n] = grads[n].clone() if n not in ema else beta * ema[n] + (1 - beta) * grads[n]
+                scores = [ema[n].abs() for n in names]
+            masks = reference_masks([grads[n] for n in names], gmt["mask_ratio"], gmt["scope"], scores)
+            for n, m in zip(names, masks):
+                assert torch.equal(stayed[n], m | (grads[n] == 0)), f"{case} step {s} {n} vs reference"
+        for r in ranks:
+            logged = r["stats"][s]
+            assert logged["step"] == s
+            assert [(t["name"], t["numel"], t["masked"]) for t in logged["tensors"]] == [
+                (t.name, t.numel, t.masked) for t in stats.tensors
+            ], f"{case} step {s}: rank statistics differ from one process"
+    assert any(not torch.equal(weights[-1][n], weights[0][n]) for n in names)
+
+
+def test_zero_logs_reach_the_trainer(ds_run):
+    for r in (0, 1):
+        history = load(ds_run / f"z2_global.stats{r}.pt")["log_history"]
+        logged = [h for h in history if "gmt/masked_fraction" in h]
+        assert len(logged) == 3 and all(abs(h["gmt/masked_fraction"] - 0.4) < 1e-3 for h in logged)
+
+
+def test_zero_refusals(ds_run):
+    for r in (0, 1):
+        refusals = load(ds_run / f"refusals.stats{r}.pt")
+        assert "'hft'" in refusals["hft"] and "DeepSpeed ZeRO-2" in refusals["hft"]
+        assert "strict=True" in refusals["strict"]
+        assert "engine.step()" in refusals["apply"]
+
+
+def test_plain_deepspeed_loop_example():
+    """examples/deepspeed_loop.py as its docstring runs it, on ZeRO-3: the same masked count as the
+    single-process examples/plain_loop.py on the same model (floor(0.2 * n) per tensor)."""
+    out = torchrun_cpu(DIST.parent.parent / "examples" / "deepspeed_loop.py", "--stage", "3")
+    lines = [line for line in out.splitlines() if line.startswith("step ")]
+    assert lines == [f"step {s}: masked 433/2177 (0.199) on ZeRO-3" for s in range(3)], out
