@@ -129,11 +129,7 @@ class GradientMasker:
         if any(g is not groups[0][1] for _, g in groups):
             raise ValueError("the selected gradients are sharded over different process groups; GMT needs one group")
         if not self.strategy.supports_sharded_gradients:
-            raise ValueError(
-                f"strategy {self.strategy.name!r} does not support sharded (FSDP2/FSDP1) gradients: its masks depend on more "
-                "than elementwise keys of each shard. Use DDP, or a strategy with supports_sharded_gradients "
-                "(gmt, random, gmt_momentum)"
-            )
+            raise ValueError(self.sharded_refusal("sharded (FSDP2/FSDP1)"))
         return entries, without_grad, ShardReducer(groups[0][1])
 
     @torch.no_grad()
