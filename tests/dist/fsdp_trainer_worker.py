@@ -182,20 +182,36 @@ def run_case(out: str, name: str, version: int, extra: dict, overrides: dict, tr
     dist.barrier()
 
 
-def run_named_flat_parameters(out: str) -> None:
-    """Plain loop: named FSDP1 flat parameters (no model) cannot be split into original parameters."""
+PLAIN = dict(scope="global", mask_ratio=0.45, chunk_numel=1024)
+
+
+def run_plain_loop(out: str) -> None:
+    """Plain loop: ``GradientMasker(fsdp1_model)`` masks exactly; named flat parameters (no model)
+    cannot be split into original parameters and are refused."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     from gmt_plugins import GradientMasker
 
-    model = FSDP(KnownGradient(), use_orig_params=False, auto_wrap_policy=ModuleWrapPolicy({Block}), device_id=torch.device("cpu"))
+    def wrap(use_orig_params: bool) -> FSDP:
+        return FSDP(KnownGradient(), use_orig_params=use_orig_params, auto_wrap_policy=ModuleWrapPolicy({Block}),
+                    device_id=torch.device("cpu"))
+
+    rank = dist.get_rank()
     try:
-        GradientMasker(list(model.named_parameters()), mask_ratio=0.3)
+        GradientMasker(list(wrap(False).named_parameters()), mask_ratio=0.3)
         message = None
     except ValueError as err:
         message = str(err)
-    torch.save(message, os.path.join(out, f"named_flat.rank{dist.get_rank()}.pt"))
+    torch.save(message, os.path.join(out, f"named_flat.rank{rank}.pt"))
+
+    model = wrap(True)
+    masker = GradientMasker(model, **PLAIN)
+    model(x=torch.zeros(1))["loss"].backward()
+    stats = masker.apply()
+    with FSDP.summon_full_params(model, with_grads=True):  # test only: gathers
+        post = {clean(n): p.grad.detach().clone().view(SHAPES[clean(n)]) for n, p in model.named_parameters()}
+    torch.save({"names": masker.names, "masked": stats.masked, "post": post}, os.path.join(out, f"plain_fsdp1.rank{rank}.pt"))
 
 
 def main() -> None:
@@ -206,7 +222,7 @@ def main() -> None:
         if only is None or case[0] in only:
             run_case(out, *case)
     if only is None:
-        run_named_flat_parameters(out)
+        run_plain_loop(out)
     dist.destroy_process_group()
 
 
