@@ -104,10 +104,11 @@ def test_fsdp1_named_flat_parameters_are_refused(trainer_run):
         assert message is not None and "FlatParameter" in message and "fsdp_version" in message
 
 
-def test_fsdp1_plain_loop_masker_given_the_model_is_exact(trainer_run):
+@pytest.mark.parametrize("case", ["plain_fsdp1", "plain_fsdp1_no_shard"])
+def test_fsdp1_plain_loop_masker_given_the_model_is_exact(trainer_run, case):
     from fsdp_trainer_worker import PLAIN, known_gradient
 
-    ranks = [load(trainer_run / f"plain_fsdp1.rank{r}.pt") for r in (0, 1)]
+    ranks = [load(trainer_run / f"{case}.rank{r}.pt") for r in (0, 1)]
     names = ranks[0]["names"]
     grads = [known_gradient(n) for n in names]
     expected = dict(zip(names, reference_apply(grads, reference_masks(grads, PLAIN["mask_ratio"], PLAIN["scope"]))))
@@ -115,6 +116,7 @@ def test_fsdp1_plain_loop_masker_given_the_model_is_exact(trainer_run):
         assert r["names"] == names
         assert_same(r["post"], expected, "plain loop FSDP1")
         assert r["masked"] == sum(int((g == 0).sum()) for g in expected.values()) > 0
+        assert r["sharded"] == (case != "plain_fsdp1_no_shard")  # NO_SHARD: whole gradients, no collective
 
 
 def test_worker_case_names_are_unique():

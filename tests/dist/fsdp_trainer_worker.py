@@ -189,13 +189,14 @@ def run_plain_loop(out: str) -> None:
     """Plain loop: ``GradientMasker(fsdp1_model)`` masks exactly; named flat parameters (no model)
     cannot be split into original parameters and are refused."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardingStrategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     from gmt_plugins import GradientMasker
 
-    def wrap(use_orig_params: bool) -> FSDP:
+    def wrap(use_orig_params: bool, **kwargs) -> FSDP:
         return FSDP(KnownGradient(), use_orig_params=use_orig_params, auto_wrap_policy=ModuleWrapPolicy({Block}),
-                    device_id=torch.device("cpu"))
+                    device_id=torch.device("cpu"), **kwargs)
 
     rank = dist.get_rank()
     try:
@@ -205,13 +206,16 @@ def run_plain_loop(out: str) -> None:
         message = str(err)
     torch.save(message, os.path.join(out, f"named_flat.rank{rank}.pt"))
 
-    model = wrap(True)
-    masker = GradientMasker(model, **PLAIN)
-    model(x=torch.zeros(1))["loss"].backward()
-    stats = masker.apply()
-    with FSDP.summon_full_params(model, with_grads=True):  # test only: gathers
-        post = {clean(n): p.grad.detach().clone().view(SHAPES[clean(n)]) for n, p in model.named_parameters()}
-    torch.save({"names": masker.names, "masked": stats.masked, "post": post}, os.path.join(out, f"plain_fsdp1.rank{rank}.pt"))
+    # NO_SHARD: whole, all-reduced flat gradients, masked without any collective
+    for name, kwargs in (("plain_fsdp1", {}), ("plain_fsdp1_no_shard", {"sharding_strategy": ShardingStrategy.NO_SHARD})):
+        model = wrap(True, **kwargs)
+        masker = GradientMasker(model, **PLAIN)
+        model(x=torch.zeros(1))["loss"].backward()
+        stats = masker.apply()
+        with FSDP.summon_full_params(model, with_grads=True):  # test only: gathers
+            post = {clean(n): p.grad.detach().clone().view(SHAPES[clean(n)]) for n, p in model.named_parameters()}
+        record = {"names": masker.names, "masked": stats.masked, "post": post, "sharded": masker.sharded}
+        torch.save(record, os.path.join(out, f"{name}.rank{rank}.pt"))
 
 
 def main() -> None:
