@@ -43,7 +43,7 @@ CASES = [
     ("fsdp2_tensor", 2, {}, dict(strategy="gmt", scope="tensor", mask_ratio=0.3, chunk_numel=1024)),
     ("fsdp2_global", 2, {}, dict(strategy="gmt", scope="global", mask_ratio=0.45, chunk_numel=1024)),
     ("fsdp1_orig_tensor", 1, {"use_orig_params": True}, dict(strategy="gmt", scope="tensor", mask_ratio=0.3, chunk_numel=1024)),
-    # accumulation: FSDP1 holds unsharded gradients between micro-batches (no_sync) and reduces at the last
+    # gradient accumulation: two micro-batches per optimizer step, one mask after the last
     ("fsdp1_orig_global", 1, {"use_orig_params": True}, dict(strategy="gmt", scope="global", mask_ratio=0.45, chunk_numel=1024),
      dict(gradient_accumulation_steps=2)),
     ("fsdp1_flat_tensor", 1, {"use_orig_params": False}, dict(strategy="gmt", scope="tensor", mask_ratio=0.3, chunk_numel=1024)),
