@@ -3,8 +3,8 @@ processes, gloo.
 
 Run with ``torchrun --nproc_per_node 2 tests/dist/fsdp_trainer_worker.py OUT_DIR``. The model's
 gradient is known: ``loss = sum_i sum(C_i * W_i)``, so every optimizer step's full gradient is
-``C`` on every rank whatever the batch. With SGD (learning rate 1, no momentum, no weight decay,
-no clipping) the full parameters after a step are ``W - mask(C)``; rank 0 saves them (gathered,
+``C`` on every rank whatever the batch. With SGD (learning rate 1, no momentum, no clipping, weight
+decay only in the strict case) the full parameters after a step are ``W - mask(C)``; rank 0 saves them (gathered,
 test only) for every step to ``OUT_DIR/<case>.pt``, and each rank saves what it saw
 (``OUT_DIR/<case>.rank<r>.pt``). The pytest process masks ``C`` in one process and with
 ``tests/reference.py`` and compares entry for entry.
@@ -12,10 +12,14 @@ test only) for every step to ``OUT_DIR/<case>.pt``, and each rank saves what it 
 On CPU accelerate drops the FSDP plugin (its distributed type is MULTI_CPU) and the Trainer
 silently trains with DDP. Each case therefore sets ``PartialState``'s distributed type to
 MULTI_GPU before building the Trainer, so accelerate takes its FSDP path; FSDP1 also needs the
-state's device to be the CPU (FSDP1's ``device_id``) and ``sync_module_states=False`` (it would
-broadcast through a GPU). The worker asserts the model really is sharded (FSDP2: gradients are
+state's device to be the CPU (FSDP1's ``device_id``) and ``sync_module_states=False`` (both found
+necessary when issue 12 was filed). The worker asserts the model really is sharded (FSDP2: gradients are
 ``DTensor``s; FSDP1: the wrapped model is ``FullyShardedDataParallel`` holding ``FlatParameter``s),
 so a case cannot pass under DDP.
+
+After the Trainer cases, a plain loop (no Trainer): ``GradientMasker(fsdp1_model)`` under
+``FULL_SHARD`` and ``NO_SHARD`` (full gradients gathered with ``summon_full_params``), and named FSDP1
+flat parameters, which must be refused.
 """
 
 from __future__ import annotations
