@@ -12,7 +12,7 @@ from gmt_plugins.stats import MaskStats, TensorStats
 from gmt_plugins.strategies.base import KeyedStrategy, MaskStrategy
 
 if TYPE_CHECKING:
-    from gmt_plugins.integrations.transformers import GMTCallback
+    from gmt_plugins.integrations.transformers import GMTCallback, place_before_reporters
 
 __version__ = "0.1.0"
 
@@ -28,10 +28,11 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "make_plugin_manager",
+    "place_before_reporters",
     "strategy_registry",
 ]
 
-_LAZY = {"GMTCallback": "gmt_plugins.integrations.transformers"}
+_LAZY = {"GMTCallback": "gmt_plugins.integrations.transformers", "place_before_reporters": "gmt_plugins.integrations.transformers"}
 
 
 def __getattr__(name: str) -> Any:

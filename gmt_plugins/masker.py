@@ -8,25 +8,18 @@ from typing import Any
 import pluggy
 import torch
 
-from gmt_plugins.config import GMTConfig, resolve_config
 from gmt_plugins import fsdp1
+from gmt_plugins.config import GMTConfig, resolve_config
 from gmt_plugins.distributed import ShardReducer, is_dtensor, local_shard, reducing
+from gmt_plugins.layout import flat_view, same_layout
 from gmt_plugins.plugins import get_plugin_manager, strategy_registry
 from gmt_plugins.selection import Cut, apply_cut, count_equal
 from gmt_plugins.stats import MaskStats, TensorStats
 from gmt_plugins.strategies.base import GradEntry, MaskPlan, TensorPlan
 from gmt_plugins.strict import MaskedEntryGuard
+from gmt_plugins.wrappers import unwrap_model  # noqa: F401 - re-exported: it lived here before
 
 NamedParameters = Iterable[tuple[str, torch.nn.Parameter]]
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Remove DDP / FSDP1 / DeepSpeed (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    while True:
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        if not isinstance(inner, torch.nn.Module) or inner is model:
-            return model
-        model = inner
 
 
 class GradientMasker:
@@ -116,9 +109,13 @@ class GradientMasker:
                 whole.append(name)
             if grad.is_sparse:
                 raise ValueError(f"gradient of {name!r} is a {type(grad).__name__} ({grad.layout}); only dense gradients can be masked")
-            if not grad.is_contiguous():
-                raise ValueError(f"gradient of {name!r} is not contiguous; masking works on flat views")
-            entries.append(GradEntry(len(entries), name, param, grad.view(-1), shard))
+            flat = flat_view(grad)  # memory order: channels_last gradients are masked in place too
+            if flat is None or (self._guard is not None and not same_layout(param, grad)):
+                raise ValueError(
+                    f"gradient of {name!r} (strides {grad.stride()}, parameter {param.stride()}) is not a dense block "
+                    "laid out like its parameter; masking works on flat views"
+                )
+            entries.append(GradEntry(len(entries), name, param, flat, shard))
         if not groups:
             return entries, without_grad, None
         if whole:
@@ -165,6 +162,7 @@ class GradientMasker:
 
     def _apply(self, entries: list[GradEntry], without_grad: list[str], reducer: ShardReducer | None) -> MaskStats:
         self.sharded = reducer is not None
+        held = self._state_to_keep(entries, reducer)
         # Parameter changes a strategy makes at a step boundary (resets) come before this step's plan.
         self.strategy.on_step_boundary(self.parameters, step=self.step)
         if reducer is None:
@@ -172,12 +170,30 @@ class GradientMasker:
         else:
             with reducing(reducer):
                 plan = self.strategy.plan(entries, step=self.step)
+        if held is not None:
+            self.strategy.load_state_dict(held)
         if len(plan.tensors) != len(entries):
             raise RuntimeError(f"strategy {self.strategy.name!r} planned {len(plan.tensors)} tensors for {len(entries)} gradients")
         tensors = self._execute(entries, plan) if reducer is None else self._execute_sharded(entries, plan, reducer)
         stats = MaskStats(self.step, self.strategy.name, self.config.scope, tensors, without_grad)
         self.step += 1
         return stats
+
+    def _state_to_keep(self, entries: list[GradEntry], reducer: ShardReducer | None) -> dict[str, Any] | None:
+        """A copy of the strategy's state when this step's gradients hold inf/NaN, to put back after planning.
+
+        An AMP ``GradScaler`` skips exactly those steps, and an inf would poison an EMA for good: a stateful
+        strategy's state therefore never moves on them. One max-abs reduction per gradient, stateful strategies only.
+        """
+        state = self.strategy.state_dict()
+        if not state or not entries:
+            return None
+        device = entries[0].flat.device
+        peaks = [torch.linalg.vector_norm(e.flat, ord=float("inf")).float().to(device) for e in entries if e.flat.numel()]
+        nonfinite = int(bool(peaks) and not bool(torch.isfinite(torch.stack(peaks)).all()))
+        if reducer is not None:  # every rank skips the step: keep every rank's state
+            nonfinite = reducer.sum_counts([nonfinite], device)[0]
+        return _cloned(state) if nonfinite else None
 
     def _mask(self, entry: GradEntry, tensor_plan: TensorPlan, cut: Cut) -> tuple[int, int]:
         """The one place where gradients are changed: zero what ``cut`` selects of ``entry``, in place
@@ -239,3 +255,13 @@ class GradientMasker:
             raise ValueError(f"state is for strategy {state.get('strategy')!r}, this masker uses {self.strategy.name!r}")
         self.step = int(state["step"])
         self.strategy.load_state_dict(state.get("strategy_state", {}))
+
+
+def _cloned(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _cloned(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cloned(v) for v in value)
+    return value

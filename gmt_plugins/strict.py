@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable, Hashable
 
 import torch
 
 from gmt_plugins import native
+from gmt_plugins.layout import flat_view
 from gmt_plugins.selection import iter_chunks
 
 
@@ -56,6 +58,16 @@ class MaskedEntryGuard:
         self._held.clear()
         return held
 
+    def split(self, key: Callable[[torch.Tensor], Hashable]) -> dict[Hashable, MaskedEntryGuard]:
+        """Move the held entries into one guard per ``key(flat parameter)``, for optimizers that step
+        parameter groups one at a time and must have each group restored right after its step
+        (DeepSpeed ZeRO copies a group to the model as soon as it stepped)."""
+        guards: dict[Hashable, MaskedEntryGuard] = {}
+        for item in self._held:
+            guards.setdefault(key(item[0]), MaskedEntryGuard(chunk_numel=self._chunk_numel))._held.append(item)
+        self._held.clear()
+        return guards
+
     @property
     def held_bytes(self) -> int:
         """Bytes held now: the masks and the saved values."""
@@ -67,6 +79,7 @@ class MaskedEntryGuard:
 
 
 def _flat_data(param: torch.Tensor) -> torch.Tensor:
-    if not param.is_contiguous():
-        raise ValueError("strict mode needs contiguous parameters")
-    return param.detach().view(-1)
+    flat = flat_view(param.detach())  # memory order, as the gradient's flat view (the masker checks the strides match)
+    if flat is None:
+        raise ValueError("strict mode needs parameters whose entries form one dense block")
+    return flat

@@ -8,6 +8,8 @@ the reference twin says which entries must be masked.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 
 import pytest
@@ -19,6 +21,7 @@ pytest.importorskip("trl")
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from gmt_plugins import GMTCallback, GMTConfig  # noqa: E402
+from gmt_plugins.integrations.transformers import place_before_reporters  # noqa: E402
 from reference import reference_masks  # noqa: E402
 from tiny import cpu_args, preference_dataset, text_dataset, tiny_llama, tiny_tokenizer  # noqa: E402
 
@@ -55,6 +58,12 @@ def attach_recorder(trainer) -> Recorder:
     trainer.callback_handler.callbacks.insert(0, recorder)  # before GMTCallback: sees unmasked gradients
     trainer.callback_handler.callbacks.append(AfterStep(recorder))  # after GMTCallback's restore
     return recorder
+
+
+def insert_after_gmt(trainer, callback: TrainerCallback) -> None:
+    """Put ``callback`` right after the GMTCallback, wherever the Trainer placed that."""
+    callbacks = trainer.callback_handler.callbacks
+    callbacks.insert(next(i for i, cb in enumerate(callbacks) if isinstance(cb, GMTCallback)) + 1, callback)
 
 
 def trainable(recorder: Recorder) -> list[str]:
@@ -225,7 +234,7 @@ def test_plain_transformers_trainer(tmp_path):
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=DataCollatorForLanguageModeling(tok, mlm=False), callbacks=[GMTCallback(mask_ratio=0.3, strategy="random")], optimizers=(sgd(model), None))
     recorder = attach_recorder(trainer)
     spy = MaskSpy(recorder)
-    trainer.callback_handler.callbacks.insert(2, spy)  # recorder, GMT, spy
+    insert_after_gmt(trainer, spy)
     trainer.train()
     from gmt_plugins.keys import RandomKeys, stable_salt
 
@@ -244,7 +253,7 @@ def test_plain_transformers_trainer(tmp_path):
 def run_with_masks(tmp_path, callback, **args):
     trainer = sft_trainer(tmp_path, callback, **args)
     recorder = attach_recorder(trainer)
-    trainer.callback_handler.callbacks.insert(2, MaskSpy(recorder))  # recorder, GMT, spy
+    insert_after_gmt(trainer, MaskSpy(recorder))
     trainer.train()
     return recorder
 
@@ -323,6 +332,7 @@ def test_stats_reach_log_history_and_tensorboard(tmp_path, monkeypatch):
 
     logdir = tmp_path / "runs"  # TensorBoardCallback's default: <output_dir>/runs/<run name>
     trainer = sft_trainer(tmp_path, GMTCallback(mask_ratio=0.3, log_per_tensor=True), report_to=["tensorboard"], logging_steps=2, max_steps=4)
+    place_before_reporters(trainer)
     trainer.train()
     logged = [e for e in trainer.state.log_history if "loss" in e]
     assert [e["step"] for e in logged] == [2, 4]
@@ -353,7 +363,7 @@ def test_nonfinite_gradients_are_reported_and_left_for_the_optimizer(tmp_path):
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
             seen["grad"] = model.model.layers[0].mlp.up_proj.weight.grad[0, :3].clone()
 
-    trainer.callback_handler.callbacks.insert(2, Check())
+    insert_after_gmt(trainer, Check())
     trainer.train()
     assert torch.isnan(seen["grad"]).all()
     entry = next(e for e in trainer.state.log_history if "loss" in e)
@@ -374,9 +384,12 @@ def test_resume_is_identical_to_uninterrupted(tmp_path, strategy):
     full = sft_trainer(tmp_path / "full", GMTCallback(mask_ratio=0.3, strategy=strategy, mask_seed=5, strict=True), **common)
     full.train()
     checkpoint = tmp_path / "full" / "checkpoint-3"
-    assert (checkpoint / "gmt_state.json").is_file()
-    # strategies that keep tensors (an EMA, a chosen mask) save them with safetensors, never pickled
+    # the JSON state is the callback's entry in trainer_state.json (TrainerState.stateful_callbacks) ...
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]["GMTCallback"]
+    assert saved["args"]["strategy"] == strategy and saved["attributes"]["resume_state"]["step"] == 3
+    # ... and strategies that keep tensors (an EMA, a chosen mask) save them beside it with safetensors, never pickled
     assert (checkpoint / "gmt_state.safetensors").is_file() == (strategy in ("gmt_momentum", "sift"))
+    assert not (checkpoint / "gmt_state.json").exists()
 
     resumed_callback = GMTCallback(mask_ratio=0.3, strategy=strategy, mask_seed=5, strict=True)
     resumed = sft_trainer(tmp_path / "resumed", resumed_callback, resume_from_checkpoint=str(checkpoint), **common)
@@ -403,7 +416,7 @@ def test_qlora_4bit_base_never_touched(tmp_path):
     trainer.create_optimizer()
     trainer.optimizer = sgd(trainer.model)
     recorder = attach_recorder(trainer)
-    trainer.callback_handler.callbacks.insert(2, MaskSpy(recorder))  # recorder, GMT, spy
+    insert_after_gmt(trainer, MaskSpy(recorder))
     trainer.train()
     assert all("lora_" in name for name in callback.masker.names)
     assert_frozen_never_moved(recorder)  # includes the packed 4-bit weights
@@ -415,15 +428,34 @@ def test_qlora_4bit_base_never_touched(tmp_path):
             assert torch.equal(step["masked_grads"][name], torch.where(mask, torch.zeros_like(grad), grad)), name
 
 
-def test_callback_added_after_init_still_runs_before_reporters(tmp_path):
+def test_callback_added_after_init_is_placed_before_reporters_on_request(tmp_path):
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(output_dir=str(tmp_path), **cpu_args(max_steps=1, per_device_train_batch_size=4, max_length=32, report_to=["tensorboard"]))
     trainer = SFTTrainer(model=tiny_llama(), args=args, train_dataset=text_dataset(), processing_class=tiny_tokenizer())
     callback = GMTCallback(mask_ratio=0.3)
     trainer.add_callback(callback)
-    names = [type(cb).__name__ for cb in trainer.callback_handler.callbacks]
-    assert names.index("GMTCallback") > names.index("TensorBoardCallback")
+    before = [type(cb).__name__ for cb in trainer.callback_handler.callbacks]
+    assert before.index("GMTCallback") > before.index("TensorBoardCallback")
+    assert place_before_reporters(trainer) is callback
+    after = [type(cb).__name__ for cb in trainer.callback_handler.callbacks]
+    assert after == ["GMTCallback"] + [n for n in before if n != "GMTCallback"]  # the others keep their order
     trainer.train()
-    assert trainer.callback_handler.callbacks[0] is callback
     assert any("gmt/masked_fraction" in e for e in trainer.state.log_history)
+
+
+def test_without_placement_the_order_is_kept_and_a_warning_names_the_fix(tmp_path, caplog):
+    """GMTCallback no longer reorders the Trainer's callbacks by itself (it used to find the handler on the call stack)."""
+    trainer = sft_trainer(tmp_path, GMTCallback(mask_ratio=0.3), report_to=["tensorboard"], max_steps=1)
+    before = list(trainer.callback_handler.callbacks)
+    with caplog.at_level(logging.WARNING, logger="gmt_plugins.integrations.transformers"):
+        trainer.train()
+    assert trainer.callback_handler.callbacks == before
+    assert any("place_before_reporters" in r.getMessage() and "tensorboard" in r.getMessage() for r in caplog.records)
+    assert any("gmt/masked_fraction" in e for e in trainer.state.log_history)  # log_history still gets them
+
+
+def test_place_before_reporters_needs_one_gmt_callback(tmp_path):
+    trainer = sft_trainer(tmp_path, TrainerCallback(), max_steps=1)
+    with pytest.raises(ValueError, match="exactly one GMTCallback.*found 0"):
+        place_before_reporters(trainer)

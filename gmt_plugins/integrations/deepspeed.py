@@ -20,6 +20,8 @@ How. :class:`ZeroMaskHook` wraps three methods of the ZeRO optimizer *instance*:
   masks all of them in one :meth:`GradientMasker.apply_partitions`, and later makes DeepSpeed's
   own call for those groups a no-op (or copies the masked values into the partition it built).
 * ZeRO-3's ``_prepare_sub_group``: a no-op for sub-groups already prepared.
+* ``_optimizer_step``: in strict mode, writes the group's masked fp32 master entries back right
+  after the inner optimizer stepped it, before DeepSpeed copies the group to the model.
 
 Each rank masks only its own partition: the masker gets, per selected parameter, the flat slice of
 the fp32 gradient partition that this rank owns and where it sits in the parameter
@@ -33,7 +35,7 @@ the first. Collectives: as for FSDP2 (histogram all-reduces, one small all-gathe
 all-reduce of the counts).
 
 Refused by name: ZeRO stage 0, NVMe optimizer offload, Muon, ZenFlow, torch-autocast grad scaling,
-strict mode, and strategies that are not exact on shards (``supports_sharded_gradients``).
+and strategies that are not exact on shards (``supports_sharded_gradients``).
 """
 
 from __future__ import annotations
@@ -151,11 +153,6 @@ class ZeroMaskHook:
         problem = _unsupported(zero_optimizer)
         if problem:
             raise ValueError(problem)
-        if masker.config.strict:
-            raise ValueError(
-                "strict=True is not supported under DeepSpeed ZeRO: DeepSpeed copies each group's fp32 partition to "
-                "the model right after its optimizer step, so masked entries cannot be held; set strict=False"
-            )
         if not masker.strategy.supports_sharded_gradients:
             raise ValueError(masker.sharded_refusal(f"DeepSpeed ZeRO-{_stage(zero_optimizer)} partitioned"))
         self.masker = masker
@@ -164,6 +161,8 @@ class ZeroMaskHook:
         self.check = check
         self.step_index = step_index
         self.last_stats: MaskStats | None = None
+        self.restored = 0
+        """Strict mode: masked entries written back after the last step that masked."""
         self._fresh = False
         self._groups = self.zero.fp16_groups if self.stage == 3 else self.zero.bit16_groups
         self._layout = self._locate_parameters()
@@ -231,12 +230,14 @@ class ZeroMaskHook:
 
     def _install(self) -> None:
         zero = self.zero
-        for name in ("step", "unscale_and_clip_grads") + (("_prepare_sub_group",) if self.stage == 3 else ()):
+        names = ("step", "unscale_and_clip_grads", "_optimizer_step") + (("_prepare_sub_group",) if self.stage == 3 else ())
+        for name in names:
             if name in vars(zero):
                 raise RuntimeError(f"the ZeRO optimizer's {name} is already wrapped (is GMT attached twice?)")
             self._originals[name] = getattr(zero, name)
         zero.step = self._step
         zero.unscale_and_clip_grads = self._unscale_and_clip_grads
+        zero._optimizer_step = self._optimizer_step
         if self.stage == 3:
             zero._prepare_sub_group = self._prepare_sub_group
 
@@ -251,16 +252,24 @@ class ZeroMaskHook:
         self._started = False  # whether this step's mask was taken
         self._done: set[int] = set()  # groups unscaled (and masked in place) ahead of DeepSpeed's call
         self._copies: dict[int, torch.Tensor] = {}  # ZeRO-1/2 on the device: masked copies of later groups
+        self._held: dict[Any, Any] = {}  # strict mode: the masked master entries of each group
 
     def _step(self, *args: Any, **kwargs: Any) -> Any:
         self._reset_step()
         try:
             return self._originals["step"](*args, **kwargs)
         finally:
-            leftover = set(self._copies)
+            leftover = set(self._copies) | set(self._held)
             self._reset_step()
             if leftover:
-                raise RuntimeError(f"DeepSpeed stepped without building the gradients of groups {sorted(leftover)} that GMT masked")
+                raise RuntimeError(f"DeepSpeed did not step the groups {sorted(leftover)} that GMT masked")
+
+    def _optimizer_step(self, group: int, *args: Any, **kwargs: Any) -> Any:
+        result = self._originals["_optimizer_step"](group, *args, **kwargs)
+        guard = self._held.pop(group, None)
+        if guard is not None:  # strict: before DeepSpeed copies this group's fp32 partition to the model
+            self.restored += guard.restore()
+        return result
 
     def _prepare_sub_group(self, sub_group_id: int, *args: Any, **kwargs: Any) -> Any:
         if sub_group_id in self._done:
@@ -298,6 +307,17 @@ class ZeroMaskHook:
             self.masker.step = self.step_index()
         self.last_stats = self.masker.apply_partitions(entries, without_grad, ShardReducer(self._process_group()))
         self._fresh = True
+        self.restored = 0
+        guard = self.masker._guard
+        if guard is not None:
+            masters = {self._master(g).untyped_storage().data_ptr(): g for g in range(len(self._groups))}
+            self._held = guard.split(lambda flat: masters[flat.untyped_storage().data_ptr()])
+
+    def _master(self, group: int) -> torch.Tensor:
+        """The flat fp32 master weights of ``group`` this rank steps."""
+        if self.stage == 3:
+            return self.zero.fp32_partitioned_groups_flat[group]
+        return self.zero.single_partition_of_fp32_groups[group]
 
     def _final_grad(self, group: int) -> torch.Tensor:
         if self.stage == 3:

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
 from gmt_plugins.config import GMTConfig, resolve_config
+from gmt_plugins.integrations.checkpoint import (
+    CHECKPOINT_PREFIX,
+    RECORD_KEY,
+    build_record,
+    check_record,
+    checkpoint_folder,
+    load_record,
+    rank_stem,
+)
 from gmt_plugins.masker import GradientMasker
 from gmt_plugins.optimizers import OptimizerInfo, inspect_optimizer
 from gmt_plugins.plugins import get_plugin_manager, strategy_registry
@@ -17,8 +26,6 @@ from gmt_plugins.state_io import STEM, has_state, load_state, save_state
 from gmt_plugins.stats import MaskStats
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_PREFIX = "checkpoint"
 
 
 class LogWindow:
@@ -57,7 +64,7 @@ def has_per_rank_state(folders: list[str]) -> bool:
     return any(glob.glob(os.path.join(folder, f"{STEM}.rank*.json")) for folder in folders)
 
 
-class GMTCallback(TrainerCallback):
+class GMTCallback(TrainerCallback, ExportableState):
     r"""
     A [`~transformers.TrainerCallback`] that applies Gradient-Mask Tuning (GMT).
 
@@ -82,7 +89,13 @@ class GMTCallback(TrainerCallback):
     weight decay, and bitsandbytes' 8-bit state, otherwise still move an entry whose gradient is zero).
 
     Mask statistics (``gmt/masked_fraction``, ``gmt/threshold_*``, ``gmt/nonfinite``, ...) are added to the
-    Trainer's logs, so they reach ``trainer.state.log_history`` and every ``report_to`` integration.
+    Trainer's logs, so they reach ``trainer.state.log_history``; they reach the ``report_to`` integrations once
+    [`place_before_reporters`] has put the callback ahead of them.
+
+    Checkpoints: the callback is an ``ExportableState``. Its state (step, config, the strategy's state) is saved in
+    ``trainer_state.json`` under ``stateful_callbacks``, with tensors in ``gmt_state.safetensors`` beside it, and
+    ``trainer.train(resume_from_checkpoint=...)`` restores it by any route. A checkpoint written with another
+    strategy, mask ratio, parameter set or (FSDP2) world size is refused with a ``ValueError`` naming the field.
 
     Args:
         config (`GMTConfig`, *optional*, defaults to `GMTConfig()`):
@@ -97,6 +110,7 @@ class GMTCallback(TrainerCallback):
     from trl import SFTTrainer
 
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, callbacks=[GMTCallback(mask_ratio=0.2)])
+    place_before_reporters(trainer)  # optional: gmt/* statistics in TensorBoard, W&B, ...
     trainer.train()
     ```
     """
@@ -110,39 +124,15 @@ class GMTCallback(TrainerCallback):
         self.optimizer_info: OptimizerInfo | None = None
         self.last_stats = None
         self._window = LogWindow(per_tensor=self.config.log_per_tensor)
-        self._handler_found = False
         self._deepspeed = None
+        self.before_reporters = False
+        """Set by :func:`place_before_reporters`: the ``report_to`` callbacks then see the GMT statistics."""
+        self._args: TrainingArguments | None = None
+        self._state: TrainerState | None = None
 
     # -- setup -------------------------------------------------------------------------------
 
-    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        self._move_to_front()
-
-    def _move_to_front(self) -> None:
-        """Run before the reporting callbacks, so the stats added to ``logs`` in ``on_log`` reach them.
-
-        A callback's ``on_log`` receives the same ``logs`` dict, in list order; the Trainer puts user callbacks
-        after the ``report_to`` ones. The handler is not passed to callbacks, so it is found as the caller.
-        """
-        frame = sys._getframe(1)
-        for _ in range(4):
-            if frame is None:
-                break
-            handler = frame.f_locals.get("self")
-            callbacks = getattr(handler, "callbacks", None)
-            if isinstance(callbacks, list) and any(cb is self for cb in callbacks):
-                callbacks[:] = [self] + [cb for cb in callbacks if cb is not self]
-                self._handler_found = True
-                return
-            frame = frame.f_back
-        logger.warning(
-            "GMTCallback could not place itself before the reporting callbacks; GMT statistics will reach "
-            "trainer.state.log_history but not the report_to integrations."
-        )
-
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if not self._handler_found:  # added with trainer.add_callback() after the Trainer was built
-            self._move_to_front()
         model, optimizer = kwargs.get("model"), kwargs.get("optimizer")
         problems = [
             p for p in self.plugin_manager.hook.gmt_check_training_setup(args=args, model=model, optimizer=optimizer, config=self.config) if p
@@ -158,6 +148,8 @@ class GMTCallback(TrainerCallback):
             self._explain_optimizer(self.optimizer_info)
         if state.global_step > 0:
             self._resume(args, state)
+        self._args, self._state = args, state  # state() needs them when the Trainer saves a checkpoint
+        self._warn_if_reporters_miss_stats(args)
         logger.info(
             "GMT: strategy=%s mask_ratio=%s scope=%s over %d tensors (%d entries)",
             self.config.strategy, self.config.mask_ratio, self.config.scope,
@@ -173,6 +165,20 @@ class GMTCallback(TrainerCallback):
             self._deepspeed = None
         if uses_deepspeed(args, optimizer):
             self._deepspeed = attach_deepspeed(self.masker, optimizer, step_index=lambda: state.global_step)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        # A later train() builds a new TrainerState, which calls state(): that must not write into an old checkpoint.
+        self._args = self._state = None
+
+    def _warn_if_reporters_miss_stats(self, args: TrainingArguments) -> None:
+        report_to = getattr(args, "report_to", None) or []
+        reporters = [r for r in ([report_to] if isinstance(report_to, str) else report_to) if r != "none"]
+        if reporters and not self.before_reporters:
+            logger.warning(
+                "GMT statistics reach trainer.state.log_history, but not the report_to integrations %s: the Trainer calls "
+                "them before the callbacks you pass. Call gmt_plugins.integrations.transformers.place_before_reporters(trainer) "
+                "after building the trainer to move GMTCallback first.", reporters,
+            )
 
     def _explain_optimizer(self, info: OptimizerInfo) -> None:
         if self.config.strict or not info.moves_masked_entries:
@@ -220,46 +226,138 @@ class GMTCallback(TrainerCallback):
         if entry is not None and entry.get("step") == state.global_step and "loss" in entry:
             entry.update(stats)
 
+
     # -- checkpoints -------------------------------------------------------------------------
 
-    def _state_stem(self) -> str:
-        """Under FSDP2 each rank's strategy state covers its own shards, so each rank keeps its own file."""
-        if self.masker is not None and self.masker.sharded:
-            import torch.distributed as dist
+    def state(self) -> dict[str, Any]:
+        """The callback's entry in ``TrainerState.stateful_callbacks`` (``trainer_state.json``).
 
-            return f"{STEM}.rank{dist.get_rank()}"
-        return STEM
+        ``Trainer._save_checkpoint`` calls this after the model and optimizer are saved and before it writes
+        ``trainer_state.json`` or pushes the checkpoint, so the tensors written here are part of both. Before
+        training (the Trainer also calls it when building its state) there is nothing to save yet.
+        """
+        exported: dict[str, Any] = {"args": self.config.to_dict(), "attributes": {}}
+        if self.masker is None or self._args is None or self._state is None:
+            return exported
+        state, args = self._state, self._args
+        folder = run_checkpoint(args, state)
+        exported["attributes"][RECORD_KEY] = build_record(
+            self.masker.state_dict(), config=self.config, names=self.masker.names, folder=folder,
+            world_size=args.world_size, sharded=self.masker.sharded,
+        )
+        return exported
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if self.masker is None or not (state.is_world_process_zero or self.masker.sharded):
+        """Under FSDP2 every rank keeps the state of its own shards; ``state()`` runs on the saving rank only."""
+        if self.masker is None or not self.masker.sharded:
             return
-        folder = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}-{state.global_step}")
-        if os.path.isdir(folder):
-            save_state({**self.masker.state_dict(), "config": self.config.to_dict(), "sharded": self.masker.sharded}, folder, stem=self._state_stem())
+        import torch.distributed as dist
+
+        folder = run_checkpoint(args, state)
+        save_state({**self.masker.state_dict(), "world_size": args.world_size}, folder, stem=rank_stem(dist.get_rank()))
+
+    def _resume_candidates(self, args: TrainingArguments, state: TrainerState) -> list[str]:
+        """Folders that may be the checkpoint the Trainer resumed from (it does not tell its callbacks)."""
+        name = f"{CHECKPOINT_PREFIX}-{state.global_step}"
+        candidates = [args.resume_from_checkpoint] if isinstance(args.resume_from_checkpoint, str) else []
+        candidates.append(run_checkpoint(args, state))
+        candidates.append(os.path.join(args.output_dir, name))
+        return list(dict.fromkeys(candidates))
+
+    def _saved_record(self, state: TrainerState) -> dict[str, Any] | None:
+        entry = state.stateful_callbacks.get(type(self).__name__)
+        if isinstance(entry, list):
+            raise ValueError("the checkpoint holds the state of several GMTCallbacks; a Trainer takes one GMTCallback")
+        if not isinstance(entry, dict):
+            return None
+        return entry.get("attributes", {}).get(RECORD_KEY)
 
     def _resume(self, args: TrainingArguments, state: TrainerState) -> None:
-        candidates = [os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}-{state.global_step}")]
-        if isinstance(args.resume_from_checkpoint, str):
-            candidates.insert(0, args.resume_from_checkpoint)
-        stem = STEM
-        if has_per_rank_state(candidates):
-            import torch.distributed as dist
-
-            stem = f"{STEM}.rank{dist.get_rank()}"
-        folder = next((c for c in candidates if has_state(c, stem=stem)), None)
-        if folder is None:
+        assert self.masker is not None
+        candidates = self._resume_candidates(args, state)
+        record = self._saved_record(state)
+        if record is None:
+            saved = self._legacy_state(candidates)
+        else:
+            check_record(record, config=self.config, names=self.masker.names, world_size=args.world_size, global_step=state.global_step)
+            saved = self._sharded_state(record, candidates) if record["sharded"] else load_record(record, candidates)
+        if saved is None:
             if self.masker.strategy.state_dict():
                 raise FileNotFoundError(
-                    f"resuming at step {state.global_step}, but no GMT state was found in {candidates}; the strategy "
-                    f"{self.config.strategy!r} keeps state, so pass TrainingArguments(resume_from_checkpoint=<folder>)"
+                    f"resuming at step {state.global_step}, but the checkpoint's trainer_state.json holds no GMT state and "
+                    f"none of {candidates} holds gmt_state.json; the strategy {self.config.strategy!r} keeps state, so it "
+                    "cannot continue. Resume from a checkpoint saved with GMTCallback, or start a new run"
                 )
-            logger.info("GMT: no saved state found; strategy %r is stateless, resuming at step %d", self.config.strategy, state.global_step)
+            logger.info(
+                "GMT: no saved state found; strategy %r is stateless, resuming at step %d", self.config.strategy, state.global_step
+            )
             return
-        saved = load_state(folder, stem=stem)
-        if saved.get("config", {}).get("strategy") not in (None, self.config.strategy):
-            raise ValueError(f"checkpoint {folder} was trained with strategy {saved['config']['strategy']!r}, not {self.config.strategy!r}")
-        saved.pop("config", None)
-        saved.pop("sharded", None)
         self.masker.load_state_dict(saved)
         if self.masker.step != state.global_step:
-            raise ValueError(f"GMT state in {folder} is for step {self.masker.step}, the Trainer resumes at {state.global_step}")
+            raise ValueError(
+                f"GMT state is for step {self.masker.step}, the Trainer resumes at {state.global_step}; the checkpoint is inconsistent"
+            )
+
+    def _sharded_state(self, record: dict[str, Any], candidates: list[str]) -> dict[str, Any]:
+        import torch.distributed as dist
+
+        stem = rank_stem(dist.get_rank())
+        folder = next((c for c in candidates if has_state(c, stem=stem)), None)
+        if folder is None:
+            raise FileNotFoundError(
+                f"the checkpoint holds per-rank GMT state, but none of {candidates} holds {stem}.json; name the checkpoint "
+                "folder in TrainingArguments(resume_from_checkpoint=...)"
+            )
+        saved = load_state(folder, stem=stem)
+        if saved.pop("world_size", record["world_size"]) != record["world_size"] or saved.get("step") != record["step"]:
+            raise ValueError(
+                f"{os.path.join(folder, stem)}.json is not from the same save as trainer_state.json (its step or world size differ)"
+            )
+        return saved
+
+    def _legacy_state(self, candidates: list[str]) -> dict[str, Any] | None:
+        """Checkpoints written before the state moved into trainer_state.json: ``gmt_state.json`` beside it."""
+        folder = next((c for c in candidates if has_state(c)), None)
+        if folder is None:
+            return None
+        saved = load_state(folder)
+        strategy = saved.pop("config", {}).get("strategy")
+        if strategy not in (None, self.config.strategy):
+            raise ValueError(
+                f"{folder}/gmt_state.json was written by strategy {strategy!r}, this run uses {self.config.strategy!r}; "
+                "resume with the same strategy"
+            )
+        saved.pop("sharded", None)
+        return saved
+
+
+def run_checkpoint(args: TrainingArguments, state: TrainerState) -> str:
+    """The ``checkpoint-<global_step>`` folder in the Trainer's run directory."""
+    return checkpoint_folder(
+        args.output_dir, state.global_step, trial_name=state.trial_name, hyper_param_search=state.is_hyper_param_search
+    )
+
+
+def place_before_reporters(trainer: Any) -> GMTCallback:
+    """Move the trainer's ``GMTCallback`` to the front of its callbacks, so ``report_to`` integrations see its statistics.
+
+    The Trainer calls ``on_log`` in list order with one ``logs`` dict, and it puts the ``report_to`` callbacks
+    (TensorBoard, W&B, ...) before the ones you pass. ``GMTCallback`` adds its numbers to that dict and to
+    ``trainer.state.log_history``; the reporters see them only when it runs first. The other callbacks keep
+    their order. Call it after building the trainer (and after ``trainer.add_callback(GMTCallback(...))``).
+
+    Example:
+
+    ```python
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, callbacks=[GMTCallback(mask_ratio=0.2)])
+    place_before_reporters(trainer)
+    trainer.train()
+    ```
+    """
+    callbacks = trainer.callback_handler.callbacks
+    found = [cb for cb in callbacks if isinstance(cb, GMTCallback)]
+    if len(found) != 1:
+        raise ValueError(f"place_before_reporters needs exactly one GMTCallback in trainer.callback_handler.callbacks, found {len(found)}")
+    callbacks[:] = [found[0]] + [cb for cb in callbacks if cb is not found[0]]
+    found[0].before_reporters = True
+    return found[0]

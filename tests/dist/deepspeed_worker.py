@@ -38,6 +38,11 @@ CASES = [
      {"offload_optimizer": {"device": "cpu"}}),
     ("z3_offload_tensor", 3, dict(strategy="gmt", scope="tensor", mask_ratio=0.3), dict(max_grad_norm=0.5),
      {"offload_optimizer": {"device": "cpu"}, "sub_group_size": 1500}),
+    # strict mode under AdamW with weight decay: masked entries held bit-identical, group by group
+    ("z2_strict_adamw", 2, dict(strategy="gmt", scope="tensor", mask_ratio=0.3, strict=True),
+     dict(max_grad_norm=0.0, optim="adamw_torch", learning_rate=0.01, weight_decay=0.1), {}),
+    ("z3_strict_adamw_global", 3, dict(strategy="gmt", scope="global", mask_ratio=0.3, strict=True),
+     dict(max_grad_norm=0.5, optim="adamw_torch", learning_rate=0.01, weight_decay=0.1), {"sub_group_size": 1500}),
     ("z3_bf16_global", 3, dict(strategy="gmt", scope="global", mask_ratio=0.3), dict(max_grad_norm=0.0, bf16=True), {}),
     ("z3_momentum_global", 3, dict(strategy="gmt_momentum", scope="global", mask_ratio=0.3, strategy_options={"beta": 0.5}), dict(max_grad_norm=0.0), {}),
 ]
@@ -125,7 +130,8 @@ def run_case(name: str, stage: int, gmt: dict, args_overrides: dict, zero_extra:
         def on_step_end(self, args, state, control, model=None, **kwargs):
             self.weights.append(full_weights(model))
             stats = gmt_callback.last_stats
-            self.stats.append(None if stats is None else dataclasses.asdict(stats))
+            restored = gmt_callback._deepspeed.restored
+            self.stats.append(None if stats is None else {**dataclasses.asdict(stats), "restored": restored})
 
     ds_config = {
         "zero_optimization": {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {}), **zero_extra},
@@ -136,10 +142,10 @@ def run_case(name: str, stage: int, gmt: dict, args_overrides: dict, zero_extra:
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,  # offload cases step torch's SGD on the CPU partitions
     }
+    training = {"optim": "sgd", "learning_rate": 1.0, "weight_decay": 0.0, **args_overrides}
     args = TrainingArguments(
-        output_dir=os.path.join(out, name), deepspeed=ds_config, optim="sgd", learning_rate=1.0, weight_decay=0.0,
-        lr_scheduler_type="constant", per_device_train_batch_size=1, gradient_accumulation_steps=GRAD_ACCUM,
-        max_steps=STEPS, **cpu_args(**args_overrides),
+        output_dir=os.path.join(out, name), deepspeed=ds_config, lr_scheduler_type="constant", per_device_train_batch_size=1,
+        gradient_accumulation_steps=GRAD_ACCUM, max_steps=STEPS, **cpu_args(**training),
     )
     dataset = [{"input_ids": [i], "labels": [i]} for i in range(2 * GRAD_ACCUM * STEPS)]
     gmt_callback = GMTCallback(**gmt, chunk_numel=1024)
@@ -172,7 +178,7 @@ def run_refusals(out: str) -> None:
     config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}
     engine, *_ = deepspeed.initialize(model=model, config=config, optimizer=torch.optim.SGD(model.parameters(), lr=1.0))
     messages = {}
-    for key, overrides in (("hft", dict(strategy="hft")), ("strict", dict(strict=True))):
+    for key, overrides in (("hft", dict(strategy="hft")),):
         try:
             attach_deepspeed(GradientMasker(engine, **overrides), engine)
             messages[key] = None
