@@ -8,6 +8,7 @@ from typing import Any
 import pluggy
 import torch
 
+from gmt_plugins import fsdp1
 from gmt_plugins.config import GMTConfig, resolve_config
 from gmt_plugins.distributed import ShardReducer, is_dtensor, local_shard, reducing
 from gmt_plugins.layout import flat_view, same_layout
@@ -65,12 +66,16 @@ class GradientMasker:
         self.partitioned_by: str | None = None
         """Set by an integration that masks inside the optimizer step (``"DeepSpeed ZeRO"``)."""
 
-    def _select(self, source: torch.nn.Module | NamedParameters) -> list[tuple[str, torch.nn.Parameter]]:
+    def _select(self, source: torch.nn.Module | NamedParameters) -> list[tuple[str, torch.nn.Parameter | fsdp1.FlatSlice]]:
         if isinstance(source, torch.nn.Module):
+            layout = fsdp1.Layout.of(source)  # before unwrapping: the root FSDP1 module holds parameters too
             model = unwrap_model(source)
             candidates = self.plugin_manager.hook.gmt_select_parameters(model=model, config=self.config)
+            if layout is not None:
+                candidates = layout.expand(candidates)
         else:
             candidates = [(name, p) for name, p in source if p.requires_grad]
+            fsdp1.refuse_named_flat_parameters(candidates)
         selected = [(name, p) for name, p in candidates if self.config.matches(name)]
         if not selected:
             raise ValueError(
@@ -84,22 +89,22 @@ class GradientMasker:
         return [name for name, _ in self.parameters]
 
     def _entries(self) -> tuple[list[GradEntry], list[str], ShardReducer | None]:
-        """The gradients to mask, and the reducer over the shards when they are FSDP2 shards."""
+        """The gradients to mask, and the reducer over the shards when they are FSDP2 or FSDP1 shards."""
         entries, without_grad = [], []
         groups, whole = [], []
         for name, param in self.parameters:
-            grad = param.grad
+            if isinstance(param, fsdp1.FlatSlice):
+                grad, param, shard, group = param.local(name)
+            else:
+                grad, shard, group = param.grad, None, None
+                if grad is not None and is_dtensor(grad):
+                    grad, shard, group = local_shard(name, grad)
+                    param = param.to_local() if is_dtensor(param) else param
             if grad is None:
                 without_grad.append(name)
                 continue
-            shard = None
-            if is_dtensor(grad):
-                grad, shard, group = local_shard(name, grad)
-                param = param.to_local() if is_dtensor(param) else param
-                if shard is not None:
-                    groups.append((name, group))
-                else:
-                    whole.append(name)
+            if shard is not None:
+                groups.append((name, group))
             else:
                 whole.append(name)
             if grad.is_sparse:
@@ -115,17 +120,13 @@ class GradientMasker:
             return entries, without_grad, None
         if whole:
             raise ValueError(
-                f"gradients of {groups[0][0]!r} and others are FSDP2 shards but those of {whole[:3]} are whole tensors; "
+                f"gradients of {groups[0][0]!r} and others are FSDP shards but those of {whole[:3]} are whole tensors; "
                 "GMT masks either all-sharded or all-whole gradients (shard every selected parameter with fully_shard)"
             )
         if any(g is not groups[0][1] for _, g in groups):
             raise ValueError("the selected gradients are sharded over different process groups; GMT needs one group")
         if not self.strategy.supports_sharded_gradients:
-            raise ValueError(
-                f"strategy {self.strategy.name!r} does not support sharded (FSDP2) gradients: its masks depend on more "
-                "than elementwise keys of each shard. Use DDP, or a strategy with supports_sharded_gradients "
-                "(gmt, random, gmt_momentum)"
-            )
+            raise ValueError(self.sharded_refusal("sharded (FSDP2/FSDP1)"))
         return entries, without_grad, ShardReducer(groups[0][1])
 
     @torch.no_grad()

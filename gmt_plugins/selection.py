@@ -22,9 +22,9 @@ one (a single process, or DDP's whole gradients) no collective is made.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -147,6 +147,40 @@ def _histogram(
     return digits_hist
 
 
+def histogram_across_devices(
+    source: KeySource,
+    flats: Sequence[tuple[int, torch.Tensor]],
+    *,
+    nonfinite: list[int] | None = None,
+    device_of: Callable[[torch.Tensor], object] = lambda flat: flat.device,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """:func:`_histogram` of flats that may sit on several devices (``device_map="auto"``, CPU
+    offload, the global scope): one histogram per device, summed on the first flat's device.
+
+    Histograms are sums, so the result (and ``nonfinite``, in ``flats`` order) is exactly that of
+    one device holding every flat. ``device_of`` groups the flats (tests group CPU flats by other
+    keys to exercise the sum without a second device).
+    """
+    groups: dict[object, list[int]] = {}
+    for position, (_, flat) in enumerate(flats):
+        groups.setdefault(device_of(flat), []).append(position)
+    if len(groups) <= 1:
+        return _histogram(source, flats, nonfinite=nonfinite, **kwargs)
+    target = flats[0][1].device
+    total: torch.Tensor | None = None
+    counts: dict[int, int] = {}
+    for positions in groups.values():
+        part: list[int] | None = [] if nonfinite is not None else None
+        hist = _histogram(source, [flats[p] for p in positions], nonfinite=part, **kwargs).to(target)
+        total = hist if total is None else total + hist
+        if part is not None:
+            counts.update(zip(positions, part))
+    if counts:  # only the top digit (base=None) counts them
+        nonfinite.extend(counts[p] for p in range(len(flats)))
+    return total
+
+
 def _native_kernel(source: KeySource, use_native: bool | None) -> ctypes.CDLL | None:
     """The compiled kernel when it may serve ``source`` (exact magnitude keys): ``use_native=None``
     follows ``GMT_PLUGINS_NATIVE``, ``False`` declines it, ``True`` raises when it cannot serve."""
@@ -196,7 +230,7 @@ def rank(
     if not flats:
         return Cut(None), Ranked(rankable=0, nonfinite=[])
     nonfinite: list[int] = []
-    hist = _histogram(source, flats, shift=top_shift, base=None, chunk_numel=chunk_numel, nonfinite=nonfinite)
+    hist = histogram_across_devices(source, flats, shift=top_shift, base=None, chunk_numel=chunk_numel, nonfinite=nonfinite)
     if reducer is not None:
         hist, nonfinite = reducer.sum_histogram(hist, nonfinite)
     rankable = int(hist[: source.cap >> top_shift].sum().item())
@@ -208,7 +242,7 @@ def rank(
     prefix, remaining = digit, k - below
     for shift in range(top_shift - DIGIT_BITS, -1, -DIGIT_BITS):
         base = prefix << (shift + DIGIT_BITS)
-        hist = _histogram(source, flats, shift=shift, base=base, chunk_numel=chunk_numel)
+        hist = histogram_across_devices(source, flats, shift=shift, base=base, chunk_numel=chunk_numel)
         if reducer is not None:
             reducer.sum_(hist)
         digit, below = _locate(hist, remaining)
