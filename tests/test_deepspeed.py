@@ -167,3 +167,18 @@ def test_plain_deepspeed_loop_example():
     out = torchrun_cpu(DIST.parent.parent / "examples" / "deepspeed_loop.py", "--stage", "3")
     lines = [line for line in out.splitlines() if line.startswith("step ")]
     assert lines == [f"step {s}: masked 433/2177 (0.199) on ZeRO-3" for s in range(3)], out
+
+
+def test_zero2_resume_is_bit_identical_with_per_rank_state(ds_run):
+    """gmt_momentum keeps an EMA of each rank's partition: saved per rank at step 2, resumed into another
+    folder, the final fp32 weights and every rank's EMA equal the uninterrupted run's."""
+    shapes = []
+    for r in (0, 1):
+        runs = load(ds_run / f"resume.stats{r}.pt")
+        (full_weights, full_step, full_state), (weights, step, state) = runs["full"], runs["resumed"]
+        assert full_step == step == 4
+        assert all(torch.equal(full_weights[n], weights[n]) for n in full_weights)
+        assert full_state["ema"].keys() == state["ema"].keys()
+        assert all(torch.equal(full_state["ema"][k], state["ema"][k]) for k in state["ema"])
+        shapes.append({k: v.numel() for k, v in state["ema"].items()})
+    assert shapes[0] != shapes[1]  # each rank kept its own partition's EMA

@@ -88,9 +88,9 @@ class Term(torch.nn.Module):
 class KnownGradModel(torch.nn.Module):
     """``loss = sum_k sum(C_k[s] * W_k)`` with ``s`` the optimizer step (forward calls // accumulation)."""
 
-    def __init__(self, case: str) -> None:
+    def __init__(self, case: str, steps: int = STEPS) -> None:
         super().__init__()
-        known = known_gradients(case)
+        known = known_gradients(case, steps)
         self.terms = torch.nn.ModuleDict({prefix: Term(prefix, known) for prefix in dict.fromkeys(k.split(".")[0] for k in SHAPES)})
         self.calls = 0
 
@@ -112,12 +112,69 @@ def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {param_key(name): safe_get_full_fp32_param(p).detach().clone().cpu() for name, p in model.named_parameters()}
 
 
-def run_case(name: str, stage: int, gmt: dict, args_overrides: dict, zero_extra: dict, out: str) -> None:
+def training_args(output_dir: str, stage: int, args_overrides: dict, zero_extra: dict, steps: int):
+    from transformers import TrainingArguments
+
+    from tiny import cpu_args
+
+    ds_config = {
+        "zero_optimization": {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {}), **zero_extra},
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # offload cases step torch's SGD on the CPU partitions
+    }
+    training = {"optim": "sgd", "learning_rate": 1.0, "weight_decay": 0.0, **args_overrides}
+    return TrainingArguments(
+        output_dir=output_dir, deepspeed=ds_config, lr_scheduler_type="constant", per_device_train_batch_size=1,
+        gradient_accumulation_steps=GRAD_ACCUM, max_steps=steps, **cpu_args(**training),
+    )
+
+
+def reset_accelerate() -> None:
     from accelerate.state import AcceleratorState, PartialState
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+
+
+def run_resume(out: str) -> None:
+    """ZeRO-2, gmt_momentum (per-rank EMA of each partition): 4 steps saved at step 2, against the same run
+    resumed from checkpoint-2 into another output folder."""
+    from transformers import Trainer
 
     from gmt_plugins import GMTCallback
-    from tiny import cpu_args
+
+    gmt = dict(strategy="gmt_momentum", scope="global", mask_ratio=0.3, strategy_options={"beta": 0.5}, chunk_numel=1024)
+    overrides = dict(max_grad_norm=0.0, save_strategy="steps", save_steps=2)
+    dataset = [{"input_ids": [i], "labels": [i]} for i in range(2 * GRAD_ACCUM * 4)]
+    finals = {}
+    checkpoint = os.path.join(out, "resume_full", "checkpoint-2")
+    for run in ("full", "resumed"):
+        model = KnownGradModel("resume", steps=4)
+        callback = GMTCallback(**gmt)
+        args = training_args(os.path.join(out, f"resume_{run}"), 2, overrides, {}, 4)
+        if run == "resumed":  # per-rank state in a folder outside output_dir: the Trainer tells callbacks only this way
+            args.resume_from_checkpoint = checkpoint
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback])
+        if run == "full":
+            trainer.train()
+        else:
+            model.calls = 2 * GRAD_ACCUM  # the known gradient of step 2 next
+            trainer.train(resume_from_checkpoint=checkpoint)
+        finals[run] = (full_weights(trainer.model), callback.masker.step, callback.masker.strategy.state_dict())
+        callback._deepspeed.detach()
+        del trainer
+        reset_accelerate()
+    torch.save(finals, os.path.join(out, f"resume.stats{torch.distributed.get_rank()}.pt"))
+
+
+def run_case(name: str, stage: int, gmt: dict, args_overrides: dict, zero_extra: dict, out: str) -> None:
+    from transformers import Trainer, TrainerCallback
+
+    from gmt_plugins import GMTCallback
 
     class Record(TrainerCallback):
         def __init__(self) -> None:
@@ -133,20 +190,7 @@ def run_case(name: str, stage: int, gmt: dict, args_overrides: dict, zero_extra:
             restored = gmt_callback._deepspeed.restored
             self.stats.append(None if stats is None else {**dataclasses.asdict(stats), "restored": restored})
 
-    ds_config = {
-        "zero_optimization": {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {}), **zero_extra},
-        "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto",
-        "bf16": {"enabled": "auto"},
-        "zero_allow_untested_optimizer": True,
-        "zero_force_ds_cpu_optimizer": False,  # offload cases step torch's SGD on the CPU partitions
-    }
-    training = {"optim": "sgd", "learning_rate": 1.0, "weight_decay": 0.0, **args_overrides}
-    args = TrainingArguments(
-        output_dir=os.path.join(out, name), deepspeed=ds_config, lr_scheduler_type="constant", per_device_train_batch_size=1,
-        gradient_accumulation_steps=GRAD_ACCUM, max_steps=STEPS, **cpu_args(**training),
-    )
+    args = training_args(os.path.join(out, name), stage, args_overrides, zero_extra, STEPS)
     dataset = [{"input_ids": [i], "labels": [i]} for i in range(2 * GRAD_ACCUM * STEPS)]
     gmt_callback = GMTCallback(**gmt, chunk_numel=1024)
     record = Record()
@@ -163,8 +207,7 @@ def run_case(name: str, stage: int, gmt: dict, args_overrides: dict, zero_extra:
         torch.save({"weights": record.weights, "known": known_gradients(name)}, os.path.join(out, f"{name}.pt"))
     gmt_callback._deepspeed.detach()
     del trainer, engine
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
+    reset_accelerate()
 
 
 def run_refusals(out: str) -> None:
@@ -202,6 +245,8 @@ def main() -> None:
             run_case(name, stage, gmt, args_overrides, zero_extra, out)
     if not wanted or "refusals" in wanted:
         run_refusals(out)
+    if not wanted or "resume" in wanted:
+        run_resume(out)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
