@@ -174,6 +174,18 @@ class GMTCallback(TrainerCallback):
 
     # -- the step ----------------------------------------------------------------------------
 
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """Before the first micro-batch of every optimizer step: freeze what the strategy freezes for
+        the whole step (``lisa``, ``hft``, ``ist``; nothing for the others)."""
+        if self.masker is None:
+            raise RuntimeError("GMTCallback.on_step_begin before on_train_begin")
+        self.masker.step = state.global_step
+        self.masker.begin_step()
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.masker is not None:
+            self.masker.unfreeze()  # a later train() selects parameters by requires_grad again
+
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.masker is None:
             raise RuntimeError("GMTCallback.on_pre_optimizer_step before on_train_begin")

@@ -1,11 +1,15 @@
-"""Grouping parameters into layers by the numeric index in their names (``model.layers.3.mlp...``)."""
+"""Grouping parameters into layers by the numeric index in their names (``model.layers.3.mlp...``),
+and the base of the strategies that freeze whole tensors before the forward pass."""
 
 from __future__ import annotations
 
 import re
+from abc import abstractmethod
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
-from gmt_plugins.strategies.base import GradEntry
+from gmt_plugins.strategies._masks import mask_plan
+from gmt_plugins.strategies.base import GradEntry, MaskPlan, MaskStrategy
 
 
 def layer_key(name: str) -> str | None:
@@ -26,13 +30,13 @@ def _order(key: str) -> tuple[str, int]:
     return prefix, int(index)
 
 
-def layer_groups(entries: Sequence[GradEntry]) -> tuple[list[str], dict[str, list[int]], list[int]]:
-    """``(layers, members, others)``: the layer keys in natural order, the entry indices of each
-    layer, and the indices of entries with no layer index."""
+def name_groups(names: Sequence[str]) -> tuple[list[str], dict[str, list[int]], list[int]]:
+    """``(layers, members, others)``: the layer keys in natural order, the indices (into ``names``)
+    of each layer's members, and the indices of names with no layer index."""
     members: dict[str, list[int]] = {}
     others: list[int] = []
-    for i, entry in enumerate(entries):
-        key = layer_key(entry.name)
+    for i, name in enumerate(names):
+        key = layer_key(name)
         if key is None:
             others.append(i)
         else:
@@ -40,5 +44,45 @@ def layer_groups(entries: Sequence[GradEntry]) -> tuple[list[str], dict[str, lis
     return sorted(members, key=_order), members, others
 
 
+def layer_groups(entries: Sequence[GradEntry]) -> tuple[list[str], dict[str, list[int]], list[int]]:
+    """:func:`name_groups` of the entries' names (indices into ``entries``)."""
+    return name_groups([e.name for e in entries])
+
+
 def matches_any(name: str, patterns: Sequence[str]) -> bool:
     return any(re.search(p, name) for p in patterns)
+
+
+class FreezingStrategy(MaskStrategy):
+    """A strategy whose decision at a step is a set of whole tensors known from the names alone.
+
+    :meth:`frozen_before_forward` (called by :meth:`GradientMasker.begin_step` before the step's
+    first forward pass) records the decision, so :meth:`plan` masks by that very set even though
+    the frozen tensors then have no gradient. Without ``begin_step`` (the masking-only loop),
+    :meth:`plan` decides from the names of the gradients it is given, as before.
+    """
+
+    freezes_before_forward: ClassVar[bool] = True
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self._decided: tuple[int, frozenset[str]] | None = None
+
+    @abstractmethod
+    def frozen_names(self, names: Sequence[str], *, step: int) -> set[str]:
+        """The names among ``names`` whose tensors are frozen at ``step``."""
+
+    def frozen_before_forward(self, names: Sequence[str], *, step: int) -> set[str]:
+        frozen = self.frozen_names(names, step=step)
+        self._decided = (step, frozenset(frozen))
+        return frozen
+
+    def decided_at(self, step: int) -> frozenset[str] | None:
+        """The set :meth:`frozen_before_forward` chose for ``step``, or ``None`` when it was not asked."""
+        return self._decided[1] if self._decided is not None and self._decided[0] == step else None
+
+    def plan(self, entries: Sequence[GradEntry], *, step: int) -> MaskPlan:
+        frozen = self.decided_at(step)
+        if frozen is None:
+            frozen = self.frozen_names([e.name for e in entries], step=step)
+        return mask_plan(entries, [e.name in frozen for e in entries], self.config.chunk_numel)
