@@ -59,23 +59,30 @@ class Variant:
     optimizer: torch.optim.Optimizer
     masker: GradientMasker | None = None
     freezes: bool = False
-    times: list[float] = field(default_factory=list)
+    times: list[tuple[float, float, float]] = field(default_factory=list)
+    """Per timed step: (begin_step + forward + backward, masker.apply, optimizer.step + zero_grad) seconds."""
     grad_bytes: int = 0
 
-    def step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
+    def step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, float, float]:
         start = time.perf_counter()
         if self.freezes:
             self.masker.begin_step()
         model(**batch).loss.backward()
+        backward = time.perf_counter()
         if self.masker is not None:
             self.masker.apply()
+        masked = time.perf_counter()
         self.grad_bytes = tensor_bytes(p.grad for p in model.parameters())
+        counted = time.perf_counter()  # the byte count is not part of a step
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - start
+        done = time.perf_counter()
         if self.freezes:
             self.masker.unfreeze()  # the next variant trains everything (not timed)
-        return elapsed
+        return backward - start, masked - backward, done - counted
+
+    def median(self, part: int | None = None) -> float:
+        return statistics.median(sum(t) if part is None else t[part] for t in self.times)
 
     def optimizer_bytes(self) -> int:
         if isinstance(self.optimizer, SparseAdamW):
@@ -137,18 +144,20 @@ def main() -> None:
             v.times.append(v.step(model, batch))
 
     dense_state = 2 * 4 * n_params  # AdamW's exp_avg + exp_avg_sq in float32 for every entry
-    base = statistics.median(variants[0].times) if names[0] == "plain" else None
-    print(f"\n| variant | step s (median of {args.reps}) | step / plain | gradients MB | optimizer state MB | state / dense AdamW | strategy state MB |")
-    print("|---|---|---|---|---|---|---|")
+    plain = next((v for v in variants if v.name == "plain"), None)
+    print(
+        f"\n| variant | step s (median of {args.reps}) | step / plain | fwd+bwd / plain | apply s | optimizer s | "
+        "gradients MB | optimizer state MB | state / dense AdamW | strategy state MB |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for v in variants:
-        median = statistics.median(v.times)
-        ratio = f"{median / base:.2f}" if base else "-"
+        ratio = f"{v.median() / plain.median():.2f}" if plain else "-"
+        fwd_bwd = f"{v.median(0) / plain.median(0):.2f}" if plain else "-"
         state = v.optimizer_bytes()
         print(
-            f"| {v.name} | {median:.3f} | {ratio} | {v.grad_bytes / 2**20:.1f} | {state / 2**20:.1f} | "
-            f"{state / dense_state:.2%} | {v.strategy_bytes() / 2**20:.1f} |"
+            f"| {v.name} | {v.median():.3f} | {ratio} | {fwd_bwd} | {v.median(1):.3f} | {v.median(2):.3f} | "
+            f"{v.grad_bytes / 2**20:.1f} | {state / 2**20:.1f} | {state / dense_state:.2%} | {v.strategy_bytes() / 2**20:.1f} |"
         )
-
 
 if __name__ == "__main__":
     main()

@@ -131,9 +131,12 @@ class GradientMasker:
         return frozen
 
     def unfreeze(self) -> None:
-        """Give every selected parameter ``requires_grad=True`` again (after training, or to stop freezing)."""
-        for _, param in self.parameters:
-            param.requires_grad_(True)
+        """Give the tensors :meth:`begin_step` froze ``requires_grad=True`` again (after training, or
+        to stop freezing)."""
+        frozen = self._frozen[1] if self._frozen is not None else frozenset()
+        for name, param in self.parameters:
+            if name in frozen:
+                param.requires_grad_(True)
         self._frozen = None
         self._keep_inputs_differentiable(False)
 

@@ -8,8 +8,11 @@ from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from gmt_plugins.strategies._masks import mask_plan
-from gmt_plugins.strategies.base import GradEntry, MaskPlan, MaskStrategy
+import torch
+
+from gmt_plugins.selection import Cut
+from gmt_plugins.strategies._masks import MaskKeys, count_nonfinite
+from gmt_plugins.strategies.base import GradEntry, MaskPlan, MaskStrategy, TensorPlan
 
 
 def layer_key(name: str) -> str | None:
@@ -53,6 +56,23 @@ def matches_any(name: str, patterns: Sequence[str]) -> bool:
     return any(re.search(p, name) for p in patterns)
 
 
+def nonfinite(flat: torch.Tensor, chunk_numel: int) -> int:
+    """NaN/inf entries of ``flat``: one reduction when there are none (a finite float32 sum means
+    every entry is finite), the exact chunked count otherwise (or when the sum overflowed)."""
+    if bool(torch.isfinite(flat.sum(dtype=torch.float32))):
+        return 0
+    return count_nonfinite(flat, chunk_numel)
+
+
+def whole_tensor_plan(entries: Sequence[GradEntry], frozen: Sequence[bool], chunk_numel: int) -> MaskPlan:
+    """A plan zeroing every finite entry of the frozen tensors and nothing of the others; as
+    ``mask_plan`` with whole-tensor masks, with a one-pass NaN/inf count for the common all-finite case."""
+    source = MaskKeys(list(frozen))
+    return MaskPlan([
+        TensorPlan(source, i, Cut(1) if f else Cut(None), nonfinite(e.flat, chunk_numel)) for i, (e, f) in enumerate(zip(entries, frozen))
+    ])
+
+
 class FreezingStrategy(MaskStrategy):
     """A strategy whose decision at a step is a set of whole tensors known from the names alone.
 
@@ -85,4 +105,4 @@ class FreezingStrategy(MaskStrategy):
         frozen = self.decided_at(step)
         if frozen is None:
             frozen = self.frozen_names([e.name for e in entries], step=step)
-        return mask_plan(entries, [e.name in frozen for e in entries], self.config.chunk_numel)
+        return whole_tensor_plan(entries, [e.name in frozen for e in entries], self.config.chunk_numel)

@@ -12,8 +12,8 @@ import torch
 from gmt_plugins.hookspecs import hookimpl
 from gmt_plugins.keys import stable_salt
 from gmt_plugins.registry import StrategyRegistry
-from gmt_plugins.strategies._layers import FreezingStrategy, layer_groups, matches_any, name_groups
-from gmt_plugins.strategies._masks import check_float, mask_plan
+from gmt_plugins.strategies._layers import FreezingStrategy, layer_groups, matches_any, name_groups, whole_tensor_plan
+from gmt_plugins.strategies._masks import check_float
 from gmt_plugins.strategies.base import GradEntry, MaskPlan
 from gmt_plugins.strategies.lisa import LISAOptions
 
@@ -125,7 +125,7 @@ class ISTStrategy(FreezingStrategy):
         self._ensure_drawn(layers, step)
         self._learn(entries, layers, members)
         frozen = self.frozen_names([e.name for e in entries], step=step)
-        return mask_plan(entries, [e.name in frozen for e in entries], self.config.chunk_numel)
+        return whole_tensor_plan(entries, [e.name in frozen for e in entries], self.config.chunk_numel)
 
     def state_dict(self) -> dict[str, Any]:
         return {"scores": dict(self.scores), "period": self._period, "active": list(self._active)}
