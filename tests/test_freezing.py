@@ -196,3 +196,20 @@ def test_callback_raises_under_ddp_without_the_flag(tmp_path):
     callback = GMTCallback(strategy="hft")
     with pytest.raises(ValueError, match="ddp_find_unused_parameters=True"):
         callback.on_train_begin(args, TrainerState(), TrainerControl(), model=tiny_llama(), optimizer=None)
+
+
+@pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo"
+)
+def test_ddp_with_find_unused_parameters_keeps_frozen_layers_without_grad(tmp_path):
+    from test_distributed import load, torchrun
+
+    torchrun("freezing_worker.py", tmp_path)
+    ranks = [load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert len(ranks[0]) == 3
+    for step, (a, b) in enumerate(zip(*ranks)):
+        assert a["frozen"] == b["frozen"] and a["frozen"], step  # the same draw on every rank
+        assert a["no_grad"] == a["frozen"] and b["no_grad"] == b["frozen"], step  # DDP leaves unused grads None
+        for name in a["before"]:
+            assert torch.equal(a["after"][name], b["after"][name]), (step, name)  # replicas stay in sync
+            assert torch.equal(a["after"][name], a["before"][name]) == (name in a["frozen"]), (step, name)
