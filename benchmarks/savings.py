@@ -13,14 +13,14 @@ downloaded). Every variant trains the same model with AdamW (weight decay 0.1) o
 
 One step is ``begin_step`` (lisa, hft), forward, backward, ``masker.apply()``, ``optimizer.step()``
 and ``zero_grad(set_to_none=True)``. Variants run interleaved (rep 1 of every variant, then rep 2,
-...), after ``--warmup`` steps each (sift chooses its mask and lift runs its SVDs there), and the
+..., the order rotated every rep), after ``--warmup`` steps each (sift chooses its mask and lift runs its SVDs there), and the
 median of the reps is compared with plain's median from the same run: on a shared machine only
 ratios measured side by side mean anything.
 
 Bytes are exact: the gradients present right before ``optimizer.step()``, the optimizer's state
 after the run, and the strategy's own state (the fixed masks' bool tensors).
 
-    OMP_NUM_THREADS=1 python benchmarks/savings.py --seq 64 --batch 2 --reps 5
+    OMP_NUM_THREADS=1 python benchmarks/savings.py --seq 64 --batch 2 --reps 12
 """
 
 from __future__ import annotations
@@ -139,8 +139,8 @@ def main() -> None:
     for _ in range(args.warmup):
         for v in variants:
             v.step(model, batch)
-    for _ in range(args.reps):
-        for v in variants:
+    for rep in range(args.reps):
+        for v in variants[rep % len(variants):] + variants[: rep % len(variants)]:  # rotated: no variant always runs first
             v.times.append(v.step(model, batch))
 
     dense_state = 2 * 4 * n_params  # AdamW's exp_avg + exp_avg_sq in float32 for every entry
