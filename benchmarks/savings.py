@@ -13,9 +13,9 @@ downloaded). Every variant trains the same model with AdamW (weight decay 0.1) o
 
 One step is ``begin_step`` (lisa, hft), forward, backward, ``masker.apply()``, ``optimizer.step()``
 and ``zero_grad(set_to_none=True)``. Variants run interleaved (rep 1 of every variant, then rep 2,
-..., the order rotated every rep), after ``--warmup`` steps each (sift chooses its mask and lift runs its SVDs there), and the
-median of the reps is compared with plain's median from the same run: on a shared machine only
-ratios measured side by side mean anything.
+..., the order rotated every rep), after ``--warmup`` steps each (sift chooses its mask and lift
+runs its SVDs there), and the median of the reps is compared with plain's median from the same
+run: on a shared machine only ratios measured side by side mean anything.
 
 Bytes are exact: the gradients present right before ``optimizer.step()``, the optimizer's state
 after the run, and the strategy's own state (the fixed masks' bool tensors).
