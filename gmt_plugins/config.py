@@ -11,6 +11,7 @@ from typing import Any, Literal
 from gmt_plugins.selection import DEFAULT_CHUNK_NUMEL
 
 SCOPES = ("tensor", "global")
+_STRATEGY_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 
 
 class _DefaultFloat(float):
@@ -21,8 +22,8 @@ class _DefaultFloat(float):
 
 
 class _DefaultStr(str):
-    """As :class:`_DefaultFloat`, for string fields."""
-_STRATEGY_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+    """As :class:`_DefaultFloat`, for string fields; but argparse re-parses string defaults, so
+    through ``HfArgumentParser`` an unset ``scope`` comes back as a plain (given) string."""
 
 
 @dataclass
