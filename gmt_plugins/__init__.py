@@ -8,6 +8,7 @@ from gmt_plugins.config import GMTConfig
 from gmt_plugins.hookspecs import hookimpl, hookspec
 from gmt_plugins.masker import GradientMasker
 from gmt_plugins.plugins import get_plugin_manager, make_plugin_manager, strategy_registry
+from gmt_plugins.sparse_adamw import SparseAdamW, strategy_masks
 from gmt_plugins.stats import MaskStats, TensorStats
 from gmt_plugins.strategies.base import KeyedStrategy, MaskStrategy
 
@@ -23,12 +24,14 @@ __all__ = [
     "KeyedStrategy",
     "MaskStats",
     "MaskStrategy",
+    "SparseAdamW",
     "TensorStats",
     "get_plugin_manager",
     "hookimpl",
     "hookspec",
     "make_plugin_manager",
     "place_before_reporters",
+    "strategy_masks",
     "strategy_registry",
 ]
 

@@ -14,6 +14,18 @@ SCOPES = ("tensor", "global")
 _STRATEGY_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 
 
+class _DefaultFloat(float):
+    """The default of a field, marked so that :meth:`GMTConfig.given` can tell it from a value given
+    explicitly (even an equal one). It is an ordinary float otherwise, survives
+    ``dataclasses.replace``, ``copy`` and pickling, and argparse hands it back untouched when the
+    option is not on the command line."""
+
+
+class _DefaultStr(str):
+    """As :class:`_DefaultFloat`, for string fields; but argparse re-parses string defaults, so
+    through ``HfArgumentParser`` an unset ``scope`` comes back as a plain (given) string."""
+
+
 @dataclass
 class GMTConfig:
     """Configuration of gradient masking.
@@ -23,11 +35,11 @@ class GMTConfig:
     """
 
     mask_ratio: float = field(
-        default=0.2,
+        default=_DefaultFloat(0.2),
         metadata={"help": "Fraction of the selected gradient entries zeroed at each optimizer step, 0 <= r < 1."},
     )
     scope: Literal["tensor", "global"] = field(
-        default="tensor",
+        default=_DefaultStr("tensor"),
         metadata={
             "help": "Where the threshold is taken: 'tensor' masks floor(r * n) entries of every tensor; "
             "'global' masks floor(r * N) entries over all selected tensors with one threshold."
@@ -77,7 +89,8 @@ class GMTConfig:
             raise ValueError(f"mask_ratio must be a number in [0, 1), got {self.mask_ratio!r}")
         if not 0.0 <= float(self.mask_ratio) < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio!r}")
-        self.mask_ratio = float(self.mask_ratio)
+        if not isinstance(self.mask_ratio, _DefaultFloat):
+            self.mask_ratio = float(self.mask_ratio)
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
         if not isinstance(self.strategy, str) or not _STRATEGY_NAME.match(self.strategy):
@@ -92,6 +105,14 @@ class GMTConfig:
         self.exclude = _patterns("exclude", self.exclude)
         if isinstance(self.chunk_numel, bool) or not isinstance(self.chunk_numel, int) or self.chunk_numel < 1024:
             raise ValueError(f"chunk_numel must be an integer >= 1024, got {self.chunk_numel!r}")
+
+    def given(self, name: str) -> bool:
+        """Whether field ``name`` holds a value given explicitly rather than its default.
+
+        Only ``mask_ratio`` and ``scope`` are tracked (strategies that ignore them warn about an
+        explicit value); the other fields always answer ``True``.
+        """
+        return not isinstance(getattr(self, name), (_DefaultFloat, _DefaultStr))
 
     def matches(self, name: str) -> bool:
         """Whether a parameter called ``name`` passes the include/exclude patterns."""

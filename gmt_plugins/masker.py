@@ -34,16 +34,22 @@ class GradientMasker:
         plugin_manager (`pluggy.PluginManager`, *optional*):
             Defaults to the process-wide one from :func:`gmt_plugins.plugins.get_plugin_manager`.
 
+    Strategies that freeze whole tensors (``lisa``, ``hft``, ``ist``) save compute and optimizer
+    work when :meth:`begin_step` is called before the first forward pass of every optimizer step
+    (with gradient accumulation: once, before the first micro-batch); without it they only mask.
+
     Example:
 
     ```python
     masker = GradientMasker(model, mask_ratio=0.2)
     for batch in loader:
+        masker.begin_step()  # freezes what the strategy freezes for this step (a no-op for gmt)
         model(**batch).loss.backward()
         stats = masker.apply()
         optimizer.step()
         masker.restore_masked()  # only does something with strict=True
-        optimizer.zero_grad()
+        optimizer.zero_grad()  # set_to_none=True, the default: frozen tensors must keep .grad None
+    masker.unfreeze()  # after training: requires_grad back on every selected parameter
     ```
     """
 
@@ -59,6 +65,9 @@ class GradientMasker:
         self.plugin_manager = plugin_manager or get_plugin_manager()
         self.strategy = strategy_registry(self.plugin_manager).create(self.config)
         self.parameters = self._select(model_or_named_params)
+        self._module = unwrap_model(model_or_named_params) if isinstance(model_or_named_params, torch.nn.Module) else None
+        self._frozen: tuple[int, frozenset[str]] | None = None
+        self._input_hook: Any = None
         self.step = 0
         self.sharded = False
         """Whether the last ``apply`` saw FSDP2 shards: the strategy's state is then per rank."""
@@ -87,6 +96,74 @@ class GradientMasker:
     @property
     def names(self) -> list[str]:
         return [name for name, _ in self.parameters]
+
+    # -- freezing before the forward pass ----------------------------------------------------
+
+    def begin_step(self) -> frozenset[str]:
+        """Freeze, for the whole of optimizer step ``self.step``, what the strategy freezes before
+        the forward pass (:meth:`MaskStrategy.frozen_before_forward`); unfreeze the rest. Returns the
+        frozen names.
+
+        Call it before the step's first forward pass (``GMTCallback`` does, in ``on_step_begin``).
+        Frozen parameters get ``requires_grad=False`` and ``.grad=None``: backward computes no
+        weight gradient for them, and PyTorch optimizers skip parameters whose ``.grad`` is None
+        (no weight decay, no momentum), so they stay bit-identical. Zero gradients with
+        ``set_to_none=True`` (the default) so that ``.grad`` stays None between steps.
+        """
+        frozen = frozenset(self.strategy.frozen_before_forward(self.names, step=self.step))
+        unknown = frozen - set(self.names)
+        if unknown:
+            raise RuntimeError(f"strategy {self.strategy.name!r} froze unselected parameters {sorted(unknown)[:3]}")
+        if frozen and any(is_dtensor(p) for _, p in self.parameters):
+            raise ValueError(
+                f"strategy {self.strategy.name!r} freezes parameters before the forward pass, which is not supported "
+                "for FSDP2-sharded parameters; call apply() without begin_step() to only mask"
+            )
+        previous = self._frozen[1] if self._frozen is not None else frozenset()
+        for name, param in self.parameters:
+            if name in frozen:
+                param.requires_grad_(False)
+                param.grad = None
+            elif name in previous:
+                param.requires_grad_(True)
+        self._frozen = (self.step, frozen)
+        self._keep_inputs_differentiable(bool(frozen))
+        return frozen
+
+    def unfreeze(self) -> None:
+        """Give the tensors :meth:`begin_step` froze ``requires_grad=True`` again (after training, or
+        to stop freezing)."""
+        frozen = self._frozen[1] if self._frozen is not None else frozenset()
+        for name, param in self.parameters:
+            if name in frozen:
+                param.requires_grad_(True)
+        self._frozen = None
+        self._keep_inputs_differentiable(False)
+
+    def _keep_inputs_differentiable(self, needed: bool) -> None:
+        """Under reentrant gradient checkpointing a block whose inputs do not require grad computes no
+        gradient for its own (trainable) parameters; with the input embeddings frozen that would be
+        every block. As transformers' ``enable_input_require_grads`` does, make the embeddings' output
+        require grad, but only while frozen embeddings and checkpointing make it necessary."""
+        module = self._module
+        embeddings = module.get_input_embeddings() if module is not None and hasattr(module, "get_input_embeddings") else None
+        checkpointing = module is not None and any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules())
+        weight = getattr(embeddings, "weight", None)
+        needed = needed and checkpointing and isinstance(weight, torch.Tensor) and not weight.requires_grad
+        if needed and self._input_hook is None:
+            self._input_hook = embeddings.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+        elif not needed and self._input_hook is not None:
+            self._input_hook.remove()
+            self._input_hook = None
+
+    def _frozen_stats(self, without_grad: list[str]) -> tuple[list[TensorStats], list[str]]:
+        """Tensors frozen by :meth:`begin_step` for this step count as wholly masked, not as missing."""
+        if self._frozen is None or self._frozen[0] != self.step:
+            return [], without_grad
+        frozen = self._frozen[1]
+        numel = {name: (p.to_local() if is_dtensor(p) else p).numel() for name, p in self.parameters if name in frozen}
+        stats = [TensorStats(name, numel[name], numel[name], 0, None) for name in without_grad if name in frozen]
+        return stats, [name for name in without_grad if name not in frozen]
 
     def _entries(self) -> tuple[list[GradEntry], list[str], ShardReducer | None]:
         """The gradients to mask, and the reducer over the shards when they are FSDP2 or FSDP1 shards."""
@@ -175,7 +252,8 @@ class GradientMasker:
         if len(plan.tensors) != len(entries):
             raise RuntimeError(f"strategy {self.strategy.name!r} planned {len(plan.tensors)} tensors for {len(entries)} gradients")
         tensors = self._execute(entries, plan) if reducer is None else self._execute_sharded(entries, plan, reducer)
-        stats = MaskStats(self.step, self.strategy.name, self.config.scope, tensors, without_grad)
+        frozen, without_grad = self._frozen_stats(without_grad)
+        stats = MaskStats(self.step, self.strategy.name, self.config.scope, tensors + frozen, without_grad)
         self.step += 1
         return stats
 

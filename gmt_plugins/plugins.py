@@ -39,6 +39,7 @@ DEFAULT_PLUGINS = (
     "gmt_plugins.integrations.peft",
     "gmt_plugins.integrations.bitsandbytes",
     "gmt_plugins.integrations.trainer_checks",
+    "gmt_plugins.integrations.freezing_checks",
 )
 
 _default: pluggy.PluginManager | None = None

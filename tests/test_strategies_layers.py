@@ -119,3 +119,13 @@ def test_ist_first_draw_is_uniform_and_state_is_plain_json():
     assert all(counts[layer] >= 3 for layer in range(LAYERS))  # no layer favoured before learning
     state = masker.strategy.state_dict()
     assert set(state) == {"scores", "period", "active"} and isinstance(state["scores"]["model.layers.0"], float)
+
+
+def test_whole_tensor_plan_counts_nonfinite_like_the_chunked_count():
+    from gmt_plugins.strategies._layers import nonfinite
+    from gmt_plugins.strategies._masks import count_nonfinite
+
+    big = torch.full((4096,), 3e38)  # finite entries whose float32 sum overflows: the exact count decides
+    for flat in (torch.randn(5000), torch.tensor([1.0, float("nan"), float("inf"), -float("inf")]), big):
+        assert nonfinite(flat, 1024) == count_nonfinite(flat, 1024)
+    assert nonfinite(torch.randn(3000, dtype=torch.bfloat16), 1024) == 0

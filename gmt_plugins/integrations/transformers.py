@@ -166,10 +166,6 @@ class GMTCallback(TrainerCallback, ExportableState):
         if uses_deepspeed(args, optimizer):
             self._deepspeed = attach_deepspeed(self.masker, optimizer, step_index=lambda: state.global_step)
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        # A later train() builds a new TrainerState, which calls state(): that must not write into an old checkpoint.
-        self._args = self._state = None
-
     def _warn_if_reporters_miss_stats(self, args: TrainingArguments) -> None:
         report_to = getattr(args, "report_to", None) or []
         reporters = [r for r in ([report_to] if isinstance(report_to, str) else report_to) if r != "none"]
@@ -191,6 +187,20 @@ class GMTCallback(TrainerCallback, ExportableState):
         (logger.warning if info.quantized_state else logger.info)(message)
 
     # -- the step ----------------------------------------------------------------------------
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """Before the first micro-batch of every optimizer step: freeze what the strategy freezes for
+        the whole step (``lisa``, ``hft``, ``ist``; nothing for the others)."""
+        if self.masker is None:
+            raise RuntimeError("GMTCallback.on_step_begin before on_train_begin")
+        self.masker.step = state.global_step
+        self.masker.begin_step()
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        # A later train() builds a new TrainerState, which calls state(): that must not write into an old checkpoint.
+        self._args = self._state = None
+        if self.masker is not None:
+            self.masker.unfreeze()  # a later train() selects parameters by requires_grad again
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.masker is None:

@@ -78,6 +78,12 @@ class MaskStrategy(ABC):
     histograms over the shards. Only strategies whose decision is elementwise keys ranked by the
     engine (``KeyedStrategy`` with local keys) qualify; the masker refuses the others when
     gradients are sharded rather than let each shard decide on its own."""
+    freezes_before_forward: ClassVar[bool] = False
+    """Whether :meth:`frozen_before_forward` may return tensors to freeze (training setups that
+    cannot freeze parameters, such as DDP without ``find_unused_parameters``, are then refused)."""
+    ignored_settings: ClassVar[tuple[str, ...]] = ()
+    """``GMTConfig`` fields this strategy does not use; a value given for one of them explicitly is
+    warned about once (see :meth:`GMTConfig.given`)."""
 
     def __init__(self, config: GMTConfig) -> None:
         self.config = config
@@ -87,6 +93,7 @@ class MaskStrategy(ABC):
             self.options = None
         else:
             self.options = parse_options(self.name, self.options_class, config.strategy_options)
+        warn_ignored_settings(self.name, self.ignored_settings, config)
 
     @abstractmethod
     def plan(self, entries: Sequence[GradEntry], *, step: int) -> MaskPlan:
@@ -103,6 +110,17 @@ class MaskStrategy(ABC):
         gradients are left to :meth:`plan`. Under FSDP2 the parameters are DTensor shards, so a
         strategy that overrides this keeps ``supports_sharded_gradients`` False unless it handles them.
         """
+
+    def frozen_before_forward(self, names: Sequence[str], *, step: int) -> set[str]:
+        """Names (among ``names``, the selected parameters) to freeze for the whole of optimizer step
+        ``step``, decided before its first forward pass.
+
+        Called by :meth:`GradientMasker.begin_step` (``GMTCallback`` calls it in ``on_step_begin``).
+        The masker sets ``requires_grad=False`` and ``.grad=None`` on them, so backward computes no
+        weight gradient for them and the optimizer skips them; :meth:`plan` then sees only the
+        other gradients. The default freezes nothing.
+        """
+        return set()
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -144,6 +162,24 @@ class KeyedStrategy(MaskStrategy):
         if self.positional_keys and any(e.offset for e in entries):
             source = ShiftedKeys(source, [e.offset for e in entries])
         return source
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def warn_ignored_settings(strategy: str, settings: Sequence[str], config: GMTConfig) -> None:
+    """Warn once per process and (strategy, field) when ``config`` gives a value for a field the
+    strategy does not use: an explicit value is never ignored silently."""
+    import warnings
+
+    for setting in settings:
+        if config.given(setting) and (strategy, setting) not in _warned:
+            _warned.add((strategy, setting))
+            warnings.warn(
+                f"strategy {strategy!r} does not use {setting}={getattr(config, setting)!r}; the value is ignored",
+                UserWarning,
+                stacklevel=4,
+            )
 
 
 def parse_options(strategy: str, options_cls: type, options: dict[str, Any]) -> Any:

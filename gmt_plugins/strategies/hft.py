@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from gmt_plugins.hookspecs import hookimpl
 from gmt_plugins.keys import stable_salt
 from gmt_plugins.registry import StrategyRegistry
-from gmt_plugins.strategies._layers import layer_groups
-from gmt_plugins.strategies._masks import check_int, mask_plan
-from gmt_plugins.strategies.base import GradEntry, MaskPlan, MaskStrategy
+from gmt_plugins.strategies._layers import FreezingStrategy, name_groups
+from gmt_plugins.strategies._masks import check_int
 
 
 @dataclass
@@ -22,7 +21,7 @@ class HFTOptions:
         check_int("interval", self.interval, 1)
 
 
-class HFTStrategy(MaskStrategy):
+class HFTStrategy(FreezingStrategy):
     """Half Fine-Tuning (Hui et al., https://arxiv.org/abs/2404.18466).
 
     Parameters are grouped into layers by the first numeric index in their names (``layers.3.``);
@@ -35,31 +34,29 @@ class HFTStrategy(MaskStrategy):
     The draw depends only on ``mask_seed``, the stage ``step // interval``, and the parameter names
     (a stable hash per name, the lowest half is frozen), so it is the same on every process and
     after a resume; the strategy keeps no state. ``mask_ratio`` plays no part: the frozen fraction
-    is one half by definition of the method. ``scope`` plays no part either.
+    is one half by definition of the method. ``scope`` plays no part either (an explicit value of
+    either is warned about). With ``GradientMasker.begin_step`` the frozen tensors are frozen before
+    the forward pass and get no gradient at all.
     """
 
     name = "hft"
     options_class = HFTOptions
+    ignored_settings = ("mask_ratio", "scope")
 
-    def frozen(self, entries: Sequence[GradEntry], *, step: int) -> list[bool]:
-        """Whether each entry is frozen at ``step``."""
+    def frozen_names(self, names: Sequence[str], *, step: int) -> set[str]:
         stage = step // self.options.interval
         seed = self.config.mask_seed
-        layers, members, others = layer_groups(entries)
-        out = [False] * len(entries)
+        layers, members, others = name_groups(names)
+        out: set[str] = set()
         for key, group in [*((k, members[k]) for k in layers), ("<no layer>", others)]:
             if not group:
                 continue
-            order = sorted(group, key=lambda i: (stable_salt(seed, "hft", stage, entries[i].name), entries[i].name))
+            order = sorted(group, key=lambda i: (stable_salt(seed, "hft", stage, names[i]), names[i]))
             n_frozen = len(group) // 2
             if len(group) % 2 and stable_salt(seed, "hft-odd", stage, key) & 1:
                 n_frozen += 1
-            for i in order[:n_frozen]:
-                out[i] = True
+            out.update(names[i] for i in order[:n_frozen])
         return out
-
-    def plan(self, entries: Sequence[GradEntry], *, step: int) -> MaskPlan:
-        return mask_plan(entries, self.frozen(entries, step=step), self.config.chunk_numel)
 
 
 @hookimpl

@@ -57,6 +57,7 @@ class ID3Strategy(MaskStrategy):
     """
 
     name = "id3"
+    ignored_settings = ("scope",)
     options_class = ID3Options
 
     def __init__(self, config: GMTConfig) -> None:

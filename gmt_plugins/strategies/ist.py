@@ -12,9 +12,9 @@ import torch
 from gmt_plugins.hookspecs import hookimpl
 from gmt_plugins.keys import stable_salt
 from gmt_plugins.registry import StrategyRegistry
-from gmt_plugins.strategies._layers import layer_groups, matches_any
-from gmt_plugins.strategies._masks import check_float, mask_plan
-from gmt_plugins.strategies.base import GradEntry, MaskPlan, MaskStrategy
+from gmt_plugins.strategies._layers import FreezingStrategy, layer_groups, matches_any, name_groups, whole_tensor_plan
+from gmt_plugins.strategies._masks import check_float
+from gmt_plugins.strategies.base import GradEntry, MaskPlan
 from gmt_plugins.strategies.lisa import LISAOptions
 
 
@@ -35,7 +35,7 @@ class ISTOptions(LISAOptions):
         self.temperature = check_float("temperature", self.temperature, 0.0, math.inf, low_open=True, high_open=True)
 
 
-class ISTStrategy(MaskStrategy):
+class ISTStrategy(FreezingStrategy):
     """Importance-aware Sparse Tuning (Yao et al., "Layer-wise Importance Matters: Less Memory for
     Better Performance in Parameter-efficient Fine-tuning of Large Language Models", EMNLP 2024
     Findings, https://arxiv.org/abs/2410.11772).
@@ -56,11 +56,21 @@ class ISTStrategy(MaskStrategy):
 
     The draw uses a ``torch.Generator`` seeded from ``mask_seed`` and the period; the scores, the
     current period and its active layers are the state, so a resumed run draws the same layers.
-    ``mask_ratio`` and ``scope`` play no part.
+    ``mask_ratio`` and ``scope`` play no part (an explicit value is warned about).
+
+    Freezing before the forward pass (``GradientMasker.begin_step``) is as far as the reward allows:
+    the reward needs every layer's gradient, so the last step of each period (``step % interval ==
+    interval - 1``, the one before a new draw) is an observation step on which nothing is frozen
+    before the forward pass, every layer's gradient is computed and learned from, and the inactive
+    layers are masked after backward (they may then move by weight decay and momentum unless
+    ``strict=True``). On every other step the inactive layers are frozen before the forward pass
+    and the scores are not updated. With ``interval=1`` every step is an observation step, so
+    nothing is frozen early. Without ``begin_step`` every step learns, as described above.
     """
 
     name = "ist"
     options_class = ISTOptions
+    ignored_settings = ("mask_ratio", "scope")
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
@@ -90,19 +100,32 @@ class ISTStrategy(MaskStrategy):
         for key, value in rms.items():
             self.scores[key] = beta * self.scores.get(key, 1.0) + (1 - beta) * value / mean
 
-    def plan(self, entries: Sequence[GradEntry], *, step: int) -> MaskPlan:
-        layers, members, _ = layer_groups(entries)
+    def _ensure_drawn(self, layers: Sequence[str], step: int) -> None:
         period = step // self.options.interval
         if period != self._period and layers:
             self._active, self._period = self._draw(layers, period), period
+
+    def frozen_names(self, names: Sequence[str], *, step: int) -> set[str]:
+        layers, members, _ = name_groups(names)
+        self._ensure_drawn(layers, step)
+        active, always = set(self._active), self.options.always_active
+        return {names[i] for key in layers if key not in active for i in members[key] if not matches_any(names[i], always)}
+
+    def frozen_before_forward(self, names: Sequence[str], *, step: int) -> set[str]:
+        if step % self.options.interval == self.options.interval - 1:
+            self._ensure_drawn(name_groups(names)[0], step)
+            self._decided = None  # observation step: every layer computes its gradient
+            return set()
+        return super().frozen_before_forward(names, step=step)
+
+    def plan(self, entries: Sequence[GradEntry], *, step: int) -> MaskPlan:
+        if self.decided_at(step) is not None:
+            return super().plan(entries, step=step)  # frozen layers have no gradient to learn from
+        layers, members, _ = layer_groups(entries)
+        self._ensure_drawn(layers, step)
         self._learn(entries, layers, members)
-        active = set(self._active)
-        frozen = [False] * len(entries)
-        for key in layers:
-            if key not in active:
-                for i in members[key]:
-                    frozen[i] = not matches_any(entries[i].name, self.options.always_active)
-        return mask_plan(entries, frozen, self.config.chunk_numel)
+        frozen = self.frozen_names([e.name for e in entries], step=step)
+        return whole_tensor_plan(entries, [e.name in frozen for e in entries], self.config.chunk_numel)
 
     def state_dict(self) -> dict[str, Any]:
         return {"scores": dict(self.scores), "period": self._period, "active": list(self._active)}

@@ -10,9 +10,8 @@ import torch
 from gmt_plugins.hookspecs import hookimpl
 from gmt_plugins.keys import stable_salt
 from gmt_plugins.registry import StrategyRegistry
-from gmt_plugins.strategies._layers import layer_groups, matches_any
-from gmt_plugins.strategies._masks import check_int, check_patterns, mask_plan
-from gmt_plugins.strategies.base import GradEntry, MaskPlan, MaskStrategy
+from gmt_plugins.strategies._layers import FreezingStrategy, matches_any, name_groups
+from gmt_plugins.strategies._masks import check_int, check_patterns
 
 DEFAULT_ALWAYS_ACTIVE = ["embed", "lm_head"]
 
@@ -32,24 +31,27 @@ class LISAOptions:
         self.always_active = check_patterns("always_active", self.always_active)
 
 
-class LISAStrategy(MaskStrategy):
+class LISAStrategy(FreezingStrategy):
     """Layerwise Importance Sampled AdamW (Pan et al., https://arxiv.org/abs/2403.17919).
 
     Layers are the groups of parameters sharing the first numeric index of their names
     (``model.layers.3``). Every ``interval`` steps, ``active_layers`` of them are drawn uniformly
     without replacement; the tensors of every other layer are frozen (all their finite gradient
-    entries are zeroed). Parameters matching ``always_active`` (embeddings and head by default) are
+    entries are zeroed, or, with ``GradientMasker.begin_step``, they are frozen before the forward
+    pass and get no gradient at all). Parameters matching ``always_active`` (embeddings and head by default) are
     always updated, and so is every parameter outside the numbered layers (e.g. the final norm), as
     in the authors' implementation, which freezes only the list of transformer blocks.
 
     The draw depends only on ``mask_seed`` and the period ``step // interval`` (a seeded
-    ``torch.Generator``), over the layers that have gradients at that step, so it is identical on
-    every process and after a resume; the strategy keeps no state. ``mask_ratio`` and ``scope``
-    play no part.
+    ``torch.Generator``), over the layers of the selected parameters (of those with gradients
+    when ``begin_step`` was not called), so it is identical on every process and after a resume;
+    the strategy keeps no state. ``mask_ratio`` and ``scope`` play no part (an explicit value is
+    warned about).
     """
 
     name = "lisa"
     options_class = LISAOptions
+    ignored_settings = ("mask_ratio", "scope")
 
     def active(self, layers: Sequence[str], *, step: int) -> set[str]:
         """The layers updated at ``step``."""
@@ -58,16 +60,11 @@ class LISAStrategy(MaskStrategy):
         order = torch.randperm(len(layers), generator=gen).tolist()
         return {layers[i] for i in order[: self.options.active_layers]}
 
-    def plan(self, entries: Sequence[GradEntry], *, step: int) -> MaskPlan:
-        layers, members, _ = layer_groups(entries)
+    def frozen_names(self, names: Sequence[str], *, step: int) -> set[str]:
+        layers, members, _ = name_groups(names)
         active = self.active(layers, step=step)
-        frozen = [False] * len(entries)
-        for key in layers:
-            if key in active:
-                continue
-            for i in members[key]:
-                frozen[i] = not matches_any(entries[i].name, self.options.always_active)
-        return mask_plan(entries, frozen, self.config.chunk_numel)
+        always = self.options.always_active
+        return {names[i] for key in layers if key not in active for i in members[key] if not matches_any(names[i], always)}
 
 
 @hookimpl

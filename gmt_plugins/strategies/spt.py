@@ -25,6 +25,7 @@ class SPTStrategy(WarmupMaskStrategy):
     """
 
     name = "spt"
+    ignored_settings = ("scope",)
     options_class = WarmupOptions
     global_only = True
 
