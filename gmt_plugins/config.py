@@ -164,3 +164,19 @@ def resolve_config(config: GMTConfig | None, overrides: dict[str, Any]) -> GMTCo
     if not isinstance(config, GMTConfig):
         raise TypeError(f"config must be a GMTConfig, got {type(config).__name__}")
     return dataclasses.replace(config, **overrides) if overrides else config
+
+
+class _Unset:
+    """The default of the ``GMTConfig`` keyword arguments of ``GMTCallback`` and ``GradientMasker``:
+    the field keeps the value of the ``config`` passed (or ``GMTConfig``'s default)."""
+
+    def __repr__(self) -> str:
+        return "<from config>"
+
+
+UNSET: Any = _Unset()
+
+
+def given(**fields: Any) -> dict[str, Any]:
+    """The keyword arguments that were actually passed (not ``UNSET``), as ``resolve_config`` overrides."""
+    return {name: value for name, value in fields.items() if value is not UNSET}

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 import pluggy
 import torch
 
 from gmt_plugins import fsdp1
-from gmt_plugins.config import GMTConfig, resolve_config
+from gmt_plugins.config import UNSET, GMTConfig, given, resolve_config
 from gmt_plugins.distributed import ShardReducer, is_dtensor, local_shard, reducing
 from gmt_plugins.layout import flat_view, same_layout
 from gmt_plugins.plugins import get_plugin_manager, strategy_registry
@@ -30,7 +30,10 @@ class GradientMasker:
             A model (wrappers are removed; plugins such as the PEFT adapter choose its parameters) or
             explicit named parameters.
         config (`GMTConfig`, *optional*, defaults to `GMTConfig()`):
-            The configuration; keyword ``overrides`` replace its fields.
+            The configuration.
+        mask_ratio, scope, strategy, strategy_options, mask_seed, include, exclude, strict, log_per_tensor, chunk_numel:
+            Fields of [`GMTConfig`] (same names, types and checks) that replace those of `config`, e.g.
+            `mask_ratio=0.3`, `strict=True`; a field not passed keeps `config`'s value.
         plugin_manager (`pluggy.PluginManager`, *optional*):
             Defaults to the process-wide one from :func:`gmt_plugins.plugins.get_plugin_manager`.
 
@@ -58,10 +61,22 @@ class GradientMasker:
         model_or_named_params: torch.nn.Module | NamedParameters,
         config: GMTConfig | None = None,
         *,
+        mask_ratio: float = UNSET,
+        scope: Literal["tensor", "global"] = UNSET,
+        strategy: str = UNSET,
+        strategy_options: dict | str | None = UNSET,
+        mask_seed: int = UNSET,
+        include: list[str] | None = UNSET,
+        exclude: list[str] | None = UNSET,
+        strict: bool = UNSET,
+        log_per_tensor: bool = UNSET,
+        chunk_numel: int = UNSET,
         plugin_manager: pluggy.PluginManager | None = None,
-        **overrides: Any,
     ) -> None:
-        self.config = resolve_config(config, overrides)
+        self.config = resolve_config(config, given(
+            mask_ratio=mask_ratio, scope=scope, strategy=strategy, strategy_options=strategy_options, mask_seed=mask_seed,
+            include=include, exclude=exclude, strict=strict, log_per_tensor=log_per_tensor, chunk_numel=chunk_numel,
+        ))
         self.plugin_manager = plugin_manager or get_plugin_manager()
         self.strategy = strategy_registry(self.plugin_manager).create(self.config)
         self.parameters = self._select(model_or_named_params)

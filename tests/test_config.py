@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from gmt_plugins import GMTConfig
 from gmt_plugins.config import resolve_config
@@ -61,3 +62,25 @@ def test_hf_argument_parser_with_training_arguments():
     )
     assert args.seed == 7 and gmt.mask_ratio == 0.3 and gmt.scope == "global" and gmt.strict
     assert gmt.exclude == ["norm", "embed"] and gmt.strategy_options == {"beta": 0.9}
+
+
+@pytest.mark.parametrize("target", ["GradientMasker", "GMTCallback"])
+def test_constructors_show_every_config_field_as_a_keyword(target):
+    """help() and IDEs show the real keyword arguments: exactly GMTConfig's fields (plus plugin_manager),
+    keyword-only, and a field not passed keeps the config's value."""
+    import dataclasses
+    import inspect
+
+    import gmt_plugins
+
+    cls = getattr(gmt_plugins, target)
+    params = inspect.signature(cls.__init__).parameters
+    keywords = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    assert keywords == [f.name for f in dataclasses.fields(GMTConfig)] + ["plugin_manager"]
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    base = GMTConfig(mask_ratio=0.4, scope="global", mask_seed=9)
+    args = ([("w", torch.nn.Parameter(torch.zeros(3)))],) if target == "GradientMasker" else ()
+    made = cls(*args, base, strict=True)
+    assert made.config == dataclasses.replace(base, strict=True)
+    with pytest.raises(TypeError, match="mask_ration"):
+        cls(*args, mask_ration=0.3)

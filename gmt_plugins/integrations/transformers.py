@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Literal
+
+import pluggy
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from gmt_plugins.config import GMTConfig, resolve_config
+from gmt_plugins.config import UNSET, GMTConfig, given, resolve_config
 from gmt_plugins.integrations.checkpoint import (
     CHECKPOINT_PREFIX,
     RECORD_KEY,
@@ -100,8 +102,11 @@ class GMTCallback(TrainerCallback, ExportableState):
     Args:
         config (`GMTConfig`, *optional*, defaults to `GMTConfig()`):
             The masking configuration.
-        **overrides:
-            Fields of [`GMTConfig`] that replace those of `config`, e.g. `mask_ratio=0.3`, `strict=True`.
+        mask_ratio, scope, strategy, strategy_options, mask_seed, include, exclude, strict, log_per_tensor, chunk_numel:
+            Fields of [`GMTConfig`] (same names, types and checks) that replace those of `config`, e.g.
+            `mask_ratio=0.3`, `strict=True`; a field not passed keeps `config`'s value.
+        plugin_manager (`pluggy.PluginManager`, *optional*):
+            Defaults to the process-wide one from `gmt_plugins.get_plugin_manager()`.
 
     Example:
 
@@ -115,9 +120,26 @@ class GMTCallback(TrainerCallback, ExportableState):
     ```
     """
 
-    def __init__(self, config: GMTConfig | None = None, **overrides: Any) -> None:
-        plugin_manager = overrides.pop("plugin_manager", None)
-        self.config = resolve_config(config, overrides)
+    def __init__(
+        self,
+        config: GMTConfig | None = None,
+        *,
+        mask_ratio: float = UNSET,
+        scope: Literal["tensor", "global"] = UNSET,
+        strategy: str = UNSET,
+        strategy_options: dict | str | None = UNSET,
+        mask_seed: int = UNSET,
+        include: list[str] | None = UNSET,
+        exclude: list[str] | None = UNSET,
+        strict: bool = UNSET,
+        log_per_tensor: bool = UNSET,
+        chunk_numel: int = UNSET,
+        plugin_manager: pluggy.PluginManager | None = None,
+    ) -> None:
+        self.config = resolve_config(config, given(
+            mask_ratio=mask_ratio, scope=scope, strategy=strategy, strategy_options=strategy_options, mask_seed=mask_seed,
+            include=include, exclude=exclude, strict=strict, log_per_tensor=log_per_tensor, chunk_numel=chunk_numel,
+        ))
         self.plugin_manager = plugin_manager or get_plugin_manager()
         strategy_registry(self.plugin_manager).get(self.config.strategy)  # unknown names fail here, not at train time
         self.masker: GradientMasker | None = None
