@@ -95,7 +95,7 @@ def test_fsdp1_refuses_strategies_that_are_not_elementwise(trainer_run):
 
     for r in (0, 1):
         message = load(trainer_run / f"{REFUSAL[0]}.rank{r}.pt")["error"]
-        assert message is not None and "'hft'" in message and "FSDP1" in message and "sharded" in message
+        assert message is not None and "'sift'" in message and "FSDP1" in message and "sharded" in message
 
 
 def test_fsdp1_named_flat_parameters_are_refused(trainer_run):

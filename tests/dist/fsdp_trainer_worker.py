@@ -58,7 +58,8 @@ CASES = [
     ("fsdp1_flat_strict", 1, {"use_orig_params": False}, dict(strategy="random", scope="tensor", mask_ratio=0.3, mask_seed=1, strict=True),
      dict(weight_decay=0.5)),
 ]
-REFUSAL = ("fsdp1_hft", 1, {"use_orig_params": True}, dict(strategy="hft", mask_ratio=0.3))
+# sift, not a layer-freezing strategy: those are refused earlier, by the FSDP set-up check
+REFUSAL = ("fsdp1_sift", 1, {"use_orig_params": True}, dict(strategy="sift", mask_ratio=0.3))
 
 
 def known_gradient(name: str) -> torch.Tensor:
