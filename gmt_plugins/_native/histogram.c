@@ -110,3 +110,324 @@ void gmt_hist_16(const uint16_t *x, int64_t n, uint32_t base, uint32_t shift, in
 MOVES(16)
 MOVES(32)
 MOVES(64)
+
+/* ---------------------------------------------------------------------------------------------
+ * Many-tensor engine (gmt_plugins/selection.py: rank_group / apply_native).
+ *
+ * One call ranks a whole group (one tensor for the per-tensor scope, all of them for the global
+ * scope): the top-digit histogram of every tensor, the non-finite count of each, the boundary bin,
+ * and the low digit inside it, all in C with no allocation (the caller lends zeroed scratch and gets
+ * it back zeroed). The same key kinds as above plus two computed ones:
+ *   KIND_F32, KIND_BF16_WIDE, KIND_16: magnitude keys (MagnitudeKeys);
+ *   KIND_RANDOM_{32,16,64}: RandomKeys, splitmix64(position + splitmix64(salt)) >> 33 with the
+ *     excluded key 2**31 where the gradient (of 4, 2 or 8 bytes; the width says how to test it)
+ *     is not finite;
+ *   KIND_SCORE: ScoreKeys of a float32 score (|s|, NaN -> 0, inf -> FLT_MAX bits), excluded where
+ *     the gradient (second pointer, fp32) is not finite.
+ * Counts go to TABLES interleaved sub-histograms (entry i to table i % TABLES) for large tensors,
+ * so that runs of equal digits (gradients fall in a few hundred bins) do not wait on one counter.
+ * Warm start: keys whose top digit lies in [wlo, whi] (the previous step's boundary bin +- 1) are
+ * copied to `cand` during the first pass; when the boundary bin falls in that window and `cand`
+ * did not overflow, the low digit comes from `cand` and the second pass over the data is skipped.
+ * ------------------------------------------------------------------------------------------- */
+#include <string.h>
+
+enum { KIND_F32 = 0, KIND_BF16_WIDE = 1, KIND_16 = 2, KIND_RANDOM_32 = 3, KIND_RANDOM_16 = 4,
+       KIND_RANDOM_64 = 5, KIND_SCORE = 6 };
+#define TABLES 4
+#ifndef MANY_TABLES_FROM
+#define MANY_TABLES_FROM (1 << 16)
+#endif
+#define RANDOM_CAP (1u << 31)
+
+static inline uint64_t mix64(uint64_t x) {
+    x *= 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+static inline uint32_t score_key(uint32_t s, uint32_t g) {
+    uint32_t bits = s & 0x7FFFFFFFu;
+    bits = bits > 0x7F800000u ? 0u : bits;              /* NaN ranks lowest */
+    bits = bits == 0x7F800000u ? 0x7F7FFFFFu : bits;    /* overflow ranks highest, below the cap */
+    return (g & 0x7F800000u) == 0x7F800000u ? 0x7F800000u : bits;
+}
+
+typedef struct {
+    const void *x;       /* the gradient */
+    const uint32_t *s;   /* KIND_SCORE: the score */
+    int64_t n;
+    int64_t start;       /* flat position of x[0] (random keys) */
+    uint64_t seed;       /* splitmix64(salt) (random keys) */
+    int32_t kind;
+} source_t;
+
+/* Per kind of key: the first pass (top-digit histogram over TABLES tables, candidates of the warm
+ * window), the second pass (low digit inside the boundary bin) and a clearing pass. Keys are made a
+ * block of 16 at a time so that the compiler vectorises them; the counting stores go to four tables
+ * in turn (entry j of a block to table j % 4) so that equal digits in a row do not wait on each other;
+ * the window and bucket tests are vectorised over the block, and the scalar loop behind them runs
+ * only for the rare block holding such a key. */
+#define IN_WINDOW(key, SHIFT) (((key) >> (SHIFT)) - lo < span) /* uint32: digits below lo wrap far above span */
+#define KIND_PASSES(NAME, SETUP, KEY, SHIFT, RECOMPUTE)                                                               \
+    static __attribute__((noinline)) void pass1_##NAME(const source_t *src, uint32_t *hist, int tables, \
+                             uint32_t lo, uint32_t span, uint32_t *cand, int64_t cand_cap, int64_t *ncp) { \
+        SETUP                                                                                       \
+        const int64_t n = src->n;                                                                   \
+        int64_t i = 0, nc = *ncp;                                                                   \
+        uint32_t *h1 = hist + (tables > 1 ? BINS : 0), *h2 = hist + (tables > 1 ? 2 * BINS : 0);    \
+        uint32_t *h3 = hist + (tables > 1 ? 3 * BINS : 0);                                          \
+        for (; i + 16 <= n; i += 16) {                                                              \
+            uint32_t any = 0;                                                                       \
+            if (RECOMPUTE) {                                                                        \
+                for (int j = 0; j < 16; j += 4) {                                                   \
+                    hist[(KEY(i + j)) >> SHIFT] += 1;                                               \
+                    h1[(KEY(i + j + 1)) >> SHIFT] += 1;                                             \
+                    h2[(KEY(i + j + 2)) >> SHIFT] += 1;                                             \
+                    h3[(KEY(i + j + 3)) >> SHIFT] += 1;                                             \
+                }                                                                                   \
+                if (span)                                                                           \
+                    for (int j = 0; j < 16; ++j) any |= IN_WINDOW((KEY(i + j)), SHIFT);             \
+            } else {                                                                                \
+                uint32_t k[16];                                                                     \
+                for (int j = 0; j < 16; ++j) {                                                      \
+                    k[j] = (KEY(i + j));                                                            \
+                    any |= IN_WINDOW(k[j], SHIFT);                                                  \
+                }                                                                                   \
+                for (int j = 0; j < 16; j += 4) {                                                   \
+                    hist[k[j] >> SHIFT] += 1;                                                       \
+                    h1[k[j + 1] >> SHIFT] += 1;                                                     \
+                    h2[k[j + 2] >> SHIFT] += 1;                                                     \
+                    h3[k[j + 3] >> SHIFT] += 1;                                                     \
+                }                                                                                   \
+            }                                                                                       \
+            if (any) {                                                                              \
+                for (int j = 0; j < 16; ++j) {                                                      \
+                    uint32_t key = (KEY(i + j));                                                    \
+                    if (IN_WINDOW(key, SHIFT)) { if (nc < cand_cap) cand[nc] = key; nc += 1; }      \
+                }                                                                                   \
+            }                                                                                       \
+        }                                                                                           \
+        for (; i < n; ++i) {                                                                        \
+            uint32_t key = (KEY(i));                                                                \
+            hist[key >> SHIFT] += 1;                                                                \
+            if (IN_WINDOW(key, SHIFT)) { if (nc < cand_cap) cand[nc] = key; nc += 1; }                     \
+        }                                                                                           \
+        *ncp = nc;                                                                                  \
+    }                                                                                               \
+    static void pass2_##NAME(const source_t *src, uint32_t digit, uint32_t *hist) {                 \
+        SETUP                                                                                       \
+        const int64_t n = src->n;                                                                   \
+        int64_t i = 0;                                                                              \
+        for (; i + 16 <= n; i += 16) {                                                              \
+            uint32_t k[16], any = 0;                                                                \
+            for (int j = 0; j < 16; ++j) {                                                          \
+                k[j] = (KEY(i + j));                                                                \
+                any |= (k[j] >> 16) == digit;                                                       \
+            }                                                                                       \
+            if (any) {                                                                              \
+                for (int j = 0; j < 16; ++j) {                                                      \
+                    if ((k[j] >> 16) == digit) hist[k[j] & 0xFFFFu] += 1;                           \
+                }                                                                                   \
+            }                                                                                       \
+        }                                                                                           \
+        for (; i < n; ++i) {                                                                        \
+            uint32_t key = (KEY(i));                                                                \
+            if ((key >> 16) == digit) hist[key & 0xFFFFu] += 1;                                     \
+        }                                                                                           \
+    }                                                                                               \
+    static void clear_##NAME(const source_t *src, uint32_t *hist) {                 \
+        SETUP                                                                                       \
+        for (int64_t i = 0; i < src->n; ++i) hist[(KEY(i)) >> SHIFT] = 0;                           \
+    }
+
+#define SETUP_32 const uint32_t *x = (const uint32_t *)src->x;
+#define SETUP_16 const uint16_t *x = (const uint16_t *)src->x;
+#define SETUP_RANDOM(T, E)                                                                          \
+    const T *x = (const T *)src->x;                                                                 \
+    const uint64_t p0 = (uint64_t)src->start + src->seed;                                           \
+    const T e = (E);
+#define SETUP_SCORE const uint32_t *x = (const uint32_t *)src->x; const uint32_t *sc = src->s;
+#define KEY_F32(i) (x[i] & 0x7FFFFFFFu)
+#define KEY_BF16_WIDE(i) ((uint32_t)(x[i] & 0x7FFFu) << 16)
+#define KEY_16(i) ((uint32_t)(x[i] & 0x7FFFu))
+#define KEY_RANDOM(i) ((x[i] & e) == e ? RANDOM_CAP : (uint32_t)(mix64(p0 + (uint64_t)(i)) >> 33))
+#define KEY_SCORE(i) score_key(sc[i], x[i])
+
+KIND_PASSES(f32, SETUP_32, KEY_F32, 16, 1)
+KIND_PASSES(bf16_wide, SETUP_16, KEY_BF16_WIDE, 16, 1)
+KIND_PASSES(k16, SETUP_16, KEY_16, 0, 1)
+KIND_PASSES(random32, SETUP_RANDOM(uint32_t, 0x7F800000u), KEY_RANDOM, 16, 0)
+/* s != NULL marks fp16 (exponent 0x7C00) among the 16-bit random kinds, else bf16 (0x7F80) */
+KIND_PASSES(random16, SETUP_RANDOM(uint16_t, src->s ? 0x7C00u : 0x7F80u), KEY_RANDOM, 16, 0)
+KIND_PASSES(random64, SETUP_RANDOM(uint64_t, 0x7FF0000000000000ull), KEY_RANDOM, 16, 0)
+KIND_PASSES(score, SETUP_SCORE, KEY_SCORE, 16, 1)
+
+#define DISPATCH(src, CALL)                                                                         \
+    switch ((src)->kind) {                                                                          \
+    case KIND_F32: CALL(f32); break;                                                                \
+    case KIND_BF16_WIDE: CALL(bf16_wide); break;                                                    \
+    case KIND_16: CALL(k16); break;                                                                 \
+    case KIND_RANDOM_32: CALL(random32); break;                                                     \
+    case KIND_RANDOM_16: CALL(random16); break;                                                     \
+    case KIND_RANDOM_64: CALL(random64); break;                                                     \
+    case KIND_SCORE: CALL(score); break;                                                            \
+    }
+
+/* Rank a group. key_bits is 16 or 32; cap the excluded-key bound (a multiple of 2**(key_bits-16)).
+ * k < 0: k = (int64)(ratio * rankable), else min(k, rankable). window: [wlo, whi] top digits, or
+ * wlo > whi for none. hist: TABLES * 65536 zeroed uint32 (returned zeroed); cand: cand_cap uint32.
+ * nonfinite[t] receives each tensor's excluded count. out: threshold (-1 = mask nothing), ties,
+ * rankable, boundary top digit (-1 if none), 1 if the second pass ran. Counts stay below 2**32
+ * per table: the caller routes groups of 2**32 entries or more elsewhere. */
+void gmt_rank_group(const source_t *src, int64_t count, uint32_t key_bits, uint32_t cap, double ratio, int64_t k,
+                    int64_t wlo, int64_t whi, uint32_t *hist, uint32_t *cand, int64_t cand_cap,
+                    int64_t *nonfinite, int64_t *out) {
+    uint32_t shift = key_bits - 16, cap_digit = cap >> shift;
+    int64_t total = 0, nc = 0, excluded_before = 0;
+    for (int64_t t = 0; t < count; ++t) total += src[t].n;
+    int tables = total >= MANY_TABLES_FROM ? TABLES : 1;
+    uint32_t lo = wlo < 0 ? 1 : (uint32_t)wlo, span = (wlo < 0 || whi < wlo) ? 0 : (uint32_t)(whi - wlo + 1);
+    for (int64_t t = 0; t < count; ++t) {
+        const source_t *s = &src[t];
+#define PASS1(NAME) pass1_##NAME(s, hist, tables, lo, span, cand, cand_cap, &nc)
+        DISPATCH(s, PASS1)
+#undef PASS1
+        int64_t excluded = 0;
+        for (int tb = 0; tb < tables; ++tb)
+            for (uint32_t d = cap_digit; d < BINS; ++d) excluded += hist[((uint32_t)tb << 16) | d];
+        nonfinite[t] = excluded - excluded_before;
+        excluded_before = excluded;
+    }
+    int64_t rankable = total - excluded_before;
+    int64_t want = k < 0 ? (int64_t)(ratio * (double)rankable) : (k < rankable ? k : rankable);
+    out[0] = -1; out[1] = 0; out[2] = rankable; out[3] = -1; out[4] = 0;
+    uint32_t digit = 0;
+    int64_t below = 0, in_bin = 0;
+    if (want > 0) {
+        for (digit = 0; digit < cap_digit; ++digit) {
+            int64_t c = 0;
+            for (int tb = 0; tb < tables; ++tb) c += hist[((uint32_t)tb << 16) | digit];
+            if (below + c >= want) { in_bin = c; break; }
+            below += c;
+        }
+    }
+    /* give the scratch back zeroed: by revisiting a small group's keys, else wholesale */
+    if (total < 4096 && tables == 1) {
+        for (int64_t t = 0; t < count; ++t) {
+            const source_t *s = &src[t];
+#define CLEAR(NAME) clear_##NAME(s, hist)
+            DISPATCH(s, CLEAR)
+#undef CLEAR
+        }
+    } else {
+        memset(hist, 0, (size_t)tables * BINS * sizeof(uint32_t));
+    }
+    if (want <= 0) return;
+    int64_t remaining = want - below;
+    out[3] = digit;
+    uint64_t prefix = digit;
+    if (shift) {
+        int from_cand = span && digit - lo < span && nc <= cand_cap;
+        if (from_cand) {
+            for (int64_t j = 0; j < nc; ++j) if ((cand[j] >> 16) == digit) hist[cand[j] & 0xFFFFu] += 1;
+        } else {
+            out[4] = 1;
+            for (int64_t t = 0; t < count; ++t) {
+                const source_t *s = &src[t];
+#define PASS2(NAME) pass2_##NAME(s, digit, hist)
+                DISPATCH(s, PASS2)
+#undef PASS2
+            }
+        }
+        below = 0;
+        uint32_t low;
+        for (low = 0; low < BINS; ++low) {
+            if (below + hist[low] >= remaining) break;
+            below += hist[low];
+        }
+        in_bin = hist[low];
+        remaining -= below;
+        prefix = ((uint64_t)digit << 16) | low;
+        if (from_cand) {
+            for (int64_t j = 0; j < nc; ++j) hist[cand[j] & 0xFFFFu] = 0;
+        } else {
+            memset(hist, 0, BINS * sizeof(uint32_t));
+        }
+    }
+    if (remaining == in_bin) { out[0] = (int64_t)prefix + 1; out[1] = 0; }
+    else { out[0] = (int64_t)prefix; out[1] = remaining; }
+}
+
+/* Zero, in place, the entries of src->x whose key is below `threshold`, then the first `ties` whose
+ * key equals it (in position order); +0.0 replaces them. record (or NULL) receives the mask as
+ * bytes. out: masked count, ties used. The zeroing store is branch-free once the ties are spent. */
+#define APPLY_LOOP(T, ZERO)                                                                         \
+    {                                                                                               \
+        T *y = (T *)src->x;                                                                         \
+        int64_t i = 0;                                                                              \
+        for (; i < src->n && ties > 0; ++i) {                                                       \
+            uint32_t key = KEY_AT(i);                                                               \
+            int hit = key < threshold || (key == threshold && ties > 0);                            \
+            ties -= key == threshold;                                                               \
+            used += key == threshold;                                                               \
+            if (hit) y[i] = ZERO;                                                                   \
+            masked += hit;                                                                          \
+            if (record) record[i] = (uint8_t)hit;                                                   \
+        }                                                                                           \
+        if (record) {                                                                               \
+            for (; i < src->n; ++i) { uint32_t key = KEY_AT(i); int hit = key < threshold;           \
+                y[i] = hit ? (T)ZERO : y[i]; masked += hit; record[i] = (uint8_t)hit; }             \
+        } else {                                                                                    \
+            for (; i < src->n; ++i) { uint32_t key = KEY_AT(i); int hit = key < threshold;           \
+                y[i] = hit ? (T)ZERO : y[i]; masked += hit; }                                       \
+        }                                                                                           \
+    }
+
+void gmt_apply(const source_t *src, uint64_t threshold_in, int64_t ties, uint8_t *record, int64_t *out) {
+    int64_t masked = 0, used = 0;
+    /* a threshold beyond 32 bits masks every key (none is that large) */
+    uint32_t threshold = threshold_in > 0xFFFFFFFFull ? 0xFFFFFFFFu : (uint32_t)threshold_in;
+    if (threshold_in > 0xFFFFFFFFull) ties = 0;
+    uint64_t p0 = (uint64_t)src->start + src->seed;
+    switch (src->kind) {
+    case KIND_F32: { const uint32_t *x = (const uint32_t *)src->x;
+#define KEY_AT(i) (x[i] & 0x7FFFFFFFu)
+        APPLY_LOOP(uint32_t, 0u)
+#undef KEY_AT
+        break; }
+    case KIND_BF16_WIDE: { const uint16_t *x = (const uint16_t *)src->x;
+#define KEY_AT(i) ((uint32_t)(x[i] & 0x7FFFu) << 16)
+        APPLY_LOOP(uint16_t, 0u)
+#undef KEY_AT
+        break; }
+    case KIND_16: { const uint16_t *x = (const uint16_t *)src->x;
+#define KEY_AT(i) ((uint32_t)(x[i] & 0x7FFFu))
+        APPLY_LOOP(uint16_t, 0u)
+#undef KEY_AT
+        break; }
+    case KIND_RANDOM_32: { const uint32_t *x = (const uint32_t *)src->x;
+#define KEY_AT(i) ((x[i] & 0x7F800000u) == 0x7F800000u ? RANDOM_CAP : (uint32_t)(mix64(p0 + (uint64_t)(i)) >> 33))
+        APPLY_LOOP(uint32_t, 0u)
+#undef KEY_AT
+        break; }
+    case KIND_RANDOM_16: { const uint16_t *x = (const uint16_t *)src->x; uint16_t e = src->s ? 0x7C00u : 0x7F80u;
+#define KEY_AT(i) ((x[i] & e) == e ? RANDOM_CAP : (uint32_t)(mix64(p0 + (uint64_t)(i)) >> 33))
+        APPLY_LOOP(uint16_t, 0u)
+#undef KEY_AT
+        break; }
+    case KIND_RANDOM_64: { const uint64_t *x = (const uint64_t *)src->x;
+#define KEY_AT(i) ((x[i] & 0x7FF0000000000000ull) == 0x7FF0000000000000ull ? RANDOM_CAP : (uint32_t)(mix64(p0 + (uint64_t)(i)) >> 33))
+        APPLY_LOOP(uint64_t, 0u)
+#undef KEY_AT
+        break; }
+    case KIND_SCORE: { const uint32_t *x = (const uint32_t *)src->x; const uint32_t *sc = src->s;
+#define KEY_AT(i) score_key(sc[i], x[i])
+        APPLY_LOOP(uint32_t, 0u)
+#undef KEY_AT
+        break; }
+    }
+    out[0] = masked;
+    out[1] = used;
+}
