@@ -118,18 +118,18 @@ def rank_group(
     window = (hint - 1, hint + 1) if hint is not None and key_bits > 16 else (-1, -2)
     cand_cap = min(total, BINS + total // 32) if window[0] <= window[1] else 0
     hist, cand = _buffers(cand_cap)
-    nonfinite = torch.zeros(max(count, 1), dtype=torch.int64)
-    out = torch.zeros(5, dtype=torch.int64)
+    nonfinite = (ctypes.c_int64 * max(count, 1))()
+    out = (ctypes.c_int64 * 5)()
     lib.gmt_rank_group(
         sources, count, key_bits, cap, 0.0 if ratio is None else float(ratio), -1 if k is None else max(int(k), 0),
-        window[0], window[1], hist.data_ptr(), cand.data_ptr(), cand_cap, nonfinite.data_ptr(), out.data_ptr(),
+        window[0], window[1], hist.data_ptr(), cand.data_ptr(), cand_cap, nonfinite, out,
     )
-    threshold, ties, rankable, boundary, second = out.tolist()
+    threshold, ties, rankable, boundary, second = out
     return GroupResult(
         threshold=None if threshold < 0 else threshold,
         ties=ties,
         rankable=rankable,
-        nonfinite=nonfinite[:count].tolist(),
+        nonfinite=nonfinite[:count],
         boundary=None if boundary < 0 else boundary,
         second_pass=bool(second),
     )
@@ -138,11 +138,10 @@ def rank_group(
 def apply(lib: ctypes.CDLL, flat: torch.Tensor, keys: NativeKeys, threshold: int, ties: int, record: torch.Tensor | None) -> tuple[int, int]:
     """Zero the entries below ``threshold`` and the first ``ties`` equal to it; ``(masked, ties_used)``."""
     _declare(lib)
-    out = torch.zeros(2, dtype=torch.int64)
+    out = (ctypes.c_int64 * 2)()
     source = _source(flat, keys)
-    lib.gmt_apply(ctypes.byref(source), threshold, ties, None if record is None else record.data_ptr(), out.data_ptr())
-    masked, used = out.tolist()
-    return masked, used
+    lib.gmt_apply(ctypes.byref(source), threshold, ties, None if record is None else record.data_ptr(), out)
+    return out[0], out[1]
 
 
 def usable(flats: Sequence[torch.Tensor], record: torch.Tensor | None = None) -> bool:

@@ -136,8 +136,11 @@ enum { KIND_F32 = 0, KIND_BF16_WIDE = 1, KIND_16 = 2, KIND_RANDOM_32 = 3, KIND_R
        KIND_RANDOM_64 = 5, KIND_SCORE = 6 };
 #define TABLES 4
 #ifndef MANY_TABLES_FROM
-#define MANY_TABLES_FROM (1 << 16)
+#define MANY_TABLES_FROM (1 << 18)
 #endif
+/* Every kind's keys are at most 2**31 (random's cap) or below 2**31 (magnitudes, scores, 16-bit
+ * keys), so no top digit exceeds TOP_DIGIT: scans and clears stop there. */
+#define TOP_DIGIT 0x8000u
 #define RANDOM_CAP (1u << 31)
 
 static inline uint64_t mix64(uint64_t x) {
@@ -296,7 +299,7 @@ void gmt_rank_group(const source_t *src, int64_t count, uint32_t key_bits, uint3
 #undef PASS1
         int64_t excluded = 0;
         for (int tb = 0; tb < tables; ++tb)
-            for (uint32_t d = cap_digit; d < BINS; ++d) excluded += hist[((uint32_t)tb << 16) | d];
+            for (uint32_t d = cap_digit; d <= TOP_DIGIT; ++d) excluded += hist[((uint32_t)tb << 16) | d];
         nonfinite[t] = excluded - excluded_before;
         excluded_before = excluded;
     }
@@ -322,7 +325,7 @@ void gmt_rank_group(const source_t *src, int64_t count, uint32_t key_bits, uint3
 #undef CLEAR
         }
     } else {
-        memset(hist, 0, (size_t)tables * BINS * sizeof(uint32_t));
+        for (int tb = 0; tb < tables; ++tb) memset(hist + ((size_t)tb << 16), 0, (TOP_DIGIT + 1) * sizeof(uint32_t));
     }
     if (want <= 0) return;
     int64_t remaining = want - below;

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from gmt_plugins import native_rank
 from gmt_plugins.config import GMTConfig
 from gmt_plugins.selection import Cut, KeySource, iter_chunks, rank, select_chunk
 from gmt_plugins.strategies.base import GradEntry, MaskPlan, MaskStrategy, TensorPlan
@@ -136,10 +137,24 @@ class ScoreKeys:
         excluded: Sequence[torch.Tensor | None] | None = None,
     ) -> None:
         self._score, self._largest, self._excluded = score, largest, excluded
+        self._tensors: Sequence[torch.Tensor] | None = None
 
     @classmethod
     def from_tensors(cls, scores: Sequence[torch.Tensor], **kwargs: Any) -> ScoreKeys:
-        return cls(lambda i, chunk, start: scores[i][start : start + chunk.numel()], **kwargs)
+        source = cls(lambda i, chunk, start: scores[i][start : start + chunk.numel()], **kwargs)
+        source._tensors = scores
+        return source
+
+    def native_source(self, index: int, flat: torch.Tensor) -> native_rank.NativeKeys | None:
+        """The many-tensor kernel computes these keys itself for stored float32 scores of fp32
+        gradients, smallest first, nothing excluded; ``None`` otherwise (the torch keys serve)."""
+        if self._tensors is None or self._largest or self._excluded is not None or type(self).keys is not ScoreKeys.keys:
+            return None
+        score = self._tensors[index]
+        usable = flat.dtype == torch.float32 and score.dtype == torch.float32 and score.device.type == "cpu"
+        if not usable or not score.is_contiguous() or score.numel() != flat.numel():
+            return None
+        return native_rank.NativeKeys(native_rank.KIND_SCORE, score=score)
 
     def keys(self, index: int, chunk: torch.Tensor, start: int) -> torch.Tensor:
         score = self._score(index, chunk, start).to(torch.float32).abs()
