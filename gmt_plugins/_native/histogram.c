@@ -365,25 +365,41 @@ void gmt_rank_group(const source_t *src, int64_t count, uint32_t key_bits, uint3
 
 /* Zero, in place, the entries of src->x whose key is below `threshold`, then the first `ties` whose
  * key equals it (in position order); +0.0 replaces them. record (or NULL) receives the mask as
- * bytes. out: masked count, ties used. The zeroing store is branch-free once the ties are spent. */
+ * bytes. out: masked count, ties used. While ties remain, blocks of 64 are first tested (vectorised)
+ * for a key equal to the threshold, and only such blocks run the loop that spends ties; the global
+ * scope's budget may wait for its ties in a late tensor, so this phase can span whole tensors. */
+#define APPLY_BLOCK(i0, i1, TIES)                                                                   \
+    for (int64_t j = (i0); j < (i1); ++j) {                                                         \
+        uint32_t key = KEY_AT(j);                                                                   \
+        int tie = TIES ? ((key == threshold) & (ties > 0)) : 0;                                     \
+        int hit = (key < threshold) | tie;                                                          \
+        ties -= tie;                                                                                \
+        used += tie;                                                                                \
+        y[j] = hit ? 0 : y[j];                                                                         \
+        masked += hit;                                                                              \
+        if (record) record[j] = (uint8_t)hit;                                                       \
+    }
 #define APPLY_LOOP(T, ZERO)                                                                         \
     {                                                                                               \
         T *y = (T *)src->x;                                                                         \
+        const int64_t n = src->n;                                                                   \
         int64_t i = 0;                                                                              \
-        for (; i < src->n && ties > 0; ++i) {                                                       \
-            uint32_t key = KEY_AT(i);                                                               \
-            int hit = key < threshold || (key == threshold && ties > 0);                            \
-            ties -= key == threshold;                                                               \
-            used += key == threshold;                                                               \
-            if (hit) y[i] = ZERO;                                                                   \
-            masked += hit;                                                                          \
-            if (record) record[i] = (uint8_t)hit;                                                   \
+        while (i < n && ties > 0) {                                                                 \
+            int64_t end = n - i > 64 ? i + 64 : n;                                                  \
+            uint32_t eq = 0;                                                                        \
+            for (int64_t j = i; j < end; ++j) eq |= KEY_AT(j) == threshold;                         \
+            if (eq) {                                                                               \
+                APPLY_BLOCK(i, end, 1)                                                              \
+            } else {                                                                                \
+                APPLY_BLOCK(i, end, 0)                                                              \
+            }                                                                                       \
+            i = end;                                                                                \
         }                                                                                           \
         if (record) {                                                                               \
-            for (; i < src->n; ++i) { uint32_t key = KEY_AT(i); int hit = key < threshold;           \
+            for (; i < n; ++i) { uint32_t key = KEY_AT(i); int hit = key < threshold;               \
                 y[i] = hit ? (T)ZERO : y[i]; masked += hit; record[i] = (uint8_t)hit; }             \
         } else {                                                                                    \
-            for (; i < src->n; ++i) { uint32_t key = KEY_AT(i); int hit = key < threshold;           \
+            for (; i < n; ++i) { uint32_t key = KEY_AT(i); int hit = key < threshold;               \
                 y[i] = hit ? (T)ZERO : y[i]; masked += hit; }                                       \
         }                                                                                           \
     }
