@@ -35,7 +35,7 @@ import torch
 
 ENV = "GMT_PLUGINS_NATIVE"
 MODES = ("auto", "0", "1")
-CFLAGS = ("-O3", "-shared", "-fPIC")
+CFLAGS = ("-O3", "-ffp-contract=off", "-shared", "-fPIC")
 SOURCE = Path(__file__).with_name("_native") / "histogram.c"
 HIST_BINS = (1 << 16) + 2
 

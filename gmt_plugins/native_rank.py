@@ -163,3 +163,18 @@ def splitmix64(x: int) -> int:
 def library() -> ctypes.CDLL | None:
     """The kernel when ``GMT_PLUGINS_NATIVE`` allows it and it builds (``None`` otherwise)."""
     return native.library()
+
+
+def ema_f32(lib: ctypes.CDLL, ema: torch.Tensor, grad: torch.Tensor, beta: float, *, first: bool) -> None:
+    """gmt_momentum's EMA update of ``ema`` in place (``first``: set it to the finite gradient), bit for
+    bit what ``torch.where(isfinite(g), beta * ema + (1 - beta) * g, ema)`` gives for fp32 tensors."""
+    if not (ema_usable(ema) and ema_usable(grad) and ema.numel() == grad.numel()):
+        raise ValueError("ema_f32 takes contiguous CPU float32 tensors of one size")
+    function = lib.gmt_ema_f32
+    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_int32]
+    function.restype = None
+    function(ema.data_ptr(), grad.data_ptr(), grad.numel(), beta, 1 - beta, int(first))
+
+
+def ema_usable(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()

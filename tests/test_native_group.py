@@ -182,3 +182,20 @@ def test_gmt_with_group_kernel_matches_reference_with_ties(monkeypatch):
         GradientMasker(params, GMTConfig(mask_ratio=0.37, scope=scope)).apply()
         for (_, p), want in zip(params, reference_apply(before, reference_masks(before, 0.37, scope))):
             assert torch.equal(p.grad.view(torch.int32), want.view(torch.int32))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.9, 0.37, 0.999])
+def test_momentum_ema_in_c_equals_torch_bit_for_bit(monkeypatch, beta):
+    from gmt_plugins.strategies.gmt_momentum import GMTMomentumStrategy
+    from gmt_plugins.strategies.base import GradEntry
+
+    states = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv(native.ENV, mode)
+        strategy = GMTMomentumStrategy(GMTConfig(strategy="gmt_momentum", strategy_options={"beta": beta}))
+        param = torch.nn.Parameter(torch.zeros(50, 60))
+        for step in range(4):
+            grad = awkward(3000, torch.float32, seed=step)  # NaN, inf, subnormals, ties
+            strategy._update(GradEntry(0, "w", param, grad))
+        states[mode] = strategy.state_dict()["ema"]["w"]
+    assert torch.equal(states["1"].view(torch.int32), states["0"].view(torch.int32))

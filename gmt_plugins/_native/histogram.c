@@ -450,3 +450,21 @@ void gmt_apply(const source_t *src, uint64_t threshold_in, int64_t ties, uint8_t
     out[0] = masked;
     out[1] = used;
 }
+
+/* gmt_momentum's EMA in place, as its torch twin computes it: where the gradient is finite,
+ * ema = fl(fl(a * ema) + fl(b * g)) with a = (float)beta, b = (float)(1 - beta); elsewhere ema stays.
+ * With first != 0 it is the first step: ema = g where finite, else +0. fp32 throughout, built with
+ * -ffp-contract=off so that no product is fused into an fma (torch rounds each product). */
+void gmt_ema_f32(float *ema, const float *g, int64_t n, float a, float b, int32_t first) {
+    const uint32_t *gb = (const uint32_t *)g;
+    if (first) {
+        for (int64_t i = 0; i < n; ++i) ema[i] = (gb[i] & 0x7F800000u) == 0x7F800000u ? 0.0f : g[i];
+        return;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+        float p = a * ema[i];
+        float q = b * g[i];
+        float next = p + q;
+        ema[i] = (gb[i] & 0x7F800000u) == 0x7F800000u ? ema[i] : next;
+    }
+}
