@@ -17,6 +17,7 @@ falls among them, skips the second pass. The result does not depend on the hint,
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ KIND_F32, KIND_BF16_WIDE, KIND_16, KIND_RANDOM_32, KIND_RANDOM_16, KIND_RANDOM_6
 TABLES = 4
 BINS = 1 << 16
 MAX_GROUP = (1 << 32) - 1  # counts are uint32 per table
+_RANDOM_KINDS = (KIND_RANDOM_32, KIND_RANDOM_16, KIND_RANDOM_64)
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ def rank_group(
     count = len(flats)
     sources = (_Source * max(count, 1))(*[_source(f, kk) for f, kk in zip(flats, keys)])
     total = sum(f.numel() for f in flats)
-    window = (hint - 1, hint + 1) if hint is not None and key_bits > 16 else (-1, -2)
+    window = _window(keys, total, ratio, k, hint) if key_bits > 16 else (-1, -2)
     cand_cap = min(total, BINS + total // 32) if window[0] <= window[1] else 0
     hist, cand = _buffers(cand_cap)
     nonfinite = (ctypes.c_int64 * max(count, 1))()
@@ -133,6 +135,18 @@ def rank_group(
         boundary=None if boundary < 0 else boundary,
         second_pass=bool(second),
     )
+
+
+def _window(keys: Sequence[NativeKeys], total: int, ratio: float | None, k: int | None, hint: int | None) -> tuple[int, int]:
+    """Top digits whose keys the warm path keeps: the previous boundary bin and its neighbours, or for
+    random keys (uniform, so the boundary is known in advance) the expected bin +- 6 standard
+    deviations of the count; ``(-1, -2)`` for none."""
+    if total and all(kk.kind in _RANDOM_KINDS for kk in keys):
+        p = min(max(ratio if k is None else k / total, 0.0), 1.0)
+        center = hint if hint is not None else int(p * (1 << 15))
+        half = int(6 * math.sqrt(total * p * (1 - p)) / total * (1 << 15)) + 2
+        return max(center - half, 0), center + half
+    return (hint - 1, hint + 1) if hint is not None else (-1, -2)
 
 
 def apply(lib: ctypes.CDLL, flat: torch.Tensor, keys: NativeKeys, threshold: int, ties: int, record: torch.Tensor | None) -> tuple[int, int]:

@@ -132,6 +132,16 @@ MOVES(64)
  * ------------------------------------------------------------------------------------------- */
 #include <string.h>
 
+/* x86-64: the entry points come in an AVX2 clone too, picked at load time (ifunc), which vectorises
+ * the 64-bit hash and the key blocks; elsewhere, or with -DGMT_NO_CLONES (native.py retries with it
+ * when the first build fails), one portable build. Integer work and -ffp-contract=off keep both
+ * clones bit for bit equal. */
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && !defined(GMT_NO_CLONES)
+#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
 enum { KIND_F32 = 0, KIND_BF16_WIDE = 1, KIND_16 = 2, KIND_RANDOM_32 = 3, KIND_RANDOM_16 = 4,
        KIND_RANDOM_64 = 5, KIND_SCORE = 6 };
 #define TABLES 4
@@ -174,7 +184,7 @@ typedef struct {
  * only for the rare block holding such a key. */
 #define IN_WINDOW(key, SHIFT) (((key) >> (SHIFT)) - lo < span) /* uint32: digits below lo wrap far above span */
 #define KIND_PASSES(NAME, SETUP, KEY, SHIFT, RECOMPUTE)                                                               \
-    static __attribute__((noinline)) void pass1_##NAME(const source_t *src, uint32_t *hist, int tables, \
+    static inline void pass1_##NAME(const source_t *src, uint32_t *hist, int tables,                  \
                              uint32_t lo, uint32_t span, uint32_t *cand, int64_t cand_cap, int64_t *ncp) { \
         SETUP                                                                                       \
         const int64_t n = src->n;                                                                   \
@@ -240,6 +250,39 @@ typedef struct {
             if ((key >> 16) == digit) hist[key & 0xFFFFu] += 1;                                     \
         }                                                                                           \
     }                                                                                               \
+    static void scan_##NAME(const source_t *src, uint32_t lo_key, uint32_t width, uint32_t cap,     \
+                            int64_t *below, int64_t *excluded, uint32_t *cand, int64_t cand_cap,    \
+                            int64_t *ncp) {                                                         \
+        SETUP                                                                                       \
+        const int64_t n = src->n;                                                                   \
+        int64_t i = 0, nc = *ncp;                                                                   \
+        int64_t b = 0, ex = 0;                                                                      \
+        for (; i + 16 <= n; i += 16) {                                                              \
+            uint32_t k[16], any = 0, bb = 0, ee = 0;                                                \
+            for (int j = 0; j < 16; ++j) {                                                          \
+                k[j] = (KEY(i + j));                                                                \
+                bb += k[j] < lo_key;                                                                \
+                ee += k[j] >= cap;                                                                  \
+                any |= k[j] - lo_key < width;                                                       \
+            }                                                                                       \
+            b += bb;                                                                                \
+            ex += ee;                                                                               \
+            if (any) {                                                                              \
+                for (int j = 0; j < 16; ++j) {                                                      \
+                    if (k[j] - lo_key < width) { if (nc < cand_cap) cand[nc] = k[j]; nc += 1; }     \
+                }                                                                                   \
+            }                                                                                       \
+        }                                                                                           \
+        for (; i < n; ++i) {                                                                        \
+            uint32_t key = (KEY(i));                                                                \
+            b += key < lo_key;                                                                      \
+            ex += key >= cap;                                                                       \
+            if (key - lo_key < width) { if (nc < cand_cap) cand[nc] = key; nc += 1; }               \
+        }                                                                                           \
+        *below += b;                                                                                \
+        *excluded = ex;                                                                             \
+        *ncp = nc;                                                                                  \
+    }                                                                                               \
     static void clear_##NAME(const source_t *src, uint32_t *hist) {                 \
         SETUP                                                                                       \
         for (int64_t i = 0; i < src->n; ++i) hist[(KEY(i)) >> SHIFT] = 0;                           \
@@ -284,9 +327,75 @@ KIND_PASSES(score, SETUP_SCORE, KEY_SCORE, 16, 1)
  * nonfinite[t] receives each tensor's excluded count. out: threshold (-1 = mask nothing), ties,
  * rankable, boundary top digit (-1 if none), 1 if the second pass ran. Counts stay below 2**32
  * per table: the caller routes groups of 2**32 entries or more elsewhere. */
-void gmt_rank_group(const source_t *src, int64_t count, uint32_t key_bits, uint32_t cap, double ratio, int64_t k,
+static inline __attribute__((always_inline)) void rank_histograms(const source_t *src, int64_t count, uint32_t key_bits, uint32_t cap, double ratio,
+                            int64_t k, int64_t wlo, int64_t whi, uint32_t *hist, uint32_t *cand, int64_t cand_cap,
+                            int64_t *nonfinite, int64_t *out);
+
+/* Warm path: one vectorised read per tensor counts the keys below the window and the excluded ones
+ * and copies the window's keys to cand, with no histogram at all; when the k-th key falls inside the
+ * window it is found among the candidates (returns 1). Otherwise (returns 0) the caller runs the
+ * histogram passes: the result is the same, only slower. */
+static inline __attribute__((always_inline)) int rank_window(const source_t *src, int64_t count, uint32_t cap, double ratio, int64_t k,
+                       int64_t wlo, int64_t whi, uint32_t *hist, uint32_t *cand, int64_t cand_cap,
+                       int64_t *nonfinite, int64_t *out) {
+    uint64_t lo64 = (uint64_t)wlo << 16, hi64 = (uint64_t)(whi + 1) << 16;
+    if (hi64 > cap) hi64 = cap;
+    if (lo64 >= hi64) return 0;
+    uint32_t lo_key = (uint32_t)lo64, width = (uint32_t)(hi64 - lo64);
+    int64_t below = 0, total = 0, excluded_all = 0, nc = 0;
+    for (int64_t t = 0; t < count; ++t) {
+        const source_t *s = &src[t];
+        int64_t excluded = 0;
+#define SCAN(NAME) scan_##NAME(s, lo_key, width, cap, &below, &excluded, cand, cand_cap, &nc)
+        DISPATCH(s, SCAN)
+#undef SCAN
+        nonfinite[t] = excluded;
+        excluded_all += excluded;
+        total += s->n;
+    }
+    int64_t rankable = total - excluded_all;
+    int64_t want = k < 0 ? (int64_t)(ratio * (double)rankable) : (k < rankable ? k : rankable);
+    out[0] = -1; out[1] = 0; out[2] = rankable; out[3] = -1; out[4] = 0;
+    if (want <= 0) return 1;
+    if (want <= below || want > below + nc || nc > cand_cap) return 0;
+    /* the (want - below)-th smallest candidate: top digit over the window, then the low digit */
+    int64_t remaining = want - below, seen = 0;
+    uint32_t top = (uint32_t)wlo, low;
+    for (; top <= (uint32_t)whi; ++top) {
+        int64_t c = 0;
+        for (int64_t j = 0; j < nc; ++j) c += (cand[j] >> 16) == top;
+        if (seen + c >= remaining) break;
+        seen += c;
+    }
+    remaining -= seen;
+    for (int64_t j = 0; j < nc; ++j) if ((cand[j] >> 16) == top) hist[cand[j] & 0xFFFFu] += 1;
+    int64_t under = 0;
+    for (low = 0; low < BINS; ++low) {
+        if (under + hist[low] >= remaining) break;
+        under += hist[low];
+    }
+    int64_t in_bin = hist[low];
+    for (int64_t j = 0; j < nc; ++j) hist[cand[j] & 0xFFFFu] = 0;
+    remaining -= under;
+    int64_t prefix = ((int64_t)top << 16) | low;
+    out[3] = top;
+    if (remaining == in_bin) { out[0] = prefix + 1; out[1] = 0; }
+    else { out[0] = prefix; out[1] = remaining; }
+    return 1;
+}
+
+VECTOR_CLONES void gmt_rank_group(const source_t *src, int64_t count, uint32_t key_bits, uint32_t cap, double ratio, int64_t k,
                     int64_t wlo, int64_t whi, uint32_t *hist, uint32_t *cand, int64_t cand_cap,
                     int64_t *nonfinite, int64_t *out) {
+    if (key_bits == 32 && wlo >= 0 && whi >= wlo &&
+        rank_window(src, count, cap, ratio, k, wlo, whi, hist, cand, cand_cap, nonfinite, out))
+        return;
+    rank_histograms(src, count, key_bits, cap, ratio, k, -1, -2, hist, cand, cand_cap, nonfinite, out);
+}
+
+static inline __attribute__((always_inline)) void rank_histograms(const source_t *src, int64_t count, uint32_t key_bits, uint32_t cap, double ratio,
+                            int64_t k, int64_t wlo, int64_t whi, uint32_t *hist, uint32_t *cand, int64_t cand_cap,
+                            int64_t *nonfinite, int64_t *out) {
     uint32_t shift = key_bits - 16, cap_digit = cap >> shift;
     int64_t total = 0, nc = 0, excluded_before = 0;
     for (int64_t t = 0; t < count; ++t) total += src[t].n;
@@ -404,7 +513,7 @@ void gmt_rank_group(const source_t *src, int64_t count, uint32_t key_bits, uint3
         }                                                                                           \
     }
 
-void gmt_apply(const source_t *src, uint64_t threshold_in, int64_t ties, uint8_t *record, int64_t *out) {
+VECTOR_CLONES void gmt_apply(const source_t *src, uint64_t threshold_in, int64_t ties, uint8_t *record, int64_t *out) {
     int64_t masked = 0, used = 0;
     /* a threshold beyond 32 bits masks every key (none is that large) */
     uint32_t threshold = threshold_in > 0xFFFFFFFFull ? 0xFFFFFFFFu : (uint32_t)threshold_in;
@@ -455,7 +564,7 @@ void gmt_apply(const source_t *src, uint64_t threshold_in, int64_t ties, uint8_t
  * ema = fl(fl(a * ema) + fl(b * g)) with a = (float)beta, b = (float)(1 - beta); elsewhere ema stays.
  * With first != 0 it is the first step: ema = g where finite, else +0. fp32 throughout, built with
  * -ffp-contract=off so that no product is fused into an fma (torch rounds each product). */
-void gmt_ema_f32(float *ema, const float *g, int64_t n, float a, float b, int32_t first) {
+VECTOR_CLONES void gmt_ema_f32(float *ema, const float *g, int64_t n, float a, float b, int32_t first) {
     const uint32_t *gb = (const uint32_t *)g;
     if (first) {
         for (int64_t i = 0; i < n; ++i) ema[i] = (gb[i] & 0x7F800000u) == 0x7F800000u ? 0.0f : g[i];
