@@ -27,7 +27,7 @@ import torch
 from gmt_plugins import native
 
 # kinds of key the kernel computes (enum in _native/histogram.c)
-KIND_F32, KIND_BF16_WIDE, KIND_16, KIND_RANDOM_32, KIND_RANDOM_16, KIND_RANDOM_64, KIND_SCORE = range(7)
+KIND_F32, KIND_BF16_WIDE, KIND_16, KIND_RANDOM_32, KIND_RANDOM_16, KIND_RANDOM_64, KIND_SCORE, KIND_MASK = range(8)
 TABLES = 4
 BINS = 1 << 16
 MAX_GROUP = (1 << 32) - 1  # counts are uint32 per table
@@ -37,7 +37,8 @@ _RANDOM_KINDS = (KIND_RANDOM_32, KIND_RANDOM_16, KIND_RANDOM_64)
 @dataclass(frozen=True)
 class NativeKeys:
     """How the kernel computes the keys of one flat: its kind, the hash seed (``splitmix64(salt)``,
-    random keys), the flat offset of its first entry (random keys) and the score tensor (scores)."""
+    random keys), the flat offset of its first entry (random keys) and the score tensor (scores; for
+    stored masks the bool mask, ``None`` when every entry is masked)."""
 
     kind: int
     seed: int = 0
@@ -192,3 +193,11 @@ def ema_f32(lib: ctypes.CDLL, ema: torch.Tensor, grad: torch.Tensor, beta: float
 
 def ema_usable(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+
+
+def count_nonfinite_f32(lib: ctypes.CDLL, flat: torch.Tensor) -> int:
+    """NaN and inf entries of a contiguous CPU fp32 tensor, in one C read."""
+    function = lib.gmt_count_nonfinite_f32
+    function.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    function.restype = ctypes.c_int64
+    return int(function(flat.data_ptr(), flat.numel())) if flat.numel() else 0

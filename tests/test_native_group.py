@@ -199,3 +199,29 @@ def test_momentum_ema_in_c_equals_torch_bit_for_bit(monkeypatch, beta):
             strategy._update(GradEntry(0, "w", param, grad))
         states[mode] = strategy.state_dict()["ema"]["w"]
     assert torch.equal(states["1"].view(torch.int32), states["0"].view(torch.int32))
+
+
+@pytest.mark.parametrize("record", [False, True])
+def test_stored_masks_in_c_equal_torch(monkeypatch, record):
+    from gmt_plugins.strategies._masks import MaskKeys, count_nonfinite, mask_plan
+
+    flats = [awkward(5000, torch.float32, seed=s) for s in range(3)]
+    gen = torch.Generator().manual_seed(0)
+    masks = [torch.rand(5000, generator=gen) < 0.4, True, torch.zeros(5000, dtype=torch.bool)]
+    source = MaskKeys(masks)
+    assert source.native_source(0, flats[0]) is not None and source.native_source(1, flats[1]) is not None
+    results = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv(native.ENV, mode)
+        out = []
+        for i, flat in enumerate(flats):
+            y = flat.clone()
+            rec = torch.zeros(5000, dtype=torch.bool) if record else None
+            counts = apply_cut(source, i, y, Cut(1), chunk_numel=1000, record=rec)
+            out.append((y.view(torch.int32), counts, rec, count_nonfinite(flat, 1000)))
+        out.append(rank(source, [(i, f) for i, f in enumerate(flats)], 0.5))
+        results[mode] = out
+    for a, b in zip(results["1"][:-1], results["0"][:-1]):
+        assert torch.equal(a[0], b[0]) and a[1] == b[1] and a[3] == b[3]
+        assert not record or torch.equal(a[2], b[2])
+    assert results["1"][-1] == results["0"][-1]

@@ -123,7 +123,9 @@ MOVES(64)
  *     excluded key 2**31 where the gradient (of 4, 2 or 8 bytes; the width says how to test it)
  *     is not finite;
  *   KIND_SCORE: ScoreKeys of a float32 score (|s|, NaN -> 0, inf -> FLT_MAX bits), excluded where
- *     the gradient (second pointer, fp32) is not finite.
+ *     the gradient (second pointer, fp32) is not finite;
+ *   KIND_MASK: MaskKeys of a stored bool mask (second pointer, bytes; NULL = every entry masked) over
+ *     an fp32 gradient: 0 = masked, 1 = kept, 2 = non-finite gradient (16-bit keys).
  * Counts go to TABLES interleaved sub-histograms (entry i to table i % TABLES) for large tensors,
  * so that runs of equal digits (gradients fall in a few hundred bins) do not wait on one counter.
  * Warm start: keys whose top digit lies in [wlo, whi] (the previous step's boundary bin +- 1) are
@@ -143,7 +145,7 @@ MOVES(64)
 #endif
 
 enum { KIND_F32 = 0, KIND_BF16_WIDE = 1, KIND_16 = 2, KIND_RANDOM_32 = 3, KIND_RANDOM_16 = 4,
-       KIND_RANDOM_64 = 5, KIND_SCORE = 6 };
+       KIND_RANDOM_64 = 5, KIND_SCORE = 6, KIND_MASK = 7 };
 #define TABLES 4
 #ifndef MANY_TABLES_FROM
 #define MANY_TABLES_FROM (1 << 18)
@@ -300,6 +302,8 @@ typedef struct {
 #define KEY_16(i) ((uint32_t)(x[i] & 0x7FFFu))
 #define KEY_RANDOM(i) ((x[i] & e) == e ? RANDOM_CAP : (uint32_t)(mix64(p0 + (uint64_t)(i)) >> 33))
 #define KEY_SCORE(i) score_key(sc[i], x[i])
+#define SETUP_MASK const uint32_t *x = (const uint32_t *)src->x; const uint8_t *mk = (const uint8_t *)src->s;
+#define KEY_MASK(i) ((x[i] & 0x7F800000u) == 0x7F800000u ? 2u : (mk ? (uint32_t)(mk[i] == 0) : 0u))
 
 KIND_PASSES(f32, SETUP_32, KEY_F32, 16, 1)
 KIND_PASSES(bf16_wide, SETUP_16, KEY_BF16_WIDE, 16, 1)
@@ -309,6 +313,7 @@ KIND_PASSES(random32, SETUP_RANDOM(uint32_t, 0x7F800000u), KEY_RANDOM, 16, 0)
 KIND_PASSES(random16, SETUP_RANDOM(uint16_t, src->s ? 0x7C00u : 0x7F80u), KEY_RANDOM, 16, 0)
 KIND_PASSES(random64, SETUP_RANDOM(uint64_t, 0x7FF0000000000000ull), KEY_RANDOM, 16, 0)
 KIND_PASSES(score, SETUP_SCORE, KEY_SCORE, 16, 1)
+KIND_PASSES(mask, SETUP_MASK, KEY_MASK, 0, 1)
 
 #define DISPATCH(src, CALL)                                                                         \
     switch ((src)->kind) {                                                                          \
@@ -319,6 +324,7 @@ KIND_PASSES(score, SETUP_SCORE, KEY_SCORE, 16, 1)
     case KIND_RANDOM_16: CALL(random16); break;                                                     \
     case KIND_RANDOM_64: CALL(random64); break;                                                     \
     case KIND_SCORE: CALL(score); break;                                                            \
+    case KIND_MASK: CALL(mask); break;                                                              \
     }
 
 /* Rank a group. key_bits is 16 or 32; cap the excluded-key bound (a multiple of 2**(key_bits-16)).
@@ -555,6 +561,11 @@ VECTOR_CLONES void gmt_apply(const source_t *src, uint64_t threshold_in, int64_t
         APPLY_LOOP(uint32_t, 0u)
 #undef KEY_AT
         break; }
+    case KIND_MASK: { SETUP_MASK
+#define KEY_AT(i) KEY_MASK(i)
+        APPLY_LOOP(uint32_t, 0u)
+#undef KEY_AT
+        break; }
     }
     out[0] = masked;
     out[1] = used;
@@ -576,4 +587,11 @@ VECTOR_CLONES void gmt_ema_f32(float *ema, const float *g, int64_t n, float a, f
         float next = p + q;
         ema[i] = (gb[i] & 0x7F800000u) == 0x7F800000u ? ema[i] : next;
     }
+}
+
+/* NaN and inf entries of an fp32 tensor (count_nonfinite's twin), in one vectorised read. */
+VECTOR_CLONES int64_t gmt_count_nonfinite_f32(const uint32_t *x, int64_t n) {
+    int64_t total = 0;
+    for (int64_t i = 0; i < n; ++i) total += (x[i] & 0x7F800000u) == 0x7F800000u;
+    return total;
 }

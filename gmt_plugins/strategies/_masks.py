@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from gmt_plugins import native_rank
+from gmt_plugins import native, native_rank
 from gmt_plugins.config import GMTConfig
 from gmt_plugins.selection import Cut, KeySource, iter_chunks, rank, select_chunk
 from gmt_plugins.strategies.base import GradEntry, MaskPlan, MaskStrategy, TensorPlan
@@ -74,7 +74,11 @@ def check_patterns(option: str, value: Any) -> list[str]:
 
 
 def count_nonfinite(flat: torch.Tensor, chunk_numel: int) -> int:
-    """NaN/inf entries of ``flat``, counted chunk by chunk (no full-size scratch buffer)."""
+    """NaN/inf entries of ``flat``, counted chunk by chunk (no full-size scratch buffer), or by one C
+    read for fp32 CPU tensors when the kernel is available (the chunks are its twin)."""
+    lib = native.library() if native_rank.ema_usable(flat) else None
+    if lib is not None:
+        return native_rank.count_nonfinite_f32(lib, flat)
     total = 0
     for _, chunk in iter_chunks(flat, chunk_numel):
         total += int((~torch.isfinite(chunk)).sum().item())
@@ -90,6 +94,16 @@ class MaskKeys:
 
     def __init__(self, masked: Sequence[torch.Tensor | bool]) -> None:
         self._masked = list(masked)
+
+    def native_source(self, index: int, flat: torch.Tensor) -> native_rank.NativeKeys | None:
+        """The kernel computes these keys itself for fp32 CPU gradients and CPU bool masks."""
+        masked = self._masked[index]
+        if type(self).keys is not MaskKeys.keys or not native_rank.ema_usable(flat) or masked is False:
+            return None
+        if masked is True:
+            return native_rank.NativeKeys(native_rank.KIND_MASK)
+        usable = masked.dtype == torch.bool and masked.device.type == "cpu" and masked.is_contiguous()
+        return native_rank.NativeKeys(native_rank.KIND_MASK, score=masked) if usable and masked.numel() == flat.numel() else None
 
     def keys(self, index: int, chunk: torch.Tensor, start: int) -> torch.Tensor:
         masked = self._masked[index]
