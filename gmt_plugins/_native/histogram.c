@@ -259,6 +259,25 @@ typedef struct {
         const int64_t n = src->n;                                                                   \
         int64_t i = 0, nc = *ncp;                                                                   \
         int64_t b = 0, ex = 0;                                                                      \
+        if (RECOMPUTE) { /* cheap keys: count 64 at a time, re-read the rare block with a candidate */ \
+            for (; i + 64 <= n; i += 64) {                                                          \
+                uint32_t any = 0, bb = 0, ee = 0;                                                   \
+                for (int j = 0; j < 64; ++j) {                                                      \
+                    uint32_t key = (KEY(i + j));                                                    \
+                    bb += key < lo_key;                                                             \
+                    ee += key >= cap;                                                               \
+                    any |= key - lo_key < width;                                                    \
+                }                                                                                   \
+                b += bb;                                                                            \
+                ex += ee;                                                                           \
+                if (any) {                                                                          \
+                    for (int j = 0; j < 64; ++j) {                                                  \
+                        uint32_t key = (KEY(i + j));                                                \
+                        if (key - lo_key < width) { if (nc < cand_cap) cand[nc] = key; nc += 1; }   \
+                    }                                                                               \
+                }                                                                                   \
+            }                                                                                       \
+        }                                                                                           \
         for (; i + 16 <= n; i += 16) {                                                              \
             uint32_t k[16], any = 0, bb = 0, ee = 0;                                                \
             for (int j = 0; j < 16; ++j) {                                                          \
