@@ -126,8 +126,8 @@ def mask_plan(entries: Sequence[GradEntry], masked: Sequence[torch.Tensor | bool
     for i, (entry, m) in enumerate(zip(entries, masked)):
         if isinstance(m, torch.Tensor) and m.numel() != entry.flat.numel():
             raise ValueError(f"stored mask of {entry.name!r} has {m.numel()} entries, its gradient {entry.flat.numel()}")
-        nothing = m is False or (isinstance(m, torch.Tensor) and not bool(m.any()))
-        plans.append(TensorPlan(source, i, Cut(None) if nothing else Cut(1), count_nonfinite(entry.flat, chunk_numel)))
+        # an all-False mask gets Cut(1) too: it zeroes nothing, and testing it first costs a pass
+        plans.append(TensorPlan(source, i, Cut(None) if m is False else Cut(1), count_nonfinite(entry.flat, chunk_numel)))
     return MaskPlan(plans)
 
 
