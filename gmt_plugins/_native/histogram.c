@@ -117,7 +117,7 @@ MOVES(64)
  * One call ranks a whole group (one tensor for the per-tensor scope, all of them for the global
  * scope): the top-digit histogram of every tensor, the non-finite count of each, the boundary bin,
  * and the low digit inside it, all in C with no allocation (the caller lends zeroed scratch and gets
- * it back zeroed). The same key kinds as above plus two computed ones:
+ * it back zeroed). The same key kinds as above plus these:
  *   KIND_F32, KIND_BF16_WIDE, KIND_16: magnitude keys (MagnitudeKeys);
  *   KIND_RANDOM_{32,16,64}: RandomKeys, splitmix64(position + splitmix64(salt)) >> 33 with the
  *     excluded key 2**31 where the gradient (of 4, 2 or 8 bytes; the width says how to test it)
@@ -126,11 +126,12 @@ MOVES(64)
  *     the gradient (second pointer, fp32) is not finite;
  *   KIND_MASK: MaskKeys of a stored bool mask (second pointer, bytes; NULL = every entry masked) over
  *     an fp32 gradient: 0 = masked, 1 = kept, 2 = non-finite gradient (16-bit keys).
- * Counts go to TABLES interleaved sub-histograms (entry i to table i % TABLES) for large tensors,
- * so that runs of equal digits (gradients fall in a few hundred bins) do not wait on one counter.
- * Warm start: keys whose top digit lies in [wlo, whi] (the previous step's boundary bin +- 1) are
- * copied to `cand` during the first pass; when the boundary bin falls in that window and `cand`
- * did not overflow, the low digit comes from `cand` and the second pass over the data is skipped.
+ * Counts go to TABLES interleaved sub-histograms (entry j of a block to table j % TABLES) for large
+ * groups, so that runs of equal digits (gradients fall in a few hundred bins) do not wait on one
+ * counter. Warm start: given a window of top digits [wlo, whi] (the previous step's boundary bin
+ * +- 1, or where uniform random keys must fall), one read per tensor counts the keys below it and
+ * copies the keys inside it to `cand`, with no histogram; when the k-th key falls inside the window
+ * it is found among them, otherwise the histogram passes run. The hint never changes the result.
  * ------------------------------------------------------------------------------------------- */
 #include <string.h>
 
@@ -178,23 +179,21 @@ typedef struct {
     int32_t kind;
 } source_t;
 
-/* Per kind of key: the first pass (top-digit histogram over TABLES tables, candidates of the warm
- * window), the second pass (low digit inside the boundary bin) and a clearing pass. Keys are made a
- * block of 16 at a time so that the compiler vectorises them; the counting stores go to four tables
- * in turn (entry j of a block to table j % 4) so that equal digits in a row do not wait on each other;
- * the window and bucket tests are vectorised over the block, and the scalar loop behind them runs
- * only for the rare block holding such a key. */
-#define IN_WINDOW(key, SHIFT) (((key) >> (SHIFT)) - lo < span) /* uint32: digits below lo wrap far above span */
-#define KIND_PASSES(NAME, SETUP, KEY, SHIFT, RECOMPUTE)                                                               \
-    static inline void pass1_##NAME(const source_t *src, uint32_t *hist, int tables,                  \
-                             uint32_t lo, uint32_t span, uint32_t *cand, int64_t cand_cap, int64_t *ncp) { \
+/* Per kind of key: the first pass (top-digit histogram over TABLES tables), the second pass (low
+ * digit inside the boundary bin), the warm scan (counts below the window, copies of the keys in it)
+ * and a clearing pass. The counting stores go to four tables in turn (entry j of a block of 16 to
+ * table j % 4) so that equal digits in a row do not wait on each other. Bucket and window tests are
+ * vectorised over a block, and the scalar loop behind them runs only for the rare block holding such
+ * a key. RECOMPUTE: the key is cheap (a mask of the input), so the rare loop reads it again instead of
+ * keeping the block's keys on the stack (twice as fast); expensive keys (the hash) are kept. */
+#define KIND_PASSES(NAME, SETUP, KEY, SHIFT, RECOMPUTE)                                             \
+    static inline void pass1_##NAME(const source_t *src, uint32_t *hist, int tables) {              \
         SETUP                                                                                       \
         const int64_t n = src->n;                                                                   \
-        int64_t i = 0, nc = *ncp;                                                                   \
+        int64_t i = 0;                                                                              \
         uint32_t *h1 = hist + (tables > 1 ? BINS : 0), *h2 = hist + (tables > 1 ? 2 * BINS : 0);    \
         uint32_t *h3 = hist + (tables > 1 ? 3 * BINS : 0);                                          \
         for (; i + 16 <= n; i += 16) {                                                              \
-            uint32_t any = 0;                                                                       \
             if (RECOMPUTE) {                                                                        \
                 for (int j = 0; j < 16; j += 4) {                                                   \
                     hist[(KEY(i + j)) >> SHIFT] += 1;                                               \
@@ -202,14 +201,9 @@ typedef struct {
                     h2[(KEY(i + j + 2)) >> SHIFT] += 1;                                             \
                     h3[(KEY(i + j + 3)) >> SHIFT] += 1;                                             \
                 }                                                                                   \
-                if (span)                                                                           \
-                    for (int j = 0; j < 16; ++j) any |= IN_WINDOW((KEY(i + j)), SHIFT);             \
             } else {                                                                                \
                 uint32_t k[16];                                                                     \
-                for (int j = 0; j < 16; ++j) {                                                      \
-                    k[j] = (KEY(i + j));                                                            \
-                    any |= IN_WINDOW(k[j], SHIFT);                                                  \
-                }                                                                                   \
+                for (int j = 0; j < 16; ++j) k[j] = (KEY(i + j));                                   \
                 for (int j = 0; j < 16; j += 4) {                                                   \
                     hist[k[j] >> SHIFT] += 1;                                                       \
                     h1[k[j + 1] >> SHIFT] += 1;                                                     \
@@ -217,19 +211,8 @@ typedef struct {
                     h3[k[j + 3] >> SHIFT] += 1;                                                     \
                 }                                                                                   \
             }                                                                                       \
-            if (any) {                                                                              \
-                for (int j = 0; j < 16; ++j) {                                                      \
-                    uint32_t key = (KEY(i + j));                                                    \
-                    if (IN_WINDOW(key, SHIFT)) { if (nc < cand_cap) cand[nc] = key; nc += 1; }      \
-                }                                                                                   \
-            }                                                                                       \
         }                                                                                           \
-        for (; i < n; ++i) {                                                                        \
-            uint32_t key = (KEY(i));                                                                \
-            hist[key >> SHIFT] += 1;                                                                \
-            if (IN_WINDOW(key, SHIFT)) { if (nc < cand_cap) cand[nc] = key; nc += 1; }                     \
-        }                                                                                           \
-        *ncp = nc;                                                                                  \
+        for (; i < n; ++i) hist[(KEY(i)) >> SHIFT] += 1;                                            \
     }                                                                                               \
     static void pass2_##NAME(const source_t *src, uint32_t digit, uint32_t *hist) {                 \
         SETUP                                                                                       \
@@ -352,9 +335,8 @@ KIND_PASSES(mask, SETUP_MASK, KEY_MASK, 0, 1)
  * nonfinite[t] receives each tensor's excluded count. out: threshold (-1 = mask nothing), ties,
  * rankable, boundary top digit (-1 if none), 1 if the second pass ran. Counts stay below 2**32
  * per table: the caller routes groups of 2**32 entries or more elsewhere. */
-static inline __attribute__((always_inline)) void rank_histograms(const source_t *src, int64_t count, uint32_t key_bits, uint32_t cap, double ratio,
-                            int64_t k, int64_t wlo, int64_t whi, uint32_t *hist, uint32_t *cand, int64_t cand_cap,
-                            int64_t *nonfinite, int64_t *out);
+static inline __attribute__((always_inline)) void rank_histograms(const source_t *src, int64_t count, uint32_t key_bits,
+                            uint32_t cap, double ratio, int64_t k, uint32_t *hist, int64_t *nonfinite, int64_t *out);
 
 /* Warm path: one vectorised read per tensor counts the keys below the window and the excluded ones
  * and copies the window's keys to cand, with no histogram at all; when the k-th key falls inside the
@@ -415,20 +397,18 @@ VECTOR_CLONES void gmt_rank_group(const source_t *src, int64_t count, uint32_t k
     if (key_bits == 32 && wlo >= 0 && whi >= wlo &&
         rank_window(src, count, cap, ratio, k, wlo, whi, hist, cand, cand_cap, nonfinite, out))
         return;
-    rank_histograms(src, count, key_bits, cap, ratio, k, -1, -2, hist, cand, cand_cap, nonfinite, out);
+    rank_histograms(src, count, key_bits, cap, ratio, k, hist, nonfinite, out);
 }
 
-static inline __attribute__((always_inline)) void rank_histograms(const source_t *src, int64_t count, uint32_t key_bits, uint32_t cap, double ratio,
-                            int64_t k, int64_t wlo, int64_t whi, uint32_t *hist, uint32_t *cand, int64_t cand_cap,
-                            int64_t *nonfinite, int64_t *out) {
+static inline __attribute__((always_inline)) void rank_histograms(const source_t *src, int64_t count, uint32_t key_bits,
+                            uint32_t cap, double ratio, int64_t k, uint32_t *hist, int64_t *nonfinite, int64_t *out) {
     uint32_t shift = key_bits - 16, cap_digit = cap >> shift;
-    int64_t total = 0, nc = 0, excluded_before = 0;
+    int64_t total = 0, excluded_before = 0;
     for (int64_t t = 0; t < count; ++t) total += src[t].n;
     int tables = total >= MANY_TABLES_FROM ? TABLES : 1;
-    uint32_t lo = wlo < 0 ? 1 : (uint32_t)wlo, span = (wlo < 0 || whi < wlo) ? 0 : (uint32_t)(whi - wlo + 1);
     for (int64_t t = 0; t < count; ++t) {
         const source_t *s = &src[t];
-#define PASS1(NAME) pass1_##NAME(s, hist, tables, lo, span, cand, cand_cap, &nc)
+#define PASS1(NAME) pass1_##NAME(s, hist, tables)
         DISPATCH(s, PASS1)
 #undef PASS1
         int64_t excluded = 0;
@@ -466,17 +446,12 @@ static inline __attribute__((always_inline)) void rank_histograms(const source_t
     out[3] = digit;
     uint64_t prefix = digit;
     if (shift) {
-        int from_cand = span && digit - lo < span && nc <= cand_cap;
-        if (from_cand) {
-            for (int64_t j = 0; j < nc; ++j) if ((cand[j] >> 16) == digit) hist[cand[j] & 0xFFFFu] += 1;
-        } else {
-            out[4] = 1;
-            for (int64_t t = 0; t < count; ++t) {
-                const source_t *s = &src[t];
+        out[4] = 1;
+        for (int64_t t = 0; t < count; ++t) {
+            const source_t *s = &src[t];
 #define PASS2(NAME) pass2_##NAME(s, digit, hist)
-                DISPATCH(s, PASS2)
+            DISPATCH(s, PASS2)
 #undef PASS2
-            }
         }
         below = 0;
         uint32_t low;
@@ -487,11 +462,7 @@ static inline __attribute__((always_inline)) void rank_histograms(const source_t
         in_bin = hist[low];
         remaining -= below;
         prefix = ((uint64_t)digit << 16) | low;
-        if (from_cand) {
-            for (int64_t j = 0; j < nc; ++j) hist[cand[j] & 0xFFFFu] = 0;
-        } else {
-            memset(hist, 0, BINS * sizeof(uint32_t));
-        }
+        memset(hist, 0, BINS * sizeof(uint32_t));
     }
     if (remaining == in_bin) { out[0] = (int64_t)prefix + 1; out[1] = 0; }
     else { out[0] = (int64_t)prefix; out[1] = remaining; }
