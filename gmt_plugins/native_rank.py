@@ -31,6 +31,7 @@ KIND_F32, KIND_BF16_WIDE, KIND_16, KIND_RANDOM_32, KIND_RANDOM_16, KIND_RANDOM_6
 TABLES = 4
 BINS = 1 << 16
 MAX_GROUP = (1 << 32) - 1  # counts are uint32 per table
+MAX_CANDIDATES = 1 << 24
 _RANDOM_KINDS = (KIND_RANDOM_32, KIND_RANDOM_16, KIND_RANDOM_64)
 
 
@@ -119,7 +120,8 @@ def rank_group(
     sources = (_Source * max(count, 1))(*[_source(f, kk) for f, kk in zip(flats, keys)])
     total = sum(f.numel() for f in flats)
     window = _window(keys, total, ratio, k, hint) if key_bits > 16 else (-1, -2)
-    cand_cap = min(total, BINS + total // 32) if window[0] <= window[1] else 0
+    # the window's keys, up to 1/64 of the group and 64 MiB: a larger window falls back to histograms
+    cand_cap = min(total, BINS + total // 64, MAX_CANDIDATES) if window[0] <= window[1] else 0
     hist, cand = _buffers(cand_cap)
     nonfinite = (ctypes.c_int64 * max(count, 1))()
     out = (ctypes.c_int64 * 5)()
