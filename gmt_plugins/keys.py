@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
+from gmt_plugins import native_rank
+
 _SIGN_CLEAR = {16: 0x7FFF, 32: 0x7FFF_FFFF, 64: 0x7FFF_FFFF_FFFF_FFFF}
 _INT_VIEW = {16: torch.int16, 32: torch.int32, 64: torch.int64}
 _FLOAT_VIEW = {32: torch.float32, 64: torch.float64}
@@ -40,6 +42,15 @@ def count_nonzero_bits(chunk: torch.Tensor) -> torch.Tensor:
     return bits.clamp_(max=1).sum(dtype=total_dtype).to(torch.int64)
 
 
+_NATIVE_MAGNITUDE = {
+    (torch.float32, 32): native_rank.KIND_F32,
+    (torch.bfloat16, 32): native_rank.KIND_BF16_WIDE,
+    (torch.bfloat16, 16): native_rank.KIND_16,
+    (torch.float16, 16): native_rank.KIND_16,
+}
+_NATIVE_RANDOM = {2: native_rank.KIND_RANDOM_16, 4: native_rank.KIND_RANDOM_32, 8: native_rank.KIND_RANDOM_64}
+
+
 class MagnitudeKeys:
     """Key = bit pattern of ``|grad|``: for non-negative IEEE floats, bit order is value order.
 
@@ -70,6 +81,11 @@ class MagnitudeKeys:
     native_keys = has_zero_below
     """The same test: only these exact keys are what the compiled histogram (:mod:`gmt_plugins.native`)
     computes itself."""
+
+    def native_source(self, index: int, flat: torch.Tensor) -> native_rank.NativeKeys | None:
+        """How the many-tensor kernel computes these keys for ``flat`` (``None``: it cannot)."""
+        kind = _NATIVE_MAGNITUDE.get((flat.dtype, self.key_bits)) if self.has_zero_below else None
+        return None if kind is None else native_rank.NativeKeys(kind)
 
     def zero_below(self, index: int, chunk: torch.Tensor, threshold: int) -> torch.Tensor:
         """Fast path of the engine: zero the entries with key ``< threshold`` and count them.
@@ -143,6 +159,13 @@ class RandomKeys:
         mixed = splitmix64(positions + splitmix64(torch.tensor(self._salts[index], device=chunk.device)))
         keys = _logical_shift_right(mixed, 33)
         return torch.where(torch.isfinite(chunk), keys, self.cap)
+
+    def native_source(self, index: int, flat: torch.Tensor) -> native_rank.NativeKeys | None:
+        """The same hash in C (``gmt_plugins/_native/histogram.c``), for the whole flat ``flat``."""
+        if type(self).keys is not RandomKeys.keys or not flat.is_floating_point() or flat.element_size() not in _NATIVE_RANDOM:
+            return None
+        seed = native_rank.splitmix64(self._salts[index] & (2**64 - 1))
+        return native_rank.NativeKeys(_NATIVE_RANDOM[flat.element_size()], seed=seed)
 
     def key_to_value(self, index: int, key: int) -> None:
         return None

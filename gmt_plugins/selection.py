@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import torch
 
-from gmt_plugins import native
+from gmt_plugins import native, native_rank
 from gmt_plugins.distributed import ShardReducer, active_reducer
 
 DIGIT_BITS = 16
@@ -193,6 +193,37 @@ def _native_kernel(source: KeySource, use_native: bool | None) -> ctypes.CDLL | 
     return kernel
 
 
+def _kernel_keys(source: KeySource, flats: Sequence[tuple[int, torch.Tensor]]) -> list[native_rank.NativeKeys] | None:
+    """What the many-tensor kernel needs to compute every flat's keys itself, or ``None``."""
+    describe = getattr(source, "native_source", None)
+    if describe is None or not native_rank.usable([flat for _, flat in flats]):
+        return None
+    keys = [describe(index, flat) for index, flat in flats]
+    return None if any(k is None for k in keys) else keys
+
+
+def _rank_native(
+    source: KeySource,
+    flats: Sequence[tuple[int, torch.Tensor]],
+    ratio: float | None,
+    k: int | None,
+    warm: dict[str, int] | None,
+    group: str,
+) -> tuple[Cut, Ranked] | None:
+    keys = _kernel_keys(source, flats)
+    lib = native.library() if keys is not None else None
+    if lib is None:
+        return None
+    result = native_rank.rank_group(
+        lib, [flat for _, flat in flats], keys, key_bits=source.key_bits, cap=source.cap, ratio=ratio, k=k,
+        hint=None if warm is None else warm.get(group),
+    )
+    if warm is not None and result.boundary is not None:
+        warm[group] = result.boundary
+    ranked = Ranked(rankable=result.rankable, nonfinite=result.nonfinite)
+    return Cut(result.threshold, result.ties if result.threshold is not None else 0), ranked
+
+
 def _locate(hist: torch.Tensor, k: int) -> tuple[int, int]:
     """The bin holding the k-th smallest entry (1-based) and how many entries lie in lower bins."""
     cumulative = hist.cumsum(0)
@@ -209,6 +240,8 @@ def rank(
     k: int | None = None,
     chunk_numel: int = DEFAULT_CHUNK_NUMEL,
     reducer: ShardReducer | None = None,
+    warm: dict[str, int] | None = None,
+    group: str = "",
 ) -> tuple[Cut, Ranked]:
     """Find the cut that masks ``k`` entries (default ``floor(ratio * rankable)``) over all of ``flats``.
 
@@ -221,6 +254,11 @@ def rank(
     then those of the full tensors, identical on every rank (``ties`` still counts over the full
     tensors in flat order: the masker splits it between shards). Every rank must call ``rank``
     for the same groups in the same order.
+
+    Without a reducer, a group the compiled kernel can serve whole (:mod:`gmt_plugins.native_rank`)
+    is ranked by one call; the passes below are its twin. ``warm[group]`` then holds the boundary
+    bin of this group's previous call, which lets the kernel skip its second pass; it changes
+    nothing but the time.
     """
     if (ratio is None) == (k is None):
         raise TypeError("rank() takes exactly one of ratio and k")
@@ -229,6 +267,10 @@ def rank(
     top_shift = source.key_bits - DIGIT_BITS
     if not flats:
         return Cut(None), Ranked(rankable=0, nonfinite=[])
+    if reducer is None:
+        ranked_natively = _rank_native(source, flats, ratio, k, warm, group)
+        if ranked_natively is not None:
+            return ranked_natively
     nonfinite: list[int] = []
     hist = histogram_across_devices(source, flats, shift=top_shift, base=None, chunk_numel=chunk_numel, nonfinite=nonfinite)
     if reducer is not None:
@@ -290,6 +332,10 @@ def apply_cut(
             record.zero_()
         return 0, 0
     threshold, ties_left = cut.threshold, cut.ties
+    keys = _kernel_keys(source, [(index, flat)]) if record is None or native_rank.usable([record], None) else None
+    lib = native.library() if keys is not None else None
+    if lib is not None:  # one C pass; the chunks below are its twin
+        return native_rank.apply(lib, flat, keys[0], threshold, ties_left, record)
     fast = source.zero_below if getattr(source, "has_zero_below", False) else None
     masked = torch.zeros((), dtype=torch.int64, device=flat.device)
     ties_used = 0

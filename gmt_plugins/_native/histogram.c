@@ -110,3 +110,491 @@ void gmt_hist_16(const uint16_t *x, int64_t n, uint32_t base, uint32_t shift, in
 MOVES(16)
 MOVES(32)
 MOVES(64)
+
+/* ---------------------------------------------------------------------------------------------
+ * Many-tensor engine (gmt_plugins/selection.py: rank_group / apply_native).
+ *
+ * One call ranks a whole group (one tensor for the per-tensor scope, all of them for the global
+ * scope): the top-digit histogram of every tensor, the non-finite count of each, the boundary bin,
+ * and the low digit inside it, all in C with no allocation (the caller lends zeroed scratch and gets
+ * it back zeroed). The same key kinds as above plus these:
+ *   KIND_F32, KIND_BF16_WIDE, KIND_16: magnitude keys (MagnitudeKeys);
+ *   KIND_RANDOM_{32,16,64}: RandomKeys, splitmix64(position + splitmix64(salt)) >> 33 with the
+ *     excluded key 2**31 where the gradient (of 4, 2 or 8 bytes; the width says how to test it)
+ *     is not finite;
+ *   KIND_SCORE: ScoreKeys of a float32 score (|s|, NaN -> 0, inf -> FLT_MAX bits), excluded where
+ *     the gradient (second pointer, fp32) is not finite;
+ *   KIND_MASK: MaskKeys of a stored bool mask (second pointer, bytes; NULL = every entry masked) over
+ *     an fp32 gradient: 0 = masked, 1 = kept, 2 = non-finite gradient (16-bit keys).
+ * Counts go to TABLES interleaved sub-histograms (entry j of a block to table j % TABLES) for large
+ * groups, so that runs of equal digits (gradients fall in a few hundred bins) do not wait on one
+ * counter. Warm start: given a window of top digits [wlo, whi] (the previous step's boundary bin
+ * +- 1, or where uniform random keys must fall), one read per tensor counts the keys below it and
+ * copies the keys inside it to `cand`, with no histogram; when the k-th key falls inside the window
+ * it is found among them, otherwise the histogram passes run. The hint never changes the result.
+ * ------------------------------------------------------------------------------------------- */
+#include <string.h>
+
+/* x86-64: the entry points come in an AVX2 clone too, picked at load time (ifunc), which vectorises
+ * the 64-bit hash and the key blocks; elsewhere, or with -DGMT_NO_CLONES (native.py retries with it
+ * when the first build fails), one portable build. Integer work and -ffp-contract=off keep both
+ * clones bit for bit equal. */
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && !defined(GMT_NO_CLONES)
+#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
+enum { KIND_F32 = 0, KIND_BF16_WIDE = 1, KIND_16 = 2, KIND_RANDOM_32 = 3, KIND_RANDOM_16 = 4,
+       KIND_RANDOM_64 = 5, KIND_SCORE = 6, KIND_MASK = 7 };
+#define TABLES 4
+#ifndef MANY_TABLES_FROM
+#define MANY_TABLES_FROM (1 << 18)
+#endif
+/* Every kind's keys are at most 2**31 (random's cap) or below 2**31 (magnitudes, scores, 16-bit
+ * keys), so no top digit exceeds TOP_DIGIT: scans and clears stop there. */
+#define TOP_DIGIT 0x8000u
+#define RANDOM_CAP (1u << 31)
+
+static inline uint64_t mix64(uint64_t x) {
+    x *= 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+static inline uint32_t score_key(uint32_t s, uint32_t g) {
+    uint32_t bits = s & 0x7FFFFFFFu;
+    bits = bits > 0x7F800000u ? 0u : bits;              /* NaN ranks lowest */
+    bits = bits == 0x7F800000u ? 0x7F7FFFFFu : bits;    /* overflow ranks highest, below the cap */
+    return (g & 0x7F800000u) == 0x7F800000u ? 0x7F800000u : bits;
+}
+
+typedef struct {
+    const void *x;       /* the gradient */
+    const uint32_t *s;   /* KIND_SCORE: the score */
+    int64_t n;
+    int64_t start;       /* flat position of x[0] (random keys) */
+    uint64_t seed;       /* splitmix64(salt) (random keys) */
+    int32_t kind;
+} source_t;
+
+/* Per kind of key: the first pass (top-digit histogram over TABLES tables), the second pass (low
+ * digit inside the boundary bin), the warm scan (counts below the window, copies of the keys in it)
+ * and a clearing pass. The counting stores go to four tables in turn (entry j of a block of 16 to
+ * table j % 4) so that equal digits in a row do not wait on each other. Bucket and window tests are
+ * vectorised over a block, and the scalar loop behind them runs only for the rare block holding such
+ * a key. RECOMPUTE: the key is cheap (a mask of the input), so the rare loop reads it again instead of
+ * keeping the block's keys on the stack (twice as fast); expensive keys (the hash) are kept. */
+#define KIND_PASSES(NAME, SETUP, KEY, SHIFT, RECOMPUTE)                                             \
+    static inline void pass1_##NAME(const source_t *src, uint32_t *hist, int tables) {              \
+        SETUP                                                                                       \
+        const int64_t n = src->n;                                                                   \
+        int64_t i = 0;                                                                              \
+        uint32_t *h1 = hist + (tables > 1 ? BINS : 0), *h2 = hist + (tables > 1 ? 2 * BINS : 0);    \
+        uint32_t *h3 = hist + (tables > 1 ? 3 * BINS : 0);                                          \
+        for (; i + 16 <= n; i += 16) {                                                              \
+            if (RECOMPUTE) {                                                                        \
+                for (int j = 0; j < 16; j += 4) {                                                   \
+                    hist[(KEY(i + j)) >> SHIFT] += 1;                                               \
+                    h1[(KEY(i + j + 1)) >> SHIFT] += 1;                                             \
+                    h2[(KEY(i + j + 2)) >> SHIFT] += 1;                                             \
+                    h3[(KEY(i + j + 3)) >> SHIFT] += 1;                                             \
+                }                                                                                   \
+            } else {                                                                                \
+                uint32_t k[16];                                                                     \
+                for (int j = 0; j < 16; ++j) k[j] = (KEY(i + j));                                   \
+                for (int j = 0; j < 16; j += 4) {                                                   \
+                    hist[k[j] >> SHIFT] += 1;                                                       \
+                    h1[k[j + 1] >> SHIFT] += 1;                                                     \
+                    h2[k[j + 2] >> SHIFT] += 1;                                                     \
+                    h3[k[j + 3] >> SHIFT] += 1;                                                     \
+                }                                                                                   \
+            }                                                                                       \
+        }                                                                                           \
+        for (; i < n; ++i) hist[(KEY(i)) >> SHIFT] += 1;                                            \
+    }                                                                                               \
+    static void pass2_##NAME(const source_t *src, uint32_t digit, uint32_t *hist) {                 \
+        SETUP                                                                                       \
+        const int64_t n = src->n;                                                                   \
+        int64_t i = 0;                                                                              \
+        for (; i + 16 <= n; i += 16) {                                                              \
+            uint32_t k[16], any = 0;                                                                \
+            for (int j = 0; j < 16; ++j) {                                                          \
+                k[j] = (KEY(i + j));                                                                \
+                any |= (k[j] >> 16) == digit;                                                       \
+            }                                                                                       \
+            if (any) {                                                                              \
+                for (int j = 0; j < 16; ++j) {                                                      \
+                    if ((k[j] >> 16) == digit) hist[k[j] & 0xFFFFu] += 1;                           \
+                }                                                                                   \
+            }                                                                                       \
+        }                                                                                           \
+        for (; i < n; ++i) {                                                                        \
+            uint32_t key = (KEY(i));                                                                \
+            if ((key >> 16) == digit) hist[key & 0xFFFFu] += 1;                                     \
+        }                                                                                           \
+    }                                                                                               \
+    static void scan_##NAME(const source_t *src, uint32_t lo_key, uint32_t width, uint32_t cap,     \
+                            int64_t *below, int64_t *excluded, uint32_t *cand, int64_t cand_cap,    \
+                            int64_t *ncp) {                                                         \
+        SETUP                                                                                       \
+        const int64_t n = src->n;                                                                   \
+        int64_t i = 0, nc = *ncp;                                                                   \
+        int64_t b = 0, ex = 0;                                                                      \
+        if (RECOMPUTE) { /* cheap keys: count 64 at a time, re-read the rare block with a candidate */ \
+            for (; i + 64 <= n; i += 64) {                                                          \
+                uint32_t any = 0, bb = 0, ee = 0;                                                   \
+                for (int j = 0; j < 64; ++j) {                                                      \
+                    uint32_t key = (KEY(i + j));                                                    \
+                    bb += key < lo_key;                                                             \
+                    ee += key >= cap;                                                               \
+                    any |= key - lo_key < width;                                                    \
+                }                                                                                   \
+                b += bb;                                                                            \
+                ex += ee;                                                                           \
+                if (any) {                                                                          \
+                    for (int j = 0; j < 64; ++j) {                                                  \
+                        uint32_t key = (KEY(i + j));                                                \
+                        if (key - lo_key < width) { if (nc < cand_cap) cand[nc] = key; nc += 1; }   \
+                    }                                                                               \
+                }                                                                                   \
+            }                                                                                       \
+        }                                                                                           \
+        for (; i + 16 <= n; i += 16) {                                                              \
+            uint32_t k[16], any = 0, bb = 0, ee = 0;                                                \
+            for (int j = 0; j < 16; ++j) {                                                          \
+                k[j] = (KEY(i + j));                                                                \
+                bb += k[j] < lo_key;                                                                \
+                ee += k[j] >= cap;                                                                  \
+                any |= k[j] - lo_key < width;                                                       \
+            }                                                                                       \
+            b += bb;                                                                                \
+            ex += ee;                                                                               \
+            if (any) {                                                                              \
+                for (int j = 0; j < 16; ++j) {                                                      \
+                    if (k[j] - lo_key < width) { if (nc < cand_cap) cand[nc] = k[j]; nc += 1; }     \
+                }                                                                                   \
+            }                                                                                       \
+        }                                                                                           \
+        for (; i < n; ++i) {                                                                        \
+            uint32_t key = (KEY(i));                                                                \
+            b += key < lo_key;                                                                      \
+            ex += key >= cap;                                                                       \
+            if (key - lo_key < width) { if (nc < cand_cap) cand[nc] = key; nc += 1; }               \
+        }                                                                                           \
+        *below += b;                                                                                \
+        *excluded = ex;                                                                             \
+        *ncp = nc;                                                                                  \
+    }                                                                                               \
+    static void clear_##NAME(const source_t *src, uint32_t *hist) {                 \
+        SETUP                                                                                       \
+        for (int64_t i = 0; i < src->n; ++i) hist[(KEY(i)) >> SHIFT] = 0;                           \
+    }
+
+#define SETUP_32 const uint32_t *x = (const uint32_t *)src->x;
+#define SETUP_16 const uint16_t *x = (const uint16_t *)src->x;
+#define SETUP_RANDOM(T, E)                                                                          \
+    const T *x = (const T *)src->x;                                                                 \
+    const uint64_t p0 = (uint64_t)src->start + src->seed;                                           \
+    const T e = (E);
+#define SETUP_SCORE const uint32_t *x = (const uint32_t *)src->x; const uint32_t *sc = src->s;
+#define KEY_F32(i) (x[i] & 0x7FFFFFFFu)
+#define KEY_BF16_WIDE(i) ((uint32_t)(x[i] & 0x7FFFu) << 16)
+#define KEY_16(i) ((uint32_t)(x[i] & 0x7FFFu))
+#define KEY_RANDOM(i) ((x[i] & e) == e ? RANDOM_CAP : (uint32_t)(mix64(p0 + (uint64_t)(i)) >> 33))
+#define KEY_SCORE(i) score_key(sc[i], x[i])
+#define SETUP_MASK const uint32_t *x = (const uint32_t *)src->x; const uint8_t *mk = (const uint8_t *)src->s;
+#define KEY_MASK(i) ((x[i] & 0x7F800000u) == 0x7F800000u ? 2u : (mk ? (uint32_t)(mk[i] == 0) : 0u))
+
+KIND_PASSES(f32, SETUP_32, KEY_F32, 16, 1)
+KIND_PASSES(bf16_wide, SETUP_16, KEY_BF16_WIDE, 16, 1)
+KIND_PASSES(k16, SETUP_16, KEY_16, 0, 1)
+KIND_PASSES(random32, SETUP_RANDOM(uint32_t, 0x7F800000u), KEY_RANDOM, 16, 0)
+/* s != NULL marks fp16 (exponent 0x7C00) among the 16-bit random kinds, else bf16 (0x7F80) */
+KIND_PASSES(random16, SETUP_RANDOM(uint16_t, src->s ? 0x7C00u : 0x7F80u), KEY_RANDOM, 16, 0)
+KIND_PASSES(random64, SETUP_RANDOM(uint64_t, 0x7FF0000000000000ull), KEY_RANDOM, 16, 0)
+KIND_PASSES(score, SETUP_SCORE, KEY_SCORE, 16, 1)
+KIND_PASSES(mask, SETUP_MASK, KEY_MASK, 0, 1)
+
+#define DISPATCH(src, CALL)                                                                         \
+    switch ((src)->kind) {                                                                          \
+    case KIND_F32: CALL(f32); break;                                                                \
+    case KIND_BF16_WIDE: CALL(bf16_wide); break;                                                    \
+    case KIND_16: CALL(k16); break;                                                                 \
+    case KIND_RANDOM_32: CALL(random32); break;                                                     \
+    case KIND_RANDOM_16: CALL(random16); break;                                                     \
+    case KIND_RANDOM_64: CALL(random64); break;                                                     \
+    case KIND_SCORE: CALL(score); break;                                                            \
+    case KIND_MASK: CALL(mask); break;                                                              \
+    }
+
+/* Rank a group. key_bits is 16 or 32; cap the excluded-key bound (a multiple of 2**(key_bits-16)).
+ * k < 0: k = (int64)(ratio * rankable), else min(k, rankable). window: [wlo, whi] top digits, or
+ * wlo > whi for none. hist: TABLES * 65536 zeroed uint32 (returned zeroed); cand: cand_cap uint32.
+ * nonfinite[t] receives each tensor's excluded count. out: threshold (-1 = mask nothing), ties,
+ * rankable, boundary top digit (-1 if none), 1 if the second pass ran. Counts stay below 2**32
+ * per table: the caller routes groups of 2**32 entries or more elsewhere. */
+static inline __attribute__((always_inline)) void rank_histograms(const source_t *src, int64_t count, uint32_t key_bits,
+                            uint32_t cap, double ratio, int64_t k, uint32_t *hist, int64_t *nonfinite, int64_t *out);
+
+/* Warm path: one vectorised read per tensor counts the keys below the window and the excluded ones
+ * and copies the window's keys to cand, with no histogram at all; when the k-th key falls inside the
+ * window it is found among the candidates (returns 1). Otherwise (returns 0) the caller runs the
+ * histogram passes: the result is the same, only slower. */
+static inline __attribute__((always_inline)) int rank_window(const source_t *src, int64_t count, uint32_t cap, double ratio, int64_t k,
+                       int64_t wlo, int64_t whi, uint32_t *hist, uint32_t *cand, int64_t cand_cap,
+                       int64_t *nonfinite, int64_t *out) {
+    uint64_t lo64 = (uint64_t)wlo << 16, hi64 = (uint64_t)(whi + 1) << 16;
+    if (hi64 > cap) hi64 = cap;
+    if (lo64 >= hi64) return 0;
+    uint32_t lo_key = (uint32_t)lo64, width = (uint32_t)(hi64 - lo64);
+    int64_t below = 0, total = 0, excluded_all = 0, nc = 0;
+    for (int64_t t = 0; t < count; ++t) {
+        const source_t *s = &src[t];
+        int64_t excluded = 0;
+#define SCAN(NAME) scan_##NAME(s, lo_key, width, cap, &below, &excluded, cand, cand_cap, &nc)
+        DISPATCH(s, SCAN)
+#undef SCAN
+        nonfinite[t] = excluded;
+        excluded_all += excluded;
+        total += s->n;
+    }
+    int64_t rankable = total - excluded_all;
+    int64_t want = k < 0 ? (int64_t)(ratio * (double)rankable) : (k < rankable ? k : rankable);
+    out[0] = -1; out[1] = 0; out[2] = rankable; out[3] = -1; out[4] = 0;
+    if (want <= 0) return 1;
+    if (want <= below || want > below + nc || nc > cand_cap) return 0;
+    /* the (want - below)-th smallest candidate: top digit over the window, then the low digit */
+    int64_t remaining = want - below, seen = 0;
+    uint32_t top = (uint32_t)wlo, low;
+    for (; top <= (uint32_t)whi; ++top) {
+        int64_t c = 0;
+        for (int64_t j = 0; j < nc; ++j) c += (cand[j] >> 16) == top;
+        if (seen + c >= remaining) break;
+        seen += c;
+    }
+    remaining -= seen;
+    for (int64_t j = 0; j < nc; ++j) if ((cand[j] >> 16) == top) hist[cand[j] & 0xFFFFu] += 1;
+    int64_t under = 0;
+    for (low = 0; low < BINS; ++low) {
+        if (under + hist[low] >= remaining) break;
+        under += hist[low];
+    }
+    int64_t in_bin = hist[low];
+    for (int64_t j = 0; j < nc; ++j) hist[cand[j] & 0xFFFFu] = 0;
+    remaining -= under;
+    int64_t prefix = ((int64_t)top << 16) | low;
+    out[3] = top;
+    if (remaining == in_bin) { out[0] = prefix + 1; out[1] = 0; }
+    else { out[0] = prefix; out[1] = remaining; }
+    return 1;
+}
+
+VECTOR_CLONES void gmt_rank_group(const source_t *src, int64_t count, uint32_t key_bits, uint32_t cap, double ratio, int64_t k,
+                    int64_t wlo, int64_t whi, uint32_t *hist, uint32_t *cand, int64_t cand_cap,
+                    int64_t *nonfinite, int64_t *out) {
+    if (key_bits == 32 && wlo >= 0 && whi >= wlo &&
+        rank_window(src, count, cap, ratio, k, wlo, whi, hist, cand, cand_cap, nonfinite, out))
+        return;
+    rank_histograms(src, count, key_bits, cap, ratio, k, hist, nonfinite, out);
+}
+
+static inline __attribute__((always_inline)) void rank_histograms(const source_t *src, int64_t count, uint32_t key_bits,
+                            uint32_t cap, double ratio, int64_t k, uint32_t *hist, int64_t *nonfinite, int64_t *out) {
+    uint32_t shift = key_bits - 16, cap_digit = cap >> shift;
+    int64_t total = 0, excluded_before = 0;
+    for (int64_t t = 0; t < count; ++t) total += src[t].n;
+    int tables = total >= MANY_TABLES_FROM ? TABLES : 1;
+    for (int64_t t = 0; t < count; ++t) {
+        const source_t *s = &src[t];
+#define PASS1(NAME) pass1_##NAME(s, hist, tables)
+        DISPATCH(s, PASS1)
+#undef PASS1
+        int64_t excluded = 0;
+        for (int tb = 0; tb < tables; ++tb)
+            for (uint32_t d = cap_digit; d <= TOP_DIGIT; ++d) excluded += hist[((uint32_t)tb << 16) | d];
+        nonfinite[t] = excluded - excluded_before;
+        excluded_before = excluded;
+    }
+    int64_t rankable = total - excluded_before;
+    int64_t want = k < 0 ? (int64_t)(ratio * (double)rankable) : (k < rankable ? k : rankable);
+    out[0] = -1; out[1] = 0; out[2] = rankable; out[3] = -1; out[4] = 0;
+    uint32_t digit = 0;
+    int64_t below = 0, in_bin = 0;
+    if (want > 0) {
+        for (digit = 0; digit < cap_digit; ++digit) {
+            int64_t c = 0;
+            for (int tb = 0; tb < tables; ++tb) c += hist[((uint32_t)tb << 16) | digit];
+            if (below + c >= want) { in_bin = c; break; }
+            below += c;
+        }
+    }
+    /* give the scratch back zeroed: by revisiting a small group's keys, else wholesale */
+    if (total < 4096 && tables == 1) {
+        for (int64_t t = 0; t < count; ++t) {
+            const source_t *s = &src[t];
+#define CLEAR(NAME) clear_##NAME(s, hist)
+            DISPATCH(s, CLEAR)
+#undef CLEAR
+        }
+    } else {
+        for (int tb = 0; tb < tables; ++tb) memset(hist + ((size_t)tb << 16), 0, (TOP_DIGIT + 1) * sizeof(uint32_t));
+    }
+    if (want <= 0) return;
+    int64_t remaining = want - below;
+    out[3] = digit;
+    uint64_t prefix = digit;
+    if (shift) {
+        out[4] = 1;
+        for (int64_t t = 0; t < count; ++t) {
+            const source_t *s = &src[t];
+#define PASS2(NAME) pass2_##NAME(s, digit, hist)
+            DISPATCH(s, PASS2)
+#undef PASS2
+        }
+        below = 0;
+        uint32_t low;
+        for (low = 0; low < BINS; ++low) {
+            if (below + hist[low] >= remaining) break;
+            below += hist[low];
+        }
+        in_bin = hist[low];
+        remaining -= below;
+        prefix = ((uint64_t)digit << 16) | low;
+        memset(hist, 0, BINS * sizeof(uint32_t));
+    }
+    if (remaining == in_bin) { out[0] = (int64_t)prefix + 1; out[1] = 0; }
+    else { out[0] = (int64_t)prefix; out[1] = remaining; }
+}
+
+/* Zero, in place, the entries of src->x whose key is below `threshold`, then the first `ties` whose
+ * key equals it (in position order); +0.0 replaces them. record (or NULL) receives the mask as
+ * bytes. out: masked count, ties used. While ties remain, blocks of 64 are first tested (vectorised)
+ * for a key equal to the threshold, and only such blocks run the loop that spends ties; the global
+ * scope's budget may wait for its ties in a late tensor, so this phase can span whole tensors. */
+#define APPLY_BLOCK(i0, i1, TIES)                                                                   \
+    for (int64_t j = (i0); j < (i1); ++j) {                                                         \
+        uint32_t key = KEY_AT(j);                                                                   \
+        int tie = TIES ? ((key == threshold) & (ties > 0)) : 0;                                     \
+        int hit = (key < threshold) | tie;                                                          \
+        ties -= tie;                                                                                \
+        used += tie;                                                                                \
+        y[j] = hit ? 0 : y[j];                                                                         \
+        masked += hit;                                                                              \
+        if (record) record[j] = (uint8_t)hit;                                                       \
+    }
+#define APPLY_LOOP(T, ZERO)                                                                         \
+    {                                                                                               \
+        T *y = (T *)src->x;                                                                         \
+        const int64_t n = src->n;                                                                   \
+        int64_t i = 0;                                                                              \
+        while (i < n && ties > 0) {                                                                 \
+            int64_t end = n - i > 64 ? i + 64 : n;                                                  \
+            uint32_t eq = 0;                                                                        \
+            for (int64_t j = i; j < end; ++j) eq |= KEY_AT(j) == threshold;                         \
+            if (eq) {                                                                               \
+                APPLY_BLOCK(i, end, 1)                                                              \
+            } else {                                                                                \
+                APPLY_BLOCK(i, end, 0)                                                              \
+            }                                                                                       \
+            i = end;                                                                                \
+        }                                                                                           \
+        if (record) {                                                                               \
+            for (; i < n; ++i) { uint32_t key = KEY_AT(i); int hit = key < threshold;               \
+                y[i] = hit ? (T)ZERO : y[i]; masked += hit; record[i] = (uint8_t)hit; }             \
+        } else {                                                                                    \
+            for (; i < n; ++i) { uint32_t key = KEY_AT(i); int hit = key < threshold;               \
+                y[i] = hit ? (T)ZERO : y[i]; masked += hit; }                                       \
+        }                                                                                           \
+    }
+
+VECTOR_CLONES void gmt_apply(const source_t *src, uint64_t threshold_in, int64_t ties, uint8_t *record, int64_t *out) {
+    int64_t masked = 0, used = 0;
+    /* a threshold beyond 32 bits masks every key (none is that large) */
+    uint32_t threshold = threshold_in > 0xFFFFFFFFull ? 0xFFFFFFFFu : (uint32_t)threshold_in;
+    if (threshold_in > 0xFFFFFFFFull) ties = 0;
+    uint64_t p0 = (uint64_t)src->start + src->seed;
+    switch (src->kind) {
+    case KIND_F32: { const uint32_t *x = (const uint32_t *)src->x;
+#define KEY_AT(i) (x[i] & 0x7FFFFFFFu)
+        APPLY_LOOP(uint32_t, 0u)
+#undef KEY_AT
+        break; }
+    case KIND_BF16_WIDE: { const uint16_t *x = (const uint16_t *)src->x;
+#define KEY_AT(i) ((uint32_t)(x[i] & 0x7FFFu) << 16)
+        APPLY_LOOP(uint16_t, 0u)
+#undef KEY_AT
+        break; }
+    case KIND_16: { const uint16_t *x = (const uint16_t *)src->x;
+#define KEY_AT(i) ((uint32_t)(x[i] & 0x7FFFu))
+        APPLY_LOOP(uint16_t, 0u)
+#undef KEY_AT
+        break; }
+    case KIND_RANDOM_32: { const uint32_t *x = (const uint32_t *)src->x;
+#define KEY_AT(i) ((x[i] & 0x7F800000u) == 0x7F800000u ? RANDOM_CAP : (uint32_t)(mix64(p0 + (uint64_t)(i)) >> 33))
+        APPLY_LOOP(uint32_t, 0u)
+#undef KEY_AT
+        break; }
+    case KIND_RANDOM_16: { const uint16_t *x = (const uint16_t *)src->x; uint16_t e = src->s ? 0x7C00u : 0x7F80u;
+#define KEY_AT(i) ((x[i] & e) == e ? RANDOM_CAP : (uint32_t)(mix64(p0 + (uint64_t)(i)) >> 33))
+        APPLY_LOOP(uint16_t, 0u)
+#undef KEY_AT
+        break; }
+    case KIND_RANDOM_64: { const uint64_t *x = (const uint64_t *)src->x;
+#define KEY_AT(i) ((x[i] & 0x7FF0000000000000ull) == 0x7FF0000000000000ull ? RANDOM_CAP : (uint32_t)(mix64(p0 + (uint64_t)(i)) >> 33))
+        APPLY_LOOP(uint64_t, 0u)
+#undef KEY_AT
+        break; }
+    case KIND_SCORE: { const uint32_t *x = (const uint32_t *)src->x; const uint32_t *sc = src->s;
+#define KEY_AT(i) score_key(sc[i], x[i])
+        APPLY_LOOP(uint32_t, 0u)
+#undef KEY_AT
+        break; }
+    case KIND_MASK: { SETUP_MASK
+        if (mk && threshold == 1 && ties == 0) { /* the stored-mask step: masked and finite go */
+            uint32_t *y = (uint32_t *)src->x;
+            /* and-masks rather than selects, so that the byte and word lanes vectorise together */
+            for (int64_t i = 0; i < src->n; ++i) {
+                uint32_t hit = (uint32_t)(mk[i] != 0) & (uint32_t)((x[i] & 0x7F800000u) != 0x7F800000u);
+                y[i] &= hit - 1u;
+                masked += hit;
+            }
+            if (record)
+                for (int64_t i = 0; i < src->n; ++i)
+                    record[i] = (uint8_t)((mk[i] != 0) & ((x[i] & 0x7F800000u) != 0x7F800000u));  /* zeroed entries stay finite */
+            break;
+        }
+#define KEY_AT(i) KEY_MASK(i)
+        APPLY_LOOP(uint32_t, 0u)
+#undef KEY_AT
+        break; }
+    }
+    out[0] = masked;
+    out[1] = used;
+}
+
+/* gmt_momentum's EMA in place, as its torch twin computes it: where the gradient is finite,
+ * ema = fl(fl(a * ema) + fl(b * g)) with a = (float)beta, b = (float)(1 - beta); elsewhere ema stays.
+ * With first != 0 it is the first step: ema = g where finite, else +0. fp32 throughout, built with
+ * -ffp-contract=off so that no product is fused into an fma (torch rounds each product). */
+VECTOR_CLONES void gmt_ema_f32(float *ema, const float *g, int64_t n, float a, float b, int32_t first) {
+    const uint32_t *gb = (const uint32_t *)g;
+    if (first) {
+        for (int64_t i = 0; i < n; ++i) ema[i] = (gb[i] & 0x7F800000u) == 0x7F800000u ? 0.0f : g[i];
+        return;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+        float p = a * ema[i];
+        float q = b * g[i];
+        float next = p + q;
+        ema[i] = (gb[i] & 0x7F800000u) == 0x7F800000u ? ema[i] : next;
+    }
+}
+
+/* NaN and inf entries of an fp32 tensor (count_nonfinite's twin), in one vectorised read. */
+VECTOR_CLONES int64_t gmt_count_nonfinite_f32(const uint32_t *x, int64_t n) {
+    int64_t total = 0;
+    for (int64_t i = 0; i < n; ++i) total += (x[i] & 0x7F800000u) == 0x7F800000u;
+    return total;
+}

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from gmt_plugins import native, native_rank
 from gmt_plugins.config import GMTConfig
 from gmt_plugins.selection import Cut, KeySource, iter_chunks, rank, select_chunk
 from gmt_plugins.strategies.base import GradEntry, MaskPlan, MaskStrategy, TensorPlan
@@ -73,7 +74,11 @@ def check_patterns(option: str, value: Any) -> list[str]:
 
 
 def count_nonfinite(flat: torch.Tensor, chunk_numel: int) -> int:
-    """NaN/inf entries of ``flat``, counted chunk by chunk (no full-size scratch buffer)."""
+    """NaN/inf entries of ``flat``, counted chunk by chunk (no full-size scratch buffer), or by one C
+    read for fp32 CPU tensors when the kernel is available (the chunks are its twin)."""
+    lib = native.library() if native_rank.ema_usable(flat) else None
+    if lib is not None:
+        return native_rank.count_nonfinite_f32(lib, flat)
     total = 0
     for _, chunk in iter_chunks(flat, chunk_numel):
         total += int((~torch.isfinite(chunk)).sum().item())
@@ -89,6 +94,16 @@ class MaskKeys:
 
     def __init__(self, masked: Sequence[torch.Tensor | bool]) -> None:
         self._masked = list(masked)
+
+    def native_source(self, index: int, flat: torch.Tensor) -> native_rank.NativeKeys | None:
+        """The kernel computes these keys itself for fp32 CPU gradients and CPU bool masks."""
+        masked = self._masked[index]
+        if type(self).keys is not MaskKeys.keys or not native_rank.ema_usable(flat) or masked is False:
+            return None
+        if masked is True:
+            return native_rank.NativeKeys(native_rank.KIND_MASK)
+        usable = masked.dtype == torch.bool and masked.device.type == "cpu" and masked.is_contiguous()
+        return native_rank.NativeKeys(native_rank.KIND_MASK, score=masked) if usable and masked.numel() == flat.numel() else None
 
     def keys(self, index: int, chunk: torch.Tensor, start: int) -> torch.Tensor:
         masked = self._masked[index]
@@ -111,8 +126,8 @@ def mask_plan(entries: Sequence[GradEntry], masked: Sequence[torch.Tensor | bool
     for i, (entry, m) in enumerate(zip(entries, masked)):
         if isinstance(m, torch.Tensor) and m.numel() != entry.flat.numel():
             raise ValueError(f"stored mask of {entry.name!r} has {m.numel()} entries, its gradient {entry.flat.numel()}")
-        nothing = m is False or (isinstance(m, torch.Tensor) and not bool(m.any()))
-        plans.append(TensorPlan(source, i, Cut(None) if nothing else Cut(1), count_nonfinite(entry.flat, chunk_numel)))
+        # an all-False mask gets Cut(1) too: it zeroes nothing, and testing it first costs a pass
+        plans.append(TensorPlan(source, i, Cut(None) if m is False else Cut(1), count_nonfinite(entry.flat, chunk_numel)))
     return MaskPlan(plans)
 
 
@@ -136,10 +151,24 @@ class ScoreKeys:
         excluded: Sequence[torch.Tensor | None] | None = None,
     ) -> None:
         self._score, self._largest, self._excluded = score, largest, excluded
+        self._tensors: Sequence[torch.Tensor] | None = None
 
     @classmethod
     def from_tensors(cls, scores: Sequence[torch.Tensor], **kwargs: Any) -> ScoreKeys:
-        return cls(lambda i, chunk, start: scores[i][start : start + chunk.numel()], **kwargs)
+        source = cls(lambda i, chunk, start: scores[i][start : start + chunk.numel()], **kwargs)
+        source._tensors = scores
+        return source
+
+    def native_source(self, index: int, flat: torch.Tensor) -> native_rank.NativeKeys | None:
+        """The many-tensor kernel computes these keys itself for stored float32 scores of fp32
+        gradients, smallest first, nothing excluded; ``None`` otherwise (the torch keys serve)."""
+        if self._tensors is None or self._largest or self._excluded is not None or type(self).keys is not ScoreKeys.keys:
+            return None
+        score = self._tensors[index]
+        usable = flat.dtype == torch.float32 and score.dtype == torch.float32 and score.device.type == "cpu"
+        if not usable or not score.is_contiguous() or score.numel() != flat.numel():
+            return None
+        return native_rank.NativeKeys(native_rank.KIND_SCORE, score=score)
 
     def keys(self, index: int, chunk: torch.Tensor, start: int) -> torch.Tensor:
         score = self._score(index, chunk, start).to(torch.float32).abs()

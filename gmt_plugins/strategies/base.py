@@ -145,15 +145,16 @@ class KeyedStrategy(MaskStrategy):
 
     def plan(self, entries: Sequence[GradEntry], *, step: int) -> MaskPlan:
         ratio, chunk = self.config.mask_ratio, self.config.chunk_numel
+        warm = self.__dict__.setdefault("_warm", {})  # boundary bins of the last step: a speed hint only
         if self.config.scope == "global":
             source = self._key_source(entries, step)
-            cut, ranked = rank(source, [(i, e.flat) for i, e in enumerate(entries)], ratio, chunk_numel=chunk)
+            cut, ranked = rank(source, [(i, e.flat) for i, e in enumerate(entries)], ratio, chunk_numel=chunk, warm=warm)
             plans = [TensorPlan(source, i, cut, n) for i, n in enumerate(ranked.nonfinite)]
             return MaskPlan(plans, shared_ties=True)
         plans = []
         for entry in entries:
             source = self._key_source([entry], step)
-            cut, ranked = rank(source, [(0, entry.flat)], ratio, chunk_numel=chunk)
+            cut, ranked = rank(source, [(0, entry.flat)], ratio, chunk_numel=chunk, warm=warm, group=entry.name)
             plans.append(TensorPlan(source, 0, cut, ranked.nonfinite[0]))
         return MaskPlan(plans)
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from gmt_plugins import native, native_rank
 from gmt_plugins.config import GMTConfig
 from gmt_plugins.hookspecs import hookimpl
 from gmt_plugins.registry import StrategyRegistry
@@ -46,6 +47,15 @@ class GMTMomentumStrategy(KeyedStrategy):
         self.ema: dict[str, torch.Tensor] = {}
 
     def _update(self, entry: GradEntry) -> None:
+        ema = self.ema.get(entry.name)
+        lib = native.library() if native_rank.ema_usable(entry.flat) else None
+        if lib is not None and (ema is None or (native_rank.ema_usable(ema) and ema.numel() == entry.flat.numel())):
+            # one C pass in place; the torch lines below are its twin
+            first = ema is None
+            if first:
+                ema = self.ema[entry.name] = torch.empty(entry.param.shape, dtype=torch.float32)
+            native_rank.ema_f32(lib, ema.view(-1), entry.flat, self.options.beta, first=first)
+            return
         grad = entry.flat.to(torch.float32)
         finite = torch.isfinite(grad)
         ema = self.ema.get(entry.name)
@@ -67,7 +77,8 @@ class GMTMomentumStrategy(KeyedStrategy):
         return ScoreKeys.from_tensors([self.ema[e.name].view(-1) for e in entries])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ema": dict(self.ema)}
+        # copies: the compiled update changes self.ema in place at the next step
+        return {"ema": {k: v.clone() for k, v in self.ema.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         unknown = set(state) - {"ema"}
@@ -76,7 +87,7 @@ class GMTMomentumStrategy(KeyedStrategy):
         ema = state.get("ema", {})
         if not isinstance(ema, dict) or not all(isinstance(v, torch.Tensor) for v in ema.values()):
             raise ValueError("gmt_momentum state 'ema' must map parameter names to tensors")
-        self.ema = {k: v.to(torch.float32) for k, v in ema.items()}
+        self.ema = {k: v.to(torch.float32, copy=True) for k, v in ema.items()}  # updated in place later
 
 
 @hookimpl

@@ -1,0 +1,156 @@
+"""What each strategy's mask costs against one optimizer step, on a real model's tensor set.
+
+The tensor set is SmolLM2-135M's (272 tensors, 134.5M entries, shapes from its config, no weights
+needed; ``--model 1b`` takes a Llama-style ~1.2B set). Every strategy and scope is measured in one
+process against one ``torch.optim.AdamW`` step on the same parameters. Each repetition gives every
+row fresh gradients (a rolled window of one random buffer, so refilling is a copy, not a draw),
+times its ``masker.apply()``, refills, and times one AdamW step; rows take turns repetition by
+repetition, so load on a shared machine hits them alike. The table shows, per row, the median mask
+time over the median AdamW step of the same run. The first call of each masker (a warm-up step
+for sift/spt, the first choice for lift) is run before timing and reported apart.
+
+Both clocks are kept: wall time, and this process's CPU time (``time.process_time``), which a
+shared machine disturbs far less (a descheduled process accrues none). On CPU the table's ratio is
+the CPU-time one unless ``--clock wall``; on CUDA it is always wall time after a synchronisation.
+
+    OMP_NUM_THREADS=1 python benchmarks/strategy_cost.py                       # every strategy, both scopes
+    OMP_NUM_THREADS=1 python benchmarks/strategy_cost.py --rows gmt:tensor gmt:global --repeats 5
+    python benchmarks/strategy_cost.py --device cuda --model 1b                # on a GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+MODELS = {
+    # SmolLM2-135M's published architecture (tied embeddings)
+    "135m": dict(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152, tied=True),
+    # a Llama-style ~1.2B model (as benchmarks/step_time.py)
+    "1b": dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000, tied=False),
+}
+
+# (strategy, scope); strategies whose ranking is always global (id3, spt) appear once
+ROWS = [
+    "gmt:tensor", "gmt:global", "random:tensor", "random:global", "gmt_momentum:tensor", "gmt_momentum:global",
+    "id3:global", "sift:tensor", "sift:global", "spt:global", "lift:tensor", "lift:global",
+    "lisa:tensor", "ist:tensor", "hft:tensor",
+]
+
+
+def shapes(model: str) -> list[tuple[str, tuple[int, ...]]]:
+    """Parameter names and shapes of a Llama-architecture model, in ``named_parameters`` order."""
+    c = MODELS[model]
+    h, kv = c["hidden"], c["hidden"] // c["heads"] * c["kv_heads"]
+    out = [("model.embed_tokens.weight", (c["vocab"], h))]
+    for i in range(c["layers"]):
+        p = f"model.layers.{i}."
+        out += [
+            (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
+            (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
+            (p + "mlp.gate_proj.weight", (c["intermediate"], h)), (p + "mlp.up_proj.weight", (c["intermediate"], h)),
+            (p + "mlp.down_proj.weight", (h, c["intermediate"])),
+            (p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
+        ]
+    out.append(("model.norm.weight", (h,)))
+    if not c["tied"]:
+        out.append(("lm_head.weight", (c["vocab"], h)))
+    return out
+
+
+class Gradients:
+    """Fresh gradients for every call: a window of one random buffer, rolled by a prime each time."""
+
+    def __init__(self, params: list[torch.nn.Parameter], device: str, dtype: torch.dtype) -> None:
+        self.params = params
+        self.total = sum(p.numel() for p in params)
+        gen = torch.Generator(device=device).manual_seed(0)
+        self.buffer = torch.randn(self.total + 1_000_003, generator=gen, device=device).mul_(1e-3).to(dtype)
+        self.calls = 0
+
+    def refill(self) -> None:
+        self.calls += 1
+        offset = (self.calls * 7_919) % 1_000_003
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.empty_like(p)
+            p.grad.view(-1).copy_(self.buffer[offset : offset + p.numel()])
+            offset += p.numel()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="135m")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--rows", nargs="+", default=ROWS, help="strategy:scope pairs")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--mask-ratio", type=float, default=0.2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="clock of the ratio column on CPU")
+    args = parser.parse_args()
+
+    from gmt_plugins import GradientMasker, native
+
+    torch.set_num_threads(args.threads)
+    device, dtype = args.device, getattr(torch, args.dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    named = [(name, torch.nn.Parameter(torch.randn(shape, device=device, dtype=dtype) * 0.02)) for name, shape in shapes(args.model)]
+    params = [p for _, p in named]
+    grads = Gradients(params, device, dtype)
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
+    wall_clock = args.clock == "wall" or device.startswith("cuda")
+    clock = time.perf_counter if wall_clock else time.process_time
+    maskers = {}
+    first: dict[str, float] = {}
+    for row in args.rows:
+        strategy, scope = row.split(":")
+        maskers[row] = GradientMasker(named, strategy=strategy, scope=scope, mask_ratio=args.mask_ratio)
+        grads.refill()
+        sync()
+        start = clock()
+        maskers[row].apply()
+        sync()
+        first[row] = clock() - start
+    grads.refill()
+    optimizer.step()  # allocates the moments
+    times: dict[str, list[tuple[float, float]]] = {row: [] for row in args.rows}
+    adam: list[tuple[float, float]] = []
+
+    def timed(fn) -> tuple[float, float]:
+        """(chosen clock, wall) seconds of one call."""
+        sync()
+        start, wall = clock(), time.perf_counter()
+        fn()
+        sync()
+        return clock() - start, time.perf_counter() - wall
+
+    for _ in range(args.repeats):
+        for row in args.rows:
+            grads.refill()
+            times[row].append(timed(maskers[row].apply))
+            grads.refill()
+            adam.append(timed(optimizer.step))
+
+    entries = sum(p.numel() for p in params)
+    lib = native.library() if device == "cpu" else None
+    print(f"torch {torch.__version__}, device {device}, dtype {args.dtype}, threads {torch.get_num_threads()}, "
+          f"compiled kernel {'on' if lib is not None else 'off'}, mask_ratio {args.mask_ratio}")
+    name = "wall" if wall_clock else "CPU"
+    step, step_wall = statistics.median(a for a, _ in adam), statistics.median(w for _, w in adam)
+    print(f"tensor set {args.model}: {len(params)} tensors, {entries / 1e6:.1f}M entries; AdamW step median "
+          f"{step:.3f} s {name} time (min {min(a for a, _ in adam):.3f}, max {max(a for a, _ in adam):.3f}, "
+          f"n={len(adam)}), {step_wall:.3f} s wall")
+    print(f"| strategy | scope | mask s ({name}, median) | mask / AdamW step ({name}) | mask / AdamW step (wall) | first call s ({name}) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for row in args.rows:
+        strategy, scope = row.split(":")
+        m, mw = statistics.median(a for a, _ in times[row]), statistics.median(w for _, w in times[row])
+        print(f"| {strategy} | {scope} | {m:.3f} | {m / step:.2f} | {mw / step_wall:.2f} | {first[row]:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

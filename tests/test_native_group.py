@@ -1,0 +1,227 @@
+"""The many-tensor kernel (one call per group, warm start, fused apply) against its twins: the
+per-pass engine with the kernel off (torch passes) and, for whole masks, the sorting reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gmt_plugins import GMTConfig, GradientMasker, native, native_rank
+from gmt_plugins.keys import MagnitudeKeys, RandomKeys, stable_salt
+from gmt_plugins.selection import Cut, apply_cut, rank
+from gmt_plugins.strategies._masks import ScoreKeys
+from reference import reference_apply, reference_masks
+from test_native import awkward
+
+RATIOS = [0.0, 0.001, 0.2, 0.5, 0.999, 1.0]
+
+
+def ranked_both_ways(monkeypatch, source, flats, **kwargs):
+    """``rank`` through the group kernel and through the torch passes, its twin."""
+    monkeypatch.setenv(native.ENV, "1")
+    fast = rank(source, flats, **kwargs)
+    monkeypatch.setenv(native.ENV, "0")
+    slow = rank(source, flats, **{k: v for k, v in kwargs.items() if k != "warm"})
+    return fast, slow
+
+
+def ties_heavy(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Half the entries share one value: the boundary bin overflows the warm-start buffer."""
+    x = awkward(n, dtype, seed)
+    x[::2] = 0.25
+    return x
+
+
+GROUPS = {
+    "f32": [torch.float32],
+    "bf16_16bit": [torch.bfloat16],
+    "fp16": [torch.float16],
+    "f32_bf16": [torch.float32, torch.bfloat16],
+    "bf16_pair": [torch.bfloat16, torch.bfloat16],
+}
+
+
+@pytest.mark.parametrize("group", sorted(GROUPS))
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_group_kernel_equals_torch_passes(monkeypatch, group, ratio):
+    dtypes = GROUPS[group]
+    source = MagnitudeKeys(dtypes)
+    flats = [(i, awkward(3000 + 1234 * i, dt, seed=i + 3)) for i, dt in enumerate(dtypes)]
+    fast, slow = ranked_both_ways(monkeypatch, source, flats, ratio=ratio)
+    assert fast == slow
+
+
+@pytest.mark.parametrize("make", [awkward, ties_heavy], ids=["awkward", "ties_heavy"])
+@pytest.mark.parametrize("n", [2000, 300_000], ids=["one_table", "four_tables"])
+def test_warm_start_gives_the_same_cut_whatever_the_hint(monkeypatch, make, n):
+    source = MagnitudeKeys([torch.float32])
+    flats = [(0, make(n, torch.float32, seed=5))]
+    _, slow = ranked_both_ways(monkeypatch, source, flats, ratio=0.3)
+    monkeypatch.setenv(native.ENV, "1")
+    warm: dict[str, int] = {}
+    first = rank(source, flats, 0.3, warm=warm, group="g")
+    assert first == slow and "g" in warm
+    right = warm["g"]
+    for hint in [right, right - 1, right + 1, right + 5, 0, 0x7FFF]:
+        assert rank(source, flats, 0.3, warm={"g": hint}, group="g") == slow, hint
+
+
+def test_warm_start_skips_the_second_pass_and_overflow_falls_back():
+    lib = native.library()
+    keys = [native_rank.NativeKeys(native_rank.KIND_F32)]
+    x = awkward(300_000, torch.float32, seed=1)
+    cold = native_rank.rank_group(lib, [x], keys, key_bits=32, cap=0x7F80_0000, ratio=0.3, k=None)
+    warm = native_rank.rank_group(lib, [x], keys, key_bits=32, cap=0x7F80_0000, ratio=0.3, k=None, hint=cold.boundary)
+    assert cold.second_pass and not warm.second_pass
+    assert (cold.threshold, cold.ties) == (warm.threshold, warm.ties)
+    y = torch.full((300_000,), 0.25)
+    y[:1000] = awkward(1000, torch.float32, seed=2)  # the boundary bin holds far more than the buffer
+    cold = native_rank.rank_group(lib, [y], keys, key_bits=32, cap=0x7F80_0000, ratio=0.3, k=None)
+    again = native_rank.rank_group(lib, [y], keys, key_bits=32, cap=0x7F80_0000, ratio=0.3, k=None, hint=cold.boundary)
+    assert again.second_pass and (again.threshold, again.ties) == (cold.threshold, cold.ties)
+
+
+@pytest.mark.parametrize("k", [0, 1, 777, 2999, 10**9])
+def test_group_kernel_takes_counts(monkeypatch, k):
+    source = MagnitudeKeys([torch.float32])
+    flats = [(0, awkward(3000, torch.float32, seed=2))]
+    fast, slow = ranked_both_ways(monkeypatch, source, flats, k=k)
+    assert fast == slow
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("ratio", [0.001, 0.3, 0.999])
+def test_random_keys_in_c_equal_the_torch_hash(monkeypatch, dtype, ratio):
+    source = RandomKeys([stable_salt(0, 3, "a"), stable_salt(0, 3, "b")])
+    flats = [(0, awkward(5000, dtype, seed=8)), (1, awkward(70_000, dtype, seed=9))]
+    fast, slow = ranked_both_ways(monkeypatch, source, flats, ratio=ratio)
+    assert fast == slow
+    for index, flat in flats:
+        fast_one, slow_one = ranked_both_ways(monkeypatch, source, [(index, flat)], ratio=ratio)
+        assert fast_one == slow_one
+
+
+def test_score_keys_in_c_equal_torch(monkeypatch):
+    grads = [awkward(4000, torch.float32, seed=4), awkward(900, torch.float32, seed=6)]
+    scores = [awkward(4000, torch.float32, seed=7), awkward(900, torch.float32, seed=10)]
+    source = ScoreKeys.from_tensors(scores)
+    assert source.native_source(0, grads[0]) is not None
+    assert ScoreKeys.from_tensors(scores, largest=True).native_source(0, grads[0]) is None
+    for flats in ([(0, grads[0]), (1, grads[1])], [(1, grads[1])]):
+        for ratio in RATIOS:
+            fast, slow = ranked_both_ways(monkeypatch, source, flats, ratio=ratio)
+            assert fast == slow
+
+
+SOURCES = {
+    "f32": (lambda: MagnitudeKeys([torch.float32]), torch.float32),
+    "bf16_wide": (lambda: MagnitudeKeys([torch.float32, torch.bfloat16]), torch.bfloat16),
+    "fp16": (lambda: MagnitudeKeys([torch.float16]), torch.float16),
+    "random_bf16": (lambda: RandomKeys([12345]), torch.bfloat16),
+    "random_f32": (lambda: RandomKeys([12345]), torch.float32),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SOURCES))
+@pytest.mark.parametrize("record", [False, True])
+def test_fused_apply_equals_the_chunked_apply(monkeypatch, name, record):
+    make_source, dtype = SOURCES[name]
+    source = make_source()
+    flat = awkward(6000, dtype, seed=12)
+    flat[9:] = (torch.randint(-3, 4, (6000 - 9,), generator=torch.Generator().manual_seed(1)) * 0.5).to(dtype)
+    monkeypatch.setenv(native.ENV, "0")
+    cut, _ = rank(source, [(0, flat)], 0.4)
+    assert cut.ties > 0 or name.startswith("random")  # the repeated values straddle the cut
+    for c in [cut, Cut(cut.threshold, 0), Cut(cut.threshold, 10**9), Cut(0), Cut(None)]:
+        results = {}
+        for mode in ("1", "0"):
+            monkeypatch.setenv(native.ENV, mode)
+            y = flat.clone()
+            rec = torch.ones(y.numel(), dtype=torch.bool) if record else None
+            counts = apply_cut(source, 0, y, c, chunk_numel=1000, record=rec)
+            results[mode] = (y, counts, rec)
+        (y1, c1, r1), (y0, c0, r0) = results["1"], results["0"]
+        assert torch.equal(y1.view(torch.uint8), y0.view(torch.uint8)) and c1 == c0, c
+        assert not record or torch.equal(r1, r0)
+
+
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+@pytest.mark.parametrize("strategy", ["gmt", "random", "gmt_momentum"])
+def test_strategies_on_the_group_kernel_equal_the_torch_engine(monkeypatch, scope, strategy):
+    def run(mode):
+        monkeypatch.setenv(native.ENV, mode)
+        gen = torch.Generator().manual_seed(3)
+        params = []
+        for i, shape in enumerate([(300, 70), (17,), (5000,), (600, 600)]):
+            p = torch.nn.Parameter(torch.zeros(shape))
+            params.append((f"w{i}", p))
+        masker = GradientMasker(params, GMTConfig(mask_ratio=0.3, scope=scope, strategy=strategy))
+        out = []
+        for _ in range(3):  # later steps take the warm start
+            for _, p in params:
+                p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+            stats = masker.apply()
+            out.append(([p.grad.clone() for _, p in params], [t.masked for t in stats.tensors]))
+        return out
+
+    assert all(
+        all(torch.equal(a, b) for a, b in zip(fa, fb)) and ma == mb for (fa, ma), (fb, mb) in zip(run("1"), run("0"))
+    )
+
+
+def test_gmt_with_group_kernel_matches_reference_with_ties(monkeypatch):
+    monkeypatch.setenv(native.ENV, "1")
+    for scope in ("tensor", "global"):
+        gen = torch.Generator().manual_seed(0)
+        params = []
+        for i, shape in enumerate([(400, 700), (33,), (4, 5)]):
+            p = torch.nn.Parameter(torch.zeros(shape))
+            p.grad = torch.randint(-3, 4, shape, generator=gen).float() * 0.5
+            params.append((f"w{i}", p))
+        before = [p.grad.clone() for _, p in params]
+        GradientMasker(params, GMTConfig(mask_ratio=0.37, scope=scope)).apply()
+        for (_, p), want in zip(params, reference_apply(before, reference_masks(before, 0.37, scope))):
+            assert torch.equal(p.grad.view(torch.int32), want.view(torch.int32))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.9, 0.37, 0.999])
+def test_momentum_ema_in_c_equals_torch_bit_for_bit(monkeypatch, beta):
+    from gmt_plugins.strategies.gmt_momentum import GMTMomentumStrategy
+    from gmt_plugins.strategies.base import GradEntry
+
+    states = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv(native.ENV, mode)
+        strategy = GMTMomentumStrategy(GMTConfig(strategy="gmt_momentum", strategy_options={"beta": beta}))
+        param = torch.nn.Parameter(torch.zeros(50, 60))
+        for step in range(4):
+            grad = awkward(3000, torch.float32, seed=step)  # NaN, inf, subnormals, ties
+            strategy._update(GradEntry(0, "w", param, grad))
+        states[mode] = strategy.state_dict()["ema"]["w"]
+    assert torch.equal(states["1"].view(torch.int32), states["0"].view(torch.int32))
+
+
+@pytest.mark.parametrize("record", [False, True])
+def test_stored_masks_in_c_equal_torch(monkeypatch, record):
+    from gmt_plugins.strategies._masks import MaskKeys, count_nonfinite, mask_plan
+
+    flats = [awkward(5000, torch.float32, seed=s) for s in range(3)]
+    gen = torch.Generator().manual_seed(0)
+    masks = [torch.rand(5000, generator=gen) < 0.4, True, torch.zeros(5000, dtype=torch.bool)]
+    source = MaskKeys(masks)
+    assert source.native_source(0, flats[0]) is not None and source.native_source(1, flats[1]) is not None
+    results = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv(native.ENV, mode)
+        out = []
+        for i, flat in enumerate(flats):
+            y = flat.clone()
+            rec = torch.zeros(5000, dtype=torch.bool) if record else None
+            counts = apply_cut(source, i, y, Cut(1), chunk_numel=1000, record=rec)
+            out.append((y.view(torch.int32), counts, rec, count_nonfinite(flat, 1000)))
+        out.append(rank(source, [(i, f) for i, f in enumerate(flats)], 0.5))
+        results[mode] = out
+    for a, b in zip(results["1"][:-1], results["0"][:-1]):
+        assert torch.equal(a[0], b[0]) and a[1] == b[1] and a[3] == b[3]
+        assert not record or torch.equal(a[2], b[2])
+    assert results["1"][-1] == results["0"][-1]
