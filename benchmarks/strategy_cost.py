@@ -37,7 +37,7 @@ MODELS = {
 ROWS = [
     "gmt:tensor", "gmt:global", "random:tensor", "random:global", "gmt_momentum:tensor", "gmt_momentum:global",
     "id3:global", "sift:tensor", "sift:global", "spt:global", "lift:tensor", "lift:global",
-    "lisa:tensor", "ist:tensor", "hft:tensor",
+    "lisa:tensor", "ist:tensor", "hft:tensor", "sara:tensor", "dsee:tensor", "spiel:tensor", "lt_sft:tensor",
 ]
 
 

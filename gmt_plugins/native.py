@@ -8,7 +8,9 @@ elementwise ops and an ``index_add_``, about 1.5-2.5 ns per entry; the C loop in
 The C source ships with the package and is compiled on first use by the system C compiler
 (``$CC``, else ``cc``) into ``$GMT_PLUGINS_CACHE/native`` (default ``~/.cache/gmt_plugins/native``),
 under a name that hashes the source, the compiler and its flags, so each machine builds it once
-(in well under a second; no torch headers, no ninja). The pure-torch passes in
+(in well under a second; no torch headers, no ninja). The folder is created private (0700); a
+folder or library owned by another user or writable by others is refused, and so is a library
+missing a symbol: in ``auto`` mode with one warning, then the torch passes run. The pure-torch passes in
 :mod:`gmt_plugins.selection` are its reference twin and give identical histograms.
 
 ``GMT_PLUGINS_NATIVE`` chooses:
@@ -77,15 +79,42 @@ def _compiler() -> str:
     return os.environ.get("CC") or "cc"
 
 
+# Every symbol any module looks up: one missing is a load failure here, not an AttributeError mid-step.
+REQUIRED_SYMBOLS = (
+    *sorted(set(_FUNCTIONS.values())), *(n for pair in _MOVES.values() for n in pair),
+    "gmt_rank_group", "gmt_apply", "gmt_ema_f32", "gmt_count_nonfinite_f32",
+)
+
+
+def _private_dir(folder: Path) -> Path:
+    """``folder``, created 0700 if missing. The library in it is loaded into this process, so a folder
+    (or library) that another user owns or can write is refused: it would let them run code here."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_private(folder)
+    return folder
+
+
+def _check_private(path: Path) -> None:
+    if not hasattr(os, "getuid"):  # no POSIX owners (Windows): nothing to compare
+        return
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        raise NativeUnavailable(f"{path} belongs to uid {info.st_uid}, not to this user ({os.getuid()}); refusing to load code from it")
+    if info.st_mode & 0o022:
+        raise NativeUnavailable(
+            f"{path} is writable by other users (mode {oct(info.st_mode & 0o777)}); refusing to load code from it "
+            f"(chmod go-w it, or point GMT_PLUGINS_CACHE at a private folder)"
+        )
+
+
 def _build(compiler: str) -> ctypes.CDLL:
     """Compile (once per machine; concurrent processes race harmlessly) and load the kernel."""
     path = shutil.which(compiler)
     if path is None:
         raise NativeUnavailable(f"no C compiler found (tried {compiler!r}; set CC to choose one)")
     digest = hashlib.sha256(SOURCE.read_bytes() + "\0".join((path, *CFLAGS)).encode()).hexdigest()[:16]
-    target = cache_dir() / f"histogram-{digest}-{platform.machine()}.so"
+    target = _private_dir(cache_dir()) / f"histogram-{digest}-{platform.machine()}.so"
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
@@ -98,7 +127,11 @@ def _build(compiler: str) -> ctypes.CDLL:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+    _check_private(target)
     library = ctypes.CDLL(str(target))
+    missing = [name for name in REQUIRED_SYMBOLS if not hasattr(library, name)]
+    if missing:
+        raise NativeUnavailable(f"{target} lacks {', '.join(missing)} (a stale or foreign build); delete it to rebuild")
     for name in set(_FUNCTIONS.values()):
         function = getattr(library, name)
         function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p]
