@@ -22,12 +22,9 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from gmt_plugins.selection import KeySource
 
 _ACTIVE: ContextVar[ShardReducer | None] = ContextVar("gmt_shard_reducer", default=None)
 
@@ -151,22 +148,3 @@ def reducing(reducer: ShardReducer | None) -> Iterator[None]:
         yield
     finally:
         _ACTIVE.reset(token)
-
-
-class ShiftedKeys:
-    """Keys of a source whose keys depend on the entry's position in the *full* tensor (e.g.
-    :class:`gmt_plugins.keys.RandomKeys`), read from local shards: the engine passes positions in
-    the shard, this adds the shard's flat offset, so each shard draws exactly the keys the
-    unsharded tensor would."""
-
-    def __init__(self, source: KeySource, offsets: Sequence[int]) -> None:
-        self.source = source
-        self.offsets = list(offsets)
-        self.key_bits = source.key_bits
-        self.cap = source.cap
-
-    def keys(self, index: int, chunk: torch.Tensor, start: int) -> torch.Tensor:
-        return self.source.keys(index, chunk, start + self.offsets[index])
-
-    def key_to_value(self, index: int, key: int) -> float | None:
-        return self.source.key_to_value(index, key)

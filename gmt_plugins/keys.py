@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from gmt_plugins import native_rank
+
+if TYPE_CHECKING:
+    from gmt_plugins.selection import KeySource
 
 _SIGN_CLEAR = {16: 0x7FFF, 32: 0x7FFF_FFFF, 64: 0x7FFF_FFFF_FFFF_FFFF}
 _INT_VIEW = {16: torch.int16, 32: torch.int32, 64: torch.int64}
@@ -169,3 +173,22 @@ class RandomKeys:
 
     def key_to_value(self, index: int, key: int) -> None:
         return None
+
+
+class ShiftedKeys:
+    """Keys of a source whose keys depend on the entry's position in the *full* tensor (e.g.
+    :class:`gmt_plugins.keys.RandomKeys`), read from local shards: the engine passes positions in
+    the shard, this adds the shard's flat offset, so each shard draws exactly the keys the
+    unsharded tensor would."""
+
+    def __init__(self, source: KeySource, offsets: Sequence[int]) -> None:
+        self.source = source
+        self.offsets = list(offsets)
+        self.key_bits = source.key_bits
+        self.cap = source.cap
+
+    def keys(self, index: int, chunk: torch.Tensor, start: int) -> torch.Tensor:
+        return self.source.keys(index, chunk, start + self.offsets[index])
+
+    def key_to_value(self, index: int, key: int) -> float | None:
+        return self.source.key_to_value(index, key)

@@ -20,7 +20,7 @@ import torch
 
 import gmt_plugins.distributed as distributed
 from gmt_plugins import GradientMasker
-from gmt_plugins.keys import RandomKeys
+from gmt_plugins.keys import RandomKeys, ShiftedKeys
 from gmt_plugins.selection import rank
 from reference import reference_apply, reference_masks
 
@@ -223,7 +223,7 @@ def test_shifted_keys_give_each_shard_the_full_tensor_keys():
     source = RandomKeys([123])
     full = torch.randn(1000)
     whole = source.keys(0, full, 0)
-    shard = distributed.ShiftedKeys(source, [600])
+    shard = ShiftedKeys(source, [600])
     assert torch.equal(shard.keys(0, full[600:], 0), whole[600:])
     assert shard.key_bits == source.key_bits and shard.cap == source.cap
 

@@ -10,7 +10,8 @@ from typing import Any, ClassVar
 import torch
 
 from gmt_plugins.config import GMTConfig
-from gmt_plugins.distributed import ShardInfo, ShiftedKeys
+from gmt_plugins.distributed import ShardInfo
+from gmt_plugins.keys import ShiftedKeys
 from gmt_plugins.selection import Cut, KeySource, rank
 
 
