@@ -9,6 +9,7 @@ import pluggy
 import torch
 
 from gmt_plugins import fsdp1
+from gmt_plugins import native_rank
 from gmt_plugins.config import UNSET, GMTConfig, given, resolve_config
 from gmt_plugins.distributed import ShardReducer, is_dtensor, local_shard, reducing
 from gmt_plugins.layout import flat_view, same_layout
@@ -282,8 +283,7 @@ class GradientMasker:
         if not state or not entries:
             return None
         device = entries[0].flat.device
-        peaks = [torch.linalg.vector_norm(e.flat, ord=float("inf")).float().to(device) for e in entries if e.flat.numel()]
-        nonfinite = int(bool(peaks) and not bool(torch.isfinite(torch.stack(peaks)).all()))
+        nonfinite = int(_any_nonfinite([e.flat for e in entries if e.flat.numel()], device))
         if reducer is not None:  # every rank skips the step: keep every rank's state
             nonfinite = reducer.sum_counts([nonfinite], device)[0]
         return _cloned(state) if nonfinite else None
@@ -358,3 +358,18 @@ def _cloned(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_cloned(v) for v in value)
     return value
+
+
+def _any_nonfinite(flats: list[torch.Tensor], device: torch.device) -> bool:
+    """Whether any entry of ``flats`` is NaN or inf: contiguous CPU fp32 tensors are counted by the compiled
+    kernel in one read (a tenth of an inf-norm's cost); the others by one max-abs reduction each, with a
+    single host sync."""
+    lib = native_rank.library() if any(native_rank.ema_usable(f) for f in flats) else None
+    peaks = []
+    for flat in flats:
+        if lib is not None and native_rank.ema_usable(flat):
+            if native_rank.count_nonfinite_f32(lib, flat):
+                return True
+            continue
+        peaks.append(torch.linalg.vector_norm(flat, ord=float("inf")).float().to(device))
+    return bool(peaks) and not bool(torch.isfinite(torch.stack(peaks)).all())

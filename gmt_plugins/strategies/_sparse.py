@@ -7,6 +7,7 @@ values to measure how far an entry moved.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,14 +25,32 @@ def on_device(store: dict[str, torch.Tensor], name: str, device: torch.device) -
     return tensor
 
 
+# trainable set -> its complement: the sets change only when a strategy re-selects (a new tensor), so the
+# complement is built once per selection rather than once per step (a pass and an allocation per entry)
+# (keyed by id: tensors compare elementwise; the entry goes when the set is freed)
+_COMPLEMENTS: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def _complement(kept: torch.Tensor) -> torch.Tensor:
+    key = id(kept)
+    cached = _COMPLEMENTS.get(key)
+    if cached is not None and cached[0]() is kept:
+        return cached[1]
+    complement = ~kept.view(-1)
+    _COMPLEMENTS[key] = (weakref.ref(kept, lambda _, key=key: _COMPLEMENTS.pop(key, None)), complement)
+    return complement
+
+
 def trainable_plan(entries: Sequence[GradEntry], trainable: dict[str, torch.Tensor], chunk_numel: int) -> MaskPlan:
-    """Mask every finite entry outside ``trainable``; a parameter without a stored set is frozen."""
+    """Mask every finite entry outside ``trainable``; a parameter without a stored set is frozen.
+
+    The sets must not be changed in place (strategies replace them), since their complements are kept."""
     masks: list[torch.Tensor | bool] = []
     for e in entries:
         if e.name not in trainable:
             masks.append(True)
             continue
-        masks.append(~on_device(trainable, e.name, e.flat.device).view(-1))
+        masks.append(_complement(on_device(trainable, e.name, e.flat.device)))
     return mask_plan(entries, masks, chunk_numel)
 
 
