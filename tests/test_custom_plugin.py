@@ -67,3 +67,27 @@ def test_blocking_the_entry_point_removes_the_plugin(installed_plugin):
     assert "gmt" in strategy_registry(pm)
     with pytest.raises(ValueError, match="example_largest"):
         GradientMasker([("w", torch.nn.Parameter(torch.zeros(3)))], plugin_manager=pm, strategy="example_largest")
+
+
+def test_example_plugin_and_built_ins_import_only_the_public_strategy_api():
+    """The example strategy plugin imports gmt_plugins only through gmt_plugins.strategy_api, and every
+    name that module exports is one the built-in strategies get from it as well."""
+    import ast
+    from pathlib import Path
+
+    import gmt_plugins.strategy_api as api
+
+    example = Path(__file__).parents[1] / "examples" / "custom_strategy_plugin" / "gmt_example_plugin" / "__init__.py"
+    modules = {
+        node.module for node in ast.walk(ast.parse(example.read_text()))
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gmt_plugins")
+    }
+    assert modules == {"gmt_plugins.strategy_api"}
+    built_ins = Path(api.__file__).parent / "strategies"
+    for name in ("gmt", "random", "gmt_momentum", "sift", "sara"):
+        imported = {
+            node.module for node in ast.parse((built_ins / f"{name}.py").read_text()).body
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gmt_plugins")
+        }
+        assert "gmt_plugins.strategy_api" in imported, name
+        assert not imported & {"gmt_plugins.hookspecs", "gmt_plugins.registry", "gmt_plugins.strategies.base"}, name

@@ -9,15 +9,23 @@ from typing import Any
 
 import torch
 
-from gmt_plugins.config import GMTConfig
-from gmt_plugins.hookspecs import hookimpl
-from gmt_plugins.keys import stable_salt
-from gmt_plugins.registry import StrategyRegistry
 from gmt_plugins.strategies._layers import matches_any
-from gmt_plugins.strategies._masks import check_choice, check_float, check_int, check_patterns, load_bool_masks
+from gmt_plugins.strategies._masks import check_patterns
 from gmt_plugins.strategies._sparse import check_state_keys, top_count, trainable_plan
-from gmt_plugins.strategies.base import GradEntry, MaskPlan, MaskStrategy
 from gmt_plugins.strategies.lift import low_rank
+from gmt_plugins.strategy_api import (
+    GMTConfig,
+    GradEntry,
+    MaskPlan,
+    MaskStrategy,
+    StrategyRegistry,
+    check_choice,
+    check_float,
+    check_int,
+    hookimpl,
+    load_bool_masks,
+    stable_salt,
+)
 
 VECTOR_CHOICES = ("freeze", "update")
 

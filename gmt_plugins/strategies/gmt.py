@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gmt_plugins.hookspecs import hookimpl
-from gmt_plugins.keys import MagnitudeKeys
-from gmt_plugins.registry import StrategyRegistry
-from gmt_plugins.strategies.base import GradEntry, KeyedStrategy
+from gmt_plugins.strategy_api import GradEntry, KeyedStrategy, MagnitudeKeys, StrategyRegistry, hookimpl
 
 
 class GMTStrategy(KeyedStrategy):

@@ -9,11 +9,16 @@ from typing import Any
 import torch
 
 from gmt_plugins import native, native_rank
-from gmt_plugins.config import GMTConfig
-from gmt_plugins.hookspecs import hookimpl
-from gmt_plugins.registry import StrategyRegistry
-from gmt_plugins.strategies._masks import ScoreKeys, check_float
-from gmt_plugins.strategies.base import GradEntry, KeyedStrategy, MaskPlan
+from gmt_plugins.strategy_api import (
+    GMTConfig,
+    GradEntry,
+    KeyedStrategy,
+    MaskPlan,
+    ScoreKeys,
+    StrategyRegistry,
+    check_float,
+    hookimpl,
+)
 
 
 @dataclass

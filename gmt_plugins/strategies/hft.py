@@ -5,11 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gmt_plugins.hookspecs import hookimpl
-from gmt_plugins.keys import stable_salt
-from gmt_plugins.registry import StrategyRegistry
 from gmt_plugins.strategies._layers import FreezingStrategy, name_groups
-from gmt_plugins.strategies._masks import check_int
+from gmt_plugins.strategy_api import StrategyRegistry, check_int, hookimpl, stable_salt
 
 
 @dataclass

@@ -9,20 +9,20 @@ from typing import Any
 
 import torch
 
-from gmt_plugins.config import GMTConfig
-from gmt_plugins.hookspecs import hookimpl
-from gmt_plugins.registry import StrategyRegistry
-from gmt_plugins.strategies._masks import (
-    ScoreFn,
+from gmt_plugins.strategies._masks import ScoreFn, cut_for_count, mark
+from gmt_plugins.strategy_api import (
+    GMTConfig,
+    GradEntry,
+    MaskPlan,
+    MaskStrategy,
     ScoreKeys,
+    StrategyRegistry,
     check_float,
     check_int,
-    cut_for_count,
+    hookimpl,
     load_bool_masks,
-    mark,
     mask_plan,
 )
-from gmt_plugins.strategies.base import GradEntry, MaskPlan, MaskStrategy
 
 
 @dataclass

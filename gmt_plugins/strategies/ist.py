@@ -9,13 +9,9 @@ from typing import Any
 
 import torch
 
-from gmt_plugins.hookspecs import hookimpl
-from gmt_plugins.keys import stable_salt
-from gmt_plugins.registry import StrategyRegistry
 from gmt_plugins.strategies._layers import FreezingStrategy, layer_groups, matches_any, name_groups, whole_tensor_plan
-from gmt_plugins.strategies._masks import check_float
-from gmt_plugins.strategies.base import GradEntry, MaskPlan
 from gmt_plugins.strategies.lisa import LISAOptions
+from gmt_plugins.strategy_api import GradEntry, MaskPlan, StrategyRegistry, check_float, hookimpl, stable_salt
 
 
 @dataclass

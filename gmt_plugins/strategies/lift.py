@@ -8,12 +8,20 @@ from typing import Any
 
 import torch
 
-from gmt_plugins.config import GMTConfig
-from gmt_plugins.hookspecs import hookimpl
-from gmt_plugins.keys import stable_salt
-from gmt_plugins.registry import StrategyRegistry
-from gmt_plugins.strategies._masks import check_choice, check_int, load_bool_masks, lowest_fraction, mask_plan
-from gmt_plugins.strategies.base import GradEntry, MaskPlan, MaskStrategy
+from gmt_plugins.strategies._masks import lowest_fraction
+from gmt_plugins.strategy_api import (
+    GMTConfig,
+    GradEntry,
+    MaskPlan,
+    MaskStrategy,
+    StrategyRegistry,
+    check_choice,
+    check_int,
+    hookimpl,
+    load_bool_masks,
+    mask_plan,
+    stable_salt,
+)
 
 VECTOR_CHOICES = ("update", "freeze", "magnitude")
 OVERSAMPLE = 10  # extra columns of the randomized range finder, as in Halko et al.

@@ -7,11 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gmt_plugins.hookspecs import hookimpl
-from gmt_plugins.keys import stable_salt
-from gmt_plugins.registry import StrategyRegistry
 from gmt_plugins.strategies._layers import FreezingStrategy, matches_any, name_groups
-from gmt_plugins.strategies._masks import check_int, check_patterns
+from gmt_plugins.strategies._masks import check_patterns
+from gmt_plugins.strategy_api import StrategyRegistry, check_int, hookimpl, stable_salt
 
 DEFAULT_ALWAYS_ACTIVE = ["embed", "lm_head"]
 

@@ -9,13 +9,20 @@ from typing import Any
 
 import torch
 
-from gmt_plugins.config import GMTConfig
-from gmt_plugins.hookspecs import hookimpl
-from gmt_plugins.registry import StrategyRegistry
 from gmt_plugins.sparse_delta import SparseDelta, TensorDelta
-from gmt_plugins.strategies._masks import check_float, check_int, load_bool_masks, mask_plan
 from gmt_plugins.strategies._sparse import check_state_keys, load_float_tensors, on_device, top_count_over, trainable_plan
-from gmt_plugins.strategies.base import GradEntry, MaskPlan, MaskStrategy
+from gmt_plugins.strategy_api import (
+    GMTConfig,
+    GradEntry,
+    MaskPlan,
+    MaskStrategy,
+    StrategyRegistry,
+    check_float,
+    check_int,
+    hookimpl,
+    load_bool_masks,
+    mask_plan,
+)
 
 
 @dataclass

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from gmt_plugins.hookspecs import hookimpl
-from gmt_plugins.registry import StrategyRegistry
 from gmt_plugins.strategies._masks import WarmupMaskStrategy, WarmupOptions
+from gmt_plugins.strategy_api import StrategyRegistry, hookimpl
 
 
 class SIFTStrategy(WarmupMaskStrategy):

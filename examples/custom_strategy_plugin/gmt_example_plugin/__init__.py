@@ -6,10 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from gmt_plugins import KeyedStrategy, hookimpl
-from gmt_plugins.keys import MagnitudeKeys
-from gmt_plugins.registry import StrategyRegistry
-from gmt_plugins.strategies.base import GradEntry
+from gmt_plugins.strategy_api import GradEntry, KeyedStrategy, MagnitudeKeys, StrategyRegistry, hookimpl
 
 
 class LargestKeys(MagnitudeKeys):
