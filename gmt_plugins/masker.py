@@ -16,7 +16,7 @@ from gmt_plugins.layout import flat_view, same_layout
 from gmt_plugins.plugins import get_plugin_manager, strategy_registry
 from gmt_plugins.selection import Cut, apply_cut, count_equal
 from gmt_plugins.stats import MaskStats, TensorStats
-from gmt_plugins.strategies.base import GradEntry, MaskPlan, TensorPlan
+from gmt_plugins.strategies.base import GradEntry, MaskPlan, MaskStrategy, TensorPlan
 from gmt_plugins.strict import MaskedEntryGuard
 from gmt_plugins.wrappers import unwrap_model  # noqa: F401 - re-exported: it lived here before
 
@@ -277,16 +277,20 @@ class GradientMasker:
         """A copy of the strategy's state when this step's gradients hold inf/NaN, to put back after planning.
 
         An AMP ``GradScaler`` skips exactly those steps, and an inf would poison an EMA for good: a stateful
-        strategy's state therefore never moves on them. One max-abs reduction per gradient, stateful strategies only.
+        strategy's state therefore never moves on them. One read of the gradients, for strategies that keep
+        state (they override ``state_dict``) only; the state is copied only on such a step (``state_dict`` may
+        itself copy, as ``gmt_momentum``'s does). The test is the same on every rank, so are the collectives.
         """
-        state = self.strategy.state_dict()
-        if not state or not entries:
+        if type(self.strategy).state_dict is MaskStrategy.state_dict or not entries:
             return None
         device = entries[0].flat.device
         nonfinite = int(_any_nonfinite([e.flat for e in entries if e.flat.numel()], device))
         if reducer is not None:  # every rank skips the step: keep every rank's state
             nonfinite = reducer.sum_counts([nonfinite], device)[0]
-        return _cloned(state) if nonfinite else None
+        if not nonfinite:
+            return None
+        state = self.strategy.state_dict()
+        return _cloned(state) if state else None
 
     def _mask(self, entry: GradEntry, tensor_plan: TensorPlan, cut: Cut) -> tuple[int, int]:
         """The one place where gradients are changed: zero what ``cut`` selects of ``entry``, in place
