@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 # (name, zero stage, GMT overrides, TrainingArguments overrides, extra zero_optimization keys)
 CASES = [
     ("z1_tensor_clip", 1, dict(strategy="gmt", scope="tensor", mask_ratio=0.3), dict(max_grad_norm=0.5), {}),
+    ("z1_global", 1, dict(strategy="gmt", scope="global", mask_ratio=0.4), dict(max_grad_norm=0.0), {}),
     ("z2_global", 2, dict(strategy="gmt", scope="global", mask_ratio=0.4), dict(max_grad_norm=0.0), {}),
     ("z2_random_tensor", 2, dict(strategy="random", scope="tensor", mask_ratio=0.3, mask_seed=7), dict(max_grad_norm=0.0), {}),
     # sub_group_size 1500 splits the parameters into several ZeRO-3 sub-groups
