@@ -8,10 +8,6 @@ on the same gradient, and that both ranks logged the same full-model statistics.
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +16,7 @@ import torch
 
 from gmt_plugins import GradientMasker
 from reference import reference_masks
+from test_distributed import load, torchrun
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
@@ -35,32 +32,15 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun_cpu(script: Path, *args: str) -> str:
+def torchrun_cpu(script: Path, *args: object) -> str:
     """``DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 script args``; returns stdout."""
-    root = str(DIST.parent.parent)
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(script), *args]
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired as err:
-        pytest.fail(f"{script.name} timed out after {TIMEOUT_S}s\nstdout:\n{err.stdout}\nstderr:\n{err.stderr}")
-    if proc.returncode != 0:
-        pytest.fail(f"{script.name} failed ({proc.returncode})\nstdout:\n{proc.stdout[-6000:]}\nstderr:\n{proc.stderr[-10000:]}")
-    return proc.stdout
+    return torchrun(script, *args, env={"DS_ACCELERATOR": "cpu"}, timeout=TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
 def ds_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("deepspeed")
-    torchrun_cpu(DIST / "deepspeed_worker.py", str(out))
+    torchrun_cpu(DIST / "deepspeed_worker.py", out)
     return out
 
 
@@ -68,10 +48,6 @@ def cases():
     from deepspeed_worker import CASES
 
     return CASES
-
-
-def load(path: Path):
-    return torch.load(path, weights_only=False)
 
 
 @pytest.mark.parametrize("case", [c[0] for c in cases()])

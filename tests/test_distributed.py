@@ -39,16 +39,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(script: str, out: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(DIST.parent.parent), os.environ.get("PYTHONPATH", "")])}
+def torchrun(script: str | Path, *args: object, env: dict[str, str] | None = None, timeout: int = TIMEOUT_S) -> str:
+    """``torchrun --nproc_per_node 2 script args`` on 127.0.0.1 (a name means a worker in ``tests/dist``);
+    fails the test with both streams on a non-zero exit or a timeout, else returns stdout."""
+    path = script if isinstance(script, Path) else DIST / script
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(DIST.parent.parent), os.environ.get("PYTHONPATH", "")]),
+           **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(DIST / script), str(out)]
+           "--master_port", str(free_port()), str(path), *map(str, args)]
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as err:
-        pytest.fail(f"{script} timed out after {TIMEOUT_S}s\nstdout:\n{err.stdout}\nstderr:\n{err.stderr}")
+        pytest.fail(f"{path.name} timed out after {timeout}s\nstdout:\n{err.stdout}\nstderr:\n{err.stderr}")
     if proc.returncode != 0:
-        pytest.fail(f"{script} failed with exit code {proc.returncode}\nstdout:\n{proc.stdout[-8000:]}\nstderr:\n{proc.stderr[-8000:]}")
+        pytest.fail(f"{path.name} failed with exit code {proc.returncode}\nstdout:\n{proc.stdout[-8000:]}\nstderr:\n{proc.stderr[-8000:]}")
+    return proc.stdout
 
 
 def load(path: Path):
