@@ -8,14 +8,14 @@ from typing import Any, Literal
 import pluggy
 import torch
 
-from gmt_plugins import fsdp1
-from gmt_plugins import native_rank
+from gmt_plugins import fsdp1, native_rank
 from gmt_plugins.config import UNSET, GMTConfig, given, resolve_config
 from gmt_plugins.distributed import ShardReducer, is_dtensor, local_shard, reducing
 from gmt_plugins.layout import flat_view, same_layout
 from gmt_plugins.plugins import get_plugin_manager, strategy_registry
 from gmt_plugins.selection import Cut, apply_cut, count_equal
 from gmt_plugins.stats import MaskStats, TensorStats
+from gmt_plugins.strategies._masks import count_nonfinite
 from gmt_plugins.strategies.base import GradEntry, MaskPlan, MaskStrategy, TensorPlan
 from gmt_plugins.strict import MaskedEntryGuard
 from gmt_plugins.wrappers import unwrap_model  # noqa: F401 - re-exported: it lived here before
@@ -284,7 +284,7 @@ class GradientMasker:
         if type(self.strategy).state_dict is MaskStrategy.state_dict or not entries:
             return None
         device = entries[0].flat.device
-        nonfinite = int(_any_nonfinite([e.flat for e in entries if e.flat.numel()], device))
+        nonfinite = int(_any_nonfinite([e.flat for e in entries if e.flat.numel()], device, self.config.chunk_numel))
         if reducer is not None:  # every rank skips the step: keep every rank's state
             nonfinite = reducer.sum_counts([nonfinite], device)[0]
         if not nonfinite:
@@ -364,15 +364,13 @@ def _cloned(value: Any) -> Any:
     return value
 
 
-def _any_nonfinite(flats: list[torch.Tensor], device: torch.device) -> bool:
-    """Whether any entry of ``flats`` is NaN or inf: contiguous CPU fp32 tensors are counted by the compiled
-    kernel in one read (a tenth of an inf-norm's cost); the others by one max-abs reduction each, with a
-    single host sync."""
-    lib = native_rank.library() if any(native_rank.ema_usable(f) for f in flats) else None
+def _any_nonfinite(flats: list[torch.Tensor], device: torch.device, chunk_numel: int) -> bool:
+    """Whether any entry of ``flats`` is NaN or inf: contiguous CPU fp32 tensors through
+    ``count_nonfinite``'s one C read; the others by one max-abs reduction each, with a single host sync."""
     peaks = []
     for flat in flats:
-        if lib is not None and native_rank.ema_usable(flat):
-            if native_rank.count_nonfinite_f32(lib, flat):
+        if native_rank.ema_usable(flat):
+            if count_nonfinite(flat, chunk_numel):
                 return True
             continue
         peaks.append(torch.linalg.vector_norm(flat, ord=float("inf")).float().to(device))
