@@ -15,6 +15,13 @@ from gmt_plugins.state_io import load_state, save_state
 
 NEW = ["hft", "sift", "id3", "lift", "spt", "lisa", "ist", "gmt_momentum"]
 STATEFUL = ["sift", "id3", "lift", "spt", "ist", "gmt_momentum"]
+SPARSE = ["sara", "dsee", "spiel", "lt_sft"]
+SPARSE_OPTIONS = {  # the sparse fine-tuning strategies (their own tests: test_strategies_new.py)
+    "sara": {"fraction": 0.2, "interval": 2},
+    "dsee": {"rank": 2, "density": 0.2},
+    "spiel": {"density": 0.3, "update_interval": 2, "drop_fraction": 0.5},
+    "lt_sft": {"full_steps": 3, "density": 0.2},
+}
 LAYERS = 4
 
 
@@ -141,9 +148,9 @@ def test_state_round_trip_gives_identical_masks(strategy, tmp_path):
     assert not same_masks(run_steps(fresh, fresh_params, 4, start=3), expected)
 
 
-@pytest.mark.parametrize("strategy", STATEFUL)
+@pytest.mark.parametrize("strategy", STATEFUL + SPARSE)
 def test_load_rejects_unknown_state(strategy):
-    masker = masker_for(make_model(), strategy, OPTIONS[strategy], **CONFIG)
+    masker = masker_for(make_model(), strategy, {**OPTIONS, **SPARSE_OPTIONS}[strategy], **CONFIG)
     with pytest.raises(ValueError, match="unknown"):
         masker.strategy.load_state_dict({"bogus": 1})
 
@@ -168,6 +175,22 @@ BAD_OPTIONS = [
     ("ist", {"active_layers": -1}, "active_layers"),
     ("gmt_momentum", {"beta": 1.0}, "beta"),
     ("gmt_momentum", {"beta": -0.1}, "beta"),
+    ("sara", {"fraction": 0.0}, "fraction"),
+    ("sara", {"fraction": 1.5}, "fraction"),
+    ("sara", {"interval": 0}, "interval"),
+    ("dsee", {"rank": 0}, "rank"),
+    ("dsee", {"density": -0.1}, "density"),
+    ("dsee", {"num_sparse": 0}, "num_sparse"),
+    ("dsee", {"dense": "lora_"}, "dense"),
+    ("dsee", {"vectors": "magnitude"}, "vectors"),
+    ("spiel", {"density": 0}, "density"),
+    ("spiel", {"update_interval": 0}, "update_interval"),
+    ("spiel", {"drop_fraction": 1.1}, "drop_fraction"),
+    ("spiel", {"regrow": "momentum"}, "regrow"),
+    ("lt_sft", {"full_steps": 0}, "full_steps"),
+    ("lt_sft", {"sparse_steps": 0}, "sparse_steps"),
+    ("lt_sft", {"density": 2}, "density"),
+    ("lt_sft", {"num_entries": -5}, "num_entries"),
 ]
 
 
@@ -177,7 +200,7 @@ def test_invalid_options_name_the_option(strategy, options, option):
         masker_for(make_model(), strategy, options)
 
 
-@pytest.mark.parametrize("strategy", NEW)
+@pytest.mark.parametrize("strategy", NEW + SPARSE)
 def test_unknown_option_is_rejected(strategy):
     with pytest.raises(ValueError, match="not options"):
         masker_for(make_model(), strategy, {"no_such_option": 1})

@@ -12,15 +12,9 @@ from gmt_plugins import GMTConfig, GradientMasker
 from gmt_plugins.plugins import strategy_registry
 from gmt_plugins.state_io import load_state, save_state
 from reference import reference_masks
-from test_strategies_common import grads_for, make_model, masker_for, run_steps, same_masks, step_once
+from test_strategies_common import SPARSE, grads_for, make_model, masker_for, run_steps, same_masks, step_once
+from test_strategies_common import SPARSE_OPTIONS as OPTIONS
 
-SPARSE = ["sara", "dsee", "spiel", "lt_sft"]
-OPTIONS = {
-    "sara": {"fraction": 0.2, "interval": 2},
-    "dsee": {"rank": 2, "density": 0.2},
-    "spiel": {"density": 0.3, "update_interval": 2, "drop_fraction": 0.5},
-    "lt_sft": {"full_steps": 3, "density": 0.2},
-}
 CONFIG = {"mask_seed": 3}
 
 
@@ -82,45 +76,6 @@ def test_state_round_trip_mid_run_gives_identical_masks_and_weights(strategy, tm
     assert same_masks(run_steps(resumed, resumed_params, 5, start=3), expected)
     for (_, a), (_, b) in zip(params, resumed_params):
         assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("strategy", SPARSE)
-def test_load_rejects_unknown_state(strategy):
-    masker = masker_for(make_model(), strategy, OPTIONS[strategy], **CONFIG)
-    with pytest.raises(ValueError, match="unknown"):
-        masker.strategy.load_state_dict({"bogus": 1})
-
-
-BAD_OPTIONS = [
-    ("sara", {"fraction": 0.0}, "fraction"),
-    ("sara", {"fraction": 1.5}, "fraction"),
-    ("sara", {"interval": 0}, "interval"),
-    ("dsee", {"rank": 0}, "rank"),
-    ("dsee", {"density": -0.1}, "density"),
-    ("dsee", {"num_sparse": 0}, "num_sparse"),
-    ("dsee", {"dense": "lora_"}, "dense"),
-    ("dsee", {"vectors": "magnitude"}, "vectors"),
-    ("spiel", {"density": 0}, "density"),
-    ("spiel", {"update_interval": 0}, "update_interval"),
-    ("spiel", {"drop_fraction": 1.1}, "drop_fraction"),
-    ("spiel", {"regrow": "momentum"}, "regrow"),
-    ("lt_sft", {"full_steps": 0}, "full_steps"),
-    ("lt_sft", {"sparse_steps": 0}, "sparse_steps"),
-    ("lt_sft", {"density": 2}, "density"),
-    ("lt_sft", {"num_entries": -5}, "num_entries"),
-]
-
-
-@pytest.mark.parametrize("strategy,options,option", BAD_OPTIONS)
-def test_invalid_options_name_the_option(strategy, options, option):
-    with pytest.raises(ValueError, match=option):
-        masker_for(make_model(), strategy, options)
-
-
-@pytest.mark.parametrize("strategy", SPARSE)
-def test_unknown_option_is_rejected(strategy):
-    with pytest.raises(ValueError, match="not options"):
-        masker_for(make_model(), strategy, {"no_such_option": 1})
 
 
 # --- sara -----------------------------------------------------------------------------------
