@@ -203,7 +203,7 @@ def test_momentum_ema_in_c_equals_torch_bit_for_bit(monkeypatch, beta):
 
 @pytest.mark.parametrize("record", [False, True])
 def test_stored_masks_in_c_equal_torch(monkeypatch, record):
-    from gmt_plugins.strategies._masks import MaskKeys, count_nonfinite, mask_plan
+    from gmt_plugins.strategies._masks import MaskKeys, count_nonfinite
 
     flats = [awkward(5000, torch.float32, seed=s) for s in range(3)]
     gen = torch.Generator().manual_seed(0)

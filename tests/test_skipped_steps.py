@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from gmt_plugins import GradientMasker
 from test_resume import assert_same_state
