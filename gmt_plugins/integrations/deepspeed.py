@@ -63,14 +63,6 @@ def _zero_classes() -> tuple[type, ...]:
     return (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3)
 
 
-def is_deepspeed_engine(obj: Any) -> bool:
-    if "deepspeed" not in sys.modules:
-        return False
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
-    return isinstance(obj, DeepSpeedEngine)
-
-
 def find_zero_optimizer(obj: Any) -> Any | None:
     """The ZeRO optimizer inside ``obj``: a DeepSpeed engine, accelerate's ``DeepSpeedOptimizerWrapper``
     (what the Trainer passes to callbacks) or the ZeRO optimizer itself; ``None`` if there is none."""

@@ -183,6 +183,9 @@ def run_case(name: str, stage: int, gmt: dict, args_overrides: dict, zero_extra:
             self.stats: list[dict] = []
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
+            # GMTCallback (before this one) attached its hook: make it verify, for ZeRO-1/2 on the device,
+            # that the gradient DeepSpeed builds for each later group equals the copy it masked
+            gmt_callback._deepspeed.check = True
             self.weights.append(full_weights(model))
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -202,7 +205,9 @@ def run_case(name: str, stage: int, gmt: dict, args_overrides: dict, zero_extra:
     rank = torch.distributed.get_rank()
     lp_dtype = str(next(engine.module.parameters()).dtype)
     offload = bool(getattr(engine.optimizer, "cpu_offload", False) or getattr(engine.optimizer, "offload_optimizer", False))
-    torch.save({"stats": record.stats, "stage": stage_seen, "lp_dtype": lp_dtype, "offload": offload, "log_history": trainer.state.log_history},
+    groups = len(engine.optimizer.fp16_groups if stage_seen == 3 else engine.optimizer.bit16_groups)
+    torch.save({"stats": record.stats, "stage": stage_seen, "lp_dtype": lp_dtype, "offload": offload, "groups": groups,
+                "log_history": trainer.state.log_history},
                os.path.join(out, f"{name}.stats{rank}.pt"))
     if rank == 0:
         torch.save({"weights": record.weights, "known": known_gradients(name)}, os.path.join(out, f"{name}.pt"))
