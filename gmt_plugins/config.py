@@ -154,7 +154,9 @@ def _options(value: Any) -> dict[str, Any]:
 
 
 def resolve_config(config: GMTConfig | None, overrides: dict[str, Any]) -> GMTConfig:
-    """``config`` with ``overrides`` applied (validated again); unknown names are a ``TypeError``."""
+    """``config`` with ``overrides`` applied (validated again); values left ``UNSET`` keep ``config``'s,
+    unknown names are a ``TypeError``."""
+    overrides = {name: value for name, value in overrides.items() if value is not UNSET}
     names = {f.name for f in dataclasses.fields(GMTConfig)}
     unknown = sorted(set(overrides) - names)
     if unknown:
@@ -175,8 +177,3 @@ class _Unset:
 
 
 UNSET: Any = _Unset()
-
-
-def given(**fields: Any) -> dict[str, Any]:
-    """The keyword arguments that were actually passed (not ``UNSET``), as ``resolve_config`` overrides."""
-    return {name: value for name, value in fields.items() if value is not UNSET}

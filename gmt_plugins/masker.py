@@ -9,7 +9,7 @@ import pluggy
 import torch
 
 from gmt_plugins import fsdp1, native_rank
-from gmt_plugins.config import UNSET, GMTConfig, given, resolve_config
+from gmt_plugins.config import UNSET, GMTConfig, resolve_config
 from gmt_plugins.distributed import ShardReducer, is_dtensor, local_shard, reducing
 from gmt_plugins.layout import flat_view, same_layout
 from gmt_plugins.plugins import get_plugin_manager, strategy_registry
@@ -74,7 +74,7 @@ class GradientMasker:
         chunk_numel: int = UNSET,
         plugin_manager: pluggy.PluginManager | None = None,
     ) -> None:
-        self.config = resolve_config(config, given(
+        self.config = resolve_config(config, dict(
             mask_ratio=mask_ratio, scope=scope, strategy=strategy, strategy_options=strategy_options, mask_seed=mask_seed,
             include=include, exclude=exclude, strict=strict, log_per_tensor=log_per_tensor, chunk_numel=chunk_numel,
         ))

@@ -11,7 +11,7 @@ import pluggy
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from gmt_plugins.config import UNSET, GMTConfig, given, resolve_config
+from gmt_plugins.config import UNSET, GMTConfig, resolve_config
 from gmt_plugins.integrations.checkpoint import (
     CHECKPOINT_PREFIX,
     RECORD_KEY,
@@ -136,7 +136,7 @@ class GMTCallback(TrainerCallback, ExportableState):
         chunk_numel: int = UNSET,
         plugin_manager: pluggy.PluginManager | None = None,
     ) -> None:
-        self.config = resolve_config(config, given(
+        self.config = resolve_config(config, dict(
             mask_ratio=mask_ratio, scope=scope, strategy=strategy, strategy_options=strategy_options, mask_seed=mask_seed,
             include=include, exclude=exclude, strict=strict, log_per_tensor=log_per_tensor, chunk_numel=chunk_numel,
         ))
