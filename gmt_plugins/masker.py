@@ -161,6 +161,8 @@ class GradientMasker:
         gradient for its own (trainable) parameters; with the input embeddings frozen that would be
         every block. As transformers' ``enable_input_require_grads`` does, make the embeddings' output
         require grad, but only while frozen embeddings and checkpointing make it necessary."""
+        if not needed and self._input_hook is None:  # the common case (gmt freezes nothing): no module walk
+            return
         module = self._module
         embeddings = module.get_input_embeddings() if module is not None and hasattr(module, "get_input_embeddings") else None
         checkpointing = module is not None and any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules())
