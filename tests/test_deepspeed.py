@@ -161,3 +161,25 @@ def test_zero2_resume_is_bit_identical_with_per_rank_state(ds_run):
         assert all(torch.equal(full_state["ema"][k], state["ema"][k]) for k in state["ema"])
         shapes.append({k: v.numel() for k, v in state["ema"].items()})
     assert shapes[0] != shapes[1]  # each rank kept its own partition's EMA
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        (dict(swap_optimizer=True), "'nvme' is not supported"),
+        (dict(use_muon=True), "Muon optimizer is not supported"),
+        (dict(zenflow=True), "ZenFlow is not supported"),
+        (dict(torch_autocast_gradscaler=object()), "torch_autocast and a GradScaler is not supported"),
+    ],
+)
+def test_zero_setups_without_a_trustworthy_hook_are_refused_by_name(fields, needle):
+    """The support table's refused ZeRO set-ups (no 2-rank launch needed: the decision reads the ZeRO
+    optimizer's flags, here on a stand-in), and a plain ZeRO-2 optimizer passes."""
+    from types import SimpleNamespace
+
+    from gmt_plugins.integrations.deepspeed import _unsupported
+
+    base = dict(partition_gradients=True, swap_optimizer=False, use_muon=False, zenflow=False, torch_autocast_gradscaler=None, optimizer=None)
+    assert _unsupported(SimpleNamespace(**base)) is None
+    message = _unsupported(SimpleNamespace(**{**base, **fields}))
+    assert message is not None and needle in message
