@@ -62,7 +62,8 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 class Reference:
     """Coverage and churn from bool masks, carried across steps."""
 
-    def __init__(self) -> None:
+    def __init__(self, layers: dict[str, str]) -> None:
+        self.layers = layers
         self.updated: dict[str, torch.Tensor] = {}
         self.previous: dict[str, torch.Tensor] = {}
 
@@ -83,8 +84,8 @@ class Reference:
         expected["gmt/never_updated"] = numel - sum(updated.values())
         if changed:
             expected["gmt/churn"] = sum(changed.values()) / sum(masks[n].numel() for n in changed)
-        for layer in dict.fromkeys(LAYER[n] for n in masks):
-            names = [n for n in masks if LAYER[n] == layer]
+        for layer in dict.fromkeys(self.layers[n] for n in masks):
+            names = [n for n in masks if self.layers[n] == layer]
             size = sum(masks[n].numel() for n in names)
             p = f"gmt/layer/{layer}/"
             expected[p + "masked_fraction"] = sum(int(masks[n].sum()) for n in names) / size
@@ -104,7 +105,7 @@ def assert_logged(logs: dict[str, float], expected: dict[str, float], what: str)
         assert "gmt/churn" not in logs, f"{what}: churn logged on the first step"
 
 
-def masks_of(strategy: str, before, after, config: GMTConfig) -> dict[str, torch.Tensor]:
+def masks_of(strategy: str, before, after, config: GMTConfig, shapes) -> dict[str, torch.Tensor]:
     names = [n for n in before if before[n] is not None]
     if strategy == "gmt":
         ref = reference_masks([before[n] for n in names], config.mask_ratio, config.scope, ratio_of=config.ratio_of)
@@ -115,8 +116,8 @@ def masks_of(strategy: str, before, after, config: GMTConfig) -> dict[str, torch
     else:
         assert all(bool((before[n] != 0).all()) for n in names), "the reference needs gradients without zeros"
         masks = {n: after[n] == 0 for n in names}
-    # a tensor without a gradient at this step (frozen before the forward pass): None, masked whole
-    return {n: masks.get(n) for n in before}
+    # a tensor without a gradient at this step (frozen before the forward pass) is masked whole
+    return {n: masks[n] if n in masks else torch.ones(shapes[n], dtype=torch.bool) for n in before}
 
 
 OPTIONS = {"lisa": {"interval": 1, "active_layers": 1}, "sift": {}, "gmt_momentum": {"beta": 0.5}}
@@ -128,7 +129,7 @@ CASES = [
 
 
 def run_steps(strategy: str, scope: str, steps: int = 4, **config):
-    """Train ``steps`` SGD steps with a masker; yields (stats, expected log values) per step."""
+    """Train ``steps`` SGD steps with a masker; returns (stats, expected log values, masker) per step."""
     torch.manual_seed(0)
     model = EmbedNet()
     if strategy != "gmt":  # every row looked up: dense gradients, no exact zeros
@@ -139,7 +140,7 @@ def run_steps(strategy: str, scope: str, steps: int = 4, **config):
     )
     masker = GradientMasker(model, cfg)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    reference = Reference()
+    reference = Reference(LAYER)
     out = []
     for step in range(steps):
         masker.begin_step()
@@ -148,10 +149,9 @@ def run_steps(strategy: str, scope: str, steps: int = 4, **config):
         before = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
         stats = masker.apply()
         after = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
-        masks = masks_of(strategy, before, after, cfg)
-        masks = {n: m if m is not None else torch.ones(p.numel(), dtype=torch.bool).view(p.shape) for (n, p), m in
-                 zip(model.named_parameters(), masks.values())}
-        expected = reference.step({n: m.flatten() for n, m in masks.items()}, {n: None if b is None else b.flatten() for n, b in before.items()})
+        masks = masks_of(strategy, before, after, cfg, {n: p.shape for n, p in model.named_parameters()})
+        flat_before = {n: None if b is None else b.flatten() for n, b in before.items()}
+        expected = reference.step({n: m.flatten() for n, m in masks.items()}, flat_before)
         out.append((stats, expected, masker))
         optimizer.step()
         optimizer.zero_grad()
@@ -356,27 +356,15 @@ def trainer_with_recorders(folder, strategy: str, scope: str, **args):
     return trainer, cb, before, after
 
 
-def expected_history(strategy, scope, before_steps, after_steps, shapes, reference=None):
-    global LAYER
-    reference = reference or Reference()
-    saved, LAYER = LAYER, TRAINER_LAYER
-    try:
-        out = []
-        for before, after in zip(before_steps, after_steps):
-            if strategy == "gmt":
-                names = [n for n in before if before[n] is not None]
-                ref = reference_masks([before[n] for n in names], 0.3, scope)
-                masks = dict(zip(names, ref))
-                for n in names:
-                    assert torch.equal(after[n], torch.where(masks[n], 0.0, before[n])), n
-            else:
-                assert all(bool((b != 0).all()) for b in before.values() if b is not None)
-                masks = {n: a == 0 for n, a in after.items() if a is not None}
-            masks = {n: masks[n] if n in masks else torch.ones(shapes[n], dtype=torch.bool) for n in before}
-            out.append(reference.step({n: m.flatten() for n, m in masks.items()}, {n: None if b is None else b.flatten() for n, b in before.items()}))
-        return out, reference
-    finally:
-        LAYER = saved
+def expected_history(strategy, scope, before_steps, after_steps, shapes):
+    reference = Reference(TRAINER_LAYER)
+    config = GMTConfig(mask_ratio=0.3, scope=scope)
+    out = []
+    for before, after in zip(before_steps, after_steps):
+        masks = masks_of(strategy, before, after, config, shapes)
+        flat_before = {n: None if b is None else b.flatten() for n, b in before.items()}
+        out.append(reference.step({n: m.flatten() for n, m in masks.items()}, flat_before))
+    return out
 
 
 def logged_steps(trainer) -> list[dict[str, float]]:
@@ -389,7 +377,7 @@ def test_trainer_logs_the_reference_statistics_and_resume_continues_them(tmp_pat
     trainer.train()
     logged = logged_steps(trainer)
     shapes = {n: p.shape for n, p in trainer.model.named_parameters()}
-    expected, _ = expected_history(strategy, scope, before.steps, after.steps, shapes)
+    expected = expected_history(strategy, scope, before.steps, after.steps, shapes)
     assert len(logged) == len(expected) == 4
     for step, (logs, want) in enumerate(zip(logged, expected)):
         assert_logged(logs, want, f"Trainer {strategy}/{scope} step {step + 1}")
