@@ -10,6 +10,7 @@ repetitions of each build's time for the whole set, and their ratio with its spr
 
     OMP_NUM_THREADS=1 python benchmarks/apply_count_cost.py --repeats 7
     OMP_NUM_THREADS=1 python benchmarks/apply_count_cost.py --baseline /tmp/old_histogram.c
+    OMP_NUM_THREADS=1 python benchmarks/apply_count_cost.py --coverage   # also the cost of track_coverage
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--mask-ratio", type=float, default=0.2)
+    parser.add_argument("--coverage", action="store_true", help="also time GradientMasker.apply() with and without track_coverage")
     parser.add_argument("--baseline", type=Path, help="histogram.c without the count (default: git show %s:...)" % BASELINE_COMMIT)
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -82,12 +84,41 @@ def main() -> None:
             for name in libs:
                 totals[name].append(spent[name])
         ratios = [a / b for a, b in zip(totals["with count"], totals["without count"])]
+    coverage = masker_cost(grads, args) if args.coverage else None
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "unknown CPU")
     print(f"{cpu}; torch {torch.__version__}, threads {torch.get_num_threads()}; {len(grads)} tensors, "
           f"{sum(g.numel() for g in grads) / 1e6:.1f}M fp32 entries, mask_ratio {args.mask_ratio}, {args.repeats} repetitions")
     for name, values in totals.items():
         print(f"gmt_apply {name}: median {statistics.median(values):.4f} s CPU for the set (min {min(values):.4f}, max {max(values):.4f})")
     print(f"ratio with/without: median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})")
+    if coverage is not None:
+        for name, values in coverage.items():
+            print(f"GradientMasker.apply(), tensor scope, {name}: median {statistics.median(values):.3f} s CPU "
+                  f"(min {min(values):.3f}, max {max(values):.3f})")
+        ratios = [a / b for a, b in zip(coverage["track_coverage=True"], coverage["track_coverage=False"])]
+        print(f"ratio track_coverage on/off: median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})")
+
+
+def masker_cost(grads: list[torch.Tensor], args: argparse.Namespace) -> dict[str, list[float]]:
+    """CPU time of a whole ``GradientMasker.apply()`` with and without ``track_coverage``, alternating."""
+    from gmt_plugins import GradientMasker
+
+    params = {flag: [(f"p{i}", torch.nn.Parameter(torch.empty_like(g))) for i, g in enumerate(grads)] for flag in (False, True)}
+    maskers = {}
+    for flag, named in params.items():
+        for (_, p), g in zip(named, grads):
+            p.grad = g.clone()
+        maskers[flag] = GradientMasker(named, mask_ratio=args.mask_ratio, track_coverage=flag)
+        maskers[flag].apply()  # first call (state allocation) apart
+    times: dict[str, list[float]] = {f"track_coverage={flag}": [] for flag in (False, True)}
+    for _ in range(args.repeats):
+        for flag, named in params.items():
+            for (_, p), g in zip(named, grads):
+                p.grad.copy_(g)
+            start = time.process_time()
+            maskers[flag].apply()
+            times[f"track_coverage={flag}"].append(time.process_time() - start)
+    return times
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from gmt_plugins import GMTConfig, GradientMasker
-from gmt_plugins.coverage import CoverageTracker, layer_of, pack_bits, popcount, unpack_bits
+from gmt_plugins.coverage import (
+    CoverageTracker, layer_of, pack_bits, pack_bits_reference, popcount, popcount_reference, unpack_bits,
+)
 from gmt_plugins.selection import Cut, apply_cut_counted
 from reference import reference_apply, reference_masks
 
@@ -235,8 +237,11 @@ def test_packed_bits_round_trip_and_count(n):
     mask = torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.4
     packed = pack_bits(mask)
     assert packed.dtype == torch.uint8 and packed.numel() == (n + 7) // 8
+    assert torch.equal(packed, pack_bits_reference(mask))
     assert torch.equal(unpack_bits(packed, n), mask)
-    assert popcount(packed) == int(mask.sum())
+    assert popcount(packed) == popcount_reference(packed) == int(mask.sum())
+    every = torch.arange(256, dtype=torch.uint8)  # every byte value, the sign bit of the words included
+    assert popcount(every) == popcount_reference(every) == 8 * 128
 
 
 def test_tracker_memory_is_two_bits_per_entry_and_checks_its_state():
