@@ -15,9 +15,10 @@ window around it (keeping their positions) and keeping the keys inside it; when 
 falls inside, that read is the whole step. Otherwise it runs the radix passes and a marking pass.
 The hint changes the time, never the result.
 
-Only exponents whose torch ``pow`` the kernel reproduces exactly are served (0, 1/2, 1, 2, 3: a
-constant, ``sqrt``, the value, ``d*d``, ``(d*d)*d``); others, and anything but contiguous CPU
-float32 gradients and parameters, take the torch path.
+Only exponents whose torch ``pow`` the kernel reproduces exactly are served (0, 1, 2, 3: a constant,
+the value, ``d*d``, ``(d*d)*d``; torch's ``pow(d, 0.5)`` is not always the correctly rounded
+``sqrtf(d)``, so 1/2 is not); others, and anything but contiguous CPU float32 gradients and
+parameters, take the torch path.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 from gmt_plugins import native
 
 # exponent -> the kernel's denominator kind (ID3_DISPATCH in _native/histogram.c)
-EXPONENT_KINDS = {0.0: 0, 1.0: 1, 2.0: 2, 3.0: 3, 0.5: 4}
+EXPONENT_KINDS = {0.0: 0, 1.0: 1, 2.0: 2, 3.0: 3}
 TABLES = 4
 BINS = 1 << 16
 MAX_GROUP = (1 << 32) - 1  # counts are uint32 per table

@@ -607,7 +607,8 @@ VECTOR_CLONES int64_t gmt_count_nonfinite_f32(const uint32_t *x, int64_t n) {
  * torch twin is ScoreKeys(largest=True, excluded=updatable) + cut_for_count + mark in
  * gmt_plugins/strategies/id3.py; this computes the same keys in C, bit for bit:
  *   score  = |g| / D(eps + |theta|) in float32, D by exponent: 0 -> 1, 1 -> d, 2 -> d*d,
- *            3 -> (d*d)*d, 1/2 -> sqrt(d) (what torch's pow does for those exponents);
+ *            3 -> (d*d)*d (what torch's pow does for those exponents; its pow(d, 0.5) is not
+ *            always the correctly rounded sqrtf(d), so that exponent stays with torch);
  *   key    = 0x7F7FFFFF - bits(|score|), NaN score -> 0 bits, inf -> FLT_MAX bits;
  *   key    = 0x7F800000 (excluded) where g is not finite or the entry is already updatable.
  * The k smallest keys are chosen and written into both byte masks (updatable = 1, masked = 0).
@@ -654,7 +655,6 @@ ID3_INLINE uint32_t id3_key(uint32_t gb, float denom, uint8_t still_masked) {
 #define ID3_D1(t) (eps + fabsf(t))
 #define ID3_D2(t) ((eps + fabsf(t)) * (eps + fabsf(t)))
 #define ID3_D3(t) (((eps + fabsf(t)) * (eps + fabsf(t))) * (eps + fabsf(t)))
-#define ID3_DHALF(t) sqrtf(eps + fabsf(t))
 #define ID3_NONFINITE(i) ((g[i] & 0x7F800000u) == 0x7F800000u)
 
 /* Keys are computed a block at a time (vectorised: 32 entries fill the 256-bit lanes of the AVX2
@@ -797,7 +797,6 @@ ID3_PASSES(e0, ID3_D0)
 ID3_PASSES(e1, ID3_D1)
 ID3_PASSES(e2, ID3_D2)
 ID3_PASSES(e3, ID3_D3)
-ID3_PASSES(ehalf, ID3_DHALF)
 
 /* exponent kinds (native_id3.EXPONENT_KINDS) */
 #define ID3_DISPATCH(kind, CALL)                                                                    \
@@ -805,8 +804,7 @@ ID3_PASSES(ehalf, ID3_DHALF)
     case 0: CALL(e0); break;                                                                        \
     case 1: CALL(e1); break;                                                                        \
     case 2: CALL(e2); break;                                                                        \
-    case 3: CALL(e3); break;                                                                        \
-    default: CALL(ehalf); break;                                                                    \
+    default: CALL(e3); break;                                                                       \
     }
 
 /* Write the sorted global positions pos[0..count) into the masks; per-tensor counts to marked. */
