@@ -156,7 +156,7 @@ def grow(
     wlo, whi = window(boundaries)
     warm = wlo <= whi
     list_cap = min(k, MAX_LIST) if warm else 0
-    cand_cap = min(total, BINS + 4 * k, MAX_CANDIDATES) if warm else 0
+    cand_cap = min(total, BINS + 2 * k, MAX_CANDIDATES) if warm else 0
     positions, cand_keys, cand_positions = _buffers(list_cap, cand_cap)
     nonfinite = (ctypes.c_int64 * max(count, 1))()
     marked = (ctypes.c_int64 * max(count, 1))()

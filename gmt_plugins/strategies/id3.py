@@ -58,6 +58,13 @@ class ID3Strategy(MaskStrategy):
     (and, like every non-finite gradient entry, never zeroed).
 
     State: ``updatable`` (bool tensors keyed by parameter name) and ``growth_steps``.
+
+    For contiguous CPU float32 gradients and parameters and ``exponent`` 0, 1, 2 or 3, a growth step
+    is one call of the C kernel (:mod:`gmt_plugins.native_id3`): one read of gradients, parameters
+    and mask in the usual case, bit for bit the torch path (``ScoreKeys`` chunks, ``cut_for_count``,
+    ``mark``) that serves everything else and is its reference twin in the tests. The negation of
+    ``updatable``, which the engine's stored-mask apply reads, and the count of updatable entries are
+    kept between steps (one extra byte per entry), so a step after growth derives nothing.
     """
 
     name = "id3"
