@@ -227,3 +227,29 @@ def test_grow_marks_the_best_scores_with_ties_in_order():
     assert result.marked == [1, 2] and result.nonfinite == [1, 0] and result.rankable == 5
     two = torch.tensor([2.0]).view(torch.int32).item()
     assert (result.threshold, result.ties) == (0x7F7FFFFF - two, 3)  # every chosen key ties at the threshold
+
+
+def test_warm_read_and_passes_agree_around_empty_tensors():
+    """The kernel alone, an empty tensor between two others: the warm read (given the boundary the
+    passes found) and the passes mark the same entries, whatever the window."""
+    lib = native.library()
+    if lib is None:
+        pytest.skip("the C kernel does not build here")
+    gen = torch.Generator().manual_seed(3)
+    sizes = [5000, 0, 7001, 0]
+    g = [torch.randn(n, generator=gen) for n in sizes]
+    t = [torch.randn(n, generator=gen) * 0.02 for n in sizes]
+
+    def grown(boundaries):
+        u = [torch.zeros(n, dtype=torch.bool) for n in sizes]
+        m = [~x for x in u]
+        result = native_id3.grow(lib, g, t, u, m, eps=1e-3, exponent=1.0, k=600, boundaries=boundaries)
+        return u, result
+
+    cold, first = grown(())
+    assert not first.warm and sum(first.marked) == 600 and first.marked[1] == first.marked[3] == 0
+    for boundaries in ([first.boundary], [first.boundary - 3, first.boundary], [first.boundary + 40, first.boundary]):
+        warm, result = grown(boundaries)
+        assert all(torch.equal(a, b) for a, b in zip(warm, cold)), boundaries
+        assert result.marked == first.marked and (result.threshold, result.ties) == (first.threshold, first.ties)
+    assert grown([first.boundary])[1].warm

@@ -807,18 +807,27 @@ ID3_PASSES(e3, ID3_D3)
     default: CALL(e3); break;                                                                       \
     }
 
-/* Write the sorted global positions pos[0..count) into the masks; per-tensor counts to marked. */
+/* Write the sorted global positions pos[0..npos) into the masks; per-tensor counts to marked. The
+ * tensor's bounds and pointers live in locals: byte stores may alias the struct, which would
+ * otherwise be read again for every position. */
 ID3_INLINE void id3_mark_positions(const id3_source_t *src, int64_t count, const int64_t *pos, int64_t npos,
-                               int64_t *marked) {
-    int64_t t = 0, offset = 0;
+                                   int64_t *marked) {
+    int64_t t = 0, offset = 0, end = count ? src[0].n : 0, added = 0;
+    uint8_t *u = count ? src[0].updatable : 0, *m = count ? src[0].masked : 0;
     for (int64_t j = 0; j < npos; ++j) {
-        while (pos[j] >= offset + src[t].n) { offset += src[t].n; ++t; }
-        int64_t i = pos[j] - offset;
-        src[t].updatable[i] = 1;
-        src[t].masked[i] = 0;
-        marked[t] += 1;
+        int64_t at = pos[j];
+        if (at >= end) {
+            marked[t] += added;
+            added = 0;
+            do { offset = end; ++t; end = offset + src[t].n; } while (at >= end);
+            u = src[t].updatable;
+            m = src[t].masked;
+        }
+        u[at - offset] = 1;
+        m[at - offset] = 0;
+        added += 1;
     }
-    (void)count;
+    if (npos) marked[t] += added;
 }
 
 /* The warm read (see the section's comment): 1 when it found and marked the answer. */
