@@ -108,6 +108,17 @@ def _check_private(path: Path) -> None:
         )
 
 
+BUILD_TIMEOUT_S = 600
+"""Wall-clock limit of one compiler run: about 15 s of CPU, far longer on a loaded machine."""
+
+
+def _compile(command: list[str], compiler: str) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise NativeUnavailable(f"{compiler} took longer than {BUILD_TIMEOUT_S} s to build {SOURCE.name}") from None
+
+
 def _build(compiler: str) -> ctypes.CDLL:
     """Compile (once per machine; concurrent processes race harmlessly) and load the kernel."""
     path = shutil.which(compiler)
@@ -119,9 +130,9 @@ def _build(compiler: str) -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            done = subprocess.run([path, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+            done = _compile([path, *CFLAGS, "-o", tmp, str(SOURCE)], compiler)
             if done.returncode != 0:  # e.g. no ifunc support for the AVX2 clones: one portable build
-                done = subprocess.run([path, *CFLAGS, "-DGMT_NO_CLONES", "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+                done = _compile([path, *CFLAGS, "-DGMT_NO_CLONES", "-o", tmp, str(SOURCE)], compiler)
             if done.returncode != 0:
                 raise NativeUnavailable(f"{compiler} failed to build {SOURCE.name}: {done.stderr.strip()[-500:]}")
             os.replace(tmp, target)

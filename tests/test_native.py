@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -137,6 +138,18 @@ def test_missing_compiler_required_raises_auto_warns_once_and_falls_back(monkeyp
     assert len(messages) == 1 and "pure-torch" in messages[0] and "GMT_PLUGINS_NATIVE=0" in messages[0]
     monkeypatch.setenv(native.ENV, "0")
     assert native.library() is None
+
+
+def test_a_compiler_run_past_the_time_limit_is_unavailable_not_a_crash(monkeypatch, tmp_path):
+    monkeypatch.setenv("GMT_PLUGINS_CACHE", str(tmp_path))
+
+    def too_slow(command, **kwargs):
+        raise subprocess.TimeoutExpired(command, kwargs["timeout"])
+
+    monkeypatch.setattr(native.subprocess, "run", too_slow)
+    with pytest.raises(native.NativeUnavailable, match=f"took longer than {native.BUILD_TIMEOUT_S} s"):
+        native._build("cc")
+    assert list((tmp_path / "native").iterdir()) == []  # the temporary file is gone
 
 
 def test_builds_once_into_the_cache(monkeypatch, tmp_path):
