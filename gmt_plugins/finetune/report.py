@@ -1,8 +1,9 @@
-"""What the job reports: the results table, the loss-curve / masked-fraction plot, per-layer masked
-fractions from the Trainer's logs, and ``results.json``."""
+"""What the job reports: the results table, the plot (loss curves and layers x steps heatmaps of the mask's
+per-layer statistics from the Trainer's logs), and ``results.json``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -49,6 +50,101 @@ def layer_fractions(history: list[dict[str, Any]], numels: dict[str, int]) -> di
     return {k: result[k] for k in sorted(result, key=_layer_order)}
 
 
+# -- per-layer mask statistics (gmt/layer/<layer>/<quantity>, logged with log_layers=True) ------------
+
+LAYER_PREFIX = "gmt/layer/"
+# what each quantity is, as the heatmap's title and colour bar say it
+QUANTITIES: dict[str, tuple[str, str]] = {
+    "coverage": ("coverage: entries updated (not masked) at least once so far", "% of the layer's entries"),
+    "masked_fraction": ("masked entries", "% of the layer's entries"),
+    "masked_nonzero_fraction": ("masked entries whose gradient was nonzero", "% of the layer's entries"),
+    "churn": ("entries whose masked state changed since the previous step", "% of the layer's entries"),
+}
+# the config fields each quantity needs (gmt_plugins/config.py)
+NEEDS: dict[str, tuple[str, ...]] = {
+    "coverage": ("track_coverage", "log_layers"),
+    "churn": ("track_coverage", "log_layers"),
+    "masked_fraction": ("log_layers",),
+    "masked_nonzero_fraction": ("log_layers",),
+}
+
+
+def heatmap_quantities(scope: str | None) -> tuple[str, str]:
+    """The two per-layer statistics drawn for a masking run. In tensor scope every layer masks exactly
+    ``mask_ratio`` of its entries, so the second map shows the masked entries that had a nonzero gradient;
+    in global scope the masked fraction itself differs between layers."""
+    return ("coverage", "masked_fraction" if scope == "global" else "masked_nonzero_fraction")
+
+
+def layer_name(parameter: str) -> str:
+    """The ``<layer>`` of a parameter in the ``gmt/layer/`` keys: the name cut after its first all-digit
+    component (``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3``), else before its last component
+    (``model.norm.weight`` -> ``model.norm``)."""
+    parts = parameter.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:-1]) or parameter
+
+
+def _fallback_order(layer: str) -> tuple[int, str, int]:
+    """Embeddings, then numbered layers by prefix and index, then the rest (norms, heads) by name."""
+    prefix, _, index = layer.rpartition(".")
+    if index.isdigit():
+        return (1, prefix, int(index))
+    return (0 if "embed" in layer else 2, layer, 0)
+
+
+def model_order(layers: Any, parameter_names: Any = ()) -> list[str]:
+    """``layers`` in the order their parameters appear in ``parameter_names`` (``model.named_parameters()``
+    order); layers not found there follow, embeddings first, numbered layers by index, the rest by name."""
+    rank: dict[str, int] = {}
+    for name in parameter_names:
+        rank.setdefault(layer_name(name), len(rank))
+    layers = list(dict.fromkeys(layers))
+    return sorted((x for x in layers if x in rank), key=rank.__getitem__) + sorted(
+        (x for x in layers if x not in rank), key=_fallback_order
+    )
+
+
+def layer_stats(history: list[dict[str, Any]], parameter_names: Any = ()) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """``{quantity: {layer: [(step, value), ...]}}`` from the ``gmt/layer/<layer>/<quantity>`` keys of
+    ``trainer.state.log_history``; layers in model order (see :func:`model_order`), steps as logged."""
+    found: dict[str, dict[str, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
+    for entry in history:
+        for key, value in entry.items():
+            if key.startswith(LAYER_PREFIX) and "/" in key[len(LAYER_PREFIX) :]:
+                layer, _, quantity = key[len(LAYER_PREFIX) :].rpartition("/")
+                found[quantity][layer].append((entry["step"], float(value)))
+    return {q: {layer: found[q][layer] for layer in model_order(found[q], parameter_names)} for q in sorted(found)}
+
+
+def layer_labels(layers: list[str]) -> list[str]:
+    """Short row labels: ``"embed"``, ``"0"``.. ``"29"``, ``"norm"`` for a Llama's ``model.embed_tokens``,
+    ``model.layers.<i>``, ``model.norm``; the names less their common prefix where the short ones would collide."""
+    short = [("embed" if last == "embed_tokens" else last) for last in (x.rpartition(".")[2] for x in layers)]
+    if len(set(short)) == len(short):
+        return short
+    parts = [x.split(".") for x in layers]
+    common = 0
+    while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+        common += 1
+    return [".".join(p[common:]) for p in parts]
+
+
+def layer_matrix(series: dict[str, list[tuple[int, float]]]) -> tuple[list[str], list[int], list[list[float]]]:
+    """``(layers, steps, grid)``: one row per layer in ``series``' order, one column per step that any layer
+    logged (sorted); ``grid[row][column]`` is the value, NaN where that layer has no value at that step."""
+    layers = list(series)
+    steps = sorted({step for values in series.values() for step, _ in values})
+    column = {step: i for i, step in enumerate(steps)}
+    grid = [[math.nan] * len(steps) for _ in layers]
+    for row, layer in enumerate(layers):
+        for step, value in series[layer]:
+            grid[row][column[step]] = value
+    return layers, steps, grid
+
+
 # -- output -----------------------------------------------------------------------------------------
 
 
@@ -87,19 +183,49 @@ def _count(n: int) -> str:
 
 
 def plot_results(results: list[MethodResult], path: Path, *, title: str = "") -> Path:
-    """Loss curves of every method (left) and, per masking method, masked fraction per layer over steps."""
+    """Write :func:`results_figure` to ``path`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = results_figure(results, title=title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def results_figure(results: list[MethodResult], *, title: str = "") -> Any:
+    """Loss curves of every method and their difference to plain SFT (top row), then for each masking
+    method a row of two layers x steps heatmaps (:func:`heatmap_quantities`) from its ``layer_stats``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    masked = [r for r in results if r.layer_fractions]
+    masked = [r for r in results if r.gmt is not None]
     reference = next((r for r in results if r.method == "sft" and r.losses), None)
     compare = [r for r in results if r is not reference and r.losses] if reference is not None else []
-    panels = 1 + bool(compare) + len(masked)
-    fig, axes = plt.subplots(1, panels, figsize=(6 + 4.8 * (panels - 1), 4.5), squeeze=False)
+    rows = 1 + max(1, len(masked))
+    fig, axes = plt.subplots(rows, 2, figsize=(12, 3.9 + 4.3 * (rows - 1)), squeeze=False)
     colors = {r.method: f"C{i}" for i, r in enumerate(results)}
-    ax = axes[0][0]
+    _plot_losses(axes[0][0], results, colors)
+    if compare:
+        _plot_differences(axes[0][1], reference, compare, colors)
+    else:
+        _note(axes[0][1], "no plain SFT run in this job: no difference to plot")
+    if not masked:
+        _note(axes[1][0], "no masking method in this job (" + ", ".join(r.method for r in results)
+              + "): no per-layer mask statistics")
+        axes[1][1].axis("off")
+    for row, r in zip(axes[1:], masked):
+        for ax, quantity in zip(row, heatmap_quantities(r.gmt.get("scope"))):
+            plot_layer_heatmap(ax, r, quantity, fig=fig)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _plot_losses(ax: Any, results: list[MethodResult], colors: dict[str, str]) -> None:
     for r in results:
         if not r.losses:
             continue
@@ -108,48 +234,81 @@ def plot_results(results: list[MethodResult], path: Path, *, title: str = "") ->
         held = r.heldout.get("loss")
         label = f"{r.method}" + (f" (held-out {held:.3f})" if held is not None else "")
         ax.plot(steps, _moving_mean(losses), color=colors[r.method], linewidth=2, label=label)
+    ax.xaxis.set_major_locator(_integer_locator())
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (answer tokens)")
     ax.set_title("training loss (thin: per step, thick: moving mean of 5)", fontsize=9)
     ax.legend(fontsize=8)
-    if compare:
-        ax = axes[0][1]
-        ref = dict(reference.losses)
-        for r in compare:
-            pairs = [(s, loss - ref[s]) for s, loss in r.losses if s in ref]
-            if pairs:
-                steps, diffs = zip(*pairs)
-                ax.plot(steps, diffs, color=colors[r.method], linewidth=1.5, label=r.method)
-        ax.axhline(0.0, color="black", linewidth=0.8)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("training loss minus plain SFT's")
-        ax.set_title("same batches: difference to plain SFT", fontsize=9)
-        ax.legend(fontsize=8)
-    for ax, r in zip(axes[0][1 + bool(compare) :], masked):
-        layers = list(r.layer_fractions)
-        steps = sorted({s for series in r.layer_fractions.values() for s, _ in series})
-        index = {s: i for i, s in enumerate(steps)}
-        grid = [[math.nan] * len(steps) for _ in layers]
-        for row, layer in enumerate(layers):
-            for step, value in r.layer_fractions[layer]:
-                grid[row][index[step]] = value
-        ratio = (r.gmt or {}).get("mask_ratio", 0.2)
-        top = max([2 * ratio, 1e-6] + [v for row in grid for v in row if not math.isnan(v)])
-        image = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis", vmin=0.0, vmax=top,
-                          extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, len(layers) - 0.5), interpolation="nearest")
-        tick = max(1, len(layers) // 12)
-        ax.set_yticks(range(0, len(layers), tick), [layers[i] for i in range(0, len(layers), tick)], fontsize=7)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("layer")
-        ax.set_title(f"{r.method}: masked fraction per layer ({(r.gmt or {}).get('scope')} scope)", fontsize=9)
-        fig.colorbar(image, ax=ax, fraction=0.046)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+
+
+def _plot_differences(ax: Any, reference: MethodResult, compare: list[MethodResult], colors: dict[str, str]) -> None:
+    ref = dict(reference.losses)
+    for r in compare:
+        pairs = [(s, loss - ref[s]) for s, loss in r.losses if s in ref]
+        if pairs:
+            steps, diffs = zip(*pairs)
+            ax.plot(steps, diffs, color=colors[r.method], linewidth=1.5, label=r.method)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.xaxis.set_major_locator(_integer_locator())
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss minus plain SFT's")
+    ax.set_title("same batches: difference to plain SFT", fontsize=9)
+    ax.legend(fontsize=8)
+
+
+def _note(ax: Any, text: str) -> None:
+    """A panel that states why it holds no plot (a frame, no ticks, the reason in its middle)."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=9, wrap=True, transform=ax.transAxes)
+
+
+def plot_layer_heatmap(ax: Any, result: MethodResult, quantity: str, *, fig: Any) -> None:
+    """``result``'s per-layer ``quantity`` as a heatmap on ``ax``: layers top to bottom in model order,
+    optimizer steps left to right, in % of each layer's entries; grey where a step has no value. Where the
+    run logged no such statistic, the panel says which key and which config fields are missing."""
+    import numpy as np
+
+    what, unit = QUANTITIES[quantity]
+    scope = (result.gmt or {}).get("scope")
+    series = (result.layer_stats or {}).get(quantity)
+    if not series:
+        needs = " and ".join(f"{name}=True" for name in NEEDS[quantity])
+        _note(ax, f"{result.method}: {what}\nnot in this run's logs (no {LAYER_PREFIX}<layer>/{quantity} keys);\n"
+                  f"the GMT run needs {needs}")
+        return
+    layers, steps, grid = layer_matrix(series)
+    values = np.ma.masked_invalid(np.array(grid, dtype=float) * 100.0)
+    low, high = (float(values.min()), float(values.max())) if values.count() else (0.0, 100.0)
+    if high - low < 1e-9:  # a constant map: centre it, and say so in the title
+        low, high = low - 1.0, high + 1.0
+    cmap = matplotlib_cmap("viridis")
+    image = ax.imshow(values, aspect="auto", cmap=cmap, vmin=low, vmax=high, interpolation="nearest",
+                      extent=(steps[0] - 0.5, steps[-1] + 0.5, len(layers) - 0.5, -0.5))
+    labels = layer_labels(layers)
+    every = max(1, math.ceil(len(layers) / 40))
+    ax.set_yticks(range(0, len(layers), every), labels[::every], fontsize=6)
+    ax.xaxis.set_major_locator(_integer_locator())
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("layer (model order)")
+    constant = f" (constant: {values.min():.3g}%)" if values.count() and values.max() - values.min() < 1e-9 else ""
+    ax.set_title(f"{result.method} ({scope} scope): {what}{constant}", fontsize=9)
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
+    bar.set_label(f"{quantity} ({unit})", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+
+
+def _integer_locator() -> Any:
+    import matplotlib.ticker as ticker
+
+    return ticker.MaxNLocator(integer=True)
+
+
+def matplotlib_cmap(name: str) -> Any:
+    """A copy of colour map ``name`` that draws missing values (NaN) light grey."""
+    import matplotlib
+
+    return matplotlib.colormaps[name].with_extremes(bad="#d9d9d9")
 
 
 def _moving_mean(values, window: int = 5) -> list[float]:
@@ -161,6 +320,16 @@ def write_results(path: Path, payload: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(jsonable(payload), indent=1) + "\n")
     return path
+
+
+def results_from_json(payload: dict[str, Any]) -> list[MethodResult]:
+    """The :class:`~gmt_plugins.finetune.training.MethodResult` list of a ``results.json`` payload, so that
+    ``plot_results(results_from_json(json.loads(path.read_text())), png)`` redraws the job's figure.
+    Results written before ``layer_stats`` existed come back with none (their heatmap panels say so)."""
+    from gmt_plugins.finetune.training import MethodResult
+
+    fields = {f.name for f in dataclasses.fields(MethodResult)}
+    return [MethodResult(**{k: v for k, v in r.items() if k in fields}) for r in payload["results"]]
 
 
 def jsonable(value: Any) -> Any:

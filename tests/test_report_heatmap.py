@@ -1,0 +1,224 @@
+"""The main job's per-layer heatmaps: ``gmt/layer/<layer>/<quantity>`` log keys -> series in model order ->
+a layers x steps matrix -> a labelled panel; and the job's GMT runs switch on the statistics it draws."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from gmt_plugins.finetune import report
+from gmt_plugins.finetune.report import (
+    heatmap_quantities,
+    layer_labels,
+    layer_matrix,
+    layer_name,
+    layer_stats,
+    model_order,
+)
+from gmt_plugins.finetune.training import MethodResult
+
+matplotlib = pytest.importorskip("matplotlib")
+matplotlib.use("Agg")
+
+# model order of a 2-layer Llama with ten more layers than that, to catch a string sort ("10" < "2")
+PARAMETERS = [
+    "model.embed_tokens.weight",
+    *[f"model.layers.{i}.{part}.weight" for i in (0, 1, 2, 10) for part in ("self_attn.q_proj", "mlp.up_proj")],
+    "model.norm.weight",
+]
+MODEL_ORDER = ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.layers.2", "model.layers.10", "model.norm"]
+
+
+def coverage_of(layer: str, step: int) -> float:
+    """A value unique to (layer, step), so a misplaced cell cannot pass."""
+    return round(0.5 + MODEL_ORDER.index(layer) / 20 + step / 1000, 6)
+
+
+def synthetic_history() -> list[dict]:
+    """Trainer logs as GMTCallback writes them with log_layers and track_coverage: keys in a scrambled layer
+    order, churn absent on step 1, layers.2 missing at step 3 (a tensor without a gradient that step), an
+    eval entry and the train summary without gmt keys."""
+    history = []
+    for step in (1, 2, 3, 4):
+        entry = {"loss": 1.0 / step, "step": step, "gmt/masked_fraction": 0.2, "gmt/coverage": 0.9}
+        for layer in reversed(MODEL_ORDER):
+            if layer == "model.layers.2" and step == 3:
+                continue
+            entry[f"gmt/layer/{layer}/coverage"] = coverage_of(layer, step)
+            entry[f"gmt/layer/{layer}/masked_fraction"] = 0.2
+            entry[f"gmt/layer/{layer}/masked_nonzero_fraction"] = 0.0 if "embed" in layer else 0.19
+            if step > 1:
+                entry[f"gmt/layer/{layer}/churn"] = 0.01 * step
+        history.append(entry)
+    history.insert(2, {"eval_loss": 1.5, "step": 2})
+    history.append({"train_runtime": 3.0, "train_loss": 0.5, "step": 4})
+    return history
+
+
+def gmt_result(stats: dict, *, scope: str = "tensor", method: str = "gmt") -> MethodResult:
+    return MethodResult(
+        method=method, lora=False, gmt={"scope": scope, "mask_ratio": 0.2}, learning_rate=1e-3, steps=4,
+        train_seconds=1.0, heldout={"loss": 1.0}, exact_match=None, losses=[(s, 1.0 / s) for s in (1, 2, 3, 4)],
+        masked_fraction=[(s, 0.2) for s in (1, 2, 3, 4)], layer_fractions={}, trainable_parameters=100,
+        layer_stats=stats,
+    )
+
+
+def sft_result() -> MethodResult:
+    result = gmt_result({}, method="sft")
+    result.gmt, result.masked_fraction = None, []
+    return result
+
+
+# -- from log keys to series ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("parameter", "layer"),
+    [
+        ("model.layers.3.mlp.up_proj.weight", "model.layers.3"),
+        ("model.layers.3.mlp.experts.7.w1.weight", "model.layers.3"),
+        ("model.embed_tokens.weight", "model.embed_tokens"),
+        ("model.norm.weight", "model.norm"),
+        ("lm_head.weight", "lm_head"),
+        ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight", "base_model.model.model.layers.0"),
+    ],
+)
+def test_layer_name_follows_the_log_key_rule(parameter, layer):
+    assert layer_name(parameter) == layer
+
+
+def test_layer_stats_reads_every_quantity_in_model_order_with_the_logged_steps():
+    stats = layer_stats(synthetic_history(), PARAMETERS)
+    assert list(stats) == ["churn", "coverage", "masked_fraction", "masked_nonzero_fraction"]
+    for quantity, series in stats.items():
+        assert list(series) == MODEL_ORDER, quantity
+    coverage = stats["coverage"]
+    assert coverage["model.layers.10"] == [(s, coverage_of("model.layers.10", s)) for s in (1, 2, 3, 4)]
+    assert coverage["model.layers.2"] == [(s, coverage_of("model.layers.2", s)) for s in (1, 2, 4)]
+    assert stats["churn"]["model.norm"] == [(2, 0.02), (3, 0.03), (4, 0.04)]
+    assert stats["masked_nonzero_fraction"]["model.embed_tokens"] == [(s, 0.0) for s in (1, 2, 3, 4)]
+
+
+def test_layer_stats_of_a_history_without_layer_keys_is_empty():
+    history = [{"loss": 1.0, "step": 1, "gmt/masked_fraction": 0.2, "gmt/masked_fraction/model.norm.weight": 0.2}]
+    assert layer_stats(history, PARAMETERS) == {}
+
+
+def test_model_order_without_parameter_names_sorts_embeddings_numbered_layers_then_the_rest():
+    scrambled = ["model.norm", "model.layers.10", "lm_head", "model.layers.2", "model.embed_tokens", "model.layers.0"]
+    assert model_order(scrambled) == ["model.embed_tokens", "model.layers.0", "model.layers.2", "model.layers.10", "lm_head", "model.norm"]
+    # the parameter order wins where it knows the layer; unknown layers follow in the order above
+    names = ["model.norm.weight", "model.layers.10.mlp.up_proj.weight"]
+    assert model_order(scrambled, names) == ["model.norm", "model.layers.10", "model.embed_tokens", "model.layers.0",
+                                             "model.layers.2", "lm_head"]
+
+
+def test_layer_matrix_puts_layers_in_rows_steps_in_columns_and_nan_where_a_step_is_missing():
+    series = layer_stats(synthetic_history(), PARAMETERS)["coverage"]
+    layers, steps, grid = layer_matrix(series)
+    assert layers == MODEL_ORDER and steps == [1, 2, 3, 4]
+    for row, layer in enumerate(layers):
+        for column, step in enumerate(steps):
+            if (layer, step) == ("model.layers.2", 3):
+                assert math.isnan(grid[row][column])
+            else:
+                assert grid[row][column] == coverage_of(layer, step)
+    churn_layers, churn_steps, _ = layer_matrix(layer_stats(synthetic_history(), PARAMETERS)["churn"])
+    assert churn_steps == [2, 3, 4] and churn_layers == MODEL_ORDER
+
+
+def test_layer_labels_are_short_and_stay_unique():
+    assert layer_labels(MODEL_ORDER) == ["embed", "0", "1", "2", "10", "norm"]
+    assert layer_labels(["model.encoder.layers.0", "model.decoder.layers.0"]) == ["encoder.layers.0", "decoder.layers.0"]
+
+
+# -- the panels -------------------------------------------------------------------------------------
+
+
+def test_heatmap_panel_draws_the_matrix_in_percent_with_labels_and_a_colour_bar():
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots()
+    result = gmt_result(layer_stats(synthetic_history(), PARAMETERS))
+    report.plot_layer_heatmap(ax, result, "coverage", fig=fig)
+    image = ax.get_images()[0]
+    drawn = image.get_array()
+    expected = np.array([[coverage_of(layer, s) * 100 for s in (1, 2, 3, 4)] for layer in MODEL_ORDER])
+    missing = (MODEL_ORDER.index("model.layers.2"), 2)
+    assert drawn.shape == (6, 4) and bool(drawn.mask[missing]) and int(drawn.mask.sum()) == 1
+    keep = ~drawn.mask
+    assert np.allclose(drawn.data[keep], expected[keep])
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["embed", "0", "1", "2", "10", "norm"]
+    assert image.get_extent() == [0.5, 4.5, 5.5, -0.5]  # steps 1..4 left to right, embed at the top
+    assert ax.get_xlabel() == "optimizer step" and ax.get_ylabel() == "layer (model order)"
+    assert ax.get_title() == "gmt (tensor scope): coverage: entries updated (not masked) at least once so far"
+    colour_bar = fig.axes[-1]
+    assert colour_bar.get_ylabel() == "coverage (% of the layer's entries)"
+    plt.close(fig)
+
+
+def test_a_constant_map_says_so_in_its_title():
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    report.plot_layer_heatmap(ax, gmt_result(layer_stats(synthetic_history(), PARAMETERS)), "masked_fraction", fig=fig)
+    assert ax.get_title().endswith("masked entries (constant: 20%)")
+    plt.close(fig)
+
+
+def test_a_missing_statistic_is_a_panel_that_names_the_key_and_the_switches():
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    report.plot_layer_heatmap(ax, gmt_result({}), "coverage", fig=fig)
+    assert not ax.get_images()
+    (text,) = [t.get_text() for t in ax.texts]
+    assert "not in this run's logs" in text and "gmt/layer/<layer>/coverage" in text
+    assert "track_coverage=True and log_layers=True" in text
+    plt.close(fig)
+
+
+def test_the_figure_has_a_heatmap_row_per_masking_method_and_a_note_for_sft_alone():
+    import matplotlib.pyplot as plt
+
+    stats = layer_stats(synthetic_history(), PARAMETERS)
+    fig = report.results_figure([sft_result(), gmt_result(stats), gmt_result(stats, scope="global", method="gmt-global")])
+    titles = [ax.get_title() for ax in fig.axes if ax.get_images()]
+    assert titles == [
+        "gmt (tensor scope): coverage: entries updated (not masked) at least once so far",
+        "gmt (tensor scope): masked entries whose gradient was nonzero",
+        "gmt-global (global scope): coverage: entries updated (not masked) at least once so far",
+        "gmt-global (global scope): masked entries (constant: 20%)",
+    ]
+    plt.close(fig)
+    fig = report.results_figure([sft_result()])
+    notes = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert notes == ["no plain SFT run in this job: no difference to plot",
+                     "no masking method in this job (sft): no per-layer mask statistics"]
+    plt.close(fig)
+
+
+def test_heatmap_quantities_by_scope():
+    assert heatmap_quantities("tensor") == ("coverage", "masked_nonzero_fraction")
+    assert heatmap_quantities("global") == ("coverage", "masked_fraction")
+
+
+def test_results_json_keeps_the_series_so_the_figure_can_be_redrawn(tmp_path):
+    import dataclasses
+
+    stats = layer_stats(synthetic_history(), PARAMETERS)
+    results = [sft_result(), gmt_result(stats)]
+    path = report.write_results(tmp_path / "results.json", {"results": [dataclasses.asdict(r) for r in results]})
+    payload = json.loads(path.read_text())
+    assert list(payload["results"][1]["layer_stats"]["coverage"]) == MODEL_ORDER
+    back = report.results_from_json(payload)
+    assert [r.method for r in back] == ["sft", "gmt"] and back[0].layer_stats == {}
+    assert {q: {k: [tuple(p) for p in v] for k, v in s.items()} for q, s in back[1].layer_stats.items()} == stats
+    del payload["results"][1]["layer_stats"]  # a results.json from before the heatmaps
+    assert report.results_from_json(payload)[1].layer_stats == {}
+    png = report.plot_results(back, tmp_path / "again.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
