@@ -152,13 +152,16 @@ def _window(keys: Sequence[NativeKeys], total: int, ratio: float | None, k: int 
     return (hint - 1, hint + 1) if hint is not None else (-1, -2)
 
 
-def apply(lib: ctypes.CDLL, flat: torch.Tensor, keys: NativeKeys, threshold: int, ties: int, record: torch.Tensor | None) -> tuple[int, int]:
-    """Zero the entries below ``threshold`` and the first ``ties`` equal to it; ``(masked, ties_used)``."""
+def apply(
+    lib: ctypes.CDLL, flat: torch.Tensor, keys: NativeKeys, threshold: int, ties: int, record: torch.Tensor | None
+) -> tuple[int, int, int]:
+    """Zero the entries below ``threshold`` and the first ``ties`` equal to it; ``(masked, ties_used,
+    masked_nonzero)``, the last counted in the same pass: masked entries that were nonzero before."""
     _declare(lib)
-    out = (ctypes.c_int64 * 2)()
+    out = (ctypes.c_int64 * 3)()
     source = _source(flat, keys)
     lib.gmt_apply(ctypes.byref(source), threshold, ties, None if record is None else record.data_ptr(), out)
-    return out[0], out[1]
+    return out[0], out[1], out[2]
 
 
 def usable(flats: Sequence[torch.Tensor], record: torch.Tensor | None = None) -> bool:

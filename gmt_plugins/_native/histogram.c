@@ -470,7 +470,9 @@ static inline __attribute__((always_inline)) void rank_histograms(const source_t
 
 /* Zero, in place, the entries of src->x whose key is below `threshold`, then the first `ties` whose
  * key equals it (in position order); +0.0 replaces them. record (or NULL) receives the mask as
- * bytes. out: masked count, ties used. While ties remain, blocks of 64 are first tested (vectorised)
+ * bytes. out: masked count, ties used, and how many masked entries were nonzero before (the
+ * masked_nonzero statistic, counted before zeroing; -0.0 counts as zero, and masked entries are
+ * always finite: the cut never reaches the excluded keys). While ties remain, blocks of 64 are first tested (vectorised)
  * for a key equal to the threshold, and only such blocks run the loop that spends ties; the global
  * scope's budget may wait for its ties in a late tensor, so this phase can span whole tensors. */
 #define APPLY_BLOCK(i0, i1, TIES)                                                                   \
@@ -480,6 +482,7 @@ static inline __attribute__((always_inline)) void rank_histograms(const source_t
         int hit = (key < threshold) | tie;                                                          \
         ties -= tie;                                                                                \
         used += tie;                                                                                \
+        nonzero += hit & ((y[j] & magnitude) != 0);                                                 \
         y[j] = hit ? 0 : y[j];                                                                         \
         masked += hit;                                                                              \
         if (record) record[j] = (uint8_t)hit;                                                       \
@@ -487,6 +490,7 @@ static inline __attribute__((always_inline)) void rank_histograms(const source_t
 #define APPLY_LOOP(T, ZERO)                                                                         \
     {                                                                                               \
         T *y = (T *)src->x;                                                                         \
+        const T magnitude = (T)((T)~(T)0 >> 1); /* every bit but the sign: -0.0 counts as zero */  \
         const int64_t n = src->n;                                                                   \
         int64_t i = 0;                                                                              \
         while (i < n && ties > 0) {                                                                 \
@@ -502,15 +506,17 @@ static inline __attribute__((always_inline)) void rank_histograms(const source_t
         }                                                                                           \
         if (record) {                                                                               \
             for (; i < n; ++i) { uint32_t key = KEY_AT(i); int hit = key < threshold;               \
+                nonzero += hit & ((y[i] & magnitude) != 0);                                         \
                 y[i] = hit ? (T)ZERO : y[i]; masked += hit; record[i] = (uint8_t)hit; }             \
         } else {                                                                                    \
             for (; i < n; ++i) { uint32_t key = KEY_AT(i); int hit = key < threshold;               \
+                nonzero += hit & ((y[i] & magnitude) != 0);                                         \
                 y[i] = hit ? (T)ZERO : y[i]; masked += hit; }                                       \
         }                                                                                           \
     }
 
 VECTOR_CLONES void gmt_apply(const source_t *src, uint64_t threshold_in, int64_t ties, uint8_t *record, int64_t *out) {
-    int64_t masked = 0, used = 0;
+    int64_t masked = 0, used = 0, nonzero = 0;
     /* a threshold beyond 32 bits masks every key (none is that large) */
     uint32_t threshold = threshold_in > 0xFFFFFFFFull ? 0xFFFFFFFFu : (uint32_t)threshold_in;
     if (threshold_in > 0xFFFFFFFFull) ties = 0;
@@ -557,6 +563,7 @@ VECTOR_CLONES void gmt_apply(const source_t *src, uint64_t threshold_in, int64_t
             /* and-masks rather than selects, so that the byte and word lanes vectorise together */
             for (int64_t i = 0; i < src->n; ++i) {
                 uint32_t hit = (uint32_t)(mk[i] != 0) & (uint32_t)((x[i] & 0x7F800000u) != 0x7F800000u);
+                nonzero += hit & (uint32_t)((y[i] & 0x7FFFFFFFu) != 0);
                 y[i] &= hit - 1u;
                 masked += hit;
             }
@@ -572,6 +579,7 @@ VECTOR_CLONES void gmt_apply(const source_t *src, uint64_t threshold_in, int64_t
     }
     out[0] = masked;
     out[1] = used;
+    out[2] = nonzero;
 }
 
 /* gmt_momentum's EMA in place, as its torch twin computes it: where the gradient is finite,
