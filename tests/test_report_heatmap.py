@@ -222,3 +222,19 @@ def test_results_json_keeps_the_series_so_the_figure_can_be_redrawn(tmp_path):
     assert report.results_from_json(payload)[1].layer_stats == {}
     png = report.plot_results(back, tmp_path / "again.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+# -- the job asks for what it draws -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["gmt", "gmt-tensor", "gmt-global", "random"])
+def test_the_jobs_masking_runs_switch_on_the_statistics_the_heatmaps_read(method):
+    from gmt_plugins.finetune.run import Job
+    from gmt_plugins.finetune.training import gmt_config_for
+
+    config = gmt_config_for(method, Job.from_argv([]).gmt)
+    for quantity in heatmap_quantities(config.scope):
+        for switch in report.NEEDS[quantity]:
+            assert getattr(config, switch) is True, (method, quantity, switch)
+    # a user can still switch them off
+    off = gmt_config_for(method, Job.from_argv(["--track_coverage", "false", "--log_layers", "false"]).gmt)
+    assert (off.track_coverage, off.log_layers) == (False, False)

@@ -77,14 +77,11 @@ def heatmap_quantities(scope: str | None) -> tuple[str, str]:
 
 
 def layer_name(parameter: str) -> str:
-    """The ``<layer>`` of a parameter in the ``gmt/layer/`` keys: the name cut after its first all-digit
-    component (``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3``), else before its last component
-    (``model.norm.weight`` -> ``model.norm``)."""
-    parts = parameter.split(".")
-    for i, part in enumerate(parts):
-        if part.isdigit():
-            return ".".join(parts[: i + 1])
-    return ".".join(parts[:-1]) or parameter
+    """The ``<layer>`` of a parameter in the ``gmt/layer/`` keys (:func:`gmt_plugins.coverage.layer_of`:
+    ``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3``, ``model.norm.weight`` -> ``model.norm``)."""
+    from gmt_plugins.coverage import layer_of  # imports torch: only when a model's names are at hand
+
+    return layer_of(parameter)
 
 
 def _fallback_order(layer: str) -> tuple[int, str, int]:
