@@ -135,6 +135,34 @@ def test_layer_labels_are_short_and_stay_unique():
     assert layer_labels(["model.encoder.layers.0", "model.decoder.layers.0"]) == ["encoder.layers.0", "decoder.layers.0"]
 
 
+# -- heatmap series derived from the logged quantities ---------------------------------------------
+
+
+def test_heatmap_series_derive_never_updated_and_the_nonzero_share_per_layer_and_step():
+    stats = layer_stats(synthetic_history(), PARAMETERS)
+    never = report.heatmap_series(stats, "never_updated")
+    assert list(never) == MODEL_ORDER
+    assert never["model.layers.10"] == [(s, pytest.approx(1 - coverage_of("model.layers.10", s))) for s in (1, 2, 3, 4)]
+    assert [s for s, _ in never["model.layers.2"]] == [1, 2, 4]
+    share = report.heatmap_series(stats, "nonzero_share")
+    assert share["model.embed_tokens"] == [(s, 0.0) for s in (1, 2, 3, 4)]
+    assert share["model.layers.0"] == [(s, pytest.approx(0.19 / 0.2)) for s in (1, 2, 3, 4)]
+    assert report.heatmap_series(stats, "churn") == stats["churn"]
+    # a source missing: nothing to draw (the panel then says so)
+    assert report.heatmap_series({"masked_fraction": stats["masked_fraction"]}, "nonzero_share") == {}
+
+
+def test_the_nonzero_share_of_a_layer_that_masked_nothing_is_missing_not_zero():
+    stats = {"masked_nonzero_fraction": {"model.norm": [(1, 0.0)]}, "masked_fraction": {"model.norm": [(1, 0.0)]}}
+    ((step, value),) = report.heatmap_series(stats, "nonzero_share")["model.norm"]
+    assert step == 1 and math.isnan(value)
+
+
+def test_heatmap_quantities_by_scope():
+    assert heatmap_quantities("tensor") == ("never_updated", "churn", "nonzero_share")
+    assert heatmap_quantities("global") == ("never_updated", "masked_fraction", "nonzero_share")
+
+
 # -- the panels -------------------------------------------------------------------------------------
 
 
@@ -155,9 +183,28 @@ def test_heatmap_panel_draws_the_matrix_in_percent_with_labels_and_a_colour_bar(
     assert [t.get_text() for t in ax.get_yticklabels()] == ["embed", "0", "1", "2", "10", "norm"]
     assert image.get_extent() == [0.5, 4.5, 5.5, -0.5]  # steps 1..4 left to right, embed at the top
     assert ax.get_xlabel() == "optimizer step" and ax.get_ylabel() == "layer (model order)"
-    assert ax.get_title() == "gmt (tensor scope): coverage: entries updated (not masked) at least once so far"
-    colour_bar = fig.axes[-1]
-    assert colour_bar.get_ylabel() == "coverage (% of the layer's entries)"
+    assert ax.get_title() == "gmt (tensor scope):\ncoverage: entries updated at least once so far"
+    assert fig.axes[-1].get_ylabel() == "coverage (% of the layer's entries)"  # the colour bar
+    plt.close(fig)
+
+
+def test_the_never_updated_map_is_log_scaled_and_draws_zero_below_its_range():
+    import matplotlib.pyplot as plt
+
+    history = synthetic_history()
+    for entry in history:  # the norm layer has updated every entry from step 3 on
+        if "gmt/layer/model.norm/coverage" in entry and entry["step"] >= 3:
+            entry["gmt/layer/model.norm/coverage"] = 1.0
+    fig, ax = plt.subplots()
+    report.plot_layer_heatmap(ax, gmt_result(layer_stats(history, PARAMETERS)), "never_updated", fig=fig)
+    image = ax.get_images()[0]
+    norm, drawn = image.norm, image.get_array()
+    assert type(norm).__name__ == "LogNorm"
+    row = MODEL_ORDER.index("model.norm")
+    assert (drawn[row, 2:] < norm.vmin).all() and (drawn[row, :2] >= norm.vmin).all()  # zero: the 'under' colour
+    assert norm.vmax == pytest.approx(max((1 - coverage_of(layer, 1)) * 100 for layer in MODEL_ORDER))
+    assert tuple(image.get_cmap().get_under()[:3]) == (1.0, 1.0, 1.0)
+    assert fig.axes[-1].get_ylabel() == "100% - coverage (% of the layer's entries; log scale, white: 0)"
     plt.close(fig)
 
 
@@ -166,7 +213,7 @@ def test_a_constant_map_says_so_in_its_title():
 
     fig, ax = plt.subplots()
     report.plot_layer_heatmap(ax, gmt_result(layer_stats(synthetic_history(), PARAMETERS)), "masked_fraction", fig=fig)
-    assert ax.get_title().endswith("masked entries (constant: 20%)")
+    assert ax.get_title().endswith("masked entries (all 20%)")
     plt.close(fig)
 
 
@@ -174,10 +221,11 @@ def test_a_missing_statistic_is_a_panel_that_names_the_key_and_the_switches():
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots()
-    report.plot_layer_heatmap(ax, gmt_result({}), "coverage", fig=fig)
+    report.plot_layer_heatmap(ax, gmt_result({}), "never_updated", fig=fig)
     assert not ax.get_images()
     (text,) = [t.get_text() for t in ax.texts]
-    assert "not in this run's logs" in text and "gmt/layer/<layer>/coverage" in text
+    assert text.startswith("gmt (tensor scope): entries not updated yet")
+    assert "not in this run's logs (no gmt/layer/<layer>/coverage)" in text
     assert "track_coverage=True and log_layers=True" in text
     plt.close(fig)
 
@@ -189,10 +237,12 @@ def test_the_figure_has_a_heatmap_row_per_masking_method_and_a_note_for_sft_alon
     fig = report.results_figure([sft_result(), gmt_result(stats), gmt_result(stats, scope="global", method="gmt-global")])
     titles = [ax.get_title() for ax in fig.axes if ax.get_images()]
     assert titles == [
-        "gmt (tensor scope): coverage: entries updated (not masked) at least once so far",
-        "gmt (tensor scope): masked entries whose gradient was nonzero",
-        "gmt-global (global scope): coverage: entries updated (not masked) at least once so far",
-        "gmt-global (global scope): masked entries (constant: 20%)",
+        "gmt (tensor scope):\nentries not updated yet (masked at every step so far)",
+        "gmt (tensor scope):\nentries whose masked state changed since the previous step",
+        "gmt (tensor scope):\nmasked entries whose gradient was nonzero",
+        "gmt-global (global scope):\nentries not updated yet (masked at every step so far)",
+        "gmt-global (global scope):\nmasked entries (all 20%)",
+        "gmt-global (global scope):\nmasked entries whose gradient was nonzero",
     ]
     plt.close(fig)
     fig = report.results_figure([sft_result()])
@@ -200,11 +250,6 @@ def test_the_figure_has_a_heatmap_row_per_masking_method_and_a_note_for_sft_alon
     assert notes == ["no plain SFT run in this job: no difference to plot",
                      "no masking method in this job (sft): no per-layer mask statistics"]
     plt.close(fig)
-
-
-def test_heatmap_quantities_by_scope():
-    assert heatmap_quantities("tensor") == ("coverage", "masked_nonzero_fraction")
-    assert heatmap_quantities("global") == ("coverage", "masked_fraction")
 
 
 def test_results_json_keeps_the_series_so_the_figure_can_be_redrawn(tmp_path):
@@ -233,7 +278,7 @@ def test_the_jobs_masking_runs_switch_on_the_statistics_the_heatmaps_read(method
 
     config = gmt_config_for(method, Job.from_argv([]).gmt)
     for quantity in heatmap_quantities(config.scope):
-        for switch in report.NEEDS[quantity]:
+        for switch in report.HEATMAPS[quantity].needs:
             assert getattr(config, switch) is True, (method, quantity, switch)
     # a user can still switch them off
     off = gmt_config_for(method, Job.from_argv(["--track_coverage", "false", "--log_layers", "false"]).gmt)

@@ -8,6 +8,7 @@ import json
 import math
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,27 +54,68 @@ def layer_fractions(history: list[dict[str, Any]], numels: dict[str, int]) -> di
 # -- per-layer mask statistics (gmt/layer/<layer>/<quantity>, logged with log_layers=True) ------------
 
 LAYER_PREFIX = "gmt/layer/"
-# what each quantity is, as the heatmap's title and colour bar say it
-QUANTITIES: dict[str, tuple[str, str]] = {
-    "coverage": ("coverage: entries updated (not masked) at least once so far", "% of the layer's entries"),
-    "masked_fraction": ("masked entries", "% of the layer's entries"),
-    "masked_nonzero_fraction": ("masked entries whose gradient was nonzero", "% of the layer's entries"),
-    "churn": ("entries whose masked state changed since the previous step", "% of the layer's entries"),
-}
-# the config fields each quantity needs (gmt_plugins/config.py)
-NEEDS: dict[str, tuple[str, ...]] = {
-    "coverage": ("track_coverage", "log_layers"),
-    "churn": ("track_coverage", "log_layers"),
-    "masked_fraction": ("log_layers",),
-    "masked_nonzero_fraction": ("log_layers",),
+
+
+@dataclass(frozen=True)
+class Heatmap:
+    """How one per-layer quantity is drawn: the panel's title, the colour bar's label (quantity and unit),
+    the logged quantities (``gmt/layer/<layer>/<source>``) it is computed from, the config switches they
+    need, and the colour scale (log, or fixed limits in %, else the data's range)."""
+
+    title: str
+    bar: str
+    sources: tuple[str, ...]
+    needs: tuple[str, ...]
+    log: bool = False
+    limits: tuple[float, float] | None = None
+
+
+_COVERAGE_SWITCHES = ("track_coverage", "log_layers")
+HEATMAPS: dict[str, Heatmap] = {
+    "never_updated": Heatmap(
+        "entries not updated yet (masked at every step so far)",
+        "100% - coverage (% of the layer's entries; log scale, white: 0)", ("coverage",), _COVERAGE_SWITCHES, log=True),
+    "coverage": Heatmap("coverage: entries updated at least once so far", "coverage (% of the layer's entries)",
+                        ("coverage",), _COVERAGE_SWITCHES),
+    "churn": Heatmap("entries whose masked state changed since the previous step", "churn (% of the layer's entries)",
+                     ("churn",), _COVERAGE_SWITCHES),
+    "masked_fraction": Heatmap("masked entries", "masked_fraction (% of the layer's entries)", ("masked_fraction",),
+                               ("log_layers",)),
+    "nonzero_share": Heatmap(
+        "masked entries whose gradient was nonzero", "masked_nonzero_fraction / masked_fraction (% of the masked)",
+        ("masked_nonzero_fraction", "masked_fraction"), ("log_layers",), limits=(0.0, 100.0)),
 }
 
 
-def heatmap_quantities(scope: str | None) -> tuple[str, str]:
-    """The two per-layer statistics drawn for a masking run. In tensor scope every layer masks exactly
-    ``mask_ratio`` of its entries, so the second map shows the masked entries that had a nonzero gradient;
-    in global scope the masked fraction itself differs between layers."""
-    return ("coverage", "masked_fraction" if scope == "global" else "masked_nonzero_fraction")
+def _derive(name: str, values: tuple[float, ...]) -> float:
+    if name == "never_updated":
+        return 1.0 - values[0]
+    if name == "nonzero_share":
+        nonzero, masked = values
+        return nonzero / masked if masked else math.nan
+    return values[0]
+
+
+def heatmap_quantities(scope: str | None) -> tuple[str, str, str]:
+    """The three heatmaps of a masking run (keys of :data:`HEATMAPS`). How far the masks have left each
+    layer untouched, and how much of each layer's mask fell on nonzero gradients, in any scope; in tensor
+    scope every layer masks exactly ``mask_ratio`` of its entries, so the middle map shows how much the mask
+    moves from step to step, and in global scope the masked fraction of each layer itself."""
+    return ("never_updated", "masked_fraction" if scope == "global" else "churn", "nonzero_share")
+
+
+def heatmap_series(stats: dict[str, dict[str, list[tuple[int, float]]]], name: str) -> dict[str, list[tuple[int, float]]]:
+    """Heatmap ``name``'s ``{layer: [(step, value)]}`` from a run's ``layer_stats``: its sources joined on the
+    steps where all of them were logged; ``{}`` when a source is missing."""
+    sources = [stats.get(source) or {} for source in HEATMAPS[name].sources]
+    if not all(sources):
+        return {}
+    result: dict[str, list[tuple[int, float]]] = {}
+    for layer, first in sources[0].items():
+        others = [dict(source.get(layer, ())) for source in sources[1:]]
+        result[layer] = [(step, _derive(name, (value, *(o[step] for o in others))))
+                         for step, value in first if all(step in o for o in others)]
+    return result
 
 
 def layer_name(parameter: str) -> str:
@@ -180,19 +222,27 @@ def _count(n: int) -> str:
 
 
 def plot_results(results: list[MethodResult], path: Path, *, title: str = "") -> Path:
-    """Write :func:`results_figure` to ``path`` (PNG)."""
+    """Write :func:`results_figure` to ``path`` (a 256-colour PNG)."""
     import matplotlib.pyplot as plt
 
+    import io
+
+    from PIL import Image  # a dependency of matplotlib
+
     fig = results_figure(results, title=title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=100, format="png")
     plt.close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # 256 colours are plenty for lines, text and viridis maps, and take a third of the bytes of RGBA
+    image = Image.open(buffer).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    image.save(path, format="png", optimize=True)
     return path
 
 
 def results_figure(results: list[MethodResult], *, title: str = "") -> Any:
     """Loss curves of every method and their difference to plain SFT (top row), then for each masking
-    method a row of two layers x steps heatmaps (:func:`heatmap_quantities`) from its ``layer_stats``."""
+    method a row of three layers x steps heatmaps (:func:`heatmap_quantities`) from its ``layer_stats``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -202,20 +252,20 @@ def results_figure(results: list[MethodResult], *, title: str = "") -> Any:
     reference = next((r for r in results if r.method == "sft" and r.losses), None)
     compare = [r for r in results if r is not reference and r.losses] if reference is not None else []
     rows = 1 + max(1, len(masked))
-    fig, axes = plt.subplots(rows, 2, figsize=(12, 3.9 + 4.3 * (rows - 1)), squeeze=False)
+    fig = plt.figure(figsize=(15, 3.8 + 4.4 * (rows - 1)))
+    grid = fig.add_gridspec(rows, 6, height_ratios=[3.8] + [4.4] * (rows - 1))
     colors = {r.method: f"C{i}" for i, r in enumerate(results)}
-    _plot_losses(axes[0][0], results, colors)
+    _plot_losses(fig.add_subplot(grid[0, :3]), results, colors)
     if compare:
-        _plot_differences(axes[0][1], reference, compare, colors)
+        _plot_differences(fig.add_subplot(grid[0, 3:]), reference, compare, colors)
     else:
-        _note(axes[0][1], "no plain SFT run in this job: no difference to plot")
+        _note(fig.add_subplot(grid[0, 3:]), "no plain SFT run in this job: no difference to plot")
     if not masked:
-        _note(axes[1][0], "no masking method in this job (" + ", ".join(r.method for r in results)
+        _note(fig.add_subplot(grid[1, :]), "no masking method in this job (" + ", ".join(r.method for r in results)
               + "): no per-layer mask statistics")
-        axes[1][1].axis("off")
-    for row, r in zip(axes[1:], masked):
-        for ax, quantity in zip(row, heatmap_quantities(r.gmt.get("scope"))):
-            plot_layer_heatmap(ax, r, quantity, fig=fig)
+    for row, r in enumerate(masked, start=1):
+        for column, name in enumerate(heatmap_quantities(r.gmt.get("scope"))):
+            plot_layer_heatmap(fig.add_subplot(grid[row, 2 * column : 2 * column + 2]), r, name, fig=fig)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -260,27 +310,42 @@ def _note(ax: Any, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=9, wrap=True, transform=ax.transAxes)
 
 
-def plot_layer_heatmap(ax: Any, result: MethodResult, quantity: str, *, fig: Any) -> None:
-    """``result``'s per-layer ``quantity`` as a heatmap on ``ax``: layers top to bottom in model order,
-    optimizer steps left to right, in % of each layer's entries; grey where a step has no value. Where the
-    run logged no such statistic, the panel says which key and which config fields are missing."""
+def plot_layer_heatmap(ax: Any, result: MethodResult, name: str, *, fig: Any) -> None:
+    """``result``'s heatmap ``name`` (:data:`HEATMAPS`) on ``ax``: layers top to bottom in model order,
+    optimizer steps left to right, values in %; grey where a layer has no value at a step. Where the run
+    logged no such statistic, the panel says which keys and which config switches are missing."""
     import numpy as np
+    from matplotlib.colors import LogNorm, Normalize
 
-    what, unit = QUANTITIES[quantity]
-    scope = (result.gmt or {}).get("scope")
-    series = (result.layer_stats or {}).get(quantity)
+    heatmap = HEATMAPS[name]
+    header = f"{result.method} ({(result.gmt or {}).get('scope')} scope): {heatmap.title}"
+    series = heatmap_series(result.layer_stats or {}, name)
     if not series:
-        needs = " and ".join(f"{name}=True" for name in NEEDS[quantity])
-        _note(ax, f"{result.method}: {what}\nnot in this run's logs (no {LAYER_PREFIX}<layer>/{quantity} keys);\n"
-                  f"the GMT run needs {needs}")
+        keys = ", ".join(f"{LAYER_PREFIX}<layer>/{source}" for source in heatmap.sources)
+        needs = " and ".join(f"{switch}=True" for switch in heatmap.needs)
+        _note(ax, f"{header}:\nnot in this run's logs (no {keys});\nthe GMT run needs {needs}")
         return
     layers, steps, grid = layer_matrix(series)
     values = np.ma.masked_invalid(np.array(grid, dtype=float) * 100.0)
-    low, high = (float(values.min()), float(values.max())) if values.count() else (0.0, 100.0)
-    if high - low < 1e-9:  # a constant map: centre it, and say so in the title
-        low, high = low - 1.0, high + 1.0
-    cmap = matplotlib_cmap("viridis")
-    image = ax.imshow(values, aspect="auto", cmap=cmap, vmin=low, vmax=high, interpolation="nearest",
+    shown = sorted({f"{v:.3g}" for v in values.compressed()})
+    constant = f" (all {shown[0]}%)" if len(shown) == 1 else ""
+    cmap, extend = matplotlib_cmap("viridis"), "neither"
+    if heatmap.log:
+        positive = values[values > 0]
+        high = float(positive.max()) if positive.count() else 100.0
+        low = max(float(positive.min()) if positive.count() else high / 10, high / 1e4)
+        if not low < high:
+            low = high / 10
+        if (values <= 0).any():  # zero has no place on a log scale: drawn in the 'under' colour
+            values = np.ma.where(values <= 0, low / 10, values)
+            extend = "min"
+        norm = LogNorm(vmin=low, vmax=high)
+    else:
+        low, high = heatmap.limits or ((float(values.min()), float(values.max())) if values.count() else (0.0, 100.0))
+        if high - low < 1e-9:
+            low, high = low - 1.0, high + 1.0
+        norm = Normalize(vmin=low, vmax=high)
+    image = ax.imshow(values, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest",
                       extent=(steps[0] - 0.5, steps[-1] + 0.5, len(layers) - 0.5, -0.5))
     labels = layer_labels(layers)
     every = max(1, math.ceil(len(layers) / 40))
@@ -288,10 +353,9 @@ def plot_layer_heatmap(ax: Any, result: MethodResult, quantity: str, *, fig: Any
     ax.xaxis.set_major_locator(_integer_locator())
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("layer (model order)")
-    constant = f" (constant: {values.min():.3g}%)" if values.count() and values.max() - values.min() < 1e-9 else ""
-    ax.set_title(f"{result.method} ({scope} scope): {what}{constant}", fontsize=9)
-    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
-    bar.set_label(f"{quantity} ({unit})", fontsize=8)
+    ax.set_title(f"{result.method} ({(result.gmt or {}).get('scope')} scope):\n{heatmap.title}{constant}", fontsize=9)
+    bar = fig.colorbar(image, ax=ax, fraction=0.06, pad=0.02, extend=extend)
+    bar.set_label(heatmap.bar, fontsize=7)
     bar.ax.tick_params(labelsize=7)
 
 
@@ -302,10 +366,10 @@ def _integer_locator() -> Any:
 
 
 def matplotlib_cmap(name: str) -> Any:
-    """A copy of colour map ``name`` that draws missing values (NaN) light grey."""
+    """Colour map ``name`` drawing missing values (NaN) light grey and values under its range white."""
     import matplotlib
 
-    return matplotlib.colormaps[name].with_extremes(bad="#d9d9d9")
+    return matplotlib.colormaps[name].with_extremes(bad="#d9d9d9", under="white")
 
 
 def _moving_mean(values, window: int = 5) -> list[float]:
