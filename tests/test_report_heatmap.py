@@ -183,7 +183,7 @@ def test_heatmap_panel_draws_the_matrix_in_percent_with_labels_and_a_colour_bar(
     assert [t.get_text() for t in ax.get_yticklabels()] == ["embed", "0", "1", "2", "10", "norm"]
     assert image.get_extent() == [0.5, 4.5, 5.5, -0.5]  # steps 1..4 left to right, embed at the top
     assert ax.get_xlabel() == "optimizer step" and ax.get_ylabel() == "layer (model order)"
-    assert ax.get_title() == "gmt (tensor scope):\ncoverage: entries updated at least once so far"
+    assert ax.get_title() == "gmt (tensor scope):\ncoverage: entries updated at least once so far (grey: no value)"
     assert fig.axes[-1].get_ylabel() == "coverage (% of the layer's entries)"  # the colour bar
     plt.close(fig)
 
@@ -213,7 +213,18 @@ def test_a_constant_map_says_so_in_its_title():
 
     fig, ax = plt.subplots()
     report.plot_layer_heatmap(ax, gmt_result(layer_stats(synthetic_history(), PARAMETERS)), "masked_fraction", fig=fig)
-    assert ax.get_title().endswith("masked entries (all 20%)")
+    assert ax.get_title().endswith("masked entries (all 20%) (grey: no value)")
+    plt.close(fig)
+
+
+def test_only_a_map_with_holes_mentions_grey():
+    import matplotlib.pyplot as plt
+
+    stats = layer_stats(synthetic_history(), PARAMETERS)
+    complete = {q: {k: v for k, v in series.items() if k != "model.layers.2"} for q, series in stats.items()}
+    fig, ax = plt.subplots()
+    report.plot_layer_heatmap(ax, gmt_result(complete), "churn", fig=fig)
+    assert ax.get_title() == "gmt (tensor scope):\nentries whose masked state changed since the previous step"
     plt.close(fig)
 
 
@@ -236,14 +247,15 @@ def test_the_figure_has_a_heatmap_row_per_masking_method_and_a_note_for_sft_alon
     stats = layer_stats(synthetic_history(), PARAMETERS)
     fig = report.results_figure([sft_result(), gmt_result(stats), gmt_result(stats, scope="global", method="gmt-global")])
     titles = [ax.get_title() for ax in fig.axes if ax.get_images()]
-    assert titles == [
+    assert all(title.endswith(" (grey: no value)") for title in titles)
+    assert [title.replace(" (grey: no value)", "") for title in titles] == [
         "gmt (tensor scope):\nentries not updated yet (masked at every step so far)",
         "gmt (tensor scope):\nentries whose masked state changed since the previous step",
         "gmt (tensor scope):\nmasked entries whose gradient was nonzero",
         "gmt-global (global scope):\nentries not updated yet (masked at every step so far)",
         "gmt-global (global scope):\nmasked entries (all 20%)",
         "gmt-global (global scope):\nmasked entries whose gradient was nonzero",
-    ]
+    ]  # every map has layers.2 missing at step 3
     plt.close(fig)
     fig = report.results_figure([sft_result()])
     notes = [t.get_text() for ax in fig.axes for t in ax.texts]

@@ -268,7 +268,8 @@ def results_figure(results: list[MethodResult], *, title: str = "") -> Any:
             plot_layer_heatmap(fig.add_subplot(grid[row, 2 * column : 2 * column + 2]), r, name, fig=fig)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    height = fig.get_figheight()
+    fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.3 / height if title else 1.0))  # room for the suptitle
     return fig
 
 
@@ -329,6 +330,8 @@ def plot_layer_heatmap(ax: Any, result: MethodResult, name: str, *, fig: Any) ->
     values = np.ma.masked_invalid(np.array(grid, dtype=float) * 100.0)
     shown = sorted({f"{v:.3g}" for v in values.compressed()})
     constant = f" (all {shown[0]}%)" if len(shown) == 1 else ""
+    if np.ma.getmaskarray(values).any():
+        constant += " (grey: no value)"
     cmap, extend = matplotlib_cmap("viridis"), "neither"
     if heatmap.log:
         positive = values[values > 0]
