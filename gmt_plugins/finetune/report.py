@@ -269,7 +269,7 @@ def results_figure(results: list[MethodResult], *, title: str = "") -> Any:
     if title:
         fig.suptitle(title, fontsize=10)
     height = fig.get_figheight()
-    fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.3 / height if title else 1.0))  # room for the suptitle
+    fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.12 / height if title else 1.0))  # room for the suptitle
     return fig
 
 
