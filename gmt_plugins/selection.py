@@ -30,7 +30,6 @@ import torch
 
 from gmt_plugins import native, native_rank
 from gmt_plugins.distributed import ShardReducer, active_reducer
-from gmt_plugins.keys import count_nonzero_bits
 
 DIGIT_BITS = 16
 NUM_BINS = 1 << DIGIT_BITS
@@ -370,7 +369,7 @@ def apply_cut_counted(
                 if record is not None:
                     record[start : start + chunk.numel()].zero_()
                 continue
-            nonzero_before = count_nonzero_bits(chunk)
+            nonzero_before = (chunk != 0).sum()  # -0.0 == 0; NaN and inf count, and stay after zero_below
             zeroed = fast(index, chunk, threshold)  # the entries that are zero now
             masked += zeroed
             nonzero += nonzero_before - (chunk.numel() - zeroed)

@@ -101,8 +101,10 @@ class GMTCallback(TrainerCallback, ExportableState):
     With ``strict=True`` every masked entry is held bit-identical through the optimizer step (AdamW momentum and
     weight decay, and bitsandbytes' 8-bit state, otherwise still move an entry whose gradient is zero).
 
-    Mask statistics (``gmt/masked_fraction``, ``gmt/threshold_*``, ``gmt/nonfinite``, ...) are added to the
-    Trainer's logs, so they reach ``trainer.state.log_history``; they reach the ``report_to`` integrations once
+    Mask statistics (``gmt/masked_fraction``, ``gmt/masked_nonzero``, ``gmt/threshold_*``, ``gmt/nonfinite``, ...;
+    with ``track_coverage=True`` also ``gmt/coverage``, ``gmt/never_updated`` and ``gmt/churn``, with
+    ``log_layers=True`` per-layer ``gmt/layer/<layer>/...``; see docs/method.md) are added to the Trainer's logs,
+    so they reach ``trainer.state.log_history``; they reach the ``report_to`` integrations once
     [`place_before_reporters`] has put the callback ahead of them.
 
     Checkpoints: the callback is an ``ExportableState``. Its state (step, config, the strategy's state) is saved in
