@@ -1,5 +1,6 @@
-"""The main job's per-layer heatmaps: ``gmt/layer/<layer>/<quantity>`` log keys -> series in model order ->
-a layers x steps matrix -> a labelled panel; and the job's GMT runs switch on the statistics it draws."""
+"""The main job's per-layer heatmaps: ``gmt/layer/<layer>/<quantity>`` log keys -> series in model order
+(``gmt_plugins.finetune.layers``) -> a layers x steps matrix -> a labelled panel (``report``); and the
+job's GMT runs switch on the statistics it draws."""
 
 from __future__ import annotations
 
@@ -9,14 +10,8 @@ import math
 import pytest
 
 from gmt_plugins.finetune import report
-from gmt_plugins.finetune.report import (
-    heatmap_quantities,
-    layer_labels,
-    layer_matrix,
-    layer_name,
-    layer_stats,
-    model_order,
-)
+from gmt_plugins.finetune.layers import layer_name, layer_stats, model_order
+from gmt_plugins.finetune.report import heatmap_quantities, layer_labels, layer_matrix
 from gmt_plugins.finetune.training import MethodResult
 
 matplotlib = pytest.importorskip("matplotlib")

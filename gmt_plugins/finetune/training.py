@@ -93,7 +93,7 @@ def train_method(method: str, job: Any, model_dir: Path, tokenizer: Any, train_d
 
     from gmt_plugins.finetune.data import PadCollator
     from gmt_plugins.finetune.evaluate import exact_match, heldout_answer_loss
-    from gmt_plugins.finetune.report import layer_fractions, layer_stats
+    from gmt_plugins.finetune.layers import layer_fractions, layer_stats
 
     script, training = job.script, job.training
     lora = job.model.use_peft or METHODS[method][1]
