@@ -146,8 +146,18 @@ def test_tiny_run_end_to_end(capsys, tmp_path, tiny_model_dir, qa_file):
         assert len(r["losses"]) == 3 and r["heldout"]["tokens"] > 0
         assert r["exact_match"]["n"] >= 1
         if name == "sft":
-            assert r["masked_fraction"] == [] and r["layer_fractions"] == {}
+            assert r["masked_fraction"] == [] and r["layer_fractions"] == {} and r["layer_stats"] == {}
             continue
+        # the heatmaps' series (track_coverage and log_layers are on by default): every layer, model order,
+        # every step; on the first step a layer's coverage is what it did not mask, and it never falls
+        stats = r["layer_stats"]
+        assert set(stats) == {"coverage", "churn", "masked_fraction", "masked_nonzero_fraction"}
+        for quantity, series in stats.items():
+            assert list(series) == ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "lm_head"], quantity
+            assert all([s for s, _ in values] == ([2, 3] if quantity == "churn" else [1, 2, 3]) for values in series.values())
+        for layer, coverage in stats["coverage"].items():
+            assert coverage[0][1] == pytest.approx(1 - stats["masked_fraction"][layer][0][1])
+            assert [c for _, c in coverage] == sorted(c for _, c in coverage)
         assert r["gmt"]["mask_ratio"] == 0.2
         assert [s for s, _ in r["masked_fraction"]] == [1, 2, 3]
         assert all(f == pytest.approx(0.2, abs=1e-3) for _, f in r["masked_fraction"])
@@ -246,6 +256,7 @@ def test_job_defaults_are_the_embedded_run_of_before():
     assert (t.learning_rate, s.lora_learning_rate, t.seed, t.logging_steps, t.save_strategy) == (3e-5, 3e-4, 0, 1, "no")
     assert (t.optim, t.lr_scheduler_type, t.bf16, t.activation_checkpointing) == ("adamw_torch", "constant", False, False)
     assert (g.strategy, g.mask_ratio, g.scope, g.mask_seed, g.log_per_tensor) == ("gmt", 0.2, "tensor", 0, True)
+    assert (g.track_coverage, g.log_layers) == (True, True)  # for the plot's heatmaps
     assert (m.model_name_or_path, m.dtype, m.lora_r, m.lora_alpha, m.lora_dropout) == (None, "float32", 8, 16, 0.0)
     assert m.lora_target_modules == "all-linear" and s.methods == ["sft", "gmt"] and job.uses_embedded_assets
 

@@ -47,8 +47,11 @@ JOB_DEFAULTS: dict[str, Any] = {
     "disable_tqdm": False,
     "remove_unused_columns": False,
     "report_to": "none",
-    # GMTConfig: per-tensor fractions feed the per-layer panel of the plot
+    # GMTConfig: per-tensor fractions feed results.json's layer_fractions; per-layer statistics (with the
+    # bit-per-entry coverage state) feed the plot's heatmaps (gmt_plugins.finetune.report.heatmap_quantities)
     "log_per_tensor": True,
+    "track_coverage": True,
+    "log_layers": True,
     # ModelConfig
     "lora_r": 8,
     "lora_alpha": 16,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,8 @@ class MethodResult:
     masked_fraction: list[tuple[int, float]]
     layer_fractions: dict[str, list[tuple[int, float]]]
     trainable_parameters: int
+    # {quantity: {layer: [(step, value)]}} from the gmt/layer/* log keys, layers in model order
+    layer_stats: dict[str, dict[str, list[tuple[int, float]]]] = field(default_factory=dict)
 
     @property
     def final_train_loss(self) -> float:
@@ -91,7 +93,7 @@ def train_method(method: str, job: Any, model_dir: Path, tokenizer: Any, train_d
 
     from gmt_plugins.finetune.data import PadCollator
     from gmt_plugins.finetune.evaluate import exact_match, heldout_answer_loss
-    from gmt_plugins.finetune.report import layer_fractions
+    from gmt_plugins.finetune.layers import layer_fractions, layer_stats
 
     script, training = job.script, job.training
     lora = job.model.use_peft or METHODS[method][1]
@@ -141,6 +143,7 @@ def train_method(method: str, job: Any, model_dir: Path, tokenizer: Any, train_d
         losses=[(h["step"], h["loss"]) for h in history if "loss" in h],
         masked_fraction=[(h["step"], h["gmt/masked_fraction"]) for h in history if "gmt/masked_fraction" in h],
         layer_fractions=layer_fractions(history, numels), trainable_parameters=sum(numels.values()),
+        layer_stats=layer_stats(history, numels),
     )
     del trainer, model
     return result
