@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from gmt_plugins import native
+
 _WEIGHTS: dict[torch.device, torch.Tensor] = {}
 _POPCOUNT: dict[torch.device, torch.Tensor] = {}
 
@@ -112,6 +114,26 @@ class CoverageTracker:
         known = self.numel.get(name)
         if known is not None and known != numel:
             raise ValueError(f"coverage state of {name!r} holds {known} entries, its gradient now has {numel}")
+        lib = native.library() if device.type == "cpu" and (mask is None or _native_mask(mask, numel)) else None
+        if lib is not None:
+            return self._observe_native(lib, name, numel, mask)
+        return self._observe_torch(name, numel, mask, device)
+
+    def _observe_native(self, lib: Any, name: str, numel: int, mask: torch.Tensor | None) -> tuple[int, int | None]:
+        """:meth:`observe` in one pass of the compiled kernel (``gmt_coverage_observe``)."""
+        nbytes = (numel + 7) // 8
+        first = name not in self.previous
+        updated = _own_bytes(self.updated.get(name), nbytes)
+        previous = _own_bytes(self.previous.get(name), nbytes)
+        out = torch.zeros(2, dtype=torch.int64)
+        lib.gmt_coverage_observe(
+            None if mask is None else mask.data_ptr(), numel, updated.data_ptr(), previous.data_ptr(), int(first), out.data_ptr()
+        )
+        self.updated[name], self.previous[name], self.numel[name] = updated, previous, numel
+        return int(out[0]), None if first else int(out[1])
+
+    def _observe_torch(self, name: str, numel: int, mask: torch.Tensor | None, device: torch.device) -> tuple[int, int | None]:
+        """:meth:`observe` by torch operations on packed bytes: any device, and the twin of the kernel."""
         packed_mask = pack_bits(mask) if mask is not None else _all_set(numel, device)
         updated = self.updated.get(name)
         kept = _all_set(numel, device) & ~packed_mask  # padding bits stay 0
@@ -145,6 +167,20 @@ class CoverageTracker:
     def memory_bytes(self) -> int:
         """Bytes the two bit sets take now."""
         return sum(t.numel() for t in self.updated.values()) + sum(t.numel() for t in self.previous.values())
+
+
+def _native_mask(mask: torch.Tensor, numel: int) -> bool:
+    return mask.device.type == "cpu" and mask.dtype == torch.bool and mask.is_contiguous() and mask.numel() == numel
+
+
+def _own_bytes(packed: torch.Tensor | None, nbytes: int) -> torch.Tensor:
+    """A contiguous CPU uint8 tensor of ``nbytes`` the kernel may write: ``packed`` itself when it is one
+    (a loaded checkpoint's tensor is copied first), else zeros."""
+    if packed is None:
+        return torch.zeros(nbytes, dtype=torch.uint8)
+    if packed.device.type != "cpu" or not packed.is_contiguous() or packed._base is not None:
+        packed = packed.to("cpu").contiguous().clone()
+    return packed
 
 
 def _all_set(numel: int, device: torch.device) -> torch.Tensor:

@@ -83,7 +83,7 @@ def _compiler() -> str:
 REQUIRED_SYMBOLS = (
     *sorted(set(_FUNCTIONS.values())), *(n for pair in _MOVES.values() for n in pair),
     "gmt_rank_group", "gmt_apply", "gmt_ema_f32", "gmt_count_nonfinite_f32",
-    "gmt_id3_grow",
+    "gmt_id3_grow", "gmt_coverage_observe",
 )
 
 
@@ -152,6 +152,8 @@ def _build(compiler: str) -> ctypes.CDLL:
         function = getattr(library, name)
         function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
         function.restype = ctypes.c_int64
+    library.gmt_coverage_observe.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p]
+    library.gmt_coverage_observe.restype = None
     return library
 
 

@@ -257,6 +257,39 @@ def test_tracker_memory_is_two_bits_per_entry_and_checks_its_state():
         tracker.observe("a", 1004, torch.zeros(1004, dtype=torch.bool), torch.device("cpu"))
 
 
+@pytest.mark.parametrize("n", [1, 7, 8, 64, 1003, 40_001])
+def test_tracker_kernel_equals_its_torch_twin_step_by_step(n, monkeypatch):
+    """gmt_coverage_observe against the torch operations on packed bytes and against plain bool
+    algebra: counts and both bit sets, over steps with random masks, a frozen step (every entry
+    masked) and a checkpoint round trip."""
+    from gmt_plugins import native
+
+    assert native.library() is not None
+    gen = torch.Generator().manual_seed(n)
+    masks = [torch.rand(n, generator=gen) < p for p in (0.3, 0.9, 0.5)] + [None, torch.rand(n, generator=gen) < 0.2]
+    fast, slow = CoverageTracker(), CoverageTracker()
+    calls = []
+    real = fast._observe_native
+    monkeypatch.setattr(fast, "_observe_native", lambda *a: calls.append(1) or real(*a))
+    ever = torch.zeros(n, dtype=torch.bool)
+    previous = None
+    for step, mask in enumerate(masks):
+        if step == 3:  # a save/load between steps: the kernel writes into copies of loaded tensors
+            loaded = CoverageTracker()
+            loaded.load_state_dict({k: dict(v) for k, v in fast.state_dict().items()})
+            fast = loaded
+        got = fast.observe("w", n, mask, torch.device("cpu"))
+        want = slow._observe_torch("w", n, mask, torch.device("cpu"))
+        full = torch.ones(n, dtype=torch.bool) if mask is None else mask
+        ever |= ~full
+        expected = (int(ever.sum()), None if previous is None else int((previous != full).sum()))
+        previous = full
+        assert got == want == expected, step
+        assert torch.equal(fast.updated["w"], slow.updated["w"]) and torch.equal(fast.previous["w"], slow.previous["w"])
+        assert torch.equal(unpack_bits(fast.updated["w"], n), ever)
+    assert len(calls) == 3  # steps 0-2 went through the kernel (the tracker after the load is another object)
+
+
 def test_layer_names_follow_the_interface():
     assert layer_of("model.layers.3.mlp.up_proj.weight") == "model.layers.3"
     assert layer_of("model.embed_tokens.weight") == "model.embed_tokens"

@@ -979,3 +979,56 @@ VECTOR_CLONES void gmt_id3_grow(const id3_source_t *src, int64_t count, float ep
     id3_grow_histograms(src, count, eps, kind, k, hist, nonfinite, marked, out);
 }
 /* ---- end of the id3 section ---- */
+
+/* ---- coverage section (gmt_plugins/coverage.py) ---- */
+/* Fold one step's mask of n entries into two bit sets packed eight entries to a byte (entry i is
+ * bit i % 8 of byte i / 8; the bits past n stay 0): updated |= not masked, previous = masked.
+ * mask: n bool bytes (0 or 1; 1 = masked), or NULL when every entry is masked (a frozen tensor).
+ * first != 0: previous holds nothing yet, so no churn is counted.
+ * out[0]: set bits of updated afterwards; out[1]: entries whose masked state changed. */
+static inline uint8_t coverage_pack8(const uint8_t *mask, int64_t count) {
+    uint8_t packed = 0;
+    for (int64_t j = 0; j < count; ++j) packed |= (uint8_t)((mask[j] != 0) << j);
+    return packed;
+}
+
+static inline uint8_t coverage_pack_word(const uint8_t *mask) {
+    uint64_t w;
+    memcpy(&w, mask, 8);
+    /* bool bytes are 0 or 1: one multiply gathers bit 0 of byte j into bit 56 + j */
+    return (uint8_t)(((w & 0x0101010101010101ULL) * 0x0102040810204080ULL) >> 56);
+}
+
+void gmt_coverage_observe(const uint8_t *mask, int64_t n, uint8_t *updated, uint8_t *previous, int32_t first,
+                          int64_t *out) {
+    int64_t set = 0, changed = 0;
+    const int64_t bytes = (n + 7) / 8, words = n / 64;
+    for (int64_t q = 0; q < words; ++q) { /* 64 entries: 8 packed bytes at a time */
+        uint64_t packed = ~0ULL, up, prev;
+        if (mask != NULL) {
+            packed = 0;
+            for (int j = 0; j < 8; ++j) packed |= (uint64_t)coverage_pack_word(mask + 64 * q + 8 * j) << (8 * j);
+        }
+        memcpy(&up, updated + 8 * q, 8);
+        memcpy(&prev, previous + 8 * q, 8);
+        up |= ~packed;
+        memcpy(updated + 8 * q, &up, 8);
+        memcpy(previous + 8 * q, &packed, 8);
+        set += __builtin_popcountll(up);
+        changed += __builtin_popcountll(prev ^ packed);
+    }
+    for (int64_t b = 8 * words; b < bytes; ++b) { /* the last (up to 63) entries, a byte at a time */
+        const int64_t count = n - 8 * b < 8 ? n - 8 * b : 8;
+        const uint8_t valid = count == 8 ? 0xFF : (uint8_t)((1u << count) - 1u);
+        uint8_t packed = valid;
+        if (mask != NULL) packed = count == 8 ? coverage_pack_word(mask + 8 * b) : coverage_pack8(mask + 8 * b, count);
+        const uint8_t u = (uint8_t)(updated[b] | (~packed & valid));
+        updated[b] = u;
+        set += __builtin_popcount(u);
+        changed += __builtin_popcount((uint8_t)(previous[b] ^ packed));
+        previous[b] = packed;
+    }
+    out[0] = set;
+    out[1] = first ? 0 : changed;
+}
+/* ---- end of the coverage section ---- */
