@@ -45,6 +45,10 @@ class NativeKeys:
     seed: int = 0
     start: int = 0
     score: torch.Tensor | None = None
+    selection: RandomSelection | None = None
+    """Random keys already hashed by :func:`random_rank_group`: :func:`apply` then reads its bits."""
+    member: int = 0
+    """This flat's place in ``selection``'s group."""
 
 
 class _Source(ctypes.Structure):
@@ -140,14 +144,16 @@ def rank_group(
     )
 
 
-def _window(keys: Sequence[NativeKeys], total: int, ratio: float | None, k: int | None, hint: int | None) -> tuple[int, int]:
+def _window(
+    keys: Sequence[NativeKeys], total: int, ratio: float | None, k: int | None, hint: int | None, *, sigmas: float = 6.0, pad: int = 2
+) -> tuple[int, int]:
     """Top digits whose keys the warm path keeps: the previous boundary bin and its neighbours, or for
     random keys (uniform, so the boundary is known in advance) the expected bin +- 6 standard
     deviations of the count; ``(-1, -2)`` for none."""
     if total and all(kk.kind in _RANDOM_KINDS for kk in keys):
         p = min(max(ratio if k is None else k / total, 0.0), 1.0)
         center = hint if hint is not None else int(p * (1 << 15))
-        half = int(6 * math.sqrt(total * p * (1 - p)) / total * (1 << 15)) + 2
+        half = int(sigmas * math.sqrt(total * p * (1 - p)) / total * (1 << 15)) + pad
         return max(center - half, 0), center + half
     return (hint - 1, hint + 1) if hint is not None else (-1, -2)
 
@@ -155,6 +161,8 @@ def _window(keys: Sequence[NativeKeys], total: int, ratio: float | None, k: int 
 def apply(lib: ctypes.CDLL, flat: torch.Tensor, keys: NativeKeys, threshold: int, ties: int, record: torch.Tensor | None) -> tuple[int, int]:
     """Zero the entries below ``threshold`` and the first ``ties`` equal to it; ``(masked, ties_used)``."""
     _declare(lib)
+    if keys.selection is not None and keys.selection.covers(threshold, ties):
+        return random_apply(lib, flat, keys, threshold, ties, record)
     out = (ctypes.c_int64 * 2)()
     source = _source(flat, keys)
     lib.gmt_apply(ctypes.byref(source), threshold, ties, None if record is None else record.data_ptr(), out)
@@ -203,3 +211,116 @@ def count_nonfinite_f32(lib: ctypes.CDLL, flat: torch.Tensor) -> int:
     function.argtypes = [ctypes.c_void_p, ctypes.c_int64]
     function.restype = ctypes.c_int64
     return int(function(flat.data_ptr(), flat.numel())) if flat.numel() else 0
+
+
+# --- random keys hashed once (gmt_random_rank / gmt_random_apply in _native/histogram.c) --------
+
+
+@dataclass(frozen=True, eq=False)
+class RandomSelection:
+    """What :func:`random_rank_group` learnt of a group's random keys in its one hashing read, for
+    :func:`apply`: per entry one bit "finite and key < ``lo``" (``bits``, int64 words, member ``t``
+    from word ``word_offsets[t]``), and the keys in ``[lo, hi)`` with their positions (``cand_key``,
+    ``cand_pos``; member ``t``'s from ``cand_start[t]`` to ``cand_start[t + 1]``, in position order)."""
+
+    bits: torch.Tensor
+    word_offsets: list[int]
+    cand_key: torch.Tensor
+    cand_pos: torch.Tensor
+    cand_start: list[int]
+    lo: int
+    hi: int
+
+    def covers(self, threshold: int, ties: int) -> bool:
+        """Whether a cut at ``threshold`` is decided by the bits and candidates alone."""
+        return self.lo <= threshold < self.hi or (threshold == self.hi and ties == 0)
+
+
+_random_declared: set[int] = set()
+# Half-width of random_rank_group's window in standard deviations of the count below it: the k-th key
+# falls outside it for about one group in 16,000 (then the histogram passes rank it); a wider window
+# holds more candidates, and every block of 64 entries holding one costs a second look.
+RANDOM_SIGMAS = 4.0
+
+
+def _declare_random(lib: ctypes.CDLL) -> None:
+    if id(lib) in _random_declared:
+        return
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.gmt_random_rank.argtypes = [
+        ctypes.POINTER(_Source), i64, ctypes.c_double, i64, ctypes.c_uint32, ctypes.c_uint32,
+        p, p, p, p, p, i64, p, p, p,
+    ]
+    lib.gmt_random_rank.restype = ctypes.c_int32
+    lib.gmt_random_apply.argtypes = [ctypes.POINTER(_Source), p, p, p, i64, ctypes.c_uint32, i64, p, p]
+    lib.gmt_random_apply.restype = None
+    _random_declared.add(id(lib))
+
+
+def random_rank_group(
+    lib: ctypes.CDLL,
+    flats: Sequence[torch.Tensor],
+    keys: Sequence[NativeKeys],
+    *,
+    ratio: float | None,
+    k: int | None,
+) -> tuple[GroupResult, RandomSelection] | None:
+    """Rank a group of random-key flats (``KIND_RANDOM_*``) hashing every key once, and keep what
+    :func:`apply` needs to mask them without hashing again; ``None`` when the k-th key fell outside
+    the expected window (about one group in 10**9): then rank with :func:`rank_group`."""
+    if not flats or any(kk.kind not in _RANDOM_KINDS for kk in keys):
+        raise ValueError(f"random_rank_group takes random-key flats only, got kinds {sorted({kk.kind for kk in keys})}")
+    _declare_random(lib)
+    count = len(flats)
+    sizes = [f.numel() for f in flats]
+    total = sum(sizes)
+    wlo, whi = _window(keys, total, ratio, k, None, sigmas=RANDOM_SIGMAS, pad=1)
+    lo, hi = wlo << 16, min((whi + 1) << 16, 1 << 31)
+    words = [(n + 63) // 64 for n in sizes]
+    offsets = [0]
+    for w in words:
+        offsets.append(offsets[-1] + w)
+    # twice the window's expected share of the keys: more is a miss like a k-th key outside it
+    expected = total * (whi - wlo + 1) / (1 << 15)
+    cand_cap = int(min(total, 2 * expected + 1024, MAX_CANDIDATES))
+    bits = torch.empty(max(offsets[-1], 1), dtype=torch.int64)
+    cand_key = torch.empty(max(cand_cap, 1), dtype=torch.int32)
+    cand_pos = torch.empty(max(cand_cap, 1), dtype=torch.int64)
+    _, scratch = _buffers(cand_cap)
+    sources = (_Source * count)(*[_source(f, kk) for f, kk in zip(flats, keys)])
+    word_offsets = (ctypes.c_int64 * count)(*offsets[:-1])
+    cand_start = (ctypes.c_int64 * (count + 1))()
+    nonfinite = (ctypes.c_int64 * count)()
+    out = (ctypes.c_int64 * 3)()
+    ranked = lib.gmt_random_rank(
+        sources, count, 0.0 if ratio is None else float(ratio), -1 if k is None else max(int(k), 0), lo, hi - lo,
+        bits.data_ptr(), word_offsets, cand_key.data_ptr(), cand_pos.data_ptr(), cand_start, cand_cap,
+        scratch.data_ptr(), nonfinite, out,
+    )
+    if not ranked:
+        return None
+    threshold, ties, rankable = out
+    result = GroupResult(
+        threshold=None if threshold < 0 else threshold, ties=ties, rankable=rankable, nonfinite=nonfinite[:count],
+        boundary=None, second_pass=False,
+    )
+    selection = RandomSelection(bits, offsets[:-1], cand_key, cand_pos, cand_start[: count + 1], lo, hi)
+    return result, selection
+
+
+def random_apply(lib: ctypes.CDLL, flat: torch.Tensor, keys: NativeKeys, threshold: int, ties: int, record: torch.Tensor | None) -> tuple[int, int]:
+    """:func:`apply` for a flat whose keys :func:`random_rank_group` hashed: no hashing at all."""
+    selection = keys.selection
+    if selection is None or not selection.covers(threshold, ties):
+        raise ValueError(f"random_apply needs a threshold in its selection's window [{selection and selection.lo}, {selection and selection.hi}]")
+    _declare_random(lib)
+    t = keys.member
+    first, last = selection.cand_start[t], selection.cand_start[t + 1]
+    out = (ctypes.c_int64 * 2)()
+    source = _source(flat, keys)
+    lib.gmt_random_apply(
+        ctypes.byref(source), selection.bits.data_ptr() + 8 * selection.word_offsets[t],
+        selection.cand_key.data_ptr() + 4 * first, selection.cand_pos.data_ptr() + 8 * first, last - first,
+        threshold, ties, None if record is None else record.data_ptr(), out,
+    )
+    return out[0], out[1]
