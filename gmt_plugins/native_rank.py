@@ -45,7 +45,7 @@ class NativeKeys:
     seed: int = 0
     start: int = 0
     score: torch.Tensor | None = None
-    selection: RandomSelection | None = None
+    selection: Preselection | None = None
     """Random keys already hashed by :func:`random_rank_group`: :func:`apply` then reads its bits."""
     member: int = 0
     """This flat's place in ``selection``'s group."""
@@ -162,7 +162,7 @@ def apply(lib: ctypes.CDLL, flat: torch.Tensor, keys: NativeKeys, threshold: int
     """Zero the entries below ``threshold`` and the first ``ties`` equal to it; ``(masked, ties_used)``."""
     _declare(lib)
     if keys.selection is not None and keys.selection.covers(threshold, ties):
-        return random_apply(lib, flat, keys, threshold, ties, record)
+        return apply_preselected(lib, flat, keys, threshold, ties, record)
     out = (ctypes.c_int64 * 2)()
     source = _source(flat, keys)
     lib.gmt_apply(ctypes.byref(source), threshold, ties, None if record is None else record.data_ptr(), out)
@@ -213,13 +213,13 @@ def count_nonfinite_f32(lib: ctypes.CDLL, flat: torch.Tensor) -> int:
     return int(function(flat.data_ptr(), flat.numel())) if flat.numel() else 0
 
 
-# --- random keys hashed once (gmt_random_rank / gmt_random_apply in _native/histogram.c) --------
+# --- random keys hashed once (gmt_random_rank / gmt_apply_preselected in _native/histogram.c) --------
 
 
 @dataclass(frozen=True, eq=False)
-class RandomSelection:
-    """What :func:`random_rank_group` learnt of a group's random keys in its one hashing read, for
-    :func:`apply`: per entry one bit "finite and key < ``lo``" (``bits``, int64 words, member ``t``
+class Preselection:
+    """What :func:`random_rank_group` (or :func:`ema_rank_group`) learnt of a group's keys in the read
+    that ranked them, for :func:`apply`: per entry one bit "finite and key < ``lo``" (``bits``, int64 words, member ``t``
     from word ``word_offsets[t]``), and the keys in ``[lo, hi)`` with their positions (``cand_key``,
     ``cand_pos``; member ``t``'s from ``cand_start[t]`` to ``cand_start[t + 1]``, in position order)."""
 
@@ -252,8 +252,8 @@ def _declare_random(lib: ctypes.CDLL) -> None:
         p, p, p, p, p, i64, p, p, p,
     ]
     lib.gmt_random_rank.restype = ctypes.c_int32
-    lib.gmt_random_apply.argtypes = [ctypes.POINTER(_Source), p, p, p, i64, ctypes.c_uint32, i64, p, p]
-    lib.gmt_random_apply.restype = None
+    lib.gmt_apply_preselected.argtypes = [ctypes.POINTER(_Source), p, p, p, i64, ctypes.c_uint32, i64, p, p]
+    lib.gmt_apply_preselected.restype = None
     _random_declared.add(id(lib))
 
 
@@ -264,7 +264,7 @@ def random_rank_group(
     *,
     ratio: float | None,
     k: int | None,
-) -> tuple[GroupResult, RandomSelection] | None:
+) -> tuple[GroupResult, Preselection] | None:
     """Rank a group of random-key flats (``KIND_RANDOM_*``) hashing every key once, and keep what
     :func:`apply` needs to mask them without hashing again; ``None`` when the k-th key fell outside
     the expected window (about one group in 10**9): then rank with :func:`rank_group`."""
@@ -286,7 +286,7 @@ def random_rank_group(
     bits = torch.empty(max(offsets[-1], 1), dtype=torch.int64)
     cand_key = torch.empty(max(cand_cap, 1), dtype=torch.int32)
     cand_pos = torch.empty(max(cand_cap, 1), dtype=torch.int64)
-    _, scratch = _buffers(cand_cap)
+    hist, _ = _buffers(0)
     sources = (_Source * count)(*[_source(f, kk) for f, kk in zip(flats, keys)])
     word_offsets = (ctypes.c_int64 * count)(*offsets[:-1])
     cand_start = (ctypes.c_int64 * (count + 1))()
@@ -295,7 +295,7 @@ def random_rank_group(
     ranked = lib.gmt_random_rank(
         sources, count, 0.0 if ratio is None else float(ratio), -1 if k is None else max(int(k), 0), lo, hi - lo,
         bits.data_ptr(), word_offsets, cand_key.data_ptr(), cand_pos.data_ptr(), cand_start, cand_cap,
-        scratch.data_ptr(), nonfinite, out,
+        hist.data_ptr(), nonfinite, out,
     )
     if not ranked:
         return None
@@ -304,23 +304,104 @@ def random_rank_group(
         threshold=None if threshold < 0 else threshold, ties=ties, rankable=rankable, nonfinite=nonfinite[:count],
         boundary=None, second_pass=False,
     )
-    selection = RandomSelection(bits, offsets[:-1], cand_key, cand_pos, cand_start[: count + 1], lo, hi)
+    selection = Preselection(bits, offsets[:-1], cand_key, cand_pos, cand_start[: count + 1], lo, hi)
     return result, selection
 
 
-def random_apply(lib: ctypes.CDLL, flat: torch.Tensor, keys: NativeKeys, threshold: int, ties: int, record: torch.Tensor | None) -> tuple[int, int]:
-    """:func:`apply` for a flat whose keys :func:`random_rank_group` hashed: no hashing at all."""
+def apply_preselected(lib: ctypes.CDLL, flat: torch.Tensor, keys: NativeKeys, threshold: int, ties: int, record: torch.Tensor | None) -> tuple[int, int]:
+    """:func:`apply` for a flat whose keys :func:`random_rank_group` or :func:`ema_rank_group` kept: one
+    bit per entry and the window's keys are read, no key is computed."""
     selection = keys.selection
     if selection is None or not selection.covers(threshold, ties):
-        raise ValueError(f"random_apply needs a threshold in its selection's window [{selection and selection.lo}, {selection and selection.hi}]")
+        raise ValueError(f"apply_preselected needs a threshold in its selection's window [{selection and selection.lo}, {selection and selection.hi}]")
     _declare_random(lib)
     t = keys.member
     first, last = selection.cand_start[t], selection.cand_start[t + 1]
     out = (ctypes.c_int64 * 2)()
     source = _source(flat, keys)
-    lib.gmt_random_apply(
+    lib.gmt_apply_preselected(
         ctypes.byref(source), selection.bits.data_ptr() + 8 * selection.word_offsets[t],
         selection.cand_key.data_ptr() + 4 * first, selection.cand_pos.data_ptr() + 8 * first, last - first,
         threshold, ties, None if record is None else record.data_ptr(), out,
     )
     return out[0], out[1]
+
+
+# --- gmt_momentum: the EMA update fused with the first ranking pass (gmt_ema_rank) -------------
+
+_ema_declared: set[int] = set()
+# ema_rank_group's first read histograms every 2**EMA_SAMPLE_SHIFT-th key: fewer counts, a wider window
+EMA_SAMPLE_SHIFT = 3
+EMA_SAMPLE_FROM = 1 << 16
+
+
+def ema_rank_group(
+    lib: ctypes.CDLL,
+    grads: Sequence[torch.Tensor],
+    emas: Sequence[torch.Tensor],
+    first: Sequence[bool],
+    *,
+    beta: float,
+    ratio: float | None,
+    k: int | None,
+    sample_shift: int | None = None,
+) -> tuple[GroupResult | None, Preselection | None]:
+    """Update every EMA in place as :func:`ema_f32` does (``first[t]``: set it to the finite gradient)
+    and rank the group by the score keys of the updated EMAs (:class:`~gmt_plugins.strategies._masks.ScoreKeys`)
+    in one call: one read of gradient and EMA and one write of the EMA, which also histograms every
+    ``2**sample_shift``-th key, then one read of the EMA (and of the gradient where it holds NaN/inf)
+    that counts the keys below a window the sample chose and keeps those inside it, as
+    :func:`random_rank_group` does (``sample_shift`` 0: every key counted, the window is the boundary
+    bin). ``(None, None)`` when the k-th key fell outside the window or its keys overflowed the
+    buffer: the EMAs are updated all the same; rank them with :func:`rank_group`. :func:`ema_f32` then :func:`rank_group` is the twin."""
+    if len(grads) != len(emas) or len(grads) != len(first) or not grads:
+        raise ValueError("ema_rank_group takes as many gradients, EMAs and first flags, at least one")
+    for g, e in zip(grads, emas):
+        if not (ema_usable(g) and ema_usable(e) and g.numel() == e.numel()):
+            raise ValueError("ema_rank_group takes contiguous CPU float32 gradients and EMAs of equal sizes")
+    total = sum(g.numel() for g in grads)
+    if sample_shift is None:  # a small group's sample would be too small to place a narrow window
+        sample_shift = EMA_SAMPLE_SHIFT if total >= EMA_SAMPLE_FROM else 0
+    if not 0 <= sample_shift <= 10:
+        raise ValueError(f"sample_shift must be in [0, 10], got {sample_shift}")
+    if id(lib) not in _ema_declared:
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        lib.gmt_ema_rank.argtypes = [
+            ctypes.POINTER(_Source), i64, ctypes.c_float, ctypes.c_float, p, ctypes.c_double, i64, ctypes.c_uint32,
+            p, p, p, p, p, p, i64, p, p,
+        ]
+        lib.gmt_ema_rank.restype = ctypes.c_int32
+        _ema_declared.add(id(lib))
+    count = len(grads)
+    sizes = [g.numel() for g in grads]
+    total = sum(sizes)
+    if total > MAX_GROUP:
+        raise ValueError(f"ema_rank_group takes at most {MAX_GROUP} entries in one group, got {total}")
+    offsets = [0]
+    for n in sizes:
+        offsets.append(offsets[-1] + (n + 63) // 64)
+    # the window's keys: its expected share is about 12 / sqrt(sampled keys) plus two bins
+    cand_cap = min(total, BINS + total // 16, MAX_CANDIDATES)
+    hist, _ = _buffers(0)
+    bits = torch.empty(max(offsets[-1], 1), dtype=torch.int64)
+    cand_key = torch.empty(max(cand_cap, 1), dtype=torch.int32)
+    cand_pos = torch.empty(max(cand_cap, 1), dtype=torch.int64)
+    sources = (_Source * count)(*[_Source(g.data_ptr(), e.data_ptr(), g.numel(), 0, 0, KIND_SCORE) for g, e in zip(grads, emas)])
+    firsts = (ctypes.c_int32 * count)(*[int(bool(f)) for f in first])
+    word_offsets = (ctypes.c_int64 * count)(*offsets[:-1])
+    cand_start = (ctypes.c_int64 * (count + 1))()
+    nonfinite = (ctypes.c_int64 * count)()
+    out = (ctypes.c_int64 * 5)()
+    ranked = lib.gmt_ema_rank(
+        sources, count, beta, 1 - beta, firsts, 0.0 if ratio is None else float(ratio), -1 if k is None else max(int(k), 0),
+        sample_shift, hist.data_ptr(), bits.data_ptr(), word_offsets, cand_key.data_ptr(), cand_pos.data_ptr(), cand_start,
+        cand_cap, nonfinite, out,
+    )
+    if not ranked:
+        return None, None
+    threshold, ties, rankable, lo, hi = out
+    result = GroupResult(
+        threshold=None if threshold < 0 else threshold, ties=ties, rankable=rankable, nonfinite=nonfinite[:count],
+        boundary=None, second_pass=True,
+    )
+    return result, Preselection(bits, offsets[:-1], cand_key, cand_pos, cand_start[: count + 1], lo, hi)

@@ -610,7 +610,7 @@ VECTOR_CLONES int64_t gmt_count_nonfinite_f32(const uint32_t *x, int64_t n) {
  * positions (cand_key, cand_pos, in position order), the excluded (non-finite) count and the count
  * of bits set. The k-th key is then selected among the candidates, and the apply pass zeroes the
  * entries whose bit is set plus the candidates the cut takes (ties in position order), without
- * hashing again. When the k-th key is not in the window (or the candidates overflow) gmt_random_rank
+ * hashing again (gmt_apply_preselected, which serves gmt_ema_rank's selection too). When the k-th key is not in the window (or the candidates overflow) gmt_random_rank
  * returns 0 and the caller ranks by the histogram passes (gmt_rank_group): same result, slower.
  * The keys are bit for bit those of KIND_RANDOM_* (and of RandomKeys.keys, the torch twin).
  * ------------------------------------------------------------------------------------------- */
@@ -686,34 +686,44 @@ static inline __attribute__((always_inline)) int64_t random_scan_one(const sourc
     return excluded;
 }
 
-/* The r-th smallest (1-based) of a[0..n), which it reorders: quickselect with a three-way
- * partition (hash collisions make equal keys). */
-static uint32_t kth_smallest(uint32_t *a, int64_t n, int64_t r) {
-    int64_t left = 0, right = n;   /* the answer's rank lies in [left, right) */
-    r -= 1;
-    for (;;) {
-        uint32_t pivot = a[left + (right - left) / 2];
-        int64_t lt = left, i = left, gt = right;
-        while (i < gt) {
-            uint32_t v = a[i];
-            if (v < pivot) { a[i] = a[lt]; a[lt] = v; ++lt; ++i; }
-            else if (v > pivot) { --gt; a[i] = a[gt]; a[gt] = v; }
-            else ++i;
+/* The r-th smallest (1-based) of keys a[0..n), all in [lo, lo + width): radix passes of up to 12
+ * bits over them (at most three, each a count into hist, which is lent zeroed and given back so,
+ * and a scan of at most 4096 bins); no branch on the keys' order, unlike a quickselect. */
+#define SELECT_BITS 12
+static uint32_t kth_in_window(const uint32_t *a, int64_t n, int64_t r, uint32_t lo, uint32_t width, uint32_t *hist) {
+    const int bits = width > 1 ? 32 - __builtin_clz(width - 1) : 1;
+    uint32_t prefix = 0;
+    for (int known = 0; known < bits;) {
+        int take = bits - known < SELECT_BITS ? bits - known : SELECT_BITS;
+        int shift = bits - known - take;
+        uint32_t mask = (1u << take) - 1u;
+        for (int64_t j = 0; j < n; ++j) {
+            uint32_t v = a[j] - lo;
+            /* (v >> shift) >> take, in two steps: shift + take may be 32 */
+            if (((v >> shift) >> take) == prefix) hist[(v >> shift) & mask] += 1;
         }
-        if (r < lt) right = lt;
-        else if (r >= gt) left = gt;
-        else return pivot;
+        uint32_t bin = 0;
+        int64_t under = 0;
+        for (; bin < mask; ++bin) {
+            if (under + hist[bin] >= r) break;
+            under += hist[bin];
+        }
+        r -= under;
+        memset(hist, 0, (size_t)(mask + 1) * sizeof(uint32_t));
+        prefix = (prefix << take) | bin;
+        known += take;
     }
+    return lo + prefix;
 }
 
 /* Rank a group of random sources (tensor scope: one; global: all) with their keys hashed once.
  * bits: for tensor t, ceil(n_t / 64) words from word_offsets[t]. cand_key/cand_pos: cand_cap slots;
  * cand_start[t] receives where tensor t's candidates begin (cand_start[count] = their total);
- * scratch: cand_cap uint32. ratio/k as gmt_rank_group. out: threshold (-1 = mask nothing), ties,
+ * hist: 4096 zeroed uint32 (returned zeroed). ratio/k as gmt_rank_group. out: threshold (-1 = mask nothing), ties,
  * rankable. Returns 1 when ranked, 0 when the caller must rank by histograms. */
 VECTOR_CLONES int32_t gmt_random_rank(const source_t *src, int64_t count, double ratio, int64_t k, uint32_t lo, uint32_t width,
                                       uint64_t *bits, const int64_t *word_offsets, uint32_t *cand_key, int64_t *cand_pos,
-                                      int64_t *cand_start, int64_t cand_cap, uint32_t *scratch, int64_t *nonfinite,
+                                      int64_t *cand_start, int64_t cand_cap, uint32_t *hist, int64_t *nonfinite,
                                       int64_t *out) {
     int64_t below = 0, nc = 0, total = 0, excluded_all = 0;
     for (int64_t t = 0; t < count; ++t) {
@@ -728,9 +738,8 @@ VECTOR_CLONES int32_t gmt_random_rank(const source_t *src, int64_t count, double
     out[0] = -1; out[1] = 0; out[2] = rankable;
     if (want <= 0) return 1;
     if (nc > cand_cap || want <= below || want > below + nc) return 0;
-    memcpy(scratch, cand_key, (size_t)nc * sizeof(uint32_t));
     int64_t remaining = want - below;
-    uint32_t v = kth_smallest(scratch, nc, remaining);
+    uint32_t v = kth_in_window(cand_key, nc, remaining, lo, width, hist);
     int64_t less = 0, equal = 0;
     for (int64_t j = 0; j < nc; ++j) { less += cand_key[j] < v; equal += cand_key[j] == v; }
     remaining -= less;
@@ -775,7 +784,7 @@ VECTOR_CLONES int32_t gmt_random_rank(const source_t *src, int64_t count, double
         }                                                                                           \
     }
 
-VECTOR_CLONES void gmt_random_apply(const source_t *s, const uint64_t *bits, const uint32_t *cand_key, const int64_t *cand_pos,
+VECTOR_CLONES void gmt_apply_preselected(const source_t *s, const uint64_t *bits, const uint32_t *cand_key, const int64_t *cand_pos,
                                     int64_t nc, uint32_t threshold, int64_t ties, uint8_t *record, int64_t *out) {
     const int64_t n = s->n;
     int64_t masked = 0, used = 0;
@@ -785,9 +794,222 @@ VECTOR_CLONES void gmt_random_apply(const source_t *s, const uint64_t *bits, con
     case KIND_RANDOM_32: RANDOM_APPLY_BODY(uint32_t) break;
     case KIND_RANDOM_16: RANDOM_APPLY_BODY(uint16_t) break;
     case KIND_RANDOM_64: RANDOM_APPLY_BODY(uint64_t) break;
+    case KIND_SCORE: RANDOM_APPLY_BODY(uint32_t) break;   /* gmt_ema_rank's selection */
     default: break;
     }
     out[0] = masked;
     out[1] = used;
 }
 /* ---- end of random keys hashed once ---- */
+
+/* ---------------------------------------------------------------------------------------------
+ * gmt_momentum's EMA update fused with the first ranking pass (gmt_plugins/strategies/
+ * gmt_momentum.py, native_rank.ema_rank_group; issue 14 part 2).
+ *
+ * Sources are KIND_SCORE: x the fp32 gradient, s the fp32 EMA, which this updates in place exactly
+ * as gmt_ema_f32 does (first[t] != 0: the tensor's first step, ema = g where finite, else +0). One
+ * read of gradient and EMA and one write of the EMA per tensor also count the top digit of the new
+ * score key (KEY_SCORE) into the histogram tables and, given a window of top digits (the previous
+ * step's boundary bin +- 1), keep the keys inside it. The rest is gmt_rank_group's: the boundary bin
+ * from the tables, then its low digit from the window's keys when the boundary fell among them, else
+ * from a second read (pass2_score) of the updated EMA. Same arguments and outputs as gmt_rank_group
+ * (key_bits 32, cap SCORE_CAP); the hint changes only the time. The twin: gmt_ema_f32 (or the torch
+ * EMA) followed by gmt_rank_group, or the torch passes, on the updated EMA.
+ * ------------------------------------------------------------------------------------------- */
+#define EMA_CAP 0x7F800000u
+
+/* the EMA of one chunk in place (gmt_ema_f32's arithmetic); returns its non-finite gradient count */
+static inline __attribute__((always_inline)) int64_t ema_chunk(float *restrict e, const float *restrict g, int64_t n, float a, float b,
+                                                               int first) {
+    const uint32_t *gb = (const uint32_t *)g;
+    int64_t bad = 0;
+    if (first) {
+        for (int64_t i = 0; i < n; ++i) {
+            uint32_t nonfinite = (gb[i] & 0x7F800000u) == 0x7F800000u;
+            e[i] = nonfinite ? 0.0f : g[i];
+            bad += nonfinite;
+        }
+    } else {
+        for (int64_t i = 0; i < n; ++i) {
+            uint32_t nonfinite = (gb[i] & 0x7F800000u) == 0x7F800000u;
+            float p = a * e[i];
+            float q = b * g[i];
+            float next = p + q;
+            e[i] = nonfinite ? e[i] : next;
+            bad += nonfinite;
+        }
+    }
+    return bad;
+}
+
+/* One tensor, EMA_CHUNK entries at a time: the EMA update, then (from cache) the top digits of the
+ * new keys of every 2**sample_shift-th entry into the tables. Returns the excluded (non-finite
+ * gradient) count, of every entry. */
+#define EMA_CHUNK 2048
+static inline __attribute__((always_inline)) int64_t ema_pass1(const source_t *src, float a, float b, int first, uint32_t *hist,
+                                                               int tables, uint32_t sample_shift) {
+    float *ema = (float *)(uintptr_t)src->s;
+    uint32_t *h1 = hist + (tables > 1 ? BINS : 0), *h2 = hist + (tables > 1 ? 2 * BINS : 0);
+    uint32_t *h3 = hist + (tables > 1 ? 3 * BINS : 0);
+    const int64_t step = (int64_t)1 << sample_shift;
+    int64_t excluded = 0;
+    for (int64_t c = 0; c < src->n; c += EMA_CHUNK) {
+        const int64_t m = src->n - c < EMA_CHUNK ? src->n - c : EMA_CHUNK;
+        excluded += ema_chunk(ema + c, (const float *)src->x + c, m, a, b, first);
+        const uint32_t *x = (const uint32_t *)src->x + c, *sc = (const uint32_t *)src->s + c;
+        int64_t i = 0;
+        for (; i + 4 * step <= m; i += 4 * step) {
+            hist[KEY_SCORE(i) >> 16] += 1;
+            h1[KEY_SCORE(i + step) >> 16] += 1;
+            h2[KEY_SCORE(i + 2 * step) >> 16] += 1;
+            h3[KEY_SCORE(i + 3 * step) >> 16] += 1;
+        }
+        for (; i < m; i += step) hist[KEY_SCORE(i) >> 16] += 1;
+    }
+    return excluded;
+}
+
+/* One tensor's second read (the EMA, and the gradient only where the tensor holds a non-finite
+ * entry): bits of "key < lo", the keys in [lo, lo + width) with their positions, the count below. */
+#define EMA_SCAN_BODY(KEY)                                                                          \
+    for (; i + 64 <= n; i += 64) {                                                                  \
+        uint8_t f[64], in[64];                                                                      \
+        uint32_t bb = 0, any = 0;                                                                   \
+        for (int j = 0; j < 64; ++j) { uint32_t key = KEY(i + j); f[j] = (uint8_t)(key < lo); bb += key < lo; } \
+        for (int j = 0; j < 64; ++j) any |= KEY(i + j) - lo < width;                                \
+        below += bb;                                                                                \
+        bits[i >> 6] = pack_flags64(f);                                                             \
+        if (any) {                                                                                  \
+            for (int j = 0; j < 64; ++j) in[j] = (uint8_t)(KEY(i + j) - lo < width);                \
+            for (uint64_t w = pack_flags64(in); w; w &= w - 1) {                                    \
+                int j = __builtin_ctzll(w);                                                         \
+                if (nc < cand_cap) { cand_key[nc] = KEY(i + j); cand_pos[nc] = i + j; }             \
+                nc += 1;                                                                            \
+            }                                                                                       \
+        }                                                                                           \
+    }                                                                                               \
+    {                                                                                               \
+        uint64_t w = 0;                                                                             \
+        for (; i < n; ++i) {                                                                        \
+            uint32_t key = KEY(i);                                                                  \
+            w |= (uint64_t)(key < lo) << (i & 63);                                                  \
+            below += key < lo;                                                                      \
+            if (key - lo < width) {                                                                 \
+                if (nc < cand_cap) { cand_key[nc] = key; cand_pos[nc] = i; }                        \
+                nc += 1;                                                                            \
+            }                                                                                       \
+        }                                                                                           \
+        if (n & 63) bits[n >> 6] = w;                                                               \
+    }
+
+static inline __attribute__((always_inline)) void ema_scan(const source_t *src, int64_t excluded, uint32_t lo, uint32_t width, uint64_t *bits, uint32_t *cand_key,
+                     int64_t *cand_pos, int64_t cand_cap, int64_t *below_io, int64_t *nc_io) {
+    const uint32_t *x = (const uint32_t *)src->x, *sc = (const uint32_t *)src->s;
+    const int64_t n = src->n;
+    int64_t i = 0, below = 0, nc = *nc_io;
+#define KEY_EMA(i) score_key(sc[i], 0u)
+    if (excluded) {
+        EMA_SCAN_BODY(KEY_SCORE)
+    } else {
+        EMA_SCAN_BODY(KEY_EMA)
+    }
+#undef KEY_EMA
+    *below_io += below;
+    *nc_io = nc;
+}
+
+/* sqrt without libm: a few Newton steps from above */
+static double root(double v) {
+    if (v <= 0) return 0;
+    double r = v > 1 ? v : 1;
+    for (int j = 0; j < 64; ++j) {
+        double next = 0.5 * (r + v / r);
+        if (next >= r) break;
+        r = next;
+    }
+    return r;
+}
+
+/* Update the EMAs and rank the group. sample_shift 0: every key into the tables, the boundary bin
+ * exact, the window that bin. Otherwise every 2**sample_shift-th key: the window is the bins holding
+ * the sampled keys whose rank lies within 6 standard deviations (plus two) of the k-th's expected
+ * rank. Then the second read (ema_scan) and the k-th key selected among the window's keys, as
+ * gmt_random_rank does: same buffers and outputs (out: threshold, ties, rankable, lo, hi). Returns
+ * 0 when the k-th key lies outside the window (or the candidates overflow): the EMAs are updated
+ * all the same, and the caller ranks them by gmt_rank_group. */
+VECTOR_CLONES int32_t gmt_ema_rank(const source_t *src, int64_t count, float a, float b, const int32_t *first, double ratio,
+                                   int64_t k, uint32_t sample_shift, uint32_t *hist, uint64_t *bits, const int64_t *word_offsets,
+                                   uint32_t *cand_key, int64_t *cand_pos, int64_t *cand_start, int64_t cand_cap,
+                                   int64_t *nonfinite, int64_t *out) {
+    int64_t total = 0, excluded_all = 0, sampled = 0;
+    for (int64_t t = 0; t < count; ++t) {
+        total += src[t].n;
+        sampled += (src[t].n + ((int64_t)1 << sample_shift) - 1) >> sample_shift;
+    }
+    int tables = sampled >= MANY_TABLES_FROM ? TABLES : 1;
+    for (int64_t t = 0; t < count; ++t) {
+        nonfinite[t] = ema_pass1(&src[t], a, b, first[t], hist, tables, sample_shift);
+        excluded_all += nonfinite[t];
+    }
+    int64_t rankable = total - excluded_all;
+    int64_t want = k < 0 ? (int64_t)(ratio * (double)rankable) : (k < rankable ? k : rankable);
+    out[0] = -1; out[1] = 0; out[2] = rankable; out[3] = 0; out[4] = 0;
+    const uint32_t cap_digit = EMA_CAP >> 16;
+    uint32_t dlo = 0, dhi = 0;
+    if (want > 0) {
+        double from, to;
+        if (sample_shift == 0) {
+            from = (double)want - 0.5; to = (double)want - 0.5;
+        } else {
+            int64_t finite = 0;
+            for (uint32_t d = 0; d < cap_digit; ++d)
+                for (int tb = 0; tb < tables; ++tb) finite += hist[((uint32_t)tb << 16) | d];
+            double q = (double)want / (double)rankable, r = q * (double)finite;
+            double spread = 6.0 * root((double)finite * q * (1.0 - q)) + 2.0;
+            from = r - spread; to = r + spread;
+        }
+        /* dlo: the bin holding sampled rank `from` (0-based), dhi: the one holding `to` */
+        int64_t cum = 0;
+        uint32_t d = 0;
+        for (; d < cap_digit; ++d) {
+            int64_t c = 0;
+            for (int tb = 0; tb < tables; ++tb) c += hist[((uint32_t)tb << 16) | d];
+            if ((double)(cum + c) > from) break;
+            cum += c;
+        }
+        dlo = d < cap_digit ? d : cap_digit - 1;
+        for (; d < cap_digit; ++d) {
+            int64_t c = 0;
+            for (int tb = 0; tb < tables; ++tb) c += hist[((uint32_t)tb << 16) | d];
+            cum += c;
+            if ((double)cum > to) break;
+        }
+        dhi = d < cap_digit ? d : cap_digit - 1;
+    }
+    /* give the scratch back zeroed: by revisiting a small group's sampled keys, else wholesale */
+    if (sampled < 4096 && tables == 1) {
+        for (int64_t t = 0; t < count; ++t) clear_score(&src[t], hist);
+    } else {
+        for (int tb = 0; tb < tables; ++tb) memset(hist + ((size_t)tb << 16), 0, (TOP_DIGIT + 1) * sizeof(uint32_t));
+    }
+    if (want <= 0) return 1;
+    uint32_t lo = dlo << 16, hi = (dhi + 1) << 16;
+    if (hi > EMA_CAP) hi = EMA_CAP;
+    out[3] = lo; out[4] = hi;
+    int64_t below = 0, nc = 0;
+    for (int64_t t = 0; t < count; ++t) {
+        cand_start[t] = nc < cand_cap ? nc : cand_cap;
+        ema_scan(&src[t], nonfinite[t], lo, hi - lo, bits + word_offsets[t], cand_key, cand_pos, cand_cap, &below, &nc);
+    }
+    cand_start[count] = nc < cand_cap ? nc : cand_cap;
+    if (nc > cand_cap || want <= below || want > below + nc) return 0;
+    int64_t remaining = want - below;
+    uint32_t v = kth_in_window(cand_key, nc, remaining, lo, hi - lo, hist);
+    int64_t less = 0, equal = 0;
+    for (int64_t j = 0; j < nc; ++j) { less += cand_key[j] < v; equal += cand_key[j] == v; }
+    remaining -= less;
+    if (remaining == equal) { out[0] = (int64_t)v + 1; out[1] = 0; }
+    else { out[0] = v; out[1] = remaining; }
+    return 1;
+}
+/* ---- end of gmt_momentum's fused EMA and ranking ---- */
