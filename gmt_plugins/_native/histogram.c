@@ -615,6 +615,16 @@ VECTOR_CLONES int64_t gmt_count_nonfinite_f32(const uint32_t *x, int64_t n) {
  * The keys are bit for bit those of KIND_RANDOM_* (and of RandomKeys.keys, the torch twin).
  * ------------------------------------------------------------------------------------------- */
 
+/* mix64(p) = mix64_tail(p * GOLDEN), and (p + j) * GOLDEN = p * GOLDEN + j * GOLDEN: a block of 64
+ * positions takes one multiply and a table of j * GOLDEN instead of 64 (vectorised 64-bit multiplies
+ * are emulated on AVX2, so this halves the hash). The top 33 bits of mix64 are those of its tail
+ * before the last xor-shift, which leaves them unchanged. */
+#define GOLDEN 0x9E3779B97F4A7C15ull
+static inline uint64_t mix64_tail(uint64_t x) {
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    return (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+}
+
 /* 64 flags (bytes 0/1) packed into one word, bit j = flag j: one multiply per 8 flags */
 static inline uint64_t pack_flags64(const uint8_t *f) {
     uint64_t w = 0;
@@ -633,9 +643,10 @@ static inline uint64_t pack_flags64(const uint8_t *f) {
         for (; i + 64 <= n; i += 64) {                                                              \
             uint8_t f[64], in[64];                                                                  \
             uint32_t k[64], bb = 0, ee = 0;                                                         \
+            const uint64_t base = (p0 + (uint64_t)i) * GOLDEN;                                      \
             for (int j = 0; j < 64; ++j) {                                                          \
                 uint32_t bad = (x[i + j] & e) == e;                                                 \
-                uint32_t key = (uint32_t)(mix64(p0 + (uint64_t)(i + j)) >> 33);                     \
+                uint32_t key = (uint32_t)(mix64_tail(base + golden_steps[j]) >> 33);                \
                 key = bad ? RANDOM_CAP : key;                                                       \
                 k[j] = key;                                                                         \
                 f[j] = (uint8_t)(key < lo);                                                         \
@@ -675,6 +686,8 @@ static inline __attribute__((always_inline)) int64_t random_scan_one(const sourc
     const int64_t n = s->n;
     const uint64_t p0 = (uint64_t)s->start + s->seed;
     int64_t i = 0, below = 0, excluded = 0, nc = *nc_io;
+    uint64_t golden_steps[64];
+    for (int j = 0; j < 64; ++j) golden_steps[j] = (uint64_t)j * GOLDEN;
     switch (s->kind) {
     case KIND_RANDOM_32: RANDOM_SCAN_BODY(uint32_t, 0x7F800000u) break;
     case KIND_RANDOM_16: RANDOM_SCAN_BODY(uint16_t, s->s ? 0x7C00u : 0x7F80u) break;
