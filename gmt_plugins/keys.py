@@ -182,7 +182,7 @@ class HashedRandomKeys(RandomKeys):
     the kernel then masks from what that read kept instead of hashing again. The keys, and so the
     masks, are those of :class:`RandomKeys` (``keys`` is inherited: the torch twin)."""
 
-    def __init__(self, salts: Sequence[int], selection: native_rank.RandomSelection) -> None:
+    def __init__(self, salts: Sequence[int], selection: native_rank.Preselection) -> None:
         super().__init__(salts)
         self.selection = selection
 

@@ -145,7 +145,14 @@ def rank_group(
 
 
 def _window(
-    keys: Sequence[NativeKeys], total: int, ratio: float | None, k: int | None, hint: int | None, *, sigmas: float = 6.0, pad: int = 2
+    keys: Sequence[NativeKeys],
+    total: int,
+    ratio: float | None,
+    k: int | None,
+    hint: int | None,
+    *,
+    sigmas: float = 6.0,
+    pad: int = 2,
 ) -> tuple[int, int]:
     """Top digits whose keys the warm path keeps: the previous boundary bin and its neighbours, or for
     random keys (uniform, so the boundary is known in advance) the expected bin +- 6 standard
@@ -213,15 +220,17 @@ def count_nonfinite_f32(lib: ctypes.CDLL, flat: torch.Tensor) -> int:
     return int(function(flat.data_ptr(), flat.numel())) if flat.numel() else 0
 
 
-# --- random keys hashed once (gmt_random_rank / gmt_apply_preselected in _native/histogram.c) --------
+# --- random keys hashed once (gmt_random_rank / gmt_apply_preselected in _native/histogram.c) ----
 
 
 @dataclass(frozen=True, eq=False)
 class Preselection:
     """What :func:`random_rank_group` (or :func:`ema_rank_group`) learnt of a group's keys in the read
-    that ranked them, for :func:`apply`: per entry one bit "finite and key < ``lo``" (``bits``, int64 words, member ``t``
-    from word ``word_offsets[t]``), and the keys in ``[lo, hi)`` with their positions (``cand_key``,
-    ``cand_pos``; member ``t``'s from ``cand_start[t]`` to ``cand_start[t + 1]``, in position order)."""
+    that ranked them, for :func:`apply`: per entry one bit "finite and key < ``lo``" (``bits``, int64
+    words, member ``t`` from word ``word_offsets[t]``), and the keys in ``[lo, hi)`` with their
+    positions (``cand_key``, ``cand_pos``; member ``t``'s from ``cand_start[t]`` to
+    ``cand_start[t + 1]``, in position order). One bit per entry: 1/32 of fp32 gradients' memory,
+    held from the plan to the apply of one step."""
 
     bits: torch.Tensor
     word_offsets: list[int]
@@ -308,12 +317,15 @@ def random_rank_group(
     return result, selection
 
 
-def apply_preselected(lib: ctypes.CDLL, flat: torch.Tensor, keys: NativeKeys, threshold: int, ties: int, record: torch.Tensor | None) -> tuple[int, int]:
+def apply_preselected(
+    lib: ctypes.CDLL, flat: torch.Tensor, keys: NativeKeys, threshold: int, ties: int, record: torch.Tensor | None
+) -> tuple[int, int]:
     """:func:`apply` for a flat whose keys :func:`random_rank_group` or :func:`ema_rank_group` kept: one
     bit per entry and the window's keys are read, no key is computed."""
     selection = keys.selection
     if selection is None or not selection.covers(threshold, ties):
-        raise ValueError(f"apply_preselected needs a threshold in its selection's window [{selection and selection.lo}, {selection and selection.hi}]")
+        window = None if selection is None else (selection.lo, selection.hi)
+        raise ValueError(f"apply_preselected needs a selection whose window {window} holds threshold {threshold}")
     _declare_random(lib)
     t = keys.member
     first, last = selection.cand_start[t], selection.cand_start[t + 1]
@@ -353,7 +365,8 @@ def ema_rank_group(
     that counts the keys below a window the sample chose and keeps those inside it, as
     :func:`random_rank_group` does (``sample_shift`` 0: every key counted, the window is the boundary
     bin). ``(None, None)`` when the k-th key fell outside the window or its keys overflowed the
-    buffer: the EMAs are updated all the same; rank them with :func:`rank_group`. :func:`ema_f32` then :func:`rank_group` is the twin."""
+    buffer: the EMAs are updated all the same; rank them with :func:`rank_group`. :func:`ema_f32` then
+    :func:`rank_group` is the twin."""
     if len(grads) != len(emas) or len(grads) != len(first) or not grads:
         raise ValueError("ema_rank_group takes as many gradients, EMAs and first flags, at least one")
     for g, e in zip(grads, emas):
@@ -386,7 +399,9 @@ def ema_rank_group(
     bits = torch.empty(max(offsets[-1], 1), dtype=torch.int64)
     cand_key = torch.empty(max(cand_cap, 1), dtype=torch.int32)
     cand_pos = torch.empty(max(cand_cap, 1), dtype=torch.int64)
-    sources = (_Source * count)(*[_Source(g.data_ptr(), e.data_ptr(), g.numel(), 0, 0, KIND_SCORE) for g, e in zip(grads, emas)])
+    sources = (_Source * count)(
+        *[_Source(g.data_ptr(), e.data_ptr(), g.numel(), 0, 0, KIND_SCORE) for g, e in zip(grads, emas)]
+    )
     firsts = (ctypes.c_int32 * count)(*[int(bool(f)) for f in first])
     word_offsets = (ctypes.c_int64 * count)(*offsets[:-1])
     cand_start = (ctypes.c_int64 * (count + 1))()

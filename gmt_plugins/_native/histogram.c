@@ -601,7 +601,7 @@ VECTOR_CLONES int64_t gmt_count_nonfinite_f32(const uint32_t *x, int64_t n) {
 
 /* ---------------------------------------------------------------------------------------------
  * Random keys hashed once (gmt_plugins/strategies/random.py, native_rank.random_rank_group and
- * random_apply; issue 14 part 2).
+ * apply_preselected; issue 14 part 2).
  *
  * RandomKeys are uniform, so the k-th smallest key lies, with overwhelming probability, in a narrow
  * window [lo, lo + width) known before any key is seen (native_rank._window). One read per tensor

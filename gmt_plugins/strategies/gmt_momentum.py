@@ -88,10 +88,12 @@ class GMTMomentumStrategy(KeyedStrategy):
         return super().plan(entries, step=step)
 
     def _plan_fused(self, entries: Sequence[GradEntry]) -> MaskPlan | None:
-        """Each group's EMAs updated and ranked by one kernel call that reads gradient and EMA once
-        (:func:`gmt_plugins.native_rank.ema_rank_group`), where it serves every entry of the step."""
+        """Each group's EMAs updated and ranked by one kernel call (one read of gradient and EMA, one write
+        of the EMA, one more read of the EMA: :func:`gmt_plugins.native_rank.ema_rank_group`), where it
+        serves every entry of the step; ``None`` otherwise (the twin in :meth:`plan` then runs)."""
         lib = native.library() if entries and active_reducer() is None else None
-        if lib is None or type(self).key_source is not GMTMomentumStrategy.key_source or type(self)._update is not GMTMomentumStrategy._update:
+        overridden = type(self).key_source is not GMTMomentumStrategy.key_source or type(self)._update is not GMTMomentumStrategy._update
+        if lib is None or overridden:
             return None
         if not native_rank.usable([e.flat for e in entries]):
             return None
@@ -115,7 +117,7 @@ class GMTMomentumStrategy(KeyedStrategy):
             result, selection = native_rank.ema_rank_group(
                 lib, [entries[i].flat for i in group], scores, [first[i] for i in group], beta=beta, ratio=ratio, k=None
             )
-            if result is None or selection is None:  # the k-th key fell outside the sampled window
+            if result is None or selection is None:  # outside the sampled window: the EMAs are updated, rank them
                 plain = ScoreKeys.from_tensors(scores)
                 cut, counts = rank(plain, [(j, entries[i].flat) for j, i in enumerate(group)], ratio, chunk_numel=chunk)
                 plans += [TensorPlan(plain, j, cut, n) for j, n in enumerate(counts.nonfinite)]

@@ -49,7 +49,7 @@ class RandomMaskStrategy(KeyedStrategy):
             return None
         flats = [e.flat for e in entries]
         salts = [stable_salt(self.config.mask_seed, step, e.name) for e in entries]
-        if not native_rank.usable(flats) or any(RandomKeys([salt]).native_source(0, f) is None for salt, f in zip(salts, flats)):
+        if not native_rank.usable(flats) or any(RandomKeys([s]).native_source(0, f) is None for s, f in zip(salts, flats)):
             return None
         ratio, chunk = self.config.mask_ratio, self.config.chunk_numel
         groups = [list(range(len(entries)))] if self.config.scope == "global" else [[i] for i in range(len(entries))]
@@ -59,7 +59,7 @@ class RandomMaskStrategy(KeyedStrategy):
             group_flats = [flats[i] for i in group]
             keys = [plain.native_source(j, f) for j, f in enumerate(group_flats)]
             ranked = native_rank.random_rank_group(lib, group_flats, keys, ratio=ratio, k=None)
-            if ranked is None:  # the k-th key fell outside the expected window: rank by histograms
+            if ranked is None:  # the k-th key fell outside the expected window: the histogram passes rank
                 cut, counts = rank(plain, list(enumerate(group_flats)), ratio, chunk_numel=chunk)
                 plans += [TensorPlan(plain, j, cut, n) for j, n in enumerate(counts.nonfinite)]
                 continue
