@@ -830,6 +830,8 @@ VECTOR_CLONES void gmt_apply_preselected(const source_t *s, const uint64_t *bits
  * EMA) followed by gmt_rank_group, or the torch passes, on the updated EMA.
  * ------------------------------------------------------------------------------------------- */
 #define EMA_CAP 0x7F800000u
+/* half-width of the sampled window in standard deviations of the sampled rank (plus two keys) */
+#define EMA_SIGMAS 4.5
 
 /* the EMA of one chunk in place (gmt_ema_f32's arithmetic); returns its non-finite gradient count */
 static inline __attribute__((always_inline)) int64_t ema_chunk(float *restrict e, const float *restrict g, int64_t n, float a, float b,
@@ -931,6 +933,27 @@ static inline __attribute__((always_inline)) void ema_scan(const source_t *src, 
     *nc_io = nc;
 }
 
+/* The first digit d in [start, end) whose count, added to *cum, exceeds target (end if none);
+ * *cum then holds the counts of the digits before d. Blocks of 64 digits whose sum keeps *cum at
+ * or below target are skipped with one vectorised sum. */
+static uint32_t digit_reaching(const uint32_t *hist, int tables, uint32_t start, uint32_t end, double target, int64_t *cum) {
+    uint32_t d = start;
+    while (d < end) {
+        if (d + 64 <= end) {
+            int64_t block = 0;
+            for (int tb = 0; tb < tables; ++tb)
+                for (uint32_t j = 0; j < 64; ++j) block += hist[((uint32_t)tb << 16) | (d + j)];
+            if ((double)(*cum + block) <= target) { *cum += block; d += 64; continue; }
+        }
+        int64_t c = 0;
+        for (int tb = 0; tb < tables; ++tb) c += hist[((uint32_t)tb << 16) | d];
+        if ((double)(*cum + c) > target) return d;
+        *cum += c;
+        ++d;
+    }
+    return end;
+}
+
 /* sqrt without libm: a few Newton steps from above */
 static double root(double v) {
     if (v <= 0) return 0;
@@ -945,8 +968,8 @@ static double root(double v) {
 
 /* Update the EMAs and rank the group. sample_shift 0: every key into the tables, the boundary bin
  * exact, the window that bin. Otherwise every 2**sample_shift-th key: the window is the bins holding
- * the sampled keys whose rank lies within 6 standard deviations (plus two) of the k-th's expected
- * rank. Then the second read (ema_scan) and the k-th key selected among the window's keys, as
+ * the sampled keys whose rank lies within EMA_SIGMAS standard deviations (plus two) of the k-th's
+ * expected rank (outside it about once in 150,000 groups). Then the second read (ema_scan) and the k-th key selected among the window's keys, as
  * gmt_random_rank does: same buffers and outputs (out: threshold, ties, rankable, lo, hi). Returns
  * 0 when the k-th key lies outside the window (or the candidates overflow): the EMAs are updated
  * all the same, and the caller ranks them by gmt_rank_group. */
@@ -974,29 +997,17 @@ VECTOR_CLONES int32_t gmt_ema_rank(const source_t *src, int64_t count, float a, 
         if (sample_shift == 0) {
             from = (double)want - 0.5; to = (double)want - 0.5;
         } else {
-            int64_t finite = 0;
-            for (uint32_t d = 0; d < cap_digit; ++d)
-                for (int tb = 0; tb < tables; ++tb) finite += hist[((uint32_t)tb << 16) | d];
+            int64_t finite = sampled;  /* every excluded key is EMA_CAP, in the cap digit */
+            for (int tb = 0; tb < tables; ++tb) finite -= hist[((uint32_t)tb << 16) | cap_digit];
             double q = (double)want / (double)rankable, r = q * (double)finite;
-            double spread = 6.0 * root((double)finite * q * (1.0 - q)) + 2.0;
+            double spread = EMA_SIGMAS * root((double)finite * q * (1.0 - q)) + 2.0;
             from = r - spread; to = r + spread;
         }
         /* dlo: the bin holding sampled rank `from` (0-based), dhi: the one holding `to` */
         int64_t cum = 0;
-        uint32_t d = 0;
-        for (; d < cap_digit; ++d) {
-            int64_t c = 0;
-            for (int tb = 0; tb < tables; ++tb) c += hist[((uint32_t)tb << 16) | d];
-            if ((double)(cum + c) > from) break;
-            cum += c;
-        }
+        uint32_t d = digit_reaching(hist, tables, 0, cap_digit, from, &cum);
         dlo = d < cap_digit ? d : cap_digit - 1;
-        for (; d < cap_digit; ++d) {
-            int64_t c = 0;
-            for (int tb = 0; tb < tables; ++tb) c += hist[((uint32_t)tb << 16) | d];
-            cum += c;
-            if ((double)cum > to) break;
-        }
+        d = digit_reaching(hist, tables, d, cap_digit, to, &cum);
         dhi = d < cap_digit ? d : cap_digit - 1;
     }
     /* give the scratch back zeroed: by revisiting a small group's sampled keys, else wholesale */
