@@ -847,10 +847,16 @@ static inline __attribute__((always_inline)) int64_t ema_chunk(float *restrict e
     } else {
         for (int64_t i = 0; i < n; ++i) {
             uint32_t nonfinite = (gb[i] & 0x7F800000u) == 0x7F800000u;
-            float p = a * e[i];
+            float old = e[i];
+            float p = a * old;
             float q = b * g[i];
             float next = p + q;
-            e[i] = nonfinite ? e[i] : next;
+            /* an and-or select on the bits: a float select here keeps the loop scalar */
+            uint32_t ob, nb, keep = 0u - nonfinite;
+            memcpy(&ob, &old, sizeof ob);
+            memcpy(&nb, &next, sizeof nb);
+            uint32_t r = (ob & keep) | (nb & ~keep);
+            memcpy(&e[i], &r, sizeof r);
             bad += nonfinite;
         }
     }
