@@ -9,6 +9,11 @@ repetition, so load on a shared machine hits them alike. The table shows, per ro
 time over the median AdamW step of the same run. The first call of each masker (a warm-up step
 for sift/spt, the first choice for lift) is run before timing and reported apart.
 
+id3 has two phases: for its first ``steps_to_budget`` steps (100 by default) each call grows the
+mask, after them the mask is fixed. The ``id3:global`` row times growth steps (every timed call is
+one, for up to 99 repetitions); ``id3:global:fixed`` sets ``steps_to_budget=1``, so that its first,
+untimed call grows the whole budget and the timed calls apply the fixed mask.
+
 Both clocks are kept: wall time, and this process's CPU time (``time.process_time``), which a
 shared machine disturbs far less (a descheduled process accrues none). On CPU the table's ratio is
 the CPU-time one unless ``--clock wall``; on CUDA it is always wall time after a synchronisation.
@@ -36,9 +41,24 @@ MODELS = {
 # (strategy, scope); strategies whose ranking is always global (id3, spt) appear once
 ROWS = [
     "gmt:tensor", "gmt:global", "random:tensor", "random:global", "gmt_momentum:tensor", "gmt_momentum:global",
-    "id3:global", "sift:tensor", "sift:global", "spt:global", "lift:tensor", "lift:global",
+    "id3:global", "id3:global:fixed", "sift:tensor", "sift:global", "spt:global", "lift:tensor", "lift:global",
     "lisa:tensor", "ist:tensor", "hft:tensor", "sara:tensor", "dsee:tensor", "spiel:tensor", "lt_sft:tensor",
 ]
+
+
+# rows with a third field: one phase of a strategy, through its options
+PHASES = {("id3", "fixed"): {"steps_to_budget": 1}}
+
+
+def parse_row(row: str) -> tuple[str, str, dict, str]:
+    """``strategy:scope[:phase]`` -> (strategy, scope, strategy_options, label of the strategy column)."""
+    strategy, scope, *phase = row.split(":")
+    if not phase:
+        return strategy, scope, {}, strategy
+    key = (strategy, phase[0])
+    if len(phase) > 1 or key not in PHASES:
+        raise ValueError(f"row {row!r}: a third field must name a phase, one of {[':'.join((s, '<scope>', p)) for s, p in PHASES]}")
+    return strategy, scope, PHASES[key], f"{strategy} ({phase[0]} mask)"
 
 
 def shapes(model: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -107,8 +127,9 @@ def main() -> None:
     maskers = {}
     first: dict[str, float] = {}
     for row in args.rows:
-        strategy, scope = row.split(":")
-        maskers[row] = GradientMasker(named, strategy=strategy, scope=scope, mask_ratio=args.mask_ratio)
+        strategy, scope, options, _ = parse_row(row)
+        extra = {"strategy_options": options} if options else {}  # the other rows exactly as before
+        maskers[row] = GradientMasker(named, strategy=strategy, scope=scope, mask_ratio=args.mask_ratio, **extra)
         grads.refill()
         sync()
         start = clock()
@@ -147,7 +168,7 @@ def main() -> None:
     print(f"| strategy | scope | mask s ({name}, median) | mask / AdamW step ({name}) | mask / AdamW step (wall) | first call s ({name}) |")
     print("|---|---|---:|---:|---:|---:|")
     for row in args.rows:
-        strategy, scope = row.split(":")
+        _, scope, _, strategy = parse_row(row)
         m, mw = statistics.median(a for a, _ in times[row]), statistics.median(w for _, w in times[row])
         print(f"| {strategy} | {scope} | {m:.3f} | {m / step:.2f} | {mw / step_wall:.2f} | {first[row]:.3f} |")
 

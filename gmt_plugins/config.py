@@ -11,6 +11,7 @@ from typing import Any, Literal
 from gmt_plugins.selection import DEFAULT_CHUNK_NUMEL
 
 SCOPES = ("tensor", "global")
+RATIO_OF = ("all", "nonzero")
 _STRATEGY_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 
 
@@ -79,6 +80,28 @@ class GMTConfig:
         default=False,
         metadata={"help": "Also log the masked fraction of every tensor (one log key per tensor)."},
     )
+    log_layers: bool = field(
+        default=False,
+        metadata={
+            "help": "Also log, per layer (a parameter name cut after its first number, e.g. 'model.layers.3'), the "
+            "masked fraction and the masked-nonzero fraction, and with track_coverage the coverage and churn."
+        },
+    )
+    track_coverage: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep 2 bits per entry (34 MB for 134.5M entries) to log coverage (fraction of entries updated at "
+            "least once), never-updated entries and churn (fraction whose masked state changed since the last step)."
+        },
+    )
+    ratio_of: Literal["all", "nonzero"] = field(
+        default="all",
+        metadata={
+            "help": "What mask_ratio is a fraction of: 'all' finite entries (the paper's percentile of |grad|), or "
+            "the 'nonzero' ones: floor(r * nonzero) smallest nonzero entries are masked, and the zero entries too "
+            "(they change nothing). Strategy 'gmt' only."
+        },
+    )
     chunk_numel: int = field(
         default=DEFAULT_CHUNK_NUMEL,
         metadata={"help": "Entries processed at a time; bounds the engine's scratch memory. At least 1024."},
@@ -103,6 +126,11 @@ class GMTConfig:
             raise ValueError(f"mask_seed must be a non-negative integer, got {self.mask_seed!r}")
         self.include = _patterns("include", self.include)
         self.exclude = _patterns("exclude", self.exclude)
+        for flag in ("log_layers", "track_coverage"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        if self.ratio_of not in RATIO_OF:
+            raise ValueError(f"ratio_of must be one of {RATIO_OF}, got {self.ratio_of!r}")
         if isinstance(self.chunk_numel, bool) or not isinstance(self.chunk_numel, int) or self.chunk_numel < 1024:
             raise ValueError(f"chunk_numel must be an integer >= 1024, got {self.chunk_numel!r}")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -10,10 +12,11 @@ import torch
 
 from gmt_plugins import fsdp1, native_rank
 from gmt_plugins.config import UNSET, GMTConfig, resolve_config
+from gmt_plugins.coverage import CoverageTracker
 from gmt_plugins.distributed import ShardReducer, is_dtensor, local_shard, reducing
 from gmt_plugins.layout import flat_view, same_layout
 from gmt_plugins.plugins import get_plugin_manager, strategy_registry
-from gmt_plugins.selection import Cut, apply_cut, count_equal
+from gmt_plugins.selection import Applied, Cut, apply_cut_counted, count_equal
 from gmt_plugins.stats import MaskStats, TensorStats
 from gmt_plugins.strategies._masks import count_nonfinite
 from gmt_plugins.strategies.base import GradEntry, MaskPlan, MaskStrategy, TensorPlan
@@ -32,7 +35,8 @@ class GradientMasker:
             explicit named parameters.
         config (`GMTConfig`, *optional*, defaults to `GMTConfig()`):
             The configuration.
-        mask_ratio, scope, strategy, strategy_options, mask_seed, include, exclude, strict, log_per_tensor, chunk_numel:
+        mask_ratio, scope, strategy, strategy_options, mask_seed, include, exclude, strict, log_per_tensor, log_layers,
+        track_coverage, ratio_of, chunk_numel:
             Fields of [`GMTConfig`] (same names, types and checks) that replace those of `config`, e.g.
             `mask_ratio=0.3`, `strict=True`; a field not passed keeps `config`'s value.
         plugin_manager (`pluggy.PluginManager`, *optional*):
@@ -71,12 +75,16 @@ class GradientMasker:
         exclude: list[str] | None = UNSET,
         strict: bool = UNSET,
         log_per_tensor: bool = UNSET,
+        log_layers: bool = UNSET,
+        track_coverage: bool = UNSET,
+        ratio_of: Literal["all", "nonzero"] = UNSET,
         chunk_numel: int = UNSET,
         plugin_manager: pluggy.PluginManager | None = None,
     ) -> None:
         self.config = resolve_config(config, dict(
             mask_ratio=mask_ratio, scope=scope, strategy=strategy, strategy_options=strategy_options, mask_seed=mask_seed,
-            include=include, exclude=exclude, strict=strict, log_per_tensor=log_per_tensor, chunk_numel=chunk_numel,
+            include=include, exclude=exclude, strict=strict, log_per_tensor=log_per_tensor,
+            log_layers=log_layers, track_coverage=track_coverage, ratio_of=ratio_of, chunk_numel=chunk_numel,
         ))
         self.plugin_manager = plugin_manager or get_plugin_manager()
         self.strategy = strategy_registry(self.plugin_manager).create(self.config)
@@ -90,6 +98,10 @@ class GradientMasker:
         self._guard = MaskedEntryGuard(chunk_numel=self.config.chunk_numel) if self.config.strict else None
         self.partitioned_by: str | None = None
         """Set by an integration that masks inside the optimizer step (``"DeepSpeed ZeRO"``)."""
+        self.coverage = CoverageTracker() if self.config.track_coverage else None
+        """With ``track_coverage``: the packed per-entry bits behind coverage and churn (see :mod:`gmt_plugins.coverage`)."""
+        self.last_stats: MaskStats | None = None
+        """The statistics of the last :meth:`apply` (or partitioned step)."""
 
     def _select(self, source: torch.nn.Module | NamedParameters) -> list[tuple[str, torch.nn.Parameter | fsdp1.FlatSlice]]:
         if isinstance(source, torch.nn.Module):
@@ -179,9 +191,19 @@ class GradientMasker:
         if self._frozen is None or self._frozen[0] != self.step:
             return [], without_grad
         frozen = self._frozen[1]
-        numel = {name: (p.to_local() if is_dtensor(p) else p).numel() for name, p in self.parameters if name in frozen}
-        stats = [TensorStats(name, numel[name], numel[name], 0, None) for name in without_grad if name in frozen]
+        local = {name: p.to_local() if is_dtensor(p) else p for name, p in self.parameters if name in frozen}
+        stats = [
+            self._tracked(TensorStats(name, local[name].numel(), local[name].numel(), 0, None), local[name].device)
+            for name in without_grad if name in frozen
+        ]
         return stats, [name for name in without_grad if name not in frozen]
+
+    def _tracked(self, stats: TensorStats, device: torch.device) -> TensorStats:
+        """The stats of a frozen tensor (every entry masked) with coverage and churn (``track_coverage``)."""
+        if self.coverage is None:
+            return stats
+        updated, changed = self.coverage.observe(stats.name, stats.numel, None, device)
+        return dataclasses.replace(stats, updated=updated, changed=changed)
 
     def _entries(self) -> tuple[list[GradEntry], list[str], ShardReducer | None]:
         """The gradients to mask, and the reducer over the shards when they are FSDP2 or FSDP1 shards."""
@@ -273,6 +295,7 @@ class GradientMasker:
         frozen, without_grad = self._frozen_stats(without_grad)
         stats = MaskStats(self.step, self.strategy.name, self.config.scope, tensors + frozen, without_grad)
         self.step += 1
+        self.last_stats = stats
         return stats
 
     def _state_to_keep(self, entries: list[GradEntry], reducer: ShardReducer | None) -> dict[str, Any] | None:
@@ -294,16 +317,21 @@ class GradientMasker:
         state = self.strategy.state_dict()
         return _cloned(state) if state else None
 
-    def _mask(self, entry: GradEntry, tensor_plan: TensorPlan, cut: Cut) -> tuple[int, int]:
+    def _mask(self, entry: GradEntry, tensor_plan: TensorPlan, cut: Cut) -> tuple[Applied, tuple[int, int | None] | None]:
         """The one place where gradients are changed: zero what ``cut`` selects of ``entry``, in place
-        (and, in strict mode, keep the masked parameter entries). Returns ``(masked, ties_used)``."""
-        record = MaskedEntryGuard.new_mask(entry.flat) if self._guard is not None else None
-        masked, ties_used = apply_cut(
+        (and, in strict mode, keep the masked parameter entries). Returns the counts of the apply pass
+        and, with ``track_coverage``, this shard's ``(updated, changed)``."""
+        wanted = self._guard is not None or self.coverage is not None
+        record = MaskedEntryGuard.new_mask(entry.flat) if wanted else None
+        applied = apply_cut_counted(
             tensor_plan.source, tensor_plan.local_index, entry.flat, cut, chunk_numel=self.config.chunk_numel, record=record
         )
-        if record is not None and masked:
-            self._guard.capture(entry.param, record, masked)
-        return masked, ties_used
+        if self._guard is not None and applied.masked:
+            self._guard.capture(entry.param, record, applied.masked)
+        coverage = None
+        if self.coverage is not None:
+            coverage = self.coverage.observe(entry.name, entry.flat.numel(), record, entry.flat.device)
+        return applied, coverage
 
     def _execute(self, entries: list[GradEntry], plan: MaskPlan) -> list[TensorStats]:
         """Apply ``plan`` to whole (unsharded) gradients; the global scope spends one tie budget in order."""
@@ -311,9 +339,12 @@ class GradientMasker:
         shared_ties = plan.tensors[0].cut.ties if plan.shared_ties and plan.tensors else 0
         for entry, tensor_plan, threshold in zip(entries, plan.tensors, plan.threshold_values()):
             cut = Cut(tensor_plan.cut.threshold, shared_ties) if plan.shared_ties else tensor_plan.cut
-            masked, ties_used = self._mask(entry, tensor_plan, cut)
-            shared_ties -= ties_used
-            tensors.append(TensorStats(entry.name, entry.flat.numel(), masked, tensor_plan.nonfinite, threshold))
+            applied, coverage = self._mask(entry, tensor_plan, cut)
+            shared_ties -= applied.ties_used
+            updated, changed = coverage if coverage is not None else (None, None)
+            tensors.append(TensorStats(
+                entry.name, entry.flat.numel(), applied.masked, tensor_plan.nonfinite, threshold, applied.masked_nonzero, updated, changed
+            ))
         return tensors
 
     def _execute_sharded(self, entries: list[GradEntry], plan: MaskPlan, reducer: ShardReducer) -> list[TensorStats]:
@@ -332,11 +363,22 @@ class GradientMasker:
             ties = [c.ties for c in cuts]
             budgets = reducer.tie_budgets(ties, plan.shared_ties, equal, [e.offset for e in entries], entries[0].flat.device)
             cuts = [Cut(c.threshold, b) if s else c for c, b, s in zip(cuts, budgets, straddling)]
-        masked_local = [self._mask(entry, tensor_plan, cut)[0] for entry, tensor_plan, cut in zip(entries, plan.tensors, cuts)]
-        masked_all = reducer.sum_counts(masked_local, entries[0].flat.device)
+        done = [self._mask(entry, tensor_plan, cut) for entry, tensor_plan, cut in zip(entries, plan.tensors, cuts)]
+        # one all-reduce for every count: masked, masked_nonzero and (track_coverage) updated and changed
+        n = len(entries)
+        local = [a.masked for a, _ in done] + [a.masked_nonzero for a, _ in done]
+        if self.coverage is not None:
+            # every rank saw every tensor before or none did, so `changed` is None on all ranks or on none
+            local += [c[0] for _, c in done] + [-1 if c[1] is None else c[1] for _, c in done]
+        summed = reducer.sum_counts(local, entries[0].flat.device)
+        masked_all, nonzero_all = summed[:n], summed[n : 2 * n]
+        updated_all = summed[2 * n : 3 * n] if self.coverage is not None else [None] * n
+        changed_all = [None if c < 0 else c for c in summed[3 * n :]] if self.coverage is not None else [None] * n
         return [
-            TensorStats(e.name, e.shard.full_numel, m, p.nonfinite, t)
-            for e, p, m, t in zip(entries, plan.tensors, masked_all, plan.threshold_values())
+            TensorStats(e.name, e.shard.full_numel, m, p.nonfinite, t, z, u, c)
+            for e, p, m, t, z, u, c in zip(
+                entries, plan.tensors, masked_all, plan.threshold_values(), nonzero_all, updated_all, changed_all
+            )
         ]
 
     def restore_masked(self) -> int:
@@ -347,13 +389,26 @@ class GradientMasker:
         return self._guard.restore() if self._guard is not None else 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "strategy": self.strategy.name, "strategy_state": self.strategy.state_dict()}
+        state = {"step": self.step, "strategy": self.strategy.name, "strategy_state": self.strategy.state_dict()}
+        if self.coverage is not None:
+            state["coverage"] = self.coverage.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("strategy") != self.strategy.name:
             raise ValueError(f"state is for strategy {state.get('strategy')!r}, this masker uses {self.strategy.name!r}")
         self.step = int(state["step"])
         self.strategy.load_state_dict(state.get("strategy_state", {}))
+        if self.coverage is not None:
+            if "coverage" in state:
+                self.coverage.load_state_dict(state["coverage"])
+            elif self.step:
+                warnings.warn(
+                    f"track_coverage=True, but the state of step {self.step} holds no coverage (it was saved without "
+                    "track_coverage): coverage and churn count from this step on",
+                    UserWarning,
+                    stacklevel=2,
+                )
 
 
 def _cloned(value: Any) -> Any:

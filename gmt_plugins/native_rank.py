@@ -165,15 +165,18 @@ def _window(
     return (hint - 1, hint + 1) if hint is not None else (-1, -2)
 
 
-def apply(lib: ctypes.CDLL, flat: torch.Tensor, keys: NativeKeys, threshold: int, ties: int, record: torch.Tensor | None) -> tuple[int, int]:
-    """Zero the entries below ``threshold`` and the first ``ties`` equal to it; ``(masked, ties_used)``."""
+def apply(
+    lib: ctypes.CDLL, flat: torch.Tensor, keys: NativeKeys, threshold: int, ties: int, record: torch.Tensor | None
+) -> tuple[int, int, int]:
+    """Zero the entries below ``threshold`` and the first ``ties`` equal to it; ``(masked, ties_used,
+    masked_nonzero)``, the last counted in the same pass: masked entries that were nonzero before."""
     _declare(lib)
     if keys.selection is not None and keys.selection.covers(threshold, ties):
         return apply_preselected(lib, flat, keys, threshold, ties, record)
-    out = (ctypes.c_int64 * 2)()
+    out = (ctypes.c_int64 * 3)()
     source = _source(flat, keys)
     lib.gmt_apply(ctypes.byref(source), threshold, ties, None if record is None else record.data_ptr(), out)
-    return out[0], out[1]
+    return out[0], out[1], out[2]
 
 
 def usable(flats: Sequence[torch.Tensor], record: torch.Tensor | None = None) -> bool:
@@ -319,9 +322,10 @@ def random_rank_group(
 
 def apply_preselected(
     lib: ctypes.CDLL, flat: torch.Tensor, keys: NativeKeys, threshold: int, ties: int, record: torch.Tensor | None
-) -> tuple[int, int]:
+) -> tuple[int, int, int]:
     """:func:`apply` for a flat whose keys :func:`random_rank_group` or :func:`ema_rank_group` kept: one
-    bit per entry and the window's keys are read, no key is computed."""
+    bit per entry and the window's keys are read, no key is computed. ``(masked, ties_used,
+    masked_nonzero)`` as :func:`apply`."""
     selection = keys.selection
     if selection is None or not selection.covers(threshold, ties):
         window = None if selection is None else (selection.lo, selection.hi)
@@ -329,14 +333,14 @@ def apply_preselected(
     _declare_random(lib)
     t = keys.member
     first, last = selection.cand_start[t], selection.cand_start[t + 1]
-    out = (ctypes.c_int64 * 2)()
+    out = (ctypes.c_int64 * 3)()
     source = _source(flat, keys)
     lib.gmt_apply_preselected(
         ctypes.byref(source), selection.bits.data_ptr() + 8 * selection.word_offsets[t],
         selection.cand_key.data_ptr() + 4 * first, selection.cand_pos.data_ptr() + 8 * first, last - first,
         threshold, ties, None if record is None else record.data_ptr(), out,
     )
-    return out[0], out[1]
+    return out[0], out[1], out[2]
 
 
 # --- gmt_momentum: the EMA update fused with the first ranking pass (gmt_ema_rank) -------------

@@ -24,7 +24,7 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -311,6 +311,15 @@ def select_chunk(keys: torch.Tensor, threshold: int, ties_left: int) -> tuple[to
     return mask | equal, n_equal
 
 
+class Applied(NamedTuple):
+    """What :func:`apply_cut_counted` did to one flat."""
+
+    masked: int
+    ties_used: int
+    masked_nonzero: int
+    """Masked entries whose gradient was nonzero (masked entries are always finite)."""
+
+
 def apply_cut(
     source: KeySource,
     index: int,
@@ -320,45 +329,64 @@ def apply_cut(
     chunk_numel: int = DEFAULT_CHUNK_NUMEL,
     record: torch.Tensor | None = None,
 ) -> tuple[int, int]:
+    """:func:`apply_cut_counted`, returning ``(masked, ties_used)`` only."""
+    applied = apply_cut_counted(source, index, flat, cut, chunk_numel=chunk_numel, record=record)
+    return applied.masked, applied.ties_used
+
+
+def apply_cut_counted(
+    source: KeySource,
+    index: int,
+    flat: torch.Tensor,
+    cut: Cut,
+    *,
+    chunk_numel: int = DEFAULT_CHUNK_NUMEL,
+    record: torch.Tensor | None = None,
+) -> Applied:
     """Zero, in place, the entries of ``flat`` that ``cut`` selects.
 
-    Returns ``(masked, ties_used)``. When ``record`` (a flat bool tensor shaped like ``flat``) is
-    given, it receives the mask. Sources whose ``has_zero_below`` is true offer a
-    ``zero_below(index, chunk, threshold)`` fast path (magnitude keys), taken for chunks that need
-    no tie breaking; the generic path below is its twin.
+    Returns the counts (:class:`Applied`), ``masked_nonzero`` taken in the same pass. When
+    ``record`` (a flat bool tensor shaped like ``flat``) is given, it receives the mask. Sources
+    whose ``has_zero_below`` is true offer a ``zero_below(index, chunk, threshold)`` fast path
+    (magnitude keys), taken for chunks that need no tie breaking; the generic path below is its twin.
     """
     if cut.threshold is None:
         if record is not None:
             record.zero_()
-        return 0, 0
+        return Applied(0, 0, 0)
     threshold, ties_left = cut.threshold, cut.ties
     keys = _kernel_keys(source, [(index, flat)]) if record is None or native_rank.usable([record], None) else None
     lib = native.library() if keys is not None else None
     if lib is not None:  # one C pass; the chunks below are its twin
-        return native_rank.apply(lib, flat, keys[0], threshold, ties_left, record)
+        return Applied(*native_rank.apply(lib, flat, keys[0], threshold, ties_left, record))
     fast = source.zero_below if getattr(source, "has_zero_below", False) else None
     masked = torch.zeros((), dtype=torch.int64, device=flat.device)
+    nonzero = torch.zeros((), dtype=torch.int64, device=flat.device)
     ties_used = 0
     for start, chunk in iter_chunks(flat, chunk_numel):
         if fast is not None and ties_left == 0:
-            masked += fast(index, chunk, threshold)
+            if threshold <= 0:  # masks nothing
+                if record is not None:
+                    record[start : start + chunk.numel()].zero_()
+                continue
+            nonzero_before = (chunk != 0).sum()  # -0.0 == 0; NaN and inf count, and stay after zero_below
+            zeroed = fast(index, chunk, threshold)  # the entries that are zero now
+            masked += zeroed
+            nonzero += nonzero_before - (chunk.numel() - zeroed)
             if record is not None:
                 # with no ties to break the cut is "key < threshold": for threshold > 0 exactly the
-                # entries that are zero now (every zero has key 0); for threshold 0, none of them
-                out = record[start : start + chunk.numel()]
-                if threshold > 0:
-                    torch.eq(chunk, 0, out=out)
-                else:
-                    out.zero_()
+                # entries that are zero now (every zero has key 0)
+                torch.eq(chunk, 0, out=record[start : start + chunk.numel()])
             continue
         mask, n_equal = select_chunk(source.keys(index, chunk, start), threshold, ties_left)
         ties_left -= n_equal
         ties_used += n_equal
+        nonzero += (mask & (chunk != 0)).sum()
         chunk.masked_fill_(mask, 0)
         masked += mask.sum()
         if record is not None:
             record[start : start + chunk.numel()] = mask
-    return int(masked.item()), ties_used
+    return Applied(int(masked.item()), ties_used, int(nonzero.item()))
 
 
 def count_equal(source: KeySource, index: int, flat: torch.Tensor, key: int, *, chunk_numel: int = DEFAULT_CHUNK_NUMEL) -> int:

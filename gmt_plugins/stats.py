@@ -5,14 +5,28 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from gmt_plugins.coverage import layer_of
+
 
 @dataclass(frozen=True)
 class TensorStats:
+    """One tensor at one step. Under FSDP2/DeepSpeed the counts are those of the full tensor (every
+    rank's shard summed), identical on every rank.
+
+    ``masked_nonzero`` counts the masked entries whose gradient was finite and nonzero (a tensor
+    frozen before the forward pass has no gradient: 0). ``updated`` (entries updated, i.e. not masked,
+    at least once so far) and ``changed`` (entries whose masked state differs from the previous step's)
+    are kept with ``track_coverage`` only; ``changed`` is ``None`` the first time a tensor is masked.
+    """
+
     name: str
     numel: int
     masked: int
     nonfinite: int
     threshold: float | None
+    masked_nonzero: int = 0
+    updated: int | None = None
+    changed: int | None = None
 
     @property
     def fraction(self) -> float:
@@ -24,7 +38,10 @@ class MaskStats:
     """Statistics of one :meth:`GradientMasker.apply` call.
 
     ``nonfinite`` counts NaN/inf gradient entries: they are never ranked and never zeroed, so the
-    optimizer (and an AMP grad scaler) still sees them.
+    optimizer (and an AMP grad scaler) still sees them. ``masked_nonzero`` counts the masked entries
+    whose gradient was finite and nonzero: ``masked - masked_nonzero`` entries were zero already, and
+    masking them changed nothing. ``coverage``, ``never_updated`` and ``churn`` need
+    ``track_coverage=True`` (else ``None``).
     """
 
     step: int
@@ -38,6 +55,10 @@ class MaskStats:
         return sum(t.masked for t in self.tensors)
 
     @property
+    def masked_nonzero(self) -> int:
+        return sum(t.masked_nonzero for t in self.tensors)
+
+    @property
     def total(self) -> int:
         return sum(t.numel for t in self.tensors)
 
@@ -49,24 +70,91 @@ class MaskStats:
     def fraction(self) -> float:
         return self.masked / self.total if self.total else 0.0
 
+    @property
+    def masked_nonzero_fraction(self) -> float:
+        return self.masked_nonzero / self.total if self.total else 0.0
+
+    @property
+    def tracked(self) -> bool:
+        """Whether coverage was tracked (``track_coverage``) at this step."""
+        return bool(self.tensors) and all(t.updated is not None for t in self.tensors)
+
+    @property
+    def never_updated(self) -> int | None:
+        """Entries (of the tensors masked at this step) never updated so far."""
+        return self.total - sum(t.updated for t in self.tensors) if self.tracked else None  # type: ignore[misc] # tracked: no None
+
+    @property
+    def coverage(self) -> float | None:
+        """Fraction of the entries (of the tensors masked at this step) updated at least once so far."""
+        return _ratio(self.total - self.never_updated, self.total) if self.tracked else None  # type: ignore[operator] # tracked
+
+    @property
+    def churn(self) -> float | None:
+        """Fraction of the entries whose masked state differs from the previous step's, over the tensors
+        that were masked at the previous step too (``None`` when none was)."""
+        return _churn(self.tensors) if self.tracked else None
+
     def thresholds(self) -> list[float]:
         return [t.threshold for t in self.tensors if t.threshold is not None and math.isfinite(t.threshold)]
 
-    def to_log_dict(self, *, per_tensor: bool = False, prefix: str = "gmt/") -> dict[str, float]:
-        """Flat numbers for ``Trainer.log``: overall counts, threshold summary, optional per-tensor fractions."""
+    def layers(self) -> dict[str, list[TensorStats]]:
+        """The tensors grouped by layer (:func:`gmt_plugins.coverage.layer_of`), in first-seen order."""
+        grouped: dict[str, list[TensorStats]] = {}
+        for t in self.tensors:
+            grouped.setdefault(layer_of(t.name), []).append(t)
+        return grouped
+
+    def to_log_dict(self, *, per_tensor: bool = False, per_layer: bool = False, prefix: str = "gmt/") -> dict[str, float]:
+        """Flat numbers for ``Trainer.log``: overall counts, threshold summary, coverage and churn (when
+        tracked), optional per-layer and per-tensor fractions."""
         logs: dict[str, float] = {
             f"{prefix}masked_fraction": self.fraction,
             f"{prefix}masked": float(self.masked),
+            f"{prefix}masked_nonzero": float(self.masked_nonzero),
+            f"{prefix}masked_nonzero_fraction": self.masked_nonzero_fraction,
             f"{prefix}entries": float(self.total),
             f"{prefix}nonfinite": float(self.nonfinite),
             f"{prefix}tensors_without_grad": float(len(self.without_grad)),
         }
+        if self.tracked:
+            logs[f"{prefix}coverage"] = float(self.coverage)  # type: ignore[arg-type] # tracked
+            logs[f"{prefix}never_updated"] = float(self.never_updated)  # type: ignore[arg-type] # tracked
+            churn = self.churn
+            if churn is not None:
+                logs[f"{prefix}churn"] = churn
         thresholds = self.thresholds()
         if thresholds:
             logs[f"{prefix}threshold_min"] = min(thresholds)
             logs[f"{prefix}threshold_mean"] = sum(thresholds) / len(thresholds)
             logs[f"{prefix}threshold_max"] = max(thresholds)
+        if per_layer:
+            for layer, tensors in self.layers().items():
+                logs.update(_layer_logs(f"{prefix}layer/{layer}/", tensors))
         if per_tensor:
             for t in self.tensors:
                 logs[f"{prefix}masked_fraction/{t.name}"] = t.fraction
         return logs
+
+
+def _ratio(part: int, whole: int) -> float:
+    return part / whole if whole else 0.0
+
+
+def _churn(tensors: list[TensorStats]) -> float | None:
+    seen = [t for t in tensors if t.changed is not None]
+    return _ratio(sum(t.changed for t in seen), sum(t.numel for t in seen)) if seen else None  # type: ignore[misc] # filtered
+
+
+def _layer_logs(prefix: str, tensors: list[TensorStats]) -> dict[str, float]:
+    numel = sum(t.numel for t in tensors)
+    logs = {
+        f"{prefix}masked_fraction": _ratio(sum(t.masked for t in tensors), numel),
+        f"{prefix}masked_nonzero_fraction": _ratio(sum(t.masked_nonzero for t in tensors), numel),
+    }
+    if all(t.updated is not None for t in tensors):
+        logs[f"{prefix}coverage"] = _ratio(sum(t.updated for t in tensors), numel)  # type: ignore[misc] # checked
+        churn = _churn(tensors)
+        if churn is not None:
+            logs[f"{prefix}churn"] = churn
+    return logs

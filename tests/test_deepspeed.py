@@ -103,14 +103,15 @@ def test_zero_masks_equal_single_process_and_reference(ds_run, case):
                 for n in names:
                     ema[n] = grads[n].clone() if n not in ema else beta * ema[n] + (1 - beta) * grads[n]
                 scores = [ema[n].abs() for n in names]
-            masks = reference_masks([grads[n] for n in names], gmt["mask_ratio"], gmt["scope"], scores)
+            masks = reference_masks([grads[n] for n in names], gmt["mask_ratio"], gmt["scope"], scores, gmt.get("ratio_of", "all"))
             for n, m in zip(names, masks):
                 assert torch.equal(stayed[n], m | (grads[n] == 0)), f"{case} step {s} {n} vs reference"
         for r in ranks:
             logged = r["stats"][s]
             assert logged["step"] == s
-            assert [(t["name"], t["numel"], t["masked"]) for t in logged["tensors"]] == [
-                (t.name, t.numel, t.masked) for t in stats.tensors
+            counts = ("name", "numel", "masked", "masked_nonzero", "updated", "changed")
+            assert [tuple(t[c] for c in counts) for t in logged["tensors"]] == [
+                tuple(getattr(t, c) for c in counts) for t in stats.tensors
             ], f"{case} step {s}: rank statistics differ from one process"
     assert any(not torch.equal(weights[-1][n], weights[0][n]) for n in names)
 

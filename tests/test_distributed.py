@@ -207,7 +207,7 @@ def test_fsdp2_model_masks_equal_single_process_and_reference(fsdp_run, case):
                 ema[n] = torch.where(finite, g, 0.0) if n not in ema else torch.where(finite, beta * ema[n] + (1 - beta) * g, ema[n])
             scores = [ema[n].abs() for n in names]
         if overrides["strategy"] != "random":
-            masks = reference_masks(grads, overrides["mask_ratio"], overrides["scope"], scores)
+            masks = reference_masks(grads, overrides["mask_ratio"], overrides["scope"], scores, overrides.get("ratio_of", "all"))
             assert_same(s["post"], dict(zip(names, reference_apply(grads, masks))), f"{case} step {i} vs reference")
             if overrides.get("strict"):
                 for n, m in zip(names, masks):

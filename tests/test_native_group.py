@@ -261,7 +261,8 @@ def preselected_masks(lib, keys, flats, result, selection, record=False):
             out.append((y, 0, rec))
             continue
         member = dataclasses.replace(keys[i], selection=selection, member=i)
-        masked, used = native_rank.apply(lib, y, member, result.threshold, ties, rec)
+        masked, used, nonzero = native_rank.apply(lib, y, member, result.threshold, ties, rec)
+        assert nonzero == int(((flat != 0) & (y == 0) & torch.isfinite(flat)).sum())
         ties -= used
         out.append((y, masked, rec))
     return out

@@ -24,8 +24,11 @@ CHECKPOINT_PREFIX = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT
 RECORD_KEY = "resume_state"
 """The attribute name of GMT's record inside ``stateful_callbacks["GMTCallback"]["attributes"]``."""
 
-RESUME_FIELDS = ("strategy", "mask_ratio", "scope", "strategy_options", "mask_seed", "include", "exclude")
+RESUME_FIELDS = ("strategy", "mask_ratio", "scope", "strategy_options", "mask_seed", "include", "exclude", "ratio_of")
 """Config fields that decide the masks: a resume with another value would silently change the run."""
+
+_BEFORE_FIELD = {"ratio_of": "all"}
+"""The value a field had in effect in checkpoints written before the field existed."""
 
 
 _RECORD_FIELDS = ("format", "step", "config", "parameters", "world_size", "sharded", "state", "tensors")
@@ -84,6 +87,7 @@ def check_record(record: dict[str, Any], *, config: GMTConfig, names: list[str],
     if record.get("format") != FORMAT:
         raise StateFileError(f"{where} has format {record.get('format')!r}; this gmt_plugins reads format {FORMAT}")
     saved, current = record.get("config", {}), config.to_dict()
+    saved = {**_BEFORE_FIELD, **saved}
     changed = [f"{f}: saved {saved.get(f)!r}, now {current[f]!r}" for f in RESUME_FIELDS if saved.get(f) != current[f]]
     if changed:
         raise ValueError(

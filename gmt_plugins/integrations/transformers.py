@@ -26,25 +26,36 @@ from gmt_plugins.optimizers import OptimizerInfo
 from gmt_plugins.plugins import get_plugin_manager, inspect_optimizer, strategy_registry
 from gmt_plugins.state_io import STEM, has_state, load_state, save_state
 from gmt_plugins.stats import MaskStats
+from gmt_plugins.strategies.base import check_ratio_of
 
 logger = logging.getLogger(__name__)
 
 
 class LogWindow:
-    """Running sums of the steps since the last log, so memory does not grow between logs."""
+    """Running sums of the steps since the last log, so memory does not grow between logs.
 
-    def __init__(self, *, per_tensor: bool) -> None:
+    Per-step fractions (``masked_fraction``, ``masked_nonzero_fraction``, ``churn``, overall and per
+    layer or tensor) are averaged over the steps that logged them; counts and cumulative numbers
+    (``coverage``, ``never_updated``, thresholds) are the last step's; ``nonfinite`` is summed.
+    """
+
+    AVERAGED = ("masked_fraction", "masked_nonzero_fraction", "churn")
+
+    def __init__(self, *, per_tensor: bool, per_layer: bool = False) -> None:
         self.per_tensor = per_tensor
+        self.per_layer = per_layer
         self.steps = 0
         self.fraction_sums: dict[str, float] = {}
+        self.fraction_counts: dict[str, int] = {}
         self.nonfinite = 0
         self.last: dict[str, float] = {}
 
     def add(self, stats: MaskStats) -> None:
-        self.last = stats.to_log_dict(per_tensor=self.per_tensor)
+        self.last = stats.to_log_dict(per_tensor=self.per_tensor, per_layer=self.per_layer)
         for key, value in self.last.items():
-            if "masked_fraction" in key:
+            if any(part in self.AVERAGED for part in key.split("/")):
                 self.fraction_sums[key] = self.fraction_sums.get(key, 0.0) + value
+                self.fraction_counts[key] = self.fraction_counts.get(key, 0) + 1
         self.nonfinite += stats.nonfinite
         self.steps += 1
 
@@ -53,7 +64,7 @@ class LogWindow:
             return {}
         logs = dict(self.last)
         for key, total in self.fraction_sums.items():
-            logs[key] = total / self.steps
+            logs[key] = total / self.fraction_counts[key]
         logs["gmt/nonfinite"] = float(self.nonfinite)
         logs["gmt/steps"] = float(self.steps)
         return logs
@@ -90,8 +101,10 @@ class GMTCallback(TrainerCallback, ExportableState):
     With ``strict=True`` every masked entry is held bit-identical through the optimizer step (AdamW momentum and
     weight decay, and bitsandbytes' 8-bit state, otherwise still move an entry whose gradient is zero).
 
-    Mask statistics (``gmt/masked_fraction``, ``gmt/threshold_*``, ``gmt/nonfinite``, ...) are added to the
-    Trainer's logs, so they reach ``trainer.state.log_history``; they reach the ``report_to`` integrations once
+    Mask statistics (``gmt/masked_fraction``, ``gmt/masked_nonzero``, ``gmt/threshold_*``, ``gmt/nonfinite``, ...;
+    with ``track_coverage=True`` also ``gmt/coverage``, ``gmt/never_updated`` and ``gmt/churn``, with
+    ``log_layers=True`` per-layer ``gmt/layer/<layer>/...``; see docs/method.md) are added to the Trainer's logs,
+    so they reach ``trainer.state.log_history``; they reach the ``report_to`` integrations once
     [`place_before_reporters`] has put the callback ahead of them.
 
     Checkpoints: the callback is an ``ExportableState``. Its state (step, config, the strategy's state) is saved in
@@ -102,7 +115,8 @@ class GMTCallback(TrainerCallback, ExportableState):
     Args:
         config (`GMTConfig`, *optional*, defaults to `GMTConfig()`):
             The masking configuration.
-        mask_ratio, scope, strategy, strategy_options, mask_seed, include, exclude, strict, log_per_tensor, chunk_numel:
+        mask_ratio, scope, strategy, strategy_options, mask_seed, include, exclude, strict, log_per_tensor, log_layers,
+        track_coverage, ratio_of, chunk_numel:
             Fields of [`GMTConfig`] (same names, types and checks) that replace those of `config`, e.g.
             `mask_ratio=0.3`, `strict=True`; a field not passed keeps `config`'s value.
         plugin_manager (`pluggy.PluginManager`, *optional*):
@@ -133,19 +147,24 @@ class GMTCallback(TrainerCallback, ExportableState):
         exclude: list[str] | None = UNSET,
         strict: bool = UNSET,
         log_per_tensor: bool = UNSET,
+        log_layers: bool = UNSET,
+        track_coverage: bool = UNSET,
+        ratio_of: Literal["all", "nonzero"] = UNSET,
         chunk_numel: int = UNSET,
         plugin_manager: pluggy.PluginManager | None = None,
     ) -> None:
         self.config = resolve_config(config, dict(
             mask_ratio=mask_ratio, scope=scope, strategy=strategy, strategy_options=strategy_options, mask_seed=mask_seed,
-            include=include, exclude=exclude, strict=strict, log_per_tensor=log_per_tensor, chunk_numel=chunk_numel,
+            include=include, exclude=exclude, strict=strict, log_per_tensor=log_per_tensor,
+            log_layers=log_layers, track_coverage=track_coverage, ratio_of=ratio_of, chunk_numel=chunk_numel,
         ))
         self.plugin_manager = plugin_manager or get_plugin_manager()
-        strategy_registry(self.plugin_manager).get(self.config.strategy)  # unknown names fail here, not at train time
+        strategy_class = strategy_registry(self.plugin_manager).get(self.config.strategy)  # unknown names fail here, not at train time
+        check_ratio_of(strategy_class, self.config)
         self.masker: GradientMasker | None = None
         self.optimizer_info: OptimizerInfo | None = None
         self.last_stats = None
-        self._window = LogWindow(per_tensor=self.config.log_per_tensor)
+        self._window = LogWindow(per_tensor=self.config.log_per_tensor, per_layer=self.config.log_layers)
         self._deepspeed = None
         self.before_reporters = False
         """Set by :func:`place_before_reporters`: the ``report_to`` callbacks then see the GMT statistics."""
@@ -251,7 +270,7 @@ class GMTCallback(TrainerCallback, ExportableState):
         if logs is None or not self._window.steps or "loss" not in logs:
             return
         stats = self.log_dict()
-        self._window = LogWindow(per_tensor=self.config.log_per_tensor)
+        self._window = LogWindow(per_tensor=self.config.log_per_tensor, per_layer=self.config.log_layers)
         # The reporting callbacks after this one read the same dict; log_history holds a copy made before on_log.
         logs.update(stats)
         entry = state.log_history[-1] if state.log_history else None

@@ -82,6 +82,8 @@ class MaskStrategy(ABC):
     freezes_before_forward: ClassVar[bool] = False
     """Whether :meth:`frozen_before_forward` may return tensors to freeze (training setups that
     cannot freeze parameters, such as DDP without ``find_unused_parameters``, are then refused)."""
+    supported_ratio_of: ClassVar[tuple[str, ...]] = ("all",)
+    """The values of ``GMTConfig.ratio_of`` this strategy implements; another is refused when it is built."""
     ignored_settings: ClassVar[tuple[str, ...]] = ()
     """``GMTConfig`` fields this strategy does not use; a value given for one of them explicitly is
     warned about once (see :meth:`GMTConfig.given`)."""
@@ -95,6 +97,7 @@ class MaskStrategy(ABC):
         else:
             self.options = parse_options(self.name, self.options_class, config.strategy_options)
         warn_ignored_settings(self.name, self.ignored_settings, config)
+        check_ratio_of(type(self), config)
 
     @abstractmethod
     def plan(self, entries: Sequence[GradEntry], *, step: int) -> MaskPlan:
@@ -147,6 +150,8 @@ class KeyedStrategy(MaskStrategy):
     def plan(self, entries: Sequence[GradEntry], *, step: int) -> MaskPlan:
         ratio, chunk = self.config.mask_ratio, self.config.chunk_numel
         warm = self.__dict__.setdefault("_warm", {})  # boundary bins of the last step: a speed hint only
+        if self.config.ratio_of == "nonzero":
+            return self._plan_nonzero(entries, step)
         if self.config.scope == "global":
             source = self._key_source(entries, step)
             cut, ranked = rank(source, [(i, e.flat) for i, e in enumerate(entries)], ratio, chunk_numel=chunk, warm=warm)
@@ -159,11 +164,36 @@ class KeyedStrategy(MaskStrategy):
             plans.append(TensorPlan(source, 0, cut, ranked.nonfinite[0]))
         return MaskPlan(plans)
 
+    def _plan_nonzero(self, entries: Sequence[GradEntry], step: int) -> MaskPlan:
+        """``plan`` with ``ratio_of="nonzero"`` (:mod:`gmt_plugins.nonzero_ratio`): ``k`` counts the zeros in."""
+        from gmt_plugins.nonzero_ratio import masked_count
+
+        ratio, chunk = self.config.mask_ratio, self.config.chunk_numel
+        groups = [list(entries)] if self.config.scope == "global" else [[e] for e in entries]
+        plans = []
+        for group in groups:
+            full = [e.flat.numel() if e.shard is None else e.shard.full_numel for e in group]
+            k = masked_count([e.flat for e in group], full, ratio, chunk)
+            source = self._key_source(group, step)
+            cut, ranked = rank(source, [(i, e.flat) for i, e in enumerate(group)], k=k, chunk_numel=chunk)
+            plans += [TensorPlan(source, i, cut, n) for i, n in enumerate(ranked.nonfinite)]
+        return MaskPlan(plans, shared_ties=self.config.scope == "global")
+
     def _key_source(self, entries: Sequence[GradEntry], step: int) -> KeySource:
         source = self.key_source(entries, step=step)
         if self.positional_keys and any(e.offset for e in entries):
             source = ShiftedKeys(source, [e.offset for e in entries])
         return source
+
+
+def check_ratio_of(strategy: type[MaskStrategy], config: GMTConfig) -> None:
+    """A ``ValueError`` naming ``ratio_of`` when ``strategy`` does not implement ``config.ratio_of``."""
+    if config.ratio_of not in strategy.supported_ratio_of:
+        raise ValueError(
+            f"ratio_of={config.ratio_of!r} has no meaning for strategy {strategy.name!r} (it takes ratio_of in "
+            f"{strategy.supported_ratio_of}); ratio_of='nonzero' counts the smallest nonzero gradient magnitudes, "
+            "which strategy 'gmt' ranks"
+        )
 
 
 _warned: set[tuple[str, str]] = set()

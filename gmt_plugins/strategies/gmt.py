@@ -18,6 +18,7 @@ class GMTStrategy(KeyedStrategy):
 
     name = "gmt"
     supports_sharded_gradients = True
+    supported_ratio_of = ("all", "nonzero")
 
     def key_source(self, entries: Sequence[GradEntry], *, step: int) -> MagnitudeKeys:
         return MagnitudeKeys([e.flat.dtype for e in entries])

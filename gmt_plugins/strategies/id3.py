@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -9,14 +10,17 @@ from typing import Any
 
 import torch
 
-from gmt_plugins.strategies._masks import ScoreFn, cut_for_count, mark
+from gmt_plugins import native_id3
+from gmt_plugins.strategies._masks import MaskKeys, ScoreFn, cut_for_count, mark
 from gmt_plugins.strategy_api import (
+    Cut,
     GMTConfig,
     GradEntry,
     MaskPlan,
     MaskStrategy,
     ScoreKeys,
     StrategyRegistry,
+    TensorPlan,
     check_float,
     check_int,
     hookimpl,
@@ -54,6 +58,13 @@ class ID3Strategy(MaskStrategy):
     (and, like every non-finite gradient entry, never zeroed).
 
     State: ``updatable`` (bool tensors keyed by parameter name) and ``growth_steps``.
+
+    For contiguous CPU float32 gradients and parameters and ``exponent`` 0, 1, 2 or 3, a growth step
+    is one call of the C kernel (:mod:`gmt_plugins.native_id3`): one read of gradients, parameters
+    and mask in the usual case, bit for bit the torch path (``ScoreKeys`` chunks, ``cut_for_count``,
+    ``mark``) that serves everything else and is its reference twin in the tests. The negation of
+    ``updatable``, which the engine's stored-mask apply reads, and the count of updatable entries are
+    kept between steps (one extra byte per entry), so a step after growth derives nothing.
     """
 
     name = "id3"
@@ -64,6 +75,10 @@ class ID3Strategy(MaskStrategy):
         super().__init__(config)
         self.updatable: dict[str, torch.Tensor] = {}
         self.growth_steps = 0
+        # Derived from ``updatable`` and rebuilt when a tensor there is replaced (a load, a move):
+        # its negation, which the engine's stored-mask apply reads, and its count of True entries.
+        self._derived: dict[str, _Derived] = {}
+        self._boundaries: list[int] = []  # the kernel's last boundary digits: a speed hint only
 
     def _kept(self, entry: GradEntry) -> torch.Tensor:
         kept = self.updatable.get(entry.name)
@@ -73,6 +88,15 @@ class ID3Strategy(MaskStrategy):
             raise ValueError(f"id3 state for {entry.name!r} has {kept.numel()} entries, the parameter {entry.flat.numel()}")
         self.updatable[entry.name] = kept = kept.to(entry.flat.device)
         return kept.view(-1)
+
+    def _derived_for(self, name: str) -> _Derived:
+        """``updatable[name]``'s negation and count, computed once per tensor object."""
+        kept = self.updatable[name]
+        derived = self._derived.get(name)
+        if derived is None or derived.source is not kept:
+            flat = kept.view(-1)
+            derived = self._derived[name] = _Derived(kept, ~flat, int(flat.sum().item()))
+        return derived
 
     def _score_fn(self, entries: Sequence[GradEntry]) -> ScoreFn:
         eps, exponent = self.options.eps, self.options.exponent
@@ -84,23 +108,66 @@ class ID3Strategy(MaskStrategy):
 
         return score
 
+    def _kernel(self, entries: Sequence[GradEntry], kept: Sequence[torch.Tensor]) -> ctypes.CDLL | None:
+        """The C kernel when it computes this step's growth exactly (see :mod:`gmt_plugins.native_id3`)."""
+        if native_id3.exponent_kind(self.options.exponent) is None:
+            return None
+        thetas = [e.param.detach().reshape(-1) for e in entries]
+        if not native_id3.usable([e.flat for e in entries], thetas, kept):
+            return None
+        return native_id3.library()
+
     def plan(self, entries: Sequence[GradEntry], *, step: int) -> MaskPlan:
         chunk = self.config.chunk_numel
         kept = [self._kept(e) for e in entries]
+        nonfinite: list[int] | None = None
         if self.growth_steps < self.options.steps_to_budget and entries:
             n = sum(e.flat.numel() for e in entries)
             budget = n - math.floor(self.config.mask_ratio * n)
             target = min(budget, math.ceil(budget * (self.growth_steps + 1) / self.options.steps_to_budget))
-            grow = target - sum(int(k.sum().item()) for k in kept)
-            if grow > 0:
-                # Already-updatable entries are excluded from the ranking; the rest compete globally.
-                source = ScoreKeys(self._score_fn(entries), largest=True, excluded=kept)
-                flats = [(i, e.flat) for i, e in enumerate(entries)]
-                cut = cut_for_count(source, flats, grow, chunk)
-                for k, new in zip(kept, mark(source, flats, cut, chunk)):
-                    k |= new
+            lib = self._kernel(entries, kept)
+            if lib is None:
+                self._grow_reference(entries, kept, target)
+            else:
+                nonfinite = self._grow_native(lib, entries, kept, target)
             self.growth_steps += 1
-        return mask_plan(entries, [~k for k in kept], chunk)
+        masked = [self._derived_for(e.name).masked for e in entries]
+        if nonfinite is None:
+            return mask_plan(entries, masked, chunk)
+        # the growth read counted the non-finite gradients already: no second read for the plan
+        source = MaskKeys(masked)
+        return MaskPlan([TensorPlan(source, i, Cut(1), nf) for i, nf in enumerate(nonfinite)])
+
+    def _grow_reference(self, entries: Sequence[GradEntry], kept: Sequence[torch.Tensor], target: int) -> None:
+        """The torch twin of :meth:`_grow_native`: score chunks, the engine's ranking, bool masks."""
+        chunk = self.config.chunk_numel
+        grow = target - sum(int(k.sum().item()) for k in kept)
+        if grow > 0:
+            # Already-updatable entries are excluded from the ranking; the rest compete globally.
+            source = ScoreKeys(self._score_fn(entries), largest=True, excluded=kept)
+            flats = [(i, e.flat) for i, e in enumerate(entries)]
+            cut = cut_for_count(source, flats, grow, chunk)
+            for k, new in zip(kept, mark(source, flats, cut, chunk)):
+                k |= new
+            for e in entries:  # changed in place: derive again
+                self._derived.pop(e.name, None)
+
+    def _grow_native(self, lib: ctypes.CDLL, entries: Sequence[GradEntry], kept: Sequence[torch.Tensor], target: int) -> list[int] | None:
+        """One kernel call ranks, and writes into ``updatable`` and its negation; returns the
+        non-finite gradient counts it read (``None`` when nothing was to grow, and nothing read)."""
+        derived = [self._derived_for(e.name) for e in entries]
+        grow = target - sum(d.count for d in derived)
+        if grow <= 0:
+            return None
+        result = native_id3.grow(
+            lib, [e.flat for e in entries], [e.param.detach().reshape(-1) for e in entries], kept, [d.masked for d in derived],
+            eps=self.options.eps, exponent=self.options.exponent, k=grow, boundaries=self._boundaries,
+        )
+        for d, added in zip(derived, result.marked):
+            d.count += added
+        if result.boundary is not None:
+            self._boundaries = [*self._boundaries[-1:], result.boundary]
+        return result.nonfinite
 
     def state_dict(self) -> dict[str, Any]:
         return {"updatable": dict(self.updatable), "growth_steps": self.growth_steps}
@@ -111,6 +178,14 @@ class ID3Strategy(MaskStrategy):
             raise ValueError(f"unknown id3 state keys {sorted(unknown)}")
         self.updatable = load_bool_masks(state.get("updatable", {}), "updatable")
         self.growth_steps = int(state.get("growth_steps", 0))
+        self._derived = {}
+
+
+@dataclass
+class _Derived:
+    source: torch.Tensor
+    masked: torch.Tensor
+    count: int
 
 
 @hookimpl

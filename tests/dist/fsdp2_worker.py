@@ -27,7 +27,10 @@ from gmt_plugins import GradientMasker  # noqa: E402
 # name, GradientMasker overrides, steps
 MODEL_CASES = [
     ("gmt_tensor", dict(strategy="gmt", scope="tensor", mask_ratio=0.3, chunk_numel=1024), 3),
-    ("gmt_global", dict(strategy="gmt", scope="global", mask_ratio=0.5, chunk_numel=1024), 3),
+    ("gmt_global", dict(strategy="gmt", scope="global", mask_ratio=0.5, chunk_numel=1024, track_coverage=True), 3),
+    # the shards' zeros and non-finite entries summed over the ranks; coverage counts summed too
+    ("gmt_nonzero_tensor", dict(strategy="gmt", scope="tensor", mask_ratio=0.3, chunk_numel=1024, ratio_of="nonzero",
+                                track_coverage=True), 3),
     ("random_tensor", dict(strategy="random", scope="tensor", mask_ratio=0.3, chunk_numel=1024, mask_seed=7), 2),
     ("random_global", dict(strategy="random", scope="global", mask_ratio=0.3, chunk_numel=1024, mask_seed=7), 2),
     ("momentum_global", dict(strategy="gmt_momentum", scope="global", mask_ratio=0.3, chunk_numel=1024, strategy_options={"beta": 0.5}), 3),
