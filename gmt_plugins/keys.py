@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -173,6 +174,21 @@ class RandomKeys:
 
     def key_to_value(self, index: int, key: int) -> None:
         return None
+
+
+class HashedRandomKeys(RandomKeys):
+    """:class:`RandomKeys` whose keys :func:`gmt_plugins.native_rank.random_rank_group` has already
+    hashed for ranking (``selection``, for the entries ``index`` of this source in its group order):
+    the kernel then masks from what that read kept instead of hashing again. The keys, and so the
+    masks, are those of :class:`RandomKeys` (``keys`` is inherited: the torch twin)."""
+
+    def __init__(self, salts: Sequence[int], selection: native_rank.Preselection) -> None:
+        super().__init__(salts)
+        self.selection = selection
+
+    def native_source(self, index: int, flat: torch.Tensor) -> native_rank.NativeKeys | None:
+        keys = super().native_source(index, flat)
+        return None if keys is None else dataclasses.replace(keys, selection=self.selection, member=index)
 
 
 class ShiftedKeys:

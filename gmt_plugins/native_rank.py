@@ -45,6 +45,10 @@ class NativeKeys:
     seed: int = 0
     start: int = 0
     score: torch.Tensor | None = None
+    selection: Preselection | None = None
+    """Random keys already hashed by :func:`random_rank_group`: :func:`apply` then reads its bits."""
+    member: int = 0
+    """This flat's place in ``selection``'s group."""
 
 
 class _Source(ctypes.Structure):
@@ -140,14 +144,23 @@ def rank_group(
     )
 
 
-def _window(keys: Sequence[NativeKeys], total: int, ratio: float | None, k: int | None, hint: int | None) -> tuple[int, int]:
+def _window(
+    keys: Sequence[NativeKeys],
+    total: int,
+    ratio: float | None,
+    k: int | None,
+    hint: int | None,
+    *,
+    sigmas: float = 6.0,
+    pad: int = 2,
+) -> tuple[int, int]:
     """Top digits whose keys the warm path keeps: the previous boundary bin and its neighbours, or for
     random keys (uniform, so the boundary is known in advance) the expected bin +- 6 standard
     deviations of the count; ``(-1, -2)`` for none."""
     if total and all(kk.kind in _RANDOM_KINDS for kk in keys):
         p = min(max(ratio if k is None else k / total, 0.0), 1.0)
         center = hint if hint is not None else int(p * (1 << 15))
-        half = int(6 * math.sqrt(total * p * (1 - p)) / total * (1 << 15)) + 2
+        half = int(sigmas * math.sqrt(total * p * (1 - p)) / total * (1 << 15)) + pad
         return max(center - half, 0), center + half
     return (hint - 1, hint + 1) if hint is not None else (-1, -2)
 
@@ -158,6 +171,8 @@ def apply(
     """Zero the entries below ``threshold`` and the first ``ties`` equal to it; ``(masked, ties_used,
     masked_nonzero)``, the last counted in the same pass: masked entries that were nonzero before."""
     _declare(lib)
+    if keys.selection is not None and keys.selection.covers(threshold, ties):
+        return apply_preselected(lib, flat, keys, threshold, ties, record)
     out = (ctypes.c_int64 * 3)()
     source = _source(flat, keys)
     lib.gmt_apply(ctypes.byref(source), threshold, ties, None if record is None else record.data_ptr(), out)
@@ -206,3 +221,206 @@ def count_nonfinite_f32(lib: ctypes.CDLL, flat: torch.Tensor) -> int:
     function.argtypes = [ctypes.c_void_p, ctypes.c_int64]
     function.restype = ctypes.c_int64
     return int(function(flat.data_ptr(), flat.numel())) if flat.numel() else 0
+
+
+# --- random keys hashed once (gmt_random_rank / gmt_apply_preselected in _native/histogram.c) ----
+
+
+@dataclass(frozen=True, eq=False)
+class Preselection:
+    """What :func:`random_rank_group` (or :func:`ema_rank_group`) learnt of a group's keys in the read
+    that ranked them, for :func:`apply`: per entry one bit "finite and key < ``lo``" (``bits``, int64
+    words, member ``t`` from word ``word_offsets[t]``), and the keys in ``[lo, hi)`` with their
+    positions (``cand_key``, ``cand_pos``; member ``t``'s from ``cand_start[t]`` to
+    ``cand_start[t + 1]``, in position order). One bit per entry: 1/32 of fp32 gradients' memory,
+    held from the plan to the apply of one step."""
+
+    bits: torch.Tensor
+    word_offsets: list[int]
+    cand_key: torch.Tensor
+    cand_pos: torch.Tensor
+    cand_start: list[int]
+    lo: int
+    hi: int
+
+    def covers(self, threshold: int, ties: int) -> bool:
+        """Whether a cut at ``threshold`` is decided by the bits and candidates alone."""
+        return self.lo <= threshold < self.hi or (threshold == self.hi and ties == 0)
+
+
+_random_declared: set[int] = set()
+# Half-width of random_rank_group's window in standard deviations of the count below it: the k-th key
+# falls outside it for about one group in 16,000 (then the histogram passes rank it); a wider window
+# holds more candidates, and every block of 64 entries holding one costs a second look.
+RANDOM_SIGMAS = 4.0
+
+
+def _declare_random(lib: ctypes.CDLL) -> None:
+    if id(lib) in _random_declared:
+        return
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.gmt_random_rank.argtypes = [
+        ctypes.POINTER(_Source), i64, ctypes.c_double, i64, ctypes.c_uint32, ctypes.c_uint32,
+        p, p, p, p, p, i64, p, p, p,
+    ]
+    lib.gmt_random_rank.restype = ctypes.c_int32
+    lib.gmt_apply_preselected.argtypes = [ctypes.POINTER(_Source), p, p, p, i64, ctypes.c_uint32, i64, p, p]
+    lib.gmt_apply_preselected.restype = None
+    _random_declared.add(id(lib))
+
+
+def random_rank_group(
+    lib: ctypes.CDLL,
+    flats: Sequence[torch.Tensor],
+    keys: Sequence[NativeKeys],
+    *,
+    ratio: float | None,
+    k: int | None,
+) -> tuple[GroupResult, Preselection] | None:
+    """Rank a group of random-key flats (``KIND_RANDOM_*``) hashing every key once, and keep what
+    :func:`apply` needs to mask them without hashing again; ``None`` when the k-th key fell outside
+    the expected window (about one group in 10**9): then rank with :func:`rank_group`."""
+    if not flats or any(kk.kind not in _RANDOM_KINDS for kk in keys):
+        raise ValueError(f"random_rank_group takes random-key flats only, got kinds {sorted({kk.kind for kk in keys})}")
+    _declare_random(lib)
+    count = len(flats)
+    sizes = [f.numel() for f in flats]
+    total = sum(sizes)
+    wlo, whi = _window(keys, total, ratio, k, None, sigmas=RANDOM_SIGMAS, pad=1)
+    lo, hi = wlo << 16, min((whi + 1) << 16, 1 << 31)
+    words = [(n + 63) // 64 for n in sizes]
+    offsets = [0]
+    for w in words:
+        offsets.append(offsets[-1] + w)
+    # twice the window's expected share of the keys: more is a miss like a k-th key outside it
+    expected = total * (whi - wlo + 1) / (1 << 15)
+    cand_cap = int(min(total, 2 * expected + 1024, MAX_CANDIDATES))
+    bits = torch.empty(max(offsets[-1], 1), dtype=torch.int64)
+    cand_key = torch.empty(max(cand_cap, 1), dtype=torch.int32)
+    cand_pos = torch.empty(max(cand_cap, 1), dtype=torch.int64)
+    hist, _ = _buffers(0)
+    sources = (_Source * count)(*[_source(f, kk) for f, kk in zip(flats, keys)])
+    word_offsets = (ctypes.c_int64 * count)(*offsets[:-1])
+    cand_start = (ctypes.c_int64 * (count + 1))()
+    nonfinite = (ctypes.c_int64 * count)()
+    out = (ctypes.c_int64 * 3)()
+    ranked = lib.gmt_random_rank(
+        sources, count, 0.0 if ratio is None else float(ratio), -1 if k is None else max(int(k), 0), lo, hi - lo,
+        bits.data_ptr(), word_offsets, cand_key.data_ptr(), cand_pos.data_ptr(), cand_start, cand_cap,
+        hist.data_ptr(), nonfinite, out,
+    )
+    if not ranked:
+        return None
+    threshold, ties, rankable = out
+    result = GroupResult(
+        threshold=None if threshold < 0 else threshold, ties=ties, rankable=rankable, nonfinite=nonfinite[:count],
+        boundary=None, second_pass=False,
+    )
+    selection = Preselection(bits, offsets[:-1], cand_key, cand_pos, cand_start[: count + 1], lo, hi)
+    return result, selection
+
+
+def apply_preselected(
+    lib: ctypes.CDLL, flat: torch.Tensor, keys: NativeKeys, threshold: int, ties: int, record: torch.Tensor | None
+) -> tuple[int, int, int]:
+    """:func:`apply` for a flat whose keys :func:`random_rank_group` or :func:`ema_rank_group` kept: one
+    bit per entry and the window's keys are read, no key is computed. ``(masked, ties_used,
+    masked_nonzero)`` as :func:`apply`."""
+    selection = keys.selection
+    if selection is None or not selection.covers(threshold, ties):
+        window = None if selection is None else (selection.lo, selection.hi)
+        raise ValueError(f"apply_preselected needs a selection whose window {window} holds threshold {threshold}")
+    _declare_random(lib)
+    t = keys.member
+    first, last = selection.cand_start[t], selection.cand_start[t + 1]
+    out = (ctypes.c_int64 * 3)()
+    source = _source(flat, keys)
+    lib.gmt_apply_preselected(
+        ctypes.byref(source), selection.bits.data_ptr() + 8 * selection.word_offsets[t],
+        selection.cand_key.data_ptr() + 4 * first, selection.cand_pos.data_ptr() + 8 * first, last - first,
+        threshold, ties, None if record is None else record.data_ptr(), out,
+    )
+    return out[0], out[1], out[2]
+
+
+# --- gmt_momentum: the EMA update fused with the first ranking pass (gmt_ema_rank) -------------
+
+_ema_declared: set[int] = set()
+# ema_rank_group's first read histograms every 2**EMA_SAMPLE_SHIFT-th key: fewer counts, a wider window
+EMA_SAMPLE_SHIFT = 3
+EMA_SAMPLE_FROM = 1 << 16
+
+
+def ema_rank_group(
+    lib: ctypes.CDLL,
+    grads: Sequence[torch.Tensor],
+    emas: Sequence[torch.Tensor],
+    first: Sequence[bool],
+    *,
+    beta: float,
+    ratio: float | None,
+    k: int | None,
+    sample_shift: int | None = None,
+) -> tuple[GroupResult | None, Preselection | None]:
+    """Update every EMA in place as :func:`ema_f32` does (``first[t]``: set it to the finite gradient)
+    and rank the group by the score keys of the updated EMAs (:class:`~gmt_plugins.strategies._masks.ScoreKeys`)
+    in one call: one read of gradient and EMA and one write of the EMA, which also histograms every
+    ``2**sample_shift``-th key, then one read of the EMA (and of the gradient where it holds NaN/inf)
+    that counts the keys below a window the sample chose and keeps those inside it, as
+    :func:`random_rank_group` does (``sample_shift`` 0: every key counted, the window is the boundary
+    bin). ``(None, None)`` when the k-th key fell outside the window or its keys overflowed the
+    buffer: the EMAs are updated all the same; rank them with :func:`rank_group`. :func:`ema_f32` then
+    :func:`rank_group` is the twin."""
+    if len(grads) != len(emas) or len(grads) != len(first) or not grads:
+        raise ValueError("ema_rank_group takes as many gradients, EMAs and first flags, at least one")
+    for g, e in zip(grads, emas):
+        if not (ema_usable(g) and ema_usable(e) and g.numel() == e.numel()):
+            raise ValueError("ema_rank_group takes contiguous CPU float32 gradients and EMAs of equal sizes")
+    total = sum(g.numel() for g in grads)
+    if sample_shift is None:  # a small group's sample would be too small to place a narrow window
+        sample_shift = EMA_SAMPLE_SHIFT if total >= EMA_SAMPLE_FROM else 0
+    if not 0 <= sample_shift <= 10:
+        raise ValueError(f"sample_shift must be in [0, 10], got {sample_shift}")
+    if id(lib) not in _ema_declared:
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        lib.gmt_ema_rank.argtypes = [
+            ctypes.POINTER(_Source), i64, ctypes.c_float, ctypes.c_float, p, ctypes.c_double, i64, ctypes.c_uint32,
+            p, p, p, p, p, p, i64, p, p,
+        ]
+        lib.gmt_ema_rank.restype = ctypes.c_int32
+        _ema_declared.add(id(lib))
+    count = len(grads)
+    sizes = [g.numel() for g in grads]
+    total = sum(sizes)
+    if total > MAX_GROUP:
+        raise ValueError(f"ema_rank_group takes at most {MAX_GROUP} entries in one group, got {total}")
+    offsets = [0]
+    for n in sizes:
+        offsets.append(offsets[-1] + (n + 63) // 64)
+    # the window's keys: its expected share is about 12 / sqrt(sampled keys) plus two bins
+    cand_cap = min(total, BINS + total // 16, MAX_CANDIDATES)
+    hist, _ = _buffers(0)
+    bits = torch.empty(max(offsets[-1], 1), dtype=torch.int64)
+    cand_key = torch.empty(max(cand_cap, 1), dtype=torch.int32)
+    cand_pos = torch.empty(max(cand_cap, 1), dtype=torch.int64)
+    sources = (_Source * count)(
+        *[_Source(g.data_ptr(), e.data_ptr(), g.numel(), 0, 0, KIND_SCORE) for g, e in zip(grads, emas)]
+    )
+    firsts = (ctypes.c_int32 * count)(*[int(bool(f)) for f in first])
+    word_offsets = (ctypes.c_int64 * count)(*offsets[:-1])
+    cand_start = (ctypes.c_int64 * (count + 1))()
+    nonfinite = (ctypes.c_int64 * count)()
+    out = (ctypes.c_int64 * 5)()
+    ranked = lib.gmt_ema_rank(
+        sources, count, beta, 1 - beta, firsts, 0.0 if ratio is None else float(ratio), -1 if k is None else max(int(k), 0),
+        sample_shift, hist.data_ptr(), bits.data_ptr(), word_offsets, cand_key.data_ptr(), cand_pos.data_ptr(), cand_start,
+        cand_cap, nonfinite, out,
+    )
+    if not ranked:
+        return None, None
+    threshold, ties, rankable, lo, hi = out
+    result = GroupResult(
+        threshold=None if threshold < 0 else threshold, ties=ties, rankable=rankable, nonfinite=nonfinite[:count],
+        boundary=None, second_pass=True,
+    )
+    return result, Preselection(bits, offsets[:-1], cand_key, cand_pos, cand_start[: count + 1], lo, hi)

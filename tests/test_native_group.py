@@ -3,6 +3,8 @@ per-pass engine with the kernel off (torch passes) and, for whole masks, the sor
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -225,3 +227,205 @@ def test_stored_masks_in_c_equal_torch(monkeypatch, record):
         assert torch.equal(a[0], b[0]) and a[1] == b[1] and a[3] == b[3]
         assert not record or torch.equal(a[2], b[2])
     assert results["1"][-1] == results["0"][-1]
+
+
+# --- random keys hashed once, gmt_momentum's fused EMA ranking (issue 14 part 2) ----------------
+
+
+def random_group(dtypes, sizes, seed=0):
+    flats = [awkward(n, dt, seed=seed + i) for i, (dt, n) in enumerate(zip(dtypes, sizes))]
+    source = RandomKeys([stable_salt(7, seed, f"w{i}") for i in range(len(flats))])
+    return source, flats
+
+
+def torch_cut_and_masks(monkeypatch, source, flats, *, ratio=None, k=None, record=False):
+    """The twin: the torch passes rank, the chunked torch apply masks (shared ties in order)."""
+    monkeypatch.setenv(native.ENV, "0")
+    cut, ranked = rank(source, list(enumerate(flats)), ratio, k=k, chunk_numel=1000)
+    out, ties = [], cut.ties
+    for i, flat in enumerate(flats):
+        y = flat.clone()
+        rec = torch.zeros(y.numel(), dtype=torch.bool) if record else None
+        masked, used = apply_cut(source, i, y, Cut(cut.threshold, ties), chunk_numel=1000, record=rec)
+        ties -= used
+        out.append((y, masked, rec))
+    return cut, ranked, out
+
+
+def preselected_masks(lib, keys, flats, result, selection, record=False):
+    out, ties = [], result.ties
+    for i, flat in enumerate(flats):
+        y = flat.clone()
+        rec = torch.zeros(y.numel(), dtype=torch.bool) if record else None
+        if result.threshold is None:
+            out.append((y, 0, rec))
+            continue
+        member = dataclasses.replace(keys[i], selection=selection, member=i)
+        masked, used, nonzero = native_rank.apply(lib, y, member, result.threshold, ties, rec)
+        assert nonzero == int(((flat != 0) & (y == 0) & torch.isfinite(flat)).sum())
+        ties -= used
+        out.append((y, masked, rec))
+    return out
+
+
+def same_masks(a, b):
+    return all(
+        torch.equal(ya.view(torch.uint8), yb.view(torch.uint8)) and ma == mb and (ra is None or torch.equal(ra, rb))
+        for (ya, ma, ra), (yb, mb, rb) in zip(a, b)
+    )
+
+
+@pytest.mark.parametrize("dtypes", [[torch.float32], [torch.bfloat16, torch.float16, torch.float64, torch.float32]], ids=["one", "mixed"])
+@pytest.mark.parametrize("ratio", [0.0, 0.001, 0.3, 0.999, 1.0])
+@pytest.mark.parametrize("record", [False, True])
+def test_random_keys_hashed_once_equal_the_torch_hash(monkeypatch, dtypes, ratio, record):
+    source, flats = random_group(dtypes, [70_001, 9, 129, 5000][: len(dtypes)])
+    cut, ranked, want = torch_cut_and_masks(monkeypatch, source, flats, ratio=ratio, record=record)
+    monkeypatch.setenv(native.ENV, "1")
+    lib = native.library()
+    keys = [source.native_source(i, f) for i, f in enumerate(flats)]
+    result, selection = native_rank.random_rank_group(lib, flats, keys, ratio=ratio, k=None)
+    assert (result.threshold, result.ties if result.threshold is not None else 0) == (cut.threshold, cut.ties)
+    assert result.rankable == ranked.rankable and result.nonfinite == ranked.nonfinite
+    assert same_masks(preselected_masks(lib, keys, flats, result, selection, record), want)
+
+
+def test_random_keys_hashed_once_break_hash_collisions_in_position_order(monkeypatch):
+    # 31-bit keys of 300,000 entries collide about 21 times: put the k-th key on a collision
+    source, flats = random_group([torch.float32, torch.float32], [200_000, 100_000], seed=4)
+    monkeypatch.setenv(native.ENV, "0")
+    keys_all = torch.cat([source.keys(i, f, 0) for i, f in enumerate(flats)])
+    values, counts = torch.unique(keys_all[keys_all < source.cap], return_counts=True)
+    assert (counts > 1).any(), "no collision in this draw"
+    collided = int(values[counts > 1][len(values[counts > 1]) // 2])
+    k = int((keys_all < collided).sum()) + 1  # takes the first of the equal keys only
+    cut, _, want = torch_cut_and_masks(monkeypatch, source, flats, k=k)
+    assert cut == Cut(collided, 1)
+    monkeypatch.setenv(native.ENV, "1")
+    lib = native.library()
+    keys = [source.native_source(i, f) for i, f in enumerate(flats)]
+    result, selection = native_rank.random_rank_group(lib, flats, keys, ratio=None, k=k)
+    assert (result.threshold, result.ties) == (collided, 1)
+    assert same_masks(preselected_masks(lib, keys, flats, result, selection), want)
+
+
+def test_random_window_miss_falls_back_to_the_histograms(monkeypatch):
+    source, flats = random_group([torch.float32], [50_000])
+    monkeypatch.setenv(native.ENV, "1")
+    lib = native.library()
+    keys = [source.native_source(0, flats[0])]
+    monkeypatch.setattr(native_rank, "_window", lambda *a, **kw: (20000, 20001))  # far above the 30% key
+    assert native_rank.random_rank_group(lib, flats, keys, ratio=0.3, k=None) is None
+    # a cut outside a selection's window is not served from it
+    result_window = native_rank.Preselection(torch.zeros(1, dtype=torch.int64), [0], torch.zeros(1, dtype=torch.int32),
+                                             torch.zeros(1, dtype=torch.int64), [0, 0], 1 << 16, 2 << 16)
+    assert not result_window.covers(5, 0) and result_window.covers(1 << 16, 3) and not result_window.covers(2 << 16, 1)
+
+
+def masker_steps(monkeypatch, mode, strategy, scope, *, steps=4, grads=None, shapes=((300, 70), (17,), (5000,), (600, 600)),
+                 state=None, start=0, strict=False):
+    """Masks, counts and state of ``steps`` masker calls; step 2 holds a NaN and an inf."""
+    monkeypatch.setenv(native.ENV, mode)
+    gen = torch.Generator().manual_seed(3)
+    params = [(f"w{i}", torch.nn.Parameter(torch.zeros(shape))) for i, shape in enumerate(shapes)]
+    masker = GradientMasker(params, GMTConfig(mask_ratio=0.3, scope=scope, strategy=strategy, mask_seed=11, strict=strict))
+    if state is not None:
+        masker.load_state_dict(state)
+    out = []
+    for step in range(start + steps):
+        for i, (_, p) in enumerate(params):
+            g = (grads or torch.randn)(p.shape, generator=gen) * (1e-3 * (1 + step))
+            if step == 2 and i == 0:
+                g.view(-1)[::97] = float("nan")
+                g.view(-1)[5] = float("inf")
+            p.grad = g
+        if step < start:
+            continue
+        stats = masker.apply()
+        out.append(([p.grad.clone() for _, p in params], [t.masked for t in stats.tensors]))
+        if strict:
+            masker.restore_masked()
+    return out, masker
+
+
+def rounded(shape, generator):
+    """Gradients of few distinct values: long runs of equal keys and EMAs."""
+    return torch.randint(-4, 5, shape, generator=generator).float()
+
+
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+@pytest.mark.parametrize("strategy", ["random", "gmt_momentum"])
+@pytest.mark.parametrize("grads", [None, rounded], ids=["normal", "ties"])
+def test_fused_strategy_paths_equal_the_torch_engine(monkeypatch, scope, strategy, grads):
+    calls = []
+    for name in ("random_rank_group", "ema_rank_group"):
+        real = getattr(native_rank, name)
+        monkeypatch.setattr(native_rank, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
+    fast, _ = masker_steps(monkeypatch, "1", strategy, scope, grads=grads)
+    slow, _ = masker_steps(monkeypatch, "0", strategy, scope, grads=grads)
+    assert calls and all(c == ("random_rank_group" if strategy == "random" else "ema_rank_group") for c in calls)
+    for (fa, ma), (fb, mb) in zip(fast, slow):
+        assert ma == mb and all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(fa, fb))
+
+
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+@pytest.mark.parametrize("strategy", ["random", "gmt_momentum"])
+def test_fused_strategy_paths_in_strict_mode_and_resumed(monkeypatch, scope, strategy):
+    whole, masker = masker_steps(monkeypatch, "0", strategy, scope, strict=True)
+    # the torch engine's run against the kernel's: the first two steps, then a resume from its state
+    first, fast_masker = masker_steps(monkeypatch, "1", strategy, scope, steps=2, strict=True)
+    state = fast_masker.state_dict()
+    rest, _ = masker_steps(monkeypatch, "1", strategy, scope, steps=2, start=2, state=state, strict=True)
+    for (fa, ma), (fb, mb) in zip(first + rest, whole):
+        assert ma == mb and all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(fa, fb))
+
+
+@pytest.mark.parametrize("sample_shift", [0, 3])
+@pytest.mark.parametrize("make", [awkward, ties_heavy], ids=["awkward", "ties_heavy"])
+def test_ema_rank_group_equals_ema_then_rank(monkeypatch, sample_shift, make):
+    monkeypatch.setenv(native.ENV, "1")
+    lib = native.library()
+    sizes = [300_000, 10, 5000]
+    fused = [torch.empty(n) for n in sizes]
+    twin = [torch.empty(n) for n in sizes]
+    for step in range(3):
+        grads = [make(n, torch.float32, seed=10 * step + i) for i, n in enumerate(sizes)]
+        result, selection = native_rank.ema_rank_group(
+            lib, grads, fused, [step == 0] * 3, beta=0.8, ratio=0.5, k=None, sample_shift=sample_shift
+        )
+        for e, g in zip(twin, grads):
+            native_rank.ema_f32(lib, e, g, 0.8, first=step == 0)
+        assert all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(fused, twin))
+        source = ScoreKeys.from_tensors(twin)
+        cut, ranked, want = torch_cut_and_masks(monkeypatch, source, grads, ratio=0.5, record=True)
+        monkeypatch.setenv(native.ENV, "1")
+        if make is ties_heavy:  # the k-th key is 0.25, whose half of the keys overflow the window's buffer
+            assert result is None and selection is None
+            continue
+        assert (result.threshold, result.ties if result.threshold is not None else 0) == (cut.threshold, cut.ties)
+        assert result.nonfinite == ranked.nonfinite
+        keys = [ScoreKeys.from_tensors(fused).native_source(i, g) for i, g in enumerate(grads)]
+        assert same_masks(preselected_masks(lib, keys, grads, result, selection, record=True), want)
+
+
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+@pytest.mark.parametrize("strategy", ["random", "gmt_momentum"])
+def test_fused_strategy_paths_fall_back_when_the_window_overflows(monkeypatch, scope, strategy):
+    # a one-key buffer: groups miss (all but a 17-entry tensor's exact bin), after the EMAs were
+    # updated; the histogram passes rank them
+    misses = []
+    for name in ("random_rank_group", "ema_rank_group"):
+        real = getattr(native_rank, name)
+
+        def recorded(*a, _real=real, **kw):
+            out = _real(*a, **kw)
+            misses.append(out is None or out[0] is None)
+            return out
+
+        monkeypatch.setattr(native_rank, name, recorded)
+    monkeypatch.setattr(native_rank, "MAX_CANDIDATES", 1)
+    fast, _ = masker_steps(monkeypatch, "1", strategy, scope)
+    slow, _ = masker_steps(monkeypatch, "0", strategy, scope)
+    assert sum(misses) >= len(misses) * 3 // 4
+    for (fa, ma), (fb, mb) in zip(fast, slow):
+        assert ma == mb and all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(fa, fb))

@@ -615,6 +615,465 @@ VECTOR_CLONES int64_t gmt_count_nonfinite_f32(const uint32_t *x, int64_t n) {
     return total;
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * Random keys hashed once (gmt_plugins/strategies/random.py, native_rank.random_rank_group and
+ * apply_preselected; issue 14 part 2).
+ *
+ * RandomKeys are uniform, so the k-th smallest key lies, with overwhelming probability, in a narrow
+ * window [lo, lo + width) known before any key is seen (native_rank._window). One read per tensor
+ * hashes every entry once and records, per entry, one bit: "finite and key < lo" (bits, one uint64
+ * per 64 entries, each tensor starting on a word), the finite keys inside the window with their
+ * positions (cand_key, cand_pos, in position order), the excluded (non-finite) count and the count
+ * of bits set. The k-th key is then selected among the candidates, and the apply pass zeroes the
+ * entries whose bit is set plus the candidates the cut takes (ties in position order), without
+ * hashing again (gmt_apply_preselected, which serves gmt_ema_rank's selection too). When the k-th key is not in the window (or the candidates overflow) gmt_random_rank
+ * returns 0 and the caller ranks by the histogram passes (gmt_rank_group): same result, slower.
+ * The keys are bit for bit those of KIND_RANDOM_* (and of RandomKeys.keys, the torch twin).
+ * ------------------------------------------------------------------------------------------- */
+
+/* mix64(p) = mix64_tail(p * GOLDEN), and (p + j) * GOLDEN = p * GOLDEN + j * GOLDEN: a block of 64
+ * positions takes one multiply and a table of j * GOLDEN instead of 64 (vectorised 64-bit multiplies
+ * are emulated on AVX2, so this halves the hash). The top 33 bits of mix64 are those of its tail
+ * before the last xor-shift, which leaves them unchanged. */
+#define GOLDEN 0x9E3779B97F4A7C15ull
+static inline uint64_t mix64_tail(uint64_t x) {
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    return (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+}
+
+/* 64 flags (bytes 0/1) packed into one word, bit j = flag j: one multiply per 8 flags */
+static inline uint64_t pack_flags64(const uint8_t *f) {
+    uint64_t w = 0;
+    for (int j = 0; j < 8; ++j) {
+        uint64_t v;
+        memcpy(&v, f + 8 * j, 8);
+        w |= ((v * 0x0102040810204080ull) >> 56) << (8 * j);
+    }
+    return w;
+}
+
+#define RANDOM_SCAN_BODY(T, E)                                                                      \
+    {                                                                                               \
+        const T *x = (const T *)s->x;                                                               \
+        const T e = (T)(E);                                                                         \
+        for (; i + 64 <= n; i += 64) {                                                              \
+            uint8_t f[64], in[64];                                                                  \
+            uint32_t k[64], bb = 0, ee = 0;                                                         \
+            const uint64_t base = (p0 + (uint64_t)i) * GOLDEN;                                      \
+            for (int j = 0; j < 64; ++j) {                                                          \
+                uint32_t bad = (x[i + j] & e) == e;                                                 \
+                uint32_t key = (uint32_t)(mix64_tail(base + golden_steps[j]) >> 33);                \
+                key = bad ? RANDOM_CAP : key;                                                       \
+                k[j] = key;                                                                         \
+                f[j] = (uint8_t)(key < lo);                                                         \
+                in[j] = (uint8_t)(key - lo < width);                                                \
+                bb += key < lo;                                                                     \
+                ee += bad;                                                                          \
+            }                                                                                       \
+            bits[i >> 6] = pack_flags64(f);                                                         \
+            below += bb;                                                                            \
+            excluded += ee;                                                                         \
+            /* the window's keys, visited by their bits: usually none, rarely more than one */      \
+            for (uint64_t win = pack_flags64(in); win; win &= win - 1) {                            \
+                int j = __builtin_ctzll(win);                                                       \
+                if (nc < cand_cap) { cand_key[nc] = k[j]; cand_pos[nc] = i + j; }                   \
+                nc += 1;                                                                            \
+            }                                                                                       \
+        }                                                                                           \
+        uint64_t w = 0;                                                                             \
+        for (; i < n; ++i) {                                                                        \
+            uint32_t bad = (x[i] & e) == e;                                                         \
+            uint32_t key = bad ? RANDOM_CAP : (uint32_t)(mix64(p0 + (uint64_t)i) >> 33);            \
+            w |= (uint64_t)(key < lo) << (i & 63);                                                  \
+            below += key < lo;                                                                      \
+            excluded += bad;                                                                        \
+            if (key - lo < width) {                                                                 \
+                if (nc < cand_cap) { cand_key[nc] = key; cand_pos[nc] = i; }                        \
+                nc += 1;                                                                            \
+            }                                                                                       \
+        }                                                                                           \
+        if (n & 63) bits[n >> 6] = w;                                                               \
+    }
+
+/* one tensor: adds to *below_io and *nc_io, returns its excluded count */
+static inline __attribute__((always_inline)) int64_t random_scan_one(const source_t *s, uint32_t lo, uint32_t width, uint64_t *bits,
+                                      uint32_t *cand_key, int64_t *cand_pos, int64_t cand_cap,
+                                      int64_t *below_io, int64_t *nc_io) {
+    const int64_t n = s->n;
+    const uint64_t p0 = (uint64_t)s->start + s->seed;
+    int64_t i = 0, below = 0, excluded = 0, nc = *nc_io;
+    uint64_t golden_steps[64];
+    for (int j = 0; j < 64; ++j) golden_steps[j] = (uint64_t)j * GOLDEN;
+    switch (s->kind) {
+    case KIND_RANDOM_32: RANDOM_SCAN_BODY(uint32_t, 0x7F800000u) break;
+    case KIND_RANDOM_16: RANDOM_SCAN_BODY(uint16_t, s->s ? 0x7C00u : 0x7F80u) break;
+    case KIND_RANDOM_64: RANDOM_SCAN_BODY(uint64_t, 0x7FF0000000000000ull) break;
+    default: break;
+    }
+    *below_io += below;
+    *nc_io = nc;
+    return excluded;
+}
+
+/* The r-th smallest (1-based) of keys a[0..n), all in [lo, lo + width): radix passes of up to 12
+ * bits over them (at most three, each a count into hist, which is lent zeroed and given back so,
+ * and a scan of at most 4096 bins); no branch on the keys' order, unlike a quickselect. */
+#define SELECT_BITS 12
+static uint32_t kth_in_window(const uint32_t *a, int64_t n, int64_t r, uint32_t lo, uint32_t width, uint32_t *hist) {
+    const int bits = width > 1 ? 32 - __builtin_clz(width - 1) : 1;
+    uint32_t prefix = 0;
+    for (int known = 0; known < bits;) {
+        int take = bits - known < SELECT_BITS ? bits - known : SELECT_BITS;
+        int shift = bits - known - take;
+        uint32_t mask = (1u << take) - 1u;
+        for (int64_t j = 0; j < n; ++j) {
+            uint32_t v = a[j] - lo;
+            /* (v >> shift) >> take, in two steps: shift + take may be 32 */
+            if (((v >> shift) >> take) == prefix) hist[(v >> shift) & mask] += 1;
+        }
+        uint32_t bin = 0;
+        int64_t under = 0;
+        for (; bin < mask; ++bin) {
+            if (under + hist[bin] >= r) break;
+            under += hist[bin];
+        }
+        r -= under;
+        memset(hist, 0, (size_t)(mask + 1) * sizeof(uint32_t));
+        prefix = (prefix << take) | bin;
+        known += take;
+    }
+    return lo + prefix;
+}
+
+/* Rank a group of random sources (tensor scope: one; global: all) with their keys hashed once.
+ * bits: for tensor t, ceil(n_t / 64) words from word_offsets[t]. cand_key/cand_pos: cand_cap slots;
+ * cand_start[t] receives where tensor t's candidates begin (cand_start[count] = their total);
+ * hist: 4096 zeroed uint32 (returned zeroed). ratio/k as gmt_rank_group. out: threshold (-1 = mask nothing), ties,
+ * rankable. Returns 1 when ranked, 0 when the caller must rank by histograms. */
+VECTOR_CLONES int32_t gmt_random_rank(const source_t *src, int64_t count, double ratio, int64_t k, uint32_t lo, uint32_t width,
+                                      uint64_t *bits, const int64_t *word_offsets, uint32_t *cand_key, int64_t *cand_pos,
+                                      int64_t *cand_start, int64_t cand_cap, uint32_t *hist, int64_t *nonfinite,
+                                      int64_t *out) {
+    int64_t below = 0, nc = 0, total = 0, excluded_all = 0;
+    for (int64_t t = 0; t < count; ++t) {
+        cand_start[t] = nc < cand_cap ? nc : cand_cap;
+        nonfinite[t] = random_scan_one(&src[t], lo, width, bits + word_offsets[t], cand_key, cand_pos, cand_cap, &below, &nc);
+        excluded_all += nonfinite[t];
+        total += src[t].n;
+    }
+    cand_start[count] = nc < cand_cap ? nc : cand_cap;
+    int64_t rankable = total - excluded_all;
+    int64_t want = k < 0 ? (int64_t)(ratio * (double)rankable) : (k < rankable ? k : rankable);
+    out[0] = -1; out[1] = 0; out[2] = rankable;
+    if (want <= 0) return 1;
+    if (nc > cand_cap || want <= below || want > below + nc) return 0;
+    int64_t remaining = want - below;
+    uint32_t v = kth_in_window(cand_key, nc, remaining, lo, width, hist);
+    int64_t less = 0, equal = 0;
+    for (int64_t j = 0; j < nc; ++j) { less += cand_key[j] < v; equal += cand_key[j] == v; }
+    remaining -= less;
+    if (remaining == equal) { out[0] = (int64_t)v + 1; out[1] = 0; }
+    else { out[0] = v; out[1] = remaining; }
+    return 1;
+}
+
+/* Zero, in place, what a cut of gmt_random_rank takes from one of its tensors: the entries whose bit
+ * is set, then the candidates (cand_key/cand_pos, nc of them, position order) below threshold and
+ * the first `ties` equal to it. threshold must lie in [lo, lo + width] (the caller checks). record
+ * (or NULL) receives the mask as bytes. out: masked count, ties used, and how many masked entries
+ * were nonzero before (gmt_apply's masked_nonzero; -0.0 counts as zero). */
+#define RANDOM_APPLY_BODY(T)                                                                        \
+    {                                                                                               \
+        T *y = (T *)s->x;                                                                           \
+        const T magnitude = (T)((T)~(T)0 >> 1); /* every bit but the sign: -0.0 counts as zero */  \
+        int64_t i = 0;                                                                              \
+        for (; i + 64 <= n; i += 64) {                                                              \
+            uint64_t w = bits[i >> 6];                                                              \
+            uint32_t w0 = (uint32_t)w, w1 = (uint32_t)(w >> 32), nz = 0;                            \
+            for (int j = 0; j < 32; ++j) {                                                          \
+                uint32_t hit = (w0 >> j) & 1u;                                                      \
+                nz += hit & (uint32_t)((y[i + j] & magnitude) != 0);                                \
+                y[i + j] &= (T)((T)hit - 1u);                                                       \
+            }                                                                                       \
+            for (int j = 0; j < 32; ++j) {                                                          \
+                uint32_t hit = (w1 >> j) & 1u;                                                      \
+                nz += hit & (uint32_t)((y[i + 32 + j] & magnitude) != 0);                           \
+                y[i + 32 + j] &= (T)((T)hit - 1u);                                                  \
+            }                                                                                       \
+            masked += __builtin_popcountll(w);                                                      \
+            nonzero += nz;                                                                          \
+        }                                                                                           \
+        if (i < n) {                                                                                \
+            uint64_t w = bits[i >> 6];                                                              \
+            for (; i < n; ++i) {                                                                    \
+                uint32_t hit = (uint32_t)((w >> (i & 63)) & 1u);                                    \
+                nonzero += hit & (uint32_t)((y[i] & magnitude) != 0);                               \
+                y[i] &= (T)((T)hit - 1u);                                                           \
+                masked += hit;                                                                      \
+            }                                                                                       \
+        }                                                                                           \
+        for (int64_t j = 0; j < nc; ++j) {                                                          \
+            uint32_t key = cand_key[j];                                                             \
+            int tie = (key == threshold) & (ties > 0);                                              \
+            if ((key < threshold) | tie) {                                                          \
+                nonzero += (y[cand_pos[j]] & magnitude) != 0;                                       \
+                y[cand_pos[j]] = 0;                                                                 \
+                masked += 1;                                                                        \
+                ties -= tie;                                                                        \
+                used += tie;                                                                        \
+                if (record) record[cand_pos[j]] = 1;                                                \
+            }                                                                                       \
+        }                                                                                           \
+    }
+
+VECTOR_CLONES void gmt_apply_preselected(const source_t *s, const uint64_t *bits, const uint32_t *cand_key, const int64_t *cand_pos,
+                                    int64_t nc, uint32_t threshold, int64_t ties, uint8_t *record, int64_t *out) {
+    const int64_t n = s->n;
+    int64_t masked = 0, used = 0, nonzero = 0;
+    if (record)
+        for (int64_t i = 0; i < n; ++i) record[i] = (uint8_t)((bits[i >> 6] >> (i & 63)) & 1u);
+    switch (s->kind) {
+    case KIND_RANDOM_32: RANDOM_APPLY_BODY(uint32_t) break;
+    case KIND_RANDOM_16: RANDOM_APPLY_BODY(uint16_t) break;
+    case KIND_RANDOM_64: RANDOM_APPLY_BODY(uint64_t) break;
+    case KIND_SCORE: RANDOM_APPLY_BODY(uint32_t) break;   /* gmt_ema_rank's selection */
+    default: break;
+    }
+    out[0] = masked;
+    out[1] = used;
+    out[2] = nonzero;
+}
+/* ---- end of random keys hashed once ---- */
+
+/* ---------------------------------------------------------------------------------------------
+ * gmt_momentum's EMA update fused with the first ranking pass (gmt_plugins/strategies/
+ * gmt_momentum.py, native_rank.ema_rank_group; issue 14 part 2).
+ *
+ * Sources are KIND_SCORE: x the fp32 gradient, s the fp32 EMA, which this updates in place exactly
+ * as gmt_ema_f32 does (first[t] != 0: the tensor's first step, ema = g where finite, else +0). One
+ * read of gradient and EMA and one write of the EMA per tensor also count the top digit of the new
+ * score key (KEY_SCORE) into the histogram tables and, given a window of top digits (the previous
+ * step's boundary bin +- 1), keep the keys inside it. The rest is gmt_rank_group's: the boundary bin
+ * from the tables, then its low digit from the window's keys when the boundary fell among them, else
+ * from a second read (pass2_score) of the updated EMA. Same arguments and outputs as gmt_rank_group
+ * (key_bits 32, cap SCORE_CAP); the hint changes only the time. The twin: gmt_ema_f32 (or the torch
+ * EMA) followed by gmt_rank_group, or the torch passes, on the updated EMA.
+ * ------------------------------------------------------------------------------------------- */
+#define EMA_CAP 0x7F800000u
+/* half-width of the sampled window in standard deviations of the sampled rank (plus two keys) */
+#define EMA_SIGMAS 4.5
+
+/* the EMA of one chunk in place (gmt_ema_f32's arithmetic); returns its non-finite gradient count */
+static inline __attribute__((always_inline)) int64_t ema_chunk(float *restrict e, const float *restrict g, int64_t n, float a, float b,
+                                                               int first) {
+    const uint32_t *gb = (const uint32_t *)g;
+    int64_t bad = 0;
+    if (first) {
+        for (int64_t i = 0; i < n; ++i) {
+            uint32_t nonfinite = (gb[i] & 0x7F800000u) == 0x7F800000u;
+            e[i] = nonfinite ? 0.0f : g[i];
+            bad += nonfinite;
+        }
+    } else {
+        for (int64_t i = 0; i < n; ++i) {
+            uint32_t nonfinite = (gb[i] & 0x7F800000u) == 0x7F800000u;
+            float old = e[i];
+            float p = a * old;
+            float q = b * g[i];
+            float next = p + q;
+            /* an and-or select on the bits: a float select here keeps the loop scalar */
+            uint32_t ob, nb, keep = 0u - nonfinite;
+            memcpy(&ob, &old, sizeof ob);
+            memcpy(&nb, &next, sizeof nb);
+            uint32_t r = (ob & keep) | (nb & ~keep);
+            memcpy(&e[i], &r, sizeof r);
+            bad += nonfinite;
+        }
+    }
+    return bad;
+}
+
+/* One tensor, EMA_CHUNK entries at a time: the EMA update, then (from cache) the top digits of the
+ * new keys of every 2**sample_shift-th entry into the tables. Returns the excluded (non-finite
+ * gradient) count, of every entry. */
+#define EMA_CHUNK 2048
+static inline __attribute__((always_inline)) int64_t ema_pass1(const source_t *src, float a, float b, int first, uint32_t *hist,
+                                                               int tables, uint32_t sample_shift) {
+    float *ema = (float *)(uintptr_t)src->s;
+    uint32_t *h1 = hist + (tables > 1 ? BINS : 0), *h2 = hist + (tables > 1 ? 2 * BINS : 0);
+    uint32_t *h3 = hist + (tables > 1 ? 3 * BINS : 0);
+    const int64_t step = (int64_t)1 << sample_shift;
+    int64_t excluded = 0;
+    for (int64_t c = 0; c < src->n; c += EMA_CHUNK) {
+        const int64_t m = src->n - c < EMA_CHUNK ? src->n - c : EMA_CHUNK;
+        excluded += ema_chunk(ema + c, (const float *)src->x + c, m, a, b, first);
+        const uint32_t *x = (const uint32_t *)src->x + c, *sc = (const uint32_t *)src->s + c;
+        int64_t i = 0;
+        for (; i + 4 * step <= m; i += 4 * step) {
+            hist[KEY_SCORE(i) >> 16] += 1;
+            h1[KEY_SCORE(i + step) >> 16] += 1;
+            h2[KEY_SCORE(i + 2 * step) >> 16] += 1;
+            h3[KEY_SCORE(i + 3 * step) >> 16] += 1;
+        }
+        for (; i < m; i += step) hist[KEY_SCORE(i) >> 16] += 1;
+    }
+    return excluded;
+}
+
+/* One tensor's second read (the EMA, and the gradient only where the tensor holds a non-finite
+ * entry): bits of "key < lo", the keys in [lo, lo + width) with their positions, the count below. */
+#define EMA_SCAN_BODY(KEY)                                                                          \
+    for (; i + 64 <= n; i += 64) {                                                                  \
+        uint8_t f[64], in[64];                                                                      \
+        uint32_t bb = 0, any = 0;                                                                   \
+        for (int j = 0; j < 64; ++j) { uint32_t key = KEY(i + j); f[j] = (uint8_t)(key < lo); bb += key < lo; } \
+        for (int j = 0; j < 64; ++j) any |= KEY(i + j) - lo < width;                                \
+        below += bb;                                                                                \
+        bits[i >> 6] = pack_flags64(f);                                                             \
+        if (any) {                                                                                  \
+            for (int j = 0; j < 64; ++j) in[j] = (uint8_t)(KEY(i + j) - lo < width);                \
+            for (uint64_t w = pack_flags64(in); w; w &= w - 1) {                                    \
+                int j = __builtin_ctzll(w);                                                         \
+                if (nc < cand_cap) { cand_key[nc] = KEY(i + j); cand_pos[nc] = i + j; }             \
+                nc += 1;                                                                            \
+            }                                                                                       \
+        }                                                                                           \
+    }                                                                                               \
+    {                                                                                               \
+        uint64_t w = 0;                                                                             \
+        for (; i < n; ++i) {                                                                        \
+            uint32_t key = KEY(i);                                                                  \
+            w |= (uint64_t)(key < lo) << (i & 63);                                                  \
+            below += key < lo;                                                                      \
+            if (key - lo < width) {                                                                 \
+                if (nc < cand_cap) { cand_key[nc] = key; cand_pos[nc] = i; }                        \
+                nc += 1;                                                                            \
+            }                                                                                       \
+        }                                                                                           \
+        if (n & 63) bits[n >> 6] = w;                                                               \
+    }
+
+static inline __attribute__((always_inline)) void ema_scan(const source_t *src, int64_t excluded, uint32_t lo, uint32_t width, uint64_t *bits, uint32_t *cand_key,
+                     int64_t *cand_pos, int64_t cand_cap, int64_t *below_io, int64_t *nc_io) {
+    const uint32_t *x = (const uint32_t *)src->x, *sc = (const uint32_t *)src->s;
+    const int64_t n = src->n;
+    int64_t i = 0, below = 0, nc = *nc_io;
+#define KEY_EMA(i) score_key(sc[i], 0u)
+    if (excluded) {
+        EMA_SCAN_BODY(KEY_SCORE)
+    } else {
+        EMA_SCAN_BODY(KEY_EMA)
+    }
+#undef KEY_EMA
+    *below_io += below;
+    *nc_io = nc;
+}
+
+/* The first digit d in [start, end) whose count, added to *cum, exceeds target (end if none);
+ * *cum then holds the counts of the digits before d. Blocks of 64 digits whose sum keeps *cum at
+ * or below target are skipped with one vectorised sum. */
+static uint32_t digit_reaching(const uint32_t *hist, int tables, uint32_t start, uint32_t end, double target, int64_t *cum) {
+    uint32_t d = start;
+    while (d < end) {
+        if (d + 64 <= end) {
+            int64_t block = 0;
+            for (int tb = 0; tb < tables; ++tb)
+                for (uint32_t j = 0; j < 64; ++j) block += hist[((uint32_t)tb << 16) | (d + j)];
+            if ((double)(*cum + block) <= target) { *cum += block; d += 64; continue; }
+        }
+        int64_t c = 0;
+        for (int tb = 0; tb < tables; ++tb) c += hist[((uint32_t)tb << 16) | d];
+        if ((double)(*cum + c) > target) return d;
+        *cum += c;
+        ++d;
+    }
+    return end;
+}
+
+/* sqrt without libm: a few Newton steps from above */
+static double root(double v) {
+    if (v <= 0) return 0;
+    double r = v > 1 ? v : 1;
+    for (int j = 0; j < 64; ++j) {
+        double next = 0.5 * (r + v / r);
+        if (next >= r) break;
+        r = next;
+    }
+    return r;
+}
+
+/* Update the EMAs and rank the group. sample_shift 0: every key into the tables, the boundary bin
+ * exact, the window that bin. Otherwise every 2**sample_shift-th key: the window is the bins holding
+ * the sampled keys whose rank lies within EMA_SIGMAS standard deviations (plus two) of the k-th's
+ * expected rank (outside it about once in 150,000 groups). Then the second read (ema_scan) and the k-th key selected among the window's keys, as
+ * gmt_random_rank does: same buffers and outputs (out: threshold, ties, rankable, lo, hi). Returns
+ * 0 when the k-th key lies outside the window (or the candidates overflow): the EMAs are updated
+ * all the same, and the caller ranks them by gmt_rank_group. */
+VECTOR_CLONES int32_t gmt_ema_rank(const source_t *src, int64_t count, float a, float b, const int32_t *first, double ratio,
+                                   int64_t k, uint32_t sample_shift, uint32_t *hist, uint64_t *bits, const int64_t *word_offsets,
+                                   uint32_t *cand_key, int64_t *cand_pos, int64_t *cand_start, int64_t cand_cap,
+                                   int64_t *nonfinite, int64_t *out) {
+    int64_t total = 0, excluded_all = 0, sampled = 0;
+    for (int64_t t = 0; t < count; ++t) {
+        total += src[t].n;
+        sampled += (src[t].n + ((int64_t)1 << sample_shift) - 1) >> sample_shift;
+    }
+    int tables = sampled >= MANY_TABLES_FROM ? TABLES : 1;
+    for (int64_t t = 0; t < count; ++t) {
+        nonfinite[t] = ema_pass1(&src[t], a, b, first[t], hist, tables, sample_shift);
+        excluded_all += nonfinite[t];
+    }
+    int64_t rankable = total - excluded_all;
+    int64_t want = k < 0 ? (int64_t)(ratio * (double)rankable) : (k < rankable ? k : rankable);
+    out[0] = -1; out[1] = 0; out[2] = rankable; out[3] = 0; out[4] = 0;
+    const uint32_t cap_digit = EMA_CAP >> 16;
+    uint32_t dlo = 0, dhi = 0;
+    if (want > 0) {
+        double from, to;
+        if (sample_shift == 0) {
+            from = (double)want - 0.5; to = (double)want - 0.5;
+        } else {
+            int64_t finite = sampled;  /* every excluded key is EMA_CAP, in the cap digit */
+            for (int tb = 0; tb < tables; ++tb) finite -= hist[((uint32_t)tb << 16) | cap_digit];
+            double q = (double)want / (double)rankable, r = q * (double)finite;
+            double spread = EMA_SIGMAS * root((double)finite * q * (1.0 - q)) + 2.0;
+            from = r - spread; to = r + spread;
+        }
+        /* dlo: the bin holding sampled rank `from` (0-based), dhi: the one holding `to` */
+        int64_t cum = 0;
+        uint32_t d = digit_reaching(hist, tables, 0, cap_digit, from, &cum);
+        dlo = d < cap_digit ? d : cap_digit - 1;
+        d = digit_reaching(hist, tables, d, cap_digit, to, &cum);
+        dhi = d < cap_digit ? d : cap_digit - 1;
+    }
+    /* give the scratch back zeroed: by revisiting a small group's sampled keys, else wholesale */
+    if (sampled < 4096 && tables == 1) {
+        for (int64_t t = 0; t < count; ++t) clear_score(&src[t], hist);
+    } else {
+        for (int tb = 0; tb < tables; ++tb) memset(hist + ((size_t)tb << 16), 0, (TOP_DIGIT + 1) * sizeof(uint32_t));
+    }
+    if (want <= 0) return 1;
+    uint32_t lo = dlo << 16, hi = (dhi + 1) << 16;
+    if (hi > EMA_CAP) hi = EMA_CAP;
+    out[3] = lo; out[4] = hi;
+    int64_t below = 0, nc = 0;
+    for (int64_t t = 0; t < count; ++t) {
+        cand_start[t] = nc < cand_cap ? nc : cand_cap;
+        ema_scan(&src[t], nonfinite[t], lo, hi - lo, bits + word_offsets[t], cand_key, cand_pos, cand_cap, &below, &nc);
+    }
+    cand_start[count] = nc < cand_cap ? nc : cand_cap;
+    if (nc > cand_cap || want <= below || want > below + nc) return 0;
+    int64_t remaining = want - below;
+    uint32_t v = kth_in_window(cand_key, nc, remaining, lo, hi - lo, hist);
+    int64_t less = 0, equal = 0;
+    for (int64_t j = 0; j < nc; ++j) { less += cand_key[j] < v; equal += cand_key[j] == v; }
+    remaining -= less;
+    if (remaining == equal) { out[0] = (int64_t)v + 1; out[1] = 0; }
+    else { out[0] = v; out[1] = remaining; }
+    return 1;
+}
+/* ---- end of gmt_momentum's fused EMA and ranking ---- */
+
 /* =============================================================================================
  * id3 growth step (gmt_plugins/native_id3.py; everything below this line belongs to it).
  *

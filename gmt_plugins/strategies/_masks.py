@@ -16,6 +16,7 @@ sources the engine (``GradientMasker._execute`` -> ``apply_cut``) reads. This mo
 
 from __future__ import annotations
 
+import dataclasses
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -185,6 +186,22 @@ class ScoreKeys:
     def key_to_value(self, index: int, key: int) -> float:
         bits = FLOAT32_MAX_BITS - key if self._largest else key
         return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
+
+
+class PreselectedScoreKeys(ScoreKeys):
+    """:class:`ScoreKeys` of stored scores that :func:`gmt_plugins.native_rank.ema_rank_group` has
+    already ranked (``selection``, for this source's tensors in order): the kernel then masks from
+    the bits and window keys that read kept instead of reading the scores again. The keys, and so
+    the masks, are those of :meth:`ScoreKeys.from_tensors` (``keys`` is inherited: the torch twin)."""
+
+    def __init__(self, scores: Sequence[torch.Tensor], selection: native_rank.Preselection) -> None:
+        super().__init__(lambda i, chunk, start: scores[i][start : start + chunk.numel()])
+        self._tensors = scores
+        self.selection = selection
+
+    def native_source(self, index: int, flat: torch.Tensor) -> native_rank.NativeKeys | None:
+        keys = super().native_source(index, flat)
+        return None if keys is None else dataclasses.replace(keys, selection=self.selection, member=index)
 
 
 # --- selection into masks ---------------------------------------------------------------------

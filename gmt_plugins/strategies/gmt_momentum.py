@@ -9,13 +9,18 @@ from typing import Any
 import torch
 
 from gmt_plugins import native, native_rank
+from gmt_plugins.distributed import active_reducer
+from gmt_plugins.selection import rank
+from gmt_plugins.strategies._masks import PreselectedScoreKeys
 from gmt_plugins.strategy_api import (
+    Cut,
     GMTConfig,
     GradEntry,
     KeyedStrategy,
     MaskPlan,
     ScoreKeys,
     StrategyRegistry,
+    TensorPlan,
     check_float,
     hookimpl,
 )
@@ -74,9 +79,53 @@ class GMTMomentumStrategy(KeyedStrategy):
         self.ema[entry.name] = torch.where(finite, beta * ema + (1 - beta) * grad, ema).view(entry.param.shape)
 
     def plan(self, entries: Sequence[GradEntry], *, step: int) -> MaskPlan:
+        fused = self._plan_fused(entries)
+        if fused is not None:
+            return fused
+        # the twin of the fused plan: every EMA updated, then ranked as any score
         for entry in entries:
             self._update(entry)
         return super().plan(entries, step=step)
+
+    def _plan_fused(self, entries: Sequence[GradEntry]) -> MaskPlan | None:
+        """Each group's EMAs updated and ranked by one kernel call (one read of gradient and EMA, one write
+        of the EMA, one more read of the EMA: :func:`gmt_plugins.native_rank.ema_rank_group`), where it
+        serves every entry of the step; ``None`` otherwise (the twin in :meth:`plan` then runs)."""
+        lib = native.library() if entries and active_reducer() is None else None
+        overridden = type(self).key_source is not GMTMomentumStrategy.key_source or type(self)._update is not GMTMomentumStrategy._update
+        if lib is None or overridden:
+            return None
+        if not native_rank.usable([e.flat for e in entries]):
+            return None
+        for entry in entries:
+            ema = self.ema.get(entry.name)
+            if not native_rank.ema_usable(entry.flat) or (
+                ema is not None and not (native_rank.ema_usable(ema) and ema.numel() == entry.flat.numel())
+            ):
+                return None
+        first = [entry.name not in self.ema for entry in entries]
+        for entry, new in zip(entries, first):
+            if new:
+                self.ema[entry.name] = torch.empty(entry.param.shape, dtype=torch.float32)
+        emas = [self.ema[e.name].view(-1) for e in entries]
+        ratio, beta, chunk = self.config.mask_ratio, self.options.beta, self.config.chunk_numel
+        scope_global = self.config.scope == "global"
+        groups = [list(range(len(entries)))] if scope_global else [[i] for i in range(len(entries))]
+        plans: list[TensorPlan] = []
+        for group in groups:
+            scores = [emas[i] for i in group]
+            result, selection = native_rank.ema_rank_group(
+                lib, [entries[i].flat for i in group], scores, [first[i] for i in group], beta=beta, ratio=ratio, k=None
+            )
+            if result is None or selection is None:  # outside the sampled window: the EMAs are updated, rank them
+                plain = ScoreKeys.from_tensors(scores)
+                cut, counts = rank(plain, [(j, entries[i].flat) for j, i in enumerate(group)], ratio, chunk_numel=chunk)
+                plans += [TensorPlan(plain, j, cut, n) for j, n in enumerate(counts.nonfinite)]
+                continue
+            cut = Cut(result.threshold, result.ties if result.threshold is not None else 0)
+            source = PreselectedScoreKeys(scores, selection)
+            plans += [TensorPlan(source, j, cut, n) for j, n in enumerate(result.nonfinite)]
+        return MaskPlan(plans, shared_ties=scope_global)
 
     def key_source(self, entries: Sequence[GradEntry], *, step: int) -> ScoreKeys:
         return ScoreKeys.from_tensors([self.ema[e.name].view(-1) for e in entries])
