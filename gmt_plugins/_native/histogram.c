@@ -296,9 +296,19 @@ typedef struct {
         SETUP                                                                                       \
         for (int64_t i = 0; i < src->n; ++i) hist[(KEY(i)) >> SHIFT] = 0;                           \
     }                                                                                               \
-    static inline uint32_t key1_##NAME(const source_t *src, int64_t i) {                            \
+    static void sample_##NAME(const source_t *src, int64_t i, int64_t end, uint32_t cap, uint32_t *hist, \
+                              uint32_t *lo_d, uint32_t *hi_d, int64_t *excluded) {                  \
         SETUP                                                                                       \
-        return (KEY(i));                                                                            \
+        uint32_t lo = *lo_d, hi = *hi_d;                                                            \
+        int64_t ex = 0;                                                                             \
+        for (; i < end; ++i) {                                                                      \
+            uint32_t key = (KEY(i));                                                                \
+            hist[key >> 16] += 1;                                                                   \
+            lo = (key >> 16) < lo ? (key >> 16) : lo;                                               \
+            hi = (key >> 16) > hi ? (key >> 16) : hi;                                               \
+            ex += key >= cap;                                                                       \
+        }                                                                                           \
+        *lo_d = lo; *hi_d = hi; *excluded += ex;                                                    \
     }
 
 #define SETUP_32 const uint32_t *x = (const uint32_t *)src->x;
@@ -542,16 +552,10 @@ static inline __attribute__((always_inline)) int sample_window(const source_t *s
         while (at >= offset + src[t].n) offset += src[t++].n;
         const source_t *s = &src[t];
         const int64_t end = at - offset + SAMPLE_RUN < s->n ? at - offset + SAMPLE_RUN : s->n;
-        for (int64_t i = at - offset; i < end; ++i, ++m) {
-            uint32_t key = 0;
-#define KEY1(NAME) key = key1_##NAME(s, i)
-            DISPATCH(s, KEY1)
-#undef KEY1
-            hist[key >> 16] += 1;
-            lo_d = (key >> 16) < lo_d ? (key >> 16) : lo_d;
-            hi_d = (key >> 16) > hi_d ? (key >> 16) : hi_d;
-            excluded += key >= cap;
-        }
+#define SAMPLE(NAME) sample_##NAME(s, at - offset, end, cap, hist, &lo_d, &hi_d, &excluded)
+        DISPATCH(s, SAMPLE)
+#undef SAMPLE
+        m += end - (at - offset);
     }
     (void)count;
     const int64_t rankable = m - excluded;
