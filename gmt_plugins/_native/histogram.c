@@ -458,7 +458,7 @@ static inline __attribute__((always_inline)) int rank_window(const source_t *src
         int64_t excluded = 0;
 #define SCAN(NAME) scan_##NAME(s, lo_key, width, cap, &below, &excluded, cand, cand_cap, &nc)
 #if GMT_HAVE_AVX2_SCAN
-        if (s->kind == KIND_F32 && has_avx2())
+        if (s->kind == KIND_F32 && cap <= 0x7FFFFFFFu && has_avx2())  /* signed lanes: keys and cap below 2**31 */
             scan_f32_avx2((const uint32_t *)s->x, s->n, lo_key, width, cap, &below, &excluded, cand, cand_cap, &nc);
         else
 #endif
