@@ -12,9 +12,10 @@ per-pass engine (kernel histograms, and the torch passes) is its reference twin 
 Window scan: when it knows a window of top digits that should hold the boundary, the kernel reads
 each tensor once, counting the keys below the window and copying those inside it, and finds the
 boundary among the copies; the histogram passes run only when it is not there. Random keys take
-the window where their uniform keys must fall (or the previous step's boundary, ``hint``); fp32
-gradient magnitudes take it from a sample of the keys of this call (``SAMPLE_WINDOW``), scanned with
-AVX2 where the CPU has it. The result never depends on the window, only the time.
+the window where their uniform keys must fall (or the previous step's boundary, ``hint``), scores
+the previous boundary; fp32 gradient magnitudes take it from a sample of the keys of this call
+(``SAMPLE_WINDOW``), scanned with AVX2 where the CPU has it. The result never depends on the
+window, only the time.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ MAX_GROUP = (1 << 32) - 1  # counts are uint32 per table
 MAX_CANDIDATES = 1 << 24
 SAMPLE_WINDOW = -3  # wlo: the kernel samples the keys to choose the window (histogram.c)
 _RANDOM_KINDS = (KIND_RANDOM_32, KIND_RANDOM_16, KIND_RANDOM_64)
+_MAGNITUDE_KINDS = (KIND_F32, KIND_BF16_WIDE, KIND_16)
 
 
 @dataclass(frozen=True)
@@ -163,11 +165,12 @@ def _window(keys: Sequence[NativeKeys], total: int, ratio: float | None, k: int 
 
 
 def hint_helps(keys: Sequence[NativeKeys]) -> bool:
-    """Whether the previous step's boundary is a useful hint: for random keys, whose distribution is
-    the same at every step. Gradient magnitudes move their scale from step to step (a SmolLM2
-    tensor's boundary digit moves by tens of digits between steps), so for them a hint mostly
-    misses, and a miss costs a scan on top of the histogram passes; the kernel samples instead."""
-    return bool(keys) and all(kk.kind in _RANDOM_KINDS for kk in keys)
+    """Whether to pass the previous step's boundary as a hint: not for gradient magnitudes, which
+    move their scale from step to step (a SmolLM2 tensor's boundary digit moves by tens of digits
+    between steps), so that a hint mostly misses and a miss costs a scan on top of the histogram
+    passes; the kernel samples fp32 magnitudes instead. Random keys (the same distribution at every
+    step) and scores (gmt_momentum's EMA moves slowly) keep it."""
+    return bool(keys) and not any(kk.kind in _MAGNITUDE_KINDS for kk in keys)
 
 
 def apply(lib: ctypes.CDLL, flat: torch.Tensor, keys: NativeKeys, threshold: int, ties: int, record: torch.Tensor | None) -> tuple[int, int]:
