@@ -368,22 +368,23 @@ static inline __attribute__((always_inline)) void rank_histograms(const source_t
 #include <stdlib.h>
 
 static uint32_t compress_lut[256][8];
-static int avx2_state = -1;  /* -1 unknown, 0 no, 1 yes */
+static int avx2_state = 0;
 
-static int has_avx2(void) {
-    if (avx2_state < 0) {
-        const char *off = getenv("GMT_PLUGINS_NO_AVX2_SCAN");
-        __builtin_cpu_init();
-        for (int mask = 0; mask < 256; ++mask) {
-            int at = 0;
-            for (int lane = 0; lane < 8; ++lane)
-                if (mask & (1 << lane)) compress_lut[mask][at++] = (uint32_t)lane;
-            for (; at < 8; ++at) compress_lut[mask][at] = 0;
-        }
-        avx2_state = (off == NULL || off[0] == '\0' || off[0] == '0') && __builtin_cpu_supports("avx2");
+/* Once, when the library loads (before any thread can call in): the permutation table, and whether
+ * the CPU has AVX2 and the environment allows the AVX2 scan. */
+__attribute__((constructor)) static void init_avx2_scan(void) {
+    const char *off = getenv("GMT_PLUGINS_NO_AVX2_SCAN");
+    __builtin_cpu_init();
+    for (int mask = 0; mask < 256; ++mask) {
+        int at = 0;
+        for (int lane = 0; lane < 8; ++lane)
+            if (mask & (1 << lane)) compress_lut[mask][at++] = (uint32_t)lane;
+        for (; at < 8; ++at) compress_lut[mask][at] = 0;
     }
-    return avx2_state;
+    avx2_state = (off == NULL || off[0] == '\0' || off[0] == '0') && __builtin_cpu_supports("avx2");
 }
+
+static inline int has_avx2(void) { return avx2_state; }
 
 __attribute__((target("avx2,popcnt"))) static void scan_f32_avx2(const uint32_t *x, int64_t n, uint32_t lo_key, uint32_t width,
                                                           uint32_t cap, int64_t *below, int64_t *excluded, uint32_t *cand,
