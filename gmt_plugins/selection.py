@@ -257,7 +257,7 @@ def rank(
 
     Without a reducer, a group the compiled kernel can serve whole (:mod:`gmt_plugins.native_rank`)
     is ranked by one call; the passes below are its twin. ``warm[group]`` then holds the boundary
-    bin of this group's previous call, which the kernel takes as a hint for random keys (see
+    bin of this group's previous call, which the kernel takes as a hint for random keys and scores (see
     :mod:`gmt_plugins.native_rank`); it changes nothing but the time.
     """
     if (ratio is None) == (k is None):
