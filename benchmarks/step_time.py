@@ -4,8 +4,8 @@ Full fine-tuning of SmolLM2-135M's architecture (built from its config with rand
 does not depend on the values) with AdamW and gradient accumulation. The variants take turns step
 by step on the same model (plain, gmt, gmt+strict, plain, ...), so load on a shared machine hits
 them alike; the report gives the median step time of each and the ratios to plain, measured side
-by side in this one run. Memory: what strict mode holds during a step (mask + saved values),
-counted exactly from its buffers.
+by side in this one run, by wall clock and (on CPU) by this process's CPU time. Memory: what strict
+mode holds during a step (mask + saved values), counted exactly from its buffers.
 
     OMP_NUM_THREADS=1 python benchmarks/step_time.py                       # CPU: 135M, GA 4
     python benchmarks/step_time.py --device cuda --model 1b --seq 1024 --micro-batch 4   # GPU: ~1.2B
@@ -65,14 +65,14 @@ def main() -> None:
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     held_bytes = 0
 
-    def step(variant: str) -> tuple[float, float]:
+    def step(variant: str) -> tuple[float, float, float, float]:
         nonlocal held_bytes
         sync()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for ids in batches:
             (model(input_ids=ids, labels=ids).loss / args.grad_accum).backward()
         sync()
-        mask_start = time.perf_counter()
+        mask_start, cpu_mask_start = time.perf_counter(), time.process_time()
         forward_backward = mask_start - start
         masker = maskers.get(variant)
         if masker is not None:
@@ -80,29 +80,34 @@ def main() -> None:
             if masker._guard is not None:
                 held_bytes = max(held_bytes, masker._guard.held_bytes)
         sync()
-        mask_time = time.perf_counter() - mask_start
+        mask_time, cpu_mask = time.perf_counter() - mask_start, time.process_time() - cpu_mask_start
         optimizer.step()
         if masker is not None:
             sync()
-            restore_start = time.perf_counter()
+            restore_start, cpu_restore_start = time.perf_counter(), time.process_time()
             masker.restore_masked()
             sync()
             mask_time += time.perf_counter() - restore_start
+            cpu_mask += time.process_time() - cpu_restore_start
         optimizer.zero_grad(set_to_none=True)
         sync()
-        return time.perf_counter() - start, mask_time, forward_backward
+        return time.perf_counter() - start, mask_time, forward_backward, time.process_time() - cpu_start, cpu_mask
 
     variants = ["plain", "gmt", "gmt+strict"]
     times: dict[str, list[float]] = {v: [] for v in variants}
     mask_times: dict[str, list[float]] = {v: [] for v in variants}
     fb_times: dict[str, list[float]] = {v: [] for v in variants}
+    cpu_times: dict[str, list[float]] = {v: [] for v in variants}
+    cpu_mask_times: dict[str, list[float]] = {v: [] for v in variants}
     for round_index in range(args.rounds + 1):
         for variant in variants:
-            total, masking, forward_backward = step(variant)
+            total, masking, forward_backward, cpu_total, cpu_masking = step(variant)
             if round_index > 0:  # the first round warms up allocator and optimizer state
                 times[variant].append(total)
                 mask_times[variant].append(masking)
                 fb_times[variant].append(forward_backward)
+                cpu_times[variant].append(cpu_total)
+                cpu_mask_times[variant].append(cpu_masking)
 
     print(f"model {args.model} ({n_params / 1e6:.1f}M params), device {device}, dtype {args.dtype}, "
           f"threads {torch.get_num_threads()}, seq {args.seq}, micro-batch {args.micro_batch}, GA {args.grad_accum}, "
@@ -116,6 +121,13 @@ def main() -> None:
         print(f"{variant:>11} {med:>14.3f} {med / plain:>9.3f} {mask:>15.3f} {mask / plain:>18.3f} "
               f"{statistics.median(fb_times[variant]):>10.3f}")
     print("all steps (s): " + "; ".join(f"{v} " + " ".join(f"{t:.2f}" for t in times[v]) for v in variants))
+    if device == "cpu":
+        # this process's CPU time: a shared machine's other jobs (time spent waiting for a core) do not count
+        cpu_plain = statistics.median(cpu_times["plain"])
+        print(f"CPU time (time.process_time): {'variant':>11} {'median step s':>14} {'vs plain':>9} {'mask+restore s':>15} {'mask / plain step':>18}")
+        for variant in variants:
+            med, mask = statistics.median(cpu_times[variant]), statistics.median(cpu_mask_times[variant])
+            print(f"{'':>30}{variant:>11} {med:>14.3f} {med / cpu_plain:>9.3f} {mask:>15.3f} {mask / cpu_plain:>18.3f}")
     print(f"strict mode holds {held_bytes / 2**20:.1f} MiB during a step "
           f"({held_bytes / n_params:.2f} bytes per parameter: 1-byte mask + the masked values)")
 

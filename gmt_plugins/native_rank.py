@@ -9,9 +9,13 @@ when every flat is a contiguous CPU tensor whose key source describes its keys t
 loop of histogram calls and per-tensor torch bookkeeping, with the same result bit for bit: the
 per-pass engine (kernel histograms, and the torch passes) is its reference twin in the tests.
 
-Warm start: ``rank`` may pass the previous step's boundary bin of the same group; the kernel then
-keeps the keys of that bin and its two neighbours during the first pass and, when the boundary
-falls among them, skips the second pass. The result does not depend on the hint, only the time.
+Window scan: when it knows a window of top digits that should hold the boundary, the kernel reads
+each tensor once, counting the keys below the window and copying those inside it, and finds the
+boundary among the copies; the histogram passes run only when it is not there. Random keys take
+the window where their uniform keys must fall (or the previous step's boundary, ``hint``), scores
+the previous boundary; fp32 gradient magnitudes take it from a sample of the keys of this call
+(``SAMPLE_WINDOW``), scanned with AVX2 where the CPU has it. The result never depends on the
+window, only the time.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ TABLES = 4
 BINS = 1 << 16
 MAX_GROUP = (1 << 32) - 1  # counts are uint32 per table
 MAX_CANDIDATES = 1 << 24
+SAMPLE_WINDOW = -3  # wlo: the kernel samples the keys to choose the window (histogram.c)
 _RANDOM_KINDS = (KIND_RANDOM_32, KIND_RANDOM_16, KIND_RANDOM_64)
+_MAGNITUDE_KINDS = (KIND_F32, KIND_BF16_WIDE, KIND_16)
 
 
 @dataclass(frozen=True)
@@ -124,8 +130,7 @@ def rank_group(
     sources = (_Source * max(count, 1))(*[_source(f, kk) for f, kk in zip(flats, keys)])
     total = sum(f.numel() for f in flats)
     window = _window(keys, total, ratio, k, hint) if key_bits > 16 else (-1, -2)
-    # the window's keys, up to 1/64 of the group and 64 MiB: a larger window falls back to histograms
-    cand_cap = min(total, BINS + total // 64, MAX_CANDIDATES) if window[0] <= window[1] else 0
+    cand_cap = _candidate_room(total) if window[0] <= window[1] or window[0] == SAMPLE_WINDOW else 0
     hist, cand = _buffers(cand_cap)
     nonfinite = (ctypes.c_int64 * max(count, 1))()
     out = (ctypes.c_int64 * 5)()
@@ -144,6 +149,12 @@ def rank_group(
     )
 
 
+def _candidate_room(total: int) -> int:
+    """Keys the window scan may copy: an eighth of a small group, a 32nd of a large one (at least 2**19),
+    never more than MAX_CANDIDATES (64 MiB). The kernel's sample declines a window that would not fit."""
+    return min(total, BINS + total // 8, max(total // 32, 1 << 19), MAX_CANDIDATES)
+
+
 def _window(
     keys: Sequence[NativeKeys],
     total: int,
@@ -154,15 +165,25 @@ def _window(
     sigmas: float = 6.0,
     pad: int = 2,
 ) -> tuple[int, int]:
-    """Top digits whose keys the warm path keeps: the previous boundary bin and its neighbours, or for
-    random keys (uniform, so the boundary is known in advance) the expected bin +- 6 standard
-    deviations of the count; ``(-1, -2)`` for none."""
+    """Top digits whose keys the window scan keeps. Random keys (uniform, so the boundary is known in
+    advance): the expected bin +- ``sigmas`` standard deviations of the count. Other keys: the hint's bin
+    and its neighbours, or without a hint ``SAMPLE_WINDOW``: the kernel picks the window from a sample of
+    this call's keys (fp32 keys, where its AVX2 scan serves; else the histogram passes)."""
     if total and all(kk.kind in _RANDOM_KINDS for kk in keys):
         p = min(max(ratio if k is None else k / total, 0.0), 1.0)
         center = hint if hint is not None else int(p * (1 << 15))
         half = int(sigmas * math.sqrt(total * p * (1 - p)) / total * (1 << 15)) + pad
         return max(center - half, 0), center + half
-    return (hint - 1, hint + 1) if hint is not None else (-1, -2)
+    return (hint - 1, hint + 1) if hint is not None else (SAMPLE_WINDOW, SAMPLE_WINDOW)
+
+
+def hint_helps(keys: Sequence[NativeKeys]) -> bool:
+    """Whether to pass the previous step's boundary as a hint: not for gradient magnitudes, which
+    move their scale from step to step (a SmolLM2 tensor's boundary digit moves by tens of digits
+    between steps), so that a hint mostly misses and a miss costs a scan on top of the histogram
+    passes; the kernel samples fp32 magnitudes instead. Random keys (the same distribution at every
+    step) and scores (gmt_momentum's EMA moves slowly) keep it."""
+    return bool(keys) and not any(kk.kind in _MAGNITUDE_KINDS for kk in keys)
 
 
 def apply(
@@ -177,6 +198,12 @@ def apply(
     source = _source(flat, keys)
     lib.gmt_apply(ctypes.byref(source), threshold, ties, None if record is None else record.data_ptr(), out)
     return out[0], out[1], out[2]
+
+
+def avx2_scan(lib: ctypes.CDLL) -> bool:
+    """Whether the kernel scans fp32 windows with AVX2 (and so samples windows for them)."""
+    lib.gmt_avx2_scan.restype = ctypes.c_int32
+    return bool(lib.gmt_avx2_scan())
 
 
 def usable(flats: Sequence[torch.Tensor], record: torch.Tensor | None = None) -> bool:

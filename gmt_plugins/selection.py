@@ -214,9 +214,9 @@ def _rank_native(
     lib = native.library() if keys is not None else None
     if lib is None:
         return None
+    hint = warm.get(group) if warm is not None and native_rank.hint_helps(keys) else None
     result = native_rank.rank_group(
-        lib, [flat for _, flat in flats], keys, key_bits=source.key_bits, cap=source.cap, ratio=ratio, k=k,
-        hint=None if warm is None else warm.get(group),
+        lib, [flat for _, flat in flats], keys, key_bits=source.key_bits, cap=source.cap, ratio=ratio, k=k, hint=hint,
     )
     if warm is not None and result.boundary is not None:
         warm[group] = result.boundary
@@ -257,8 +257,8 @@ def rank(
 
     Without a reducer, a group the compiled kernel can serve whole (:mod:`gmt_plugins.native_rank`)
     is ranked by one call; the passes below are its twin. ``warm[group]`` then holds the boundary
-    bin of this group's previous call, which lets the kernel skip its second pass; it changes
-    nothing but the time.
+    bin of this group's previous call, which the kernel takes as a hint for random keys and scores (see
+    :mod:`gmt_plugins.native_rank`); it changes nothing but the time.
     """
     if (ratio is None) == (k is None):
         raise TypeError("rank() takes exactly one of ratio and k")

@@ -72,7 +72,8 @@ def test_warm_start_skips_the_second_pass_and_overflow_falls_back():
     lib = native.library()
     keys = [native_rank.NativeKeys(native_rank.KIND_F32)]
     x = awkward(300_000, torch.float32, seed=1)
-    cold = native_rank.rank_group(lib, [x], keys, key_bits=32, cap=0x7F80_0000, ratio=0.3, k=None)
+    # a hint far from the boundary: the window misses, the histogram passes run
+    cold = native_rank.rank_group(lib, [x], keys, key_bits=32, cap=0x7F80_0000, ratio=0.3, k=None, hint=0x7000)
     warm = native_rank.rank_group(lib, [x], keys, key_bits=32, cap=0x7F80_0000, ratio=0.3, k=None, hint=cold.boundary)
     assert cold.second_pass and not warm.second_pass
     assert (cold.threshold, cold.ties) == (warm.threshold, warm.ties)
@@ -81,6 +82,91 @@ def test_warm_start_skips_the_second_pass_and_overflow_falls_back():
     cold = native_rank.rank_group(lib, [y], keys, key_bits=32, cap=0x7F80_0000, ratio=0.3, k=None)
     again = native_rank.rank_group(lib, [y], keys, key_bits=32, cap=0x7F80_0000, ratio=0.3, k=None, hint=cold.boundary)
     assert again.second_pass and (again.threshold, again.ties) == (cold.threshold, cold.ties)
+
+
+def scaled_rows(n: int, seed: int) -> torch.Tensor:
+    """A weight-gradient-like tensor: rows of 64 whose scales differ by up to 1000x, a few NaN and inf,
+    zeros, and runs of equal values; a strided sample of it is biased unless it is stratified."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=gen)
+    x *= torch.logspace(-3, 0, 64).repeat(n // 64 + 1)[:n]
+    x[::997] = float("nan")
+    x[5::1999] = float("inf")
+    x[100:5000] = 0.0
+    x[7000:9000] = 1e-3
+    return x
+
+
+SAMPLED = {
+    "awkward": lambda: [awkward(300_000, torch.float32, seed=4)],
+    "ties_heavy": lambda: [ties_heavy(200_000, torch.float32, seed=6)],
+    "rows": lambda: [scaled_rows(500_000, seed=7)],
+    "zeros": lambda: [torch.cat([torch.zeros(150_000), awkward(50_000, torch.float32, seed=8)])],
+    "global": lambda: [scaled_rows(70_000, 1), torch.tensor([0.5, -0.0, float("nan")]), torch.empty(0), ties_heavy(90_000, torch.float32, seed=3)],
+}
+
+
+@pytest.mark.parametrize("case", sorted(SAMPLED))
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_sampled_window_equals_torch_passes(monkeypatch, case, ratio):
+    """Groups of 65,536 fp32 entries or more, with no hint: the kernel samples a window (where its
+    AVX2 scan serves) and must give the torch passes' cut, whatever the data do to the sample."""
+    flats = [(i, f) for i, f in enumerate(SAMPLED[case]())]
+    source = MagnitudeKeys([torch.float32] * len(flats))
+    fast, slow = ranked_both_ways(monkeypatch, source, flats, ratio=ratio)
+    assert fast == slow
+    for k in (1, 12_345, 10**9):
+        fast, slow = ranked_both_ways(monkeypatch, source, flats, k=k)
+        assert fast == slow, k
+
+
+def test_sampled_window_skips_the_second_pass_on_smooth_gradients():
+    lib = native.library()
+    keys = [native_rank.NativeKeys(native_rank.KIND_F32)]
+    x = scaled_rows(400_000, seed=9)
+    result = native_rank.rank_group(lib, [x], keys, key_bits=32, cap=0x7F80_0000, ratio=0.2, k=None)
+    if native_rank.avx2_scan(lib):
+        assert not result.second_pass
+    y = torch.full((400_000,), 0.25)  # one top digit holds every key: the sample declines the window
+    y[:1000] = awkward(1000, torch.float32, seed=2)
+    assert native_rank.rank_group(lib, [y], keys, key_bits=32, cap=0x7F80_0000, ratio=0.3, k=None).second_pass
+
+
+def test_portable_scan_equals_the_avx2_scan(tmp_path):
+    """``GMT_PLUGINS_NO_AVX2_SCAN=1`` (read when the kernel loads) makes fp32 windows take the
+    portable scan: in a fresh process, both scans give every hinted window's cut."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import gmt_plugins
+
+    root = Path(gmt_plugins.__file__).resolve().parents[1]  # this checkout, not an installed copy
+    script = tmp_path / "scan.py"
+    script.write_text(
+        "import torch, sys\n"
+        "from gmt_plugins import native, native_rank\n"
+        f"sys.path.insert(0, {str(root / 'tests')!r})\n"
+        "from test_native_group import scaled_rows, ties_heavy\n"
+        "lib = native.library()\n"
+        "keys = [native_rank.NativeKeys(native_rank.KIND_F32)]\n"
+        "for x in (scaled_rows(300_000, 3), ties_heavy(100_003, torch.float32, 4)):\n"
+        "    for ratio in (0.001, 0.2, 0.7):\n"
+        "        cold = native_rank.rank_group(lib, [x], keys, key_bits=32, cap=0x7F800000, ratio=ratio, k=None, hint=0x7000)\n"
+        "        for hint in (cold.boundary, cold.boundary - 1, cold.boundary + 2):\n"
+        "            r = native_rank.rank_group(lib, [x], keys, key_bits=32, cap=0x7F800000, ratio=ratio, k=None, hint=hint)\n"
+        "            print(r.threshold, r.ties, r.rankable, r.nonfinite, r.second_pass)\n"
+        "print('avx2', native_rank.avx2_scan(lib))\n"
+    )
+    outputs = []
+    for off in ("0", "1"):
+        env = {**os.environ, "GMT_PLUGINS_NO_AVX2_SCAN": off, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+        assert done.returncode == 0, done.stderr
+        outputs.append(done.stdout.splitlines())
+    assert outputs[1][-1] == "avx2 False"
+    assert outputs[0][:-1] == outputs[1][:-1]
 
 
 @pytest.mark.parametrize("k", [0, 1, 777, 2999, 10**9])

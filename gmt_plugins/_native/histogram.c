@@ -242,7 +242,7 @@ typedef struct {
         const int64_t n = src->n;                                                                   \
         int64_t i = 0, nc = *ncp;                                                                   \
         int64_t b = 0, ex = 0;                                                                      \
-        if (RECOMPUTE) { /* cheap keys: count 64 at a time, re-read the rare block with a candidate */ \
+        if (RECOMPUTE) { /* cheap keys: count 64 at a time, re-read the block that holds a candidate */ \
             for (; i + 64 <= n; i += 64) {                                                          \
                 uint32_t any = 0, bb = 0, ee = 0;                                                   \
                 for (int j = 0; j < 64; ++j) {                                                      \
@@ -254,12 +254,17 @@ typedef struct {
                 b += bb;                                                                            \
                 ex += ee;                                                                           \
                 if (any) {                                                                          \
+                    if (nc + 64 > cand_cap) { nc = cand_cap + 1; break; } /* too many: histograms */ \
+                    /* branch-free: every key is stored, the count advances by the test (sampled   \
+                     * windows hold a few % of the keys, so a branch per key would mispredict) */   \
                     for (int j = 0; j < 64; ++j) {                                                  \
                         uint32_t key = (KEY(i + j));                                                \
-                        if (key - lo_key < width) { if (nc < cand_cap) cand[nc] = key; nc += 1; }   \
+                        cand[nc] = key;                                                             \
+                        nc += key - lo_key < width;                                                 \
                     }                                                                               \
                 }                                                                                   \
             }                                                                                       \
+            if (nc > cand_cap) { *ncp = nc; return; }                                               \
         }                                                                                           \
         for (; i + 16 <= n; i += 16) {                                                              \
             uint32_t k[16], any = 0, bb = 0, ee = 0;                                                \
@@ -290,6 +295,20 @@ typedef struct {
     static void clear_##NAME(const source_t *src, uint32_t *hist) {                 \
         SETUP                                                                                       \
         for (int64_t i = 0; i < src->n; ++i) hist[(KEY(i)) >> SHIFT] = 0;                           \
+    }                                                                                               \
+    static void sample_##NAME(const source_t *src, int64_t i, int64_t end, uint32_t cap, uint32_t *hist, \
+                              uint32_t *lo_d, uint32_t *hi_d, int64_t *excluded) {                  \
+        SETUP                                                                                       \
+        uint32_t lo = *lo_d, hi = *hi_d;                                                            \
+        int64_t ex = 0;                                                                             \
+        for (; i < end; ++i) {                                                                      \
+            uint32_t key = (KEY(i));                                                                \
+            hist[key >> 16] += 1;                                                                   \
+            lo = (key >> 16) < lo ? (key >> 16) : lo;                                               \
+            hi = (key >> 16) > hi ? (key >> 16) : hi;                                               \
+            ex += key >= cap;                                                                       \
+        }                                                                                           \
+        *lo_d = lo; *hi_d = hi; *excluded += ex;                                                    \
     }
 
 #define SETUP_32 const uint32_t *x = (const uint32_t *)src->x;
@@ -338,6 +357,91 @@ KIND_PASSES(mask, SETUP_MASK, KEY_MASK, 0, 1)
 static inline __attribute__((always_inline)) void rank_histograms(const source_t *src, int64_t count, uint32_t key_bits,
                             uint32_t cap, double ratio, int64_t k, uint32_t *hist, int64_t *nonfinite, int64_t *out);
 
+/* The window scan of fp32 magnitude keys with AVX2 (x86-64 with GCC or clang): eight keys per step,
+ * the in-window ones packed to the front of the vector by a permutation looked up from the compare's
+ * bitmask and stored to cand at once. Branch-free whatever the window's width, so a sampled window
+ * of a few % of the keys costs about one read of them. scan_f32 is its portable twin (the tests run
+ * both: GMT_PLUGINS_NO_AVX2_SCAN=1 in the environment at load time selects the portable one). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(GMT_NO_CLONES)
+#define GMT_HAVE_AVX2_SCAN 1
+#include <immintrin.h>
+#include <stdlib.h>
+
+static uint32_t compress_lut[256][8];
+static int avx2_state = 0;
+
+/* Once, when the library loads (before any thread can call in): the permutation table, and whether
+ * the CPU has AVX2 and the environment allows the AVX2 scan. */
+__attribute__((constructor)) static void init_avx2_scan(void) {
+    const char *off = getenv("GMT_PLUGINS_NO_AVX2_SCAN");
+    __builtin_cpu_init();
+    for (int mask = 0; mask < 256; ++mask) {
+        int at = 0;
+        for (int lane = 0; lane < 8; ++lane)
+            if (mask & (1 << lane)) compress_lut[mask][at++] = (uint32_t)lane;
+        for (; at < 8; ++at) compress_lut[mask][at] = 0;
+    }
+    avx2_state = (off == NULL || off[0] == '\0' || off[0] == '0') && __builtin_cpu_supports("avx2");
+}
+
+static inline int has_avx2(void) { return avx2_state; }
+
+__attribute__((target("avx2,popcnt"))) static void scan_f32_avx2(const uint32_t *x, int64_t n, uint32_t lo_key, uint32_t width,
+                                                          uint32_t cap, int64_t *below, int64_t *excluded, uint32_t *cand,
+                                                          int64_t cand_cap, int64_t *ncp) {
+    /* keys are below 2**31 and lo_key + width <= cap <= 2**31 - 1: signed compares are exact */
+    const __m256i magnitude = _mm256_set1_epi32(0x7FFFFFFF), lo = _mm256_set1_epi32((int32_t)lo_key);
+    const __m256i hi = _mm256_set1_epi32((int32_t)(lo_key + width)), top = _mm256_set1_epi32((int32_t)cap - 1);
+    int64_t nc = *ncp, i = 0, b = 0, ex = 0;
+    while (i + 8 <= n) {
+        /* counts in 32-bit lanes: flush them every 2**20 blocks, far below overflow */
+        __m256i below_acc = _mm256_setzero_si256(), excluded_acc = _mm256_setzero_si256();
+        int64_t end = n - i > ((int64_t)8 << 20) ? i + ((int64_t)8 << 20) : n;
+        if (nc + (end - i) > cand_cap) end = i + ((cand_cap - nc) & ~(int64_t)7);  /* never past cand */
+        if (end - i < 8) { *ncp = cand_cap + 1; return; }  /* the window holds too many keys */
+        for (; i + 8 <= end; i += 8) {
+            __m256i key = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + i)), magnitude);
+            __m256i under = _mm256_cmpgt_epi32(lo, key);          /* key < lo_key */
+            __m256i above = _mm256_cmpgt_epi32(key, top);         /* key >= cap */
+            __m256i inside = _mm256_andnot_si256(under, _mm256_cmpgt_epi32(hi, key));
+            below_acc = _mm256_sub_epi32(below_acc, under);
+            excluded_acc = _mm256_sub_epi32(excluded_acc, above);
+            int mask = _mm256_movemask_ps(_mm256_castsi256_ps(inside));
+            __m256i order = _mm256_loadu_si256((const __m256i *)compress_lut[mask]);
+            _mm256_storeu_si256((__m256i *)(cand + nc), _mm256_permutevar8x32_epi32(key, order));
+            nc += __builtin_popcount((unsigned)mask);
+        }
+        uint32_t lanes[8];
+        _mm256_storeu_si256((__m256i *)lanes, below_acc);
+        for (int j = 0; j < 8; ++j) b += lanes[j];
+        _mm256_storeu_si256((__m256i *)lanes, excluded_acc);
+        for (int j = 0; j < 8; ++j) ex += lanes[j];
+    }
+    for (; i < n; ++i) {
+        uint32_t key = x[i] & 0x7FFFFFFFu;
+        b += key < lo_key;
+        ex += key >= cap;
+        if (key - lo_key < width) { if (nc < cand_cap) cand[nc] = key; nc += 1; }
+    }
+    *below += b;
+    *excluded = ex;
+    *ncp = nc;
+}
+#else
+#define GMT_HAVE_AVX2_SCAN 0
+#endif
+
+static inline int scan_vectorised(void) {
+#if GMT_HAVE_AVX2_SCAN
+    return has_avx2();
+#else
+    return 0;
+#endif
+}
+
+/* For the tests: 1 when fp32 windows are scanned with AVX2 (and sampled). */
+int32_t gmt_avx2_scan(void) { return scan_vectorised(); }
+
 /* Warm path: one vectorised read per tensor counts the keys below the window and the excluded ones
  * and copies the window's keys to cand, with no histogram at all; when the k-th key falls inside the
  * window it is found among the candidates (returns 1). Otherwise (returns 0) the caller runs the
@@ -354,8 +458,14 @@ static inline __attribute__((always_inline)) int rank_window(const source_t *src
         const source_t *s = &src[t];
         int64_t excluded = 0;
 #define SCAN(NAME) scan_##NAME(s, lo_key, width, cap, &below, &excluded, cand, cand_cap, &nc)
+#if GMT_HAVE_AVX2_SCAN
+        if (s->kind == KIND_F32 && cap <= 0x7FFFFFFFu && has_avx2())  /* signed lanes: keys and cap below 2**31 */
+            scan_f32_avx2((const uint32_t *)s->x, s->n, lo_key, width, cap, &below, &excluded, cand, cand_cap, &nc);
+        else
+#endif
         DISPATCH(s, SCAN)
 #undef SCAN
+        if (nc > cand_cap) return 0;  /* the window held more keys than cand: the histograms decide */
         nonfinite[t] = excluded;
         excluded_all += excluded;
         total += s->n;
@@ -364,16 +474,17 @@ static inline __attribute__((always_inline)) int rank_window(const source_t *src
     int64_t want = k < 0 ? (int64_t)(ratio * (double)rankable) : (k < rankable ? k : rankable);
     out[0] = -1; out[1] = 0; out[2] = rankable; out[3] = -1; out[4] = 0;
     if (want <= 0) return 1;
-    if (want <= below || want > below + nc || nc > cand_cap) return 0;
-    /* the (want - below)-th smallest candidate: top digit over the window, then the low digit */
+    if (want <= below || want > below + nc) return 0;
+    /* the (want - below)-th smallest candidate: its top digit from a histogram of the candidates'
+     * top digits, then its low digit from one of the low digits of that top digit's candidates */
     int64_t remaining = want - below, seen = 0;
     uint32_t top = (uint32_t)wlo, low;
-    for (; top <= (uint32_t)whi; ++top) {
-        int64_t c = 0;
-        for (int64_t j = 0; j < nc; ++j) c += (cand[j] >> 16) == top;
-        if (seen + c >= remaining) break;
-        seen += c;
+    for (int64_t j = 0; j < nc; ++j) hist[cand[j] >> 16] += 1;
+    for (; top < (uint32_t)whi; ++top) {
+        if (seen + hist[top] >= remaining) break;
+        seen += hist[top];
     }
+    for (int64_t j = 0; j < nc; ++j) hist[cand[j] >> 16] = 0;
     remaining -= seen;
     for (int64_t j = 0; j < nc; ++j) if ((cand[j] >> 16) == top) hist[cand[j] & 0xFFFFu] += 1;
     int64_t under = 0;
@@ -391,9 +502,96 @@ static inline __attribute__((always_inline)) int rank_window(const source_t *src
     return 1;
 }
 
+/* wlo == SAMPLE_WINDOW: the window comes from a sample of the group's keys (sample_window). */
+#define SAMPLE_WINDOW (-3)
+#ifndef SAMPLE_FROM
+#define SAMPLE_FROM (1 << 16)
+#endif
+#ifndef SAMPLE_MAX
+#define SAMPLE_MAX (1 << 16)
+#endif
+#ifndef SAMPLE_SDS
+#define SAMPLE_SDS 4.5
+#endif
+#ifndef SAMPLE_EXTRA
+#define SAMPLE_EXTRA 0
+#endif
+#ifndef SAMPLE_RUN
+#define SAMPLE_RUN 16
+#endif
+
+static double square_root(double v) {  /* Newton's iteration: the library links no libm */
+    double r = v > 1.0 ? v : 1.0;
+    for (int i = 0; i < 64; ++i) r = 0.5 * (r + v / r);
+    return r;
+}
+
+/* Top digits [*wlo, *whi] that hold the k-th key but for a chance of about 1e-5, from a stratified
+ * sample: m keys (about 2 * total**(2/3), at most SAMPLE_MAX), one at a hashed position in each of m
+ * equal strata of the group. The window runs from the sample's quantile at p - margin to the one at
+ * p + margin, where the margin is SAMPLE_SDS standard deviations of a sample quantile plus two
+ * keys, widened to whole digits. Returns 0 (no window) when the sample says the window's keys would
+ * overflow cand. Gradients move their scale from step to step (the boundary digit of a SmolLM2
+ * tensor moves by tens of digits between steps), so the previous step's boundary is no hint for
+ * them; a sample is, at any step. Whatever the sample, the result is exact: a miss costs the
+ * histogram passes. */
+static inline __attribute__((always_inline)) int sample_window(const source_t *src, int64_t count, int64_t total, uint32_t cap,
+                                                               double ratio, int64_t k, uint32_t *hist, int64_t cand_cap,
+                                                               int64_t *wlo, int64_t *whi) {
+    int bits = 63 - __builtin_clzll((uint64_t)total);
+    int64_t m = (int64_t)1 << (2 * bits / 3 + SAMPLE_EXTRA);
+    if (m > SAMPLE_MAX) m = SAMPLE_MAX;
+    if (m > total) m = total;
+    /* runs of SAMPLE_RUN neighbours (one cache line of fp32), one run per stratum: a sample costs
+     * m / SAMPLE_RUN memory reads, not m */
+    const int64_t runs = m / SAMPLE_RUN > 0 ? m / SAMPLE_RUN : 1, stride = total / runs;
+    uint32_t lo_d = TOP_DIGIT, hi_d = 0;
+    int64_t t = 0, offset = 0, excluded = 0;
+    m = 0;
+    for (int64_t r = 0; r < runs; ++r) {
+        int64_t at = r * stride + (int64_t)(mix64((uint64_t)r) % (uint64_t)stride);
+        while (at >= offset + src[t].n) offset += src[t++].n;
+        const source_t *s = &src[t];
+        const int64_t end = at - offset + SAMPLE_RUN < s->n ? at - offset + SAMPLE_RUN : s->n;
+#define SAMPLE(NAME) sample_##NAME(s, at - offset, end, cap, hist, &lo_d, &hi_d, &excluded)
+        DISPATCH(s, SAMPLE)
+#undef SAMPLE
+        m += end - (at - offset);
+    }
+    (void)count;
+    const int64_t rankable = m - excluded;
+    double p = k < 0 ? ratio : (double)k * (double)m / ((double)total * (double)(rankable > 0 ? rankable : 1));
+    p = p < 0.0 ? 0.0 : p > 1.0 ? 1.0 : p;
+    const double margin = SAMPLE_SDS * square_root(p * (1.0 - p) / (double)(rankable > 0 ? rankable : 1)) + 2.0 / (double)m;
+    const double lo_rank = (p - margin) * (double)rankable, hi_rank = (p + margin) * (double)rankable;
+    int64_t seen = 0, in_window = 0;
+    *wlo = lo_rank < 1.0 ? 0 : -1;
+    *whi = -1;
+    for (uint32_t d = lo_d; d <= hi_d && *whi < 0; ++d) {
+        seen += hist[d];
+        if (*wlo < 0 && (double)seen >= lo_rank) *wlo = d;
+        if ((double)seen >= hi_rank) *whi = d;
+        if (*wlo >= 0) in_window += hist[d];
+    }
+    memset(hist + lo_d, 0, ((size_t)(hi_d - lo_d) + 1) * sizeof(uint32_t));
+    if (*whi < 0 || *whi >= (int64_t)(cap >> 16)) *whi = (int64_t)(cap >> 16) - 1;  /* up to the excluded keys */
+    if (rankable <= 0 || *wlo > *whi) return 0;
+    /* expected candidates, with room for the sample's error (+25%) */
+    return (double)in_window * (double)total / (double)m * 1.25 + 64.0 <= (double)cand_cap;
+}
+
 VECTOR_CLONES void gmt_rank_group(const source_t *src, int64_t count, uint32_t key_bits, uint32_t cap, double ratio, int64_t k,
                     int64_t wlo, int64_t whi, uint32_t *hist, uint32_t *cand, int64_t cand_cap,
                     int64_t *nonfinite, int64_t *out) {
+    if (key_bits == 32 && wlo == SAMPLE_WINDOW) {
+        /* only where the AVX2 scan serves every tensor: the portable scan of a sampled window (a few %
+         * of the keys) is no faster than the two histogram passes */
+        int64_t total = 0, vector = GMT_HAVE_AVX2_SCAN;
+        for (int64_t t = 0; t < count; ++t) total += src[t].n, vector &= src[t].kind == KIND_F32;
+        if (!(vector && total >= SAMPLE_FROM && scan_vectorised() &&
+              sample_window(src, count, total, cap, ratio, k, hist, cand_cap, &wlo, &whi)))
+            wlo = -1, whi = -2;
+    }
     if (key_bits == 32 && wlo >= 0 && whi >= wlo &&
         rank_window(src, count, cap, ratio, k, wlo, whi, hist, cand, cand_cap, nonfinite, out))
         return;

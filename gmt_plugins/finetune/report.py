@@ -112,12 +112,12 @@ def layer_matrix(series: dict[str, list[tuple[int, float]]]) -> tuple[list[str],
 
 def format_table(results: list[MethodResult], baseline: dict[str, float] | None) -> str:
     show_em = any(r.exact_match for r in results)
-    header = ["method", "trainable", "lr", "train loss (last 5)", "held-out answer loss", "ppl", "masked", "train s", "s/step"]
+    header = ["method", "trainable", "lr", "train loss (last 5)", "held-out answer loss", "ppl", "masked", "train s", "s/step", "CPU s/step"]
     if show_em:
         header.insert(6, "exact match")
     rows = []
     if baseline:
-        row = ["base (no training)", "-", "-", "-", f"{baseline['loss']:.4f}", f"{baseline['perplexity']:.2f}", "-", "-", "-"]
+        row = ["base (no training)", "-", "-", "-", f"{baseline['loss']:.4f}", f"{baseline['perplexity']:.2f}", "-", "-", "-", "-"]
         if show_em:
             row.insert(6, _em(baseline.get("exact_match")))
         rows.append(row)
@@ -127,6 +127,7 @@ def format_table(results: list[MethodResult], baseline: dict[str, float] | None)
             r.method + (" (LoRA)" if r.lora and r.method != "lora" else ""), _count(r.trainable_parameters), f"{r.learning_rate:g}",
             f"{r.final_train_loss:.4f}", f"{r.heldout.get('loss', float('nan')):.4f}", f"{r.heldout.get('perplexity', float('nan')):.2f}",
             masked, f"{r.train_seconds:.0f}", f"{r.train_seconds / max(r.steps, 1):.2f}",
+            f"{r.train_cpu_seconds / max(r.steps, 1):.2f}",
         ]
         if show_em:
             row.insert(6, _em(r.exact_match))

@@ -102,6 +102,10 @@ def _run(job: Job) -> dict[str, Any]:
     wall = time.perf_counter() - wall
     print()
     print(table)
+    print("\ns/step: wall clock per optimizer step; CPU s/step: this process's CPU time (time.process_time) per step, "
+          "which excludes time spent waiting for a core on a shared machine")
+    for line in step_ratios(results):
+        print(line)
     print(f"\ntotal wall time {wall:.0f} s")
     out = Path(training.output_dir)
     payload = {
@@ -116,3 +120,18 @@ def _run(job: Job) -> dict[str, Any]:
         print(f"wrote {out / 'results.json'} and {png}")
         payload["plot"] = str(png)
     return jsonable(payload)
+
+
+def step_ratios(results: list[Any], reference: str = "sft") -> list[str]:
+    """One line per method: its time per step over ``reference``'s, by wall clock and by CPU time."""
+    base = next((r for r in results if r.method == reference), None)
+    if base is None or not base.steps or not base.train_seconds or not base.train_cpu_seconds:
+        return []
+    lines = []
+    for r in results:
+        if r is base or not r.steps:
+            continue
+        wall = (r.train_seconds / r.steps) / (base.train_seconds / base.steps)
+        cpu = (r.train_cpu_seconds / r.steps) / (base.train_cpu_seconds / base.steps)
+        lines.append(f"{r.method} / {reference} per step: {wall:.3f} wall, {cpu:.3f} CPU")
+    return lines

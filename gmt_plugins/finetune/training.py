@@ -19,6 +19,9 @@ class MethodResult:
     learning_rate: float
     steps: int
     train_seconds: float
+    train_cpu_seconds: float
+    """This process's CPU time (``time.process_time``) over ``trainer.train()``: on a shared machine it
+    counts none of the time the process waited for a core, which wall time (``train_seconds``) does."""
     heldout: dict[str, float]
     exact_match: dict[str, Any] | None
     losses: list[tuple[int, float]]
@@ -125,9 +128,9 @@ def train_method(method: str, job: Any, model_dir: Path, tokenizer: Any, train_d
     steps = f"{args.max_steps} steps" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs"
     print(f"== {method}: {describe}{' + LoRA' if lora else ''}, lr={lr:g}, {steps} "
           f"x {args.per_device_train_batch_size * args.gradient_accumulation_steps} sequences", flush=True)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     trainer.train()
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     history = trainer.state.log_history
     start = time.perf_counter()
     heldout = heldout_answer_loss(model, eval_data, batch_size=args.per_device_eval_batch_size, pad_id=tokenizer.pad_token_id) if len(eval_data) else {}
@@ -139,7 +142,7 @@ def train_method(method: str, job: Any, model_dir: Path, tokenizer: Any, train_d
         trainer.save_model(str(out / "model"))
     result = MethodResult(
         method=method, lora=lora, gmt=None if gmt is None else gmt.to_dict(), learning_rate=lr,
-        steps=trainer.state.global_step, train_seconds=seconds, heldout=heldout, exact_match=em,
+        steps=trainer.state.global_step, train_seconds=seconds, train_cpu_seconds=cpu_seconds, heldout=heldout, exact_match=em,
         losses=[(h["step"], h["loss"]) for h in history if "loss" in h],
         masked_fraction=[(h["step"], h["gmt/masked_fraction"]) for h in history if "gmt/masked_fraction" in h],
         layer_fractions=layer_fractions(history, numels), trainable_parameters=sum(numels.values()),
