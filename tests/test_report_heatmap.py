@@ -55,7 +55,7 @@ def synthetic_history() -> list[dict]:
 def gmt_result(stats: dict, *, scope: str = "tensor", method: str = "gmt") -> MethodResult:
     return MethodResult(
         method=method, lora=False, gmt={"scope": scope, "mask_ratio": 0.2}, learning_rate=1e-3, steps=4,
-        train_seconds=1.0, heldout={"loss": 1.0}, exact_match=None, losses=[(s, 1.0 / s) for s in (1, 2, 3, 4)],
+        train_seconds=1.0, train_cpu_seconds=1.0, heldout={"loss": 1.0}, exact_match=None, losses=[(s, 1.0 / s) for s in (1, 2, 3, 4)],
         masked_fraction=[(s, 0.2) for s in (1, 2, 3, 4)], layer_fractions={}, trainable_parameters=100,
         layer_stats=stats,
     )
@@ -271,7 +271,9 @@ def test_results_json_keeps_the_series_so_the_figure_can_be_redrawn(tmp_path):
     assert [r.method for r in back] == ["sft", "gmt"] and back[0].layer_stats == {}
     assert {q: {k: [tuple(p) for p in v] for k, v in s.items()} for q, s in back[1].layer_stats.items()} == stats
     del payload["results"][1]["layer_stats"]  # a results.json from before the heatmaps
-    assert report.results_from_json(payload)[1].layer_stats == {}
+    del payload["results"][1]["train_cpu_seconds"]  # and from before the CPU clock
+    older = report.results_from_json(payload)[1]
+    assert older.layer_stats == {} and math.isnan(older.train_cpu_seconds)
     png = report.plot_results(back, tmp_path / "again.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

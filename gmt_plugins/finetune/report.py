@@ -317,7 +317,11 @@ def results_from_json(payload: dict[str, Any]) -> list[MethodResult]:
     from gmt_plugins.finetune.training import MethodResult
 
     fields = {f.name for f in dataclasses.fields(MethodResult)}
-    return [MethodResult(**{k: v for k, v in r.items() if k in fields}) for r in payload["results"]]
+    # results.json files written before the CPU clock was reported have no train_cpu_seconds
+    return [
+        MethodResult(**{"train_cpu_seconds": math.nan, **{k: v for k, v in r.items() if k in fields}})
+        for r in payload["results"]
+    ]
 
 
 def jsonable(value: Any) -> Any:
