@@ -53,3 +53,11 @@ def test_plateau_is_the_share_of_the_change_left_for_the_last_third():
     assert converge._plateau([(0, 2.0), (10, 1.5), (20, 1.0), (30, 1.0)]) == 0.0
     assert converge._plateau([(0, 2.0), (10, 1.5), (20, 1.5), (30, 1.0)]) == pytest.approx(0.5)
     assert math.isnan(converge._plateau([(0, 2.0), (30, 1.0)]))
+
+
+def test_spread_takes_rows_at_an_even_stride_so_an_ordered_split_stays_balanced():
+    rows = [{"label": 1}] * 600 + [{"label": 0}] * 400  # ordered by label, as the movie-review split is
+    picked = converge.spread(rows, 100)
+    assert len(picked) == 100 and sum(r["label"] for r in picked) == 60
+    assert converge.spread(rows, 0) == rows and converge.spread(rows, 5000) == rows
+    assert converge.spread(list(range(10)), 4) == [0, 2, 5, 7]
