@@ -23,3 +23,16 @@ def flat_view(tensor: torch.Tensor) -> torch.Tensor | None:
 def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether :func:`flat_view` lists ``a`` and ``b`` in the same entry order (strides of size-1 dims do not count)."""
     return a.shape == b.shape and all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n > 1)
+
+
+def flat_like(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """The entries of ``tensor`` (shaped like ``reference``) in the order :func:`flat_view` lists
+    ``reference``'s: a view when the two are laid out alike, else a copy. A strategy that reads a
+    parameter beside its gradient's flat view pairs entries with this, not ``reshape(-1)``, which
+    lists a ``channels_last`` tensor in logical order."""
+    if same_layout(tensor, reference):
+        view = flat_view(tensor)
+        if view is not None:
+            return view
+    order = sorted(range(reference.dim()), key=lambda d: (-reference.stride(d), d))
+    return tensor.permute(order).reshape(-1)

@@ -132,3 +132,30 @@ def test_overlapping_gradient_is_refused_naming_the_parameter():
     p.grad = torch.ones(4).expand(3, 4)  # stride 0: not one dense block
     with pytest.raises(ValueError, match="gradient of 'w'.*dense block"):
         GradientMasker([("w", p)], mask_ratio=0.5).apply()
+
+
+@pytest.mark.parametrize("strategy", ["id3", "sara"])
+def test_strategies_that_read_the_weights_pair_them_with_the_gradient_entry_by_entry(strategy):
+    """id3 and sara rank by the weights beside the gradient: on channels_last tensors the weights must
+    be read in the gradient's memory order, so the masks equal those of a contiguous copy of the same
+    weights and gradients (no ties: continuous random values)."""
+    def run(channels_last: bool) -> list[torch.Tensor]:
+        convs = channels_last_grads()
+        params = [p for conv in convs for p in conv.parameters()]
+        if not channels_last:
+            for p in params:
+                p.data, p.grad = p.data.contiguous(), p.grad.contiguous()
+        with torch.no_grad():
+            for p in params:  # weights far apart in magnitude, so the ranking depends on them
+                p.mul_(torch.logspace(-3, 3, p.numel()).view(p.shape))
+        options = {"steps_to_budget": 1} if strategy == "id3" else {}  # id3: the whole budget in one growth step
+        masker = GradientMasker(
+            [(f"p{i}", p) for i, p in enumerate(params)], mask_ratio=0.5, strategy=strategy, strategy_options=options
+        )
+        masker.apply()
+        return [p.grad == 0 for p in params]
+
+    reference, tested = run(False), run(True)
+    assert any(m.any() for m in reference)
+    for want, got in zip(reference, tested):
+        assert torch.equal(got, want)

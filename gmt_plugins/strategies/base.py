@@ -12,6 +12,7 @@ import torch
 from gmt_plugins.config import GMTConfig
 from gmt_plugins.distributed import ShardInfo
 from gmt_plugins.keys import ShiftedKeys
+from gmt_plugins.layout import flat_like
 from gmt_plugins.selection import Cut, KeySource, rank
 
 
@@ -33,6 +34,15 @@ class GradEntry:
     def offset(self) -> int:
         """Flat position of ``flat[0]`` in the full tensor (0 unless sharded)."""
         return 0 if self.shard is None else self.shard.offset
+
+    def param_flat(self) -> torch.Tensor:
+        """The parameter's entries (detached) in the order of ``flat``: the gradient's memory order,
+        which for a ``channels_last`` tensor is not ``reshape(-1)``'s logical order."""
+        param = self.param.detach()
+        grad = getattr(self.param, "grad", None)
+        if self.shard is None and isinstance(grad, torch.Tensor) and grad.shape == param.shape and param.dim() > 1:
+            return flat_like(param, grad)
+        return param.reshape(-1)
 
 
 @dataclass

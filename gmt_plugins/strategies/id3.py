@@ -100,7 +100,7 @@ class ID3Strategy(MaskStrategy):
 
     def _score_fn(self, entries: Sequence[GradEntry]) -> ScoreFn:
         eps, exponent = self.options.eps, self.options.exponent
-        thetas = [e.param.detach().reshape(-1) for e in entries]
+        thetas = [e.param_flat() for e in entries]
 
         def score(index: int, chunk: torch.Tensor, start: int) -> torch.Tensor:
             theta = thetas[index][start : start + chunk.numel()].to(torch.float32)
@@ -112,7 +112,7 @@ class ID3Strategy(MaskStrategy):
         """The C kernel when it computes this step's growth exactly (see :mod:`gmt_plugins.native_id3`)."""
         if native_id3.exponent_kind(self.options.exponent) is None:
             return None
-        thetas = [e.param.detach().reshape(-1) for e in entries]
+        thetas = [e.param_flat() for e in entries]
         if not native_id3.usable([e.flat for e in entries], thetas, kept):
             return None
         return native_id3.library()
@@ -160,7 +160,7 @@ class ID3Strategy(MaskStrategy):
         if grow <= 0:
             return None
         result = native_id3.grow(
-            lib, [e.flat for e in entries], [e.param.detach().reshape(-1) for e in entries], kept, [d.masked for d in derived],
+            lib, [e.flat for e in entries], [e.param_flat() for e in entries], kept, [d.masked for d in derived],
             eps=self.options.eps, exponent=self.options.exponent, k=grow, boundaries=self._boundaries,
         )
         for d, added in zip(derived, result.marked):

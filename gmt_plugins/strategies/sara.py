@@ -68,7 +68,7 @@ class SaRAStrategy(MaskStrategy):
         return interval is not None and not self.selected_at <= step < self.selected_at + interval
 
     def select(self, entries: Sequence[GradEntry], step: int) -> None:
-        magnitudes = [e.param.detach().reshape(-1).float().abs() for e in entries]
+        magnitudes = [e.param_flat().float().abs() for e in entries]
         chosen = lowest_fraction(magnitudes, self.options.fraction, self.config.scope, self.config.chunk_numel)
         self.trainable = {e.name: m.view(e.param.shape) for e, m in zip(entries, chosen)}
         self.selected_at = step
