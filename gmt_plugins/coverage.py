@@ -144,9 +144,10 @@ class CoverageTracker:
         return popcount(updated), changed
 
     def state_dict(self) -> dict[str, Any]:
+        """Copies of the bit sets: the kernel updates the tracker's own bytes in place."""
         return {
-            "updated": dict(self.updated),
-            "previous": dict(self.previous),
+            "updated": {name: bits.clone() for name, bits in self.updated.items()},
+            "previous": {name: bits.clone() for name, bits in self.previous.items()},
             "numel": dict(self.numel),
         }
 
@@ -160,8 +161,8 @@ class CoverageTracker:
                 tensor = state[part][name]
                 if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.uint8 or tensor.numel() != expected:
                     raise ValueError(f"coverage state {part!r} of {name!r} is not {expected} packed bytes")
-        self.updated = {name: state["updated"][name] for name in names}
-        self.previous = {name: state["previous"][name] for name in names}
+        self.updated = {name: state["updated"][name].clone() for name in names}  # the kernel writes into them
+        self.previous = {name: state["previous"][name].clone() for name in names}
         self.numel = {name: int(state["numel"][name]) for name in names}
 
     def memory_bytes(self) -> int:
@@ -174,13 +175,11 @@ def _native_mask(mask: torch.Tensor, numel: int) -> bool:
 
 
 def _own_bytes(packed: torch.Tensor | None, nbytes: int) -> torch.Tensor:
-    """A contiguous CPU uint8 tensor of ``nbytes`` the kernel may write: ``packed`` itself when it is one
-    (a loaded checkpoint's tensor is copied first), else zeros."""
+    """A contiguous CPU uint8 tensor of ``nbytes`` the kernel may write: the tracker's own ``packed``
+    (``state_dict`` and ``load_state_dict`` copy, so nobody else holds it), else zeros."""
     if packed is None:
         return torch.zeros(nbytes, dtype=torch.uint8)
-    if packed.device.type != "cpu" or not packed.is_contiguous() or packed._base is not None:
-        packed = packed.to("cpu").contiguous().clone()
-    return packed
+    return packed.to("cpu").contiguous()
 
 
 def _all_set(numel: int, device: torch.device) -> torch.Tensor:

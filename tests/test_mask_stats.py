@@ -290,6 +290,20 @@ def test_tracker_kernel_equals_its_torch_twin_step_by_step(n, monkeypatch):
     assert len(calls) == 3  # steps 0-2 went through the kernel (the tracker after the load is another object)
 
 
+def test_tracker_state_is_a_snapshot_the_kernel_does_not_write_into():
+    tracker = CoverageTracker()
+    tracker.observe("w", 100, torch.arange(100) % 2 == 0, torch.device("cpu"))
+    saved = tracker.state_dict()
+    kept = {part: saved[part]["w"].clone() for part in ("updated", "previous")}
+    resumed = CoverageTracker()
+    resumed.load_state_dict(saved)
+    for t in (tracker, resumed):
+        t.observe("w", 100, torch.zeros(100, dtype=torch.bool), torch.device("cpu"))
+    for part in ("updated", "previous"):
+        assert torch.equal(saved[part]["w"], kept[part]), part
+    assert torch.equal(tracker.updated["w"], resumed.updated["w"]) and not torch.equal(tracker.updated["w"], kept["updated"])
+
+
 def test_layer_names_follow_the_interface():
     assert layer_of("model.layers.3.mlp.up_proj.weight") == "model.layers.3"
     assert layer_of("model.embed_tokens.weight") == "model.embed_tokens"
