@@ -18,7 +18,6 @@ from gmt_plugins.layout import flat_view, same_layout
 from gmt_plugins.plugins import get_plugin_manager, strategy_registry
 from gmt_plugins.selection import Applied, Cut, apply_cut_counted, count_equal
 from gmt_plugins.stats import MaskStats, TensorStats
-from gmt_plugins.strategies._masks import count_nonfinite
 from gmt_plugins.strategies.base import GradEntry, MaskPlan, MaskStrategy, TensorPlan
 from gmt_plugins.strict import MaskedEntryGuard
 from gmt_plugins.wrappers import unwrap_model  # noqa: F401 - re-exported: it lived here before
@@ -309,7 +308,7 @@ class GradientMasker:
         if type(self.strategy).state_dict is MaskStrategy.state_dict or not entries:
             return None
         device = entries[0].flat.device
-        nonfinite = int(_any_nonfinite([e.flat for e in entries if e.flat.numel()], device, self.config.chunk_numel))
+        nonfinite = int(_any_nonfinite([e for e in entries if e.flat.numel()], device, self.config.chunk_numel))
         if reducer is not None:  # every rank skips the step: keep every rank's state
             nonfinite = reducer.sum_counts([nonfinite], device)[0]
         if not nonfinite:
@@ -421,14 +420,16 @@ def _cloned(value: Any) -> Any:
     return value
 
 
-def _any_nonfinite(flats: list[torch.Tensor], device: torch.device, chunk_numel: int) -> bool:
-    """Whether any entry of ``flats`` is NaN or inf: contiguous CPU fp32 tensors through
-    ``count_nonfinite``'s one C read; the others by one max-abs reduction each, with a single host sync."""
+def _any_nonfinite(entries: list[GradEntry], device: torch.device, chunk_numel: int) -> bool:
+    """Whether any gradient entry is NaN or inf. Contiguous CPU fp32 gradients are counted by one C
+    read each (``GradEntry.nonfinite_count``), and the count is kept for the plan, which would
+    otherwise read them again (``mask_plan``); the others by one max-abs reduction each, with a
+    single host sync."""
+    found = False
     peaks = []
-    for flat in flats:
-        if native_rank.ema_usable(flat):
-            if count_nonfinite(flat, chunk_numel):
-                return True
+    for entry in entries:
+        if native_rank.ema_usable(entry.flat):
+            found = entry.nonfinite_count(chunk_numel) > 0 or found
             continue
-        peaks.append(torch.linalg.vector_norm(flat, ord=float("inf")).float().to(device))
-    return bool(peaks) and not bool(torch.isfinite(torch.stack(peaks)).all())
+        peaks.append(torch.linalg.vector_norm(entry.flat, ord=float("inf")).float().to(device))
+    return found or (bool(peaks) and not bool(torch.isfinite(torch.stack(peaks)).all()))

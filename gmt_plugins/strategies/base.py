@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
+from gmt_plugins import native, native_rank
 from gmt_plugins.config import GMTConfig
 from gmt_plugins.distributed import ShardInfo
 from gmt_plugins.keys import ShiftedKeys
 from gmt_plugins.layout import flat_like
-from gmt_plugins.selection import Cut, KeySource, rank
+from gmt_plugins.selection import Cut, KeySource, iter_chunks, rank
 
 
 @dataclass
@@ -29,6 +30,20 @@ class GradEntry:
     param: torch.nn.Parameter
     flat: torch.Tensor
     shard: ShardInfo | None = None
+    _nonfinite: int | None = field(default=None, init=False, repr=False, compare=False)
+
+    def nonfinite_count(self, chunk_numel: int) -> int:
+        """NaN/inf entries of ``flat``, counted once per step: the masker's skipped-step check counts
+        them for stateful strategies, and a plan that needs the count (``mask_plan``) reuses it rather
+        than reading the gradient again. Gradients are not changed between the two (strategies plan,
+        the engine masks afterwards)."""
+        if self._nonfinite is None:
+            self._nonfinite = count_nonfinite(self.flat, chunk_numel)
+        return self._nonfinite
+
+    def known_nonfinite(self) -> int | None:
+        """The count :meth:`nonfinite_count` already took this step, or ``None``."""
+        return self._nonfinite
 
     @property
     def offset(self) -> int:
@@ -43,6 +58,18 @@ class GradEntry:
         if self.shard is None and isinstance(grad, torch.Tensor) and grad.shape == param.shape and param.dim() > 1:
             return flat_like(param, grad)
         return param.reshape(-1)
+
+
+def count_nonfinite(flat: torch.Tensor, chunk_numel: int) -> int:
+    """NaN/inf entries of ``flat``, counted chunk by chunk (no full-size scratch buffer), or by one C
+    read for fp32 CPU tensors when the kernel is available (the chunks are its twin)."""
+    lib = native.library() if native_rank.ema_usable(flat) else None
+    if lib is not None:
+        return native_rank.count_nonfinite_f32(lib, flat)
+    total = 0
+    for _, chunk in iter_chunks(flat, chunk_numel):
+        total += int((~torch.isfinite(chunk)).sum().item())
+    return total
 
 
 @dataclass
