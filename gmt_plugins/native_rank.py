@@ -55,6 +55,11 @@ class NativeKeys:
     """Random keys already hashed by :func:`random_rank_group`: :func:`apply` then reads its bits."""
     member: int = 0
     """This flat's place in ``selection``'s group."""
+    kept: bool = False
+    """KIND_MASK: ``score`` flags the kept entries (a strategy's stored set), not the masked ones."""
+    bits: torch.Tensor | None = None
+    """KIND_MASK: the masked entries packed 64 to a word (:func:`pack_mask_bits`), which :func:`apply`
+    reads instead of ``score`` for the stored-mask step (threshold 1, no ties)."""
 
 
 class _Source(ctypes.Structure):
@@ -89,7 +94,9 @@ def _source(flat: torch.Tensor, keys: NativeKeys) -> _Source:
     score = keys.score
     # KIND_RANDOM_16 tells fp16 from bf16 by a non-null second pointer
     s = score.data_ptr() if score is not None else (1 if keys.kind == KIND_RANDOM_16 and flat.dtype == torch.float16 else 0)
-    return _Source(flat.data_ptr(), s or None, flat.numel(), keys.start, keys.seed & (2**64 - 1), keys.kind)
+    # masks use no seed: its bit 0 says the bytes are the kept entries (histogram.c, SETUP_MASK)
+    seed = int(keys.kept) if keys.kind == KIND_MASK else keys.seed & (2**64 - 1)
+    return _Source(flat.data_ptr(), s or None, flat.numel(), keys.start, seed, keys.kind)
 
 
 def _buffers(candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,6 +201,8 @@ def apply(
     _declare(lib)
     if keys.selection is not None and keys.selection.covers(threshold, ties):
         return apply_preselected(lib, flat, keys, threshold, ties, record)
+    if keys.bits is not None and keys.kind == KIND_MASK and threshold == 1 and ties == 0:
+        return apply_mask_bits(lib, flat, keys.bits, record)
     out = (ctypes.c_int64 * 3)()
     source = _source(flat, keys)
     lib.gmt_apply(ctypes.byref(source), threshold, ties, None if record is None else record.data_ptr(), out)
@@ -451,3 +460,70 @@ def ema_rank_group(
         boundary=None, second_pass=True,
     )
     return result, Preselection(bits, offsets[:-1], cand_key, cand_pos, cand_start[: count + 1], lo, hi)
+
+
+# --- stored masks read as bits, gradient sums (the stored-mask section of _native/histogram.c) ---
+
+_stored_declared: set[int] = set()
+
+
+def _declare_stored(lib: ctypes.CDLL) -> None:
+    if id(lib) in _stored_declared:
+        return
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    lib.gmt_pack_mask_bits.argtypes = [p, i64, i32, p]
+    lib.gmt_pack_mask_bits.restype = None
+    lib.gmt_apply_mask_bits.argtypes = [p, p, i64, p, p]
+    lib.gmt_apply_mask_bits.restype = None
+    lib.gmt_accumulate_finite_f32.argtypes = [p, p, i64, i32, i32]
+    lib.gmt_accumulate_finite_f32.restype = None
+    _stored_declared.add(id(lib))
+
+
+def pack_mask_bits(lib: ctypes.CDLL, mask: torch.Tensor, *, invert: bool) -> torch.Tensor:
+    """A flat CPU bool mask packed 64 entries to an int64 word (entry ``i`` at bit ``i % 64`` of word
+    ``i // 64``, the bits past the end 0), inverted with ``invert`` (kept entries -> masked bits).
+    :func:`reference_pack_mask_bits` is its twin."""
+    if mask.dtype != torch.bool or mask.device.type != "cpu" or not mask.is_contiguous() or mask.dim() != 1:
+        raise ValueError(f"pack_mask_bits takes a flat contiguous CPU bool tensor, got {mask.dtype} {tuple(mask.shape)} on {mask.device}")
+    _declare_stored(lib)
+    bits = torch.empty((mask.numel() + 63) // 64, dtype=torch.int64)
+    if mask.numel():
+        lib.gmt_pack_mask_bits(mask.data_ptr(), mask.numel(), int(invert), bits.data_ptr())
+    return bits
+
+
+def reference_pack_mask_bits(mask: torch.Tensor, *, invert: bool) -> torch.Tensor:
+    """Slow twin of :func:`pack_mask_bits`: the bits summed as powers of two, word by word."""
+    flags = (~mask if invert else mask).to(torch.int64).cpu()
+    padded = torch.zeros((mask.numel() + 63) // 64 * 64, dtype=torch.int64)
+    padded[: mask.numel()] = flags
+    words = padded.view(-1, 64)
+    weights = torch.tensor([1 << j for j in range(63)] + [-(1 << 63)], dtype=torch.int64)  # bit 63 is the sign
+    return (words * weights).sum(dim=1)
+
+
+def apply_mask_bits(lib: ctypes.CDLL, flat: torch.Tensor, bits: torch.Tensor, record: torch.Tensor | None) -> tuple[int, int, int]:
+    """The stored-mask step from packed bits: zero the finite entries of the fp32 ``flat`` whose bit is
+    set; ``(masked, 0, masked_nonzero)`` as :func:`apply` gives for ``KIND_MASK`` at threshold 1, no ties
+    (its twin in the tests)."""
+    if not ema_usable(flat) or bits.dtype != torch.int64 or bits.device.type != "cpu" or not bits.is_contiguous():
+        raise ValueError("apply_mask_bits takes a contiguous CPU float32 gradient and contiguous CPU int64 bits")
+    if bits.numel() < (flat.numel() + 63) // 64:
+        raise ValueError(f"apply_mask_bits: {bits.numel()} words cannot hold {flat.numel()} entries")
+    _declare_stored(lib)
+    out = (ctypes.c_int64 * 3)()
+    if flat.numel():
+        lib.gmt_apply_mask_bits(flat.data_ptr(), bits.data_ptr(), flat.numel(), None if record is None else record.data_ptr(), out)
+    return out[0], out[1], out[2]
+
+
+def accumulate_finite_f32(lib: ctypes.CDLL, acc: torch.Tensor, grad: torch.Tensor, *, first: bool, square: bool) -> None:
+    """``acc`` (+)= the finite entries of ``grad`` (squared with ``square``), NaN/inf counting as +0, in
+    place and in one read of ``grad``; ``first``: ``acc`` is overwritten. Bit for bit the torch twin
+    :func:`gmt_plugins.strategies._sparse.reference_accumulate_finite` (``nan_to_num``, ``square_``, ``add_``)."""
+    if not (ema_usable(acc) and ema_usable(grad) and acc.numel() == grad.numel()):
+        raise ValueError("accumulate_finite_f32 takes contiguous CPU float32 tensors of one size")
+    _declare_stored(lib)
+    if grad.numel():
+        lib.gmt_accumulate_finite_f32(acc.data_ptr(), grad.data_ptr(), grad.numel(), int(first), int(square))

@@ -125,7 +125,9 @@ MOVES(64)
  *   KIND_SCORE: ScoreKeys of a float32 score (|s|, NaN -> 0, inf -> FLT_MAX bits), excluded where
  *     the gradient (second pointer, fp32) is not finite;
  *   KIND_MASK: MaskKeys of a stored bool mask (second pointer, bytes; NULL = every entry masked) over
- *     an fp32 gradient: 0 = masked, 1 = kept, 2 = non-finite gradient (16-bit keys).
+ *     an fp32 gradient: 0 = masked, 1 = kept, 2 = non-finite gradient (16-bit keys); the bytes flag
+ *     the masked entries, or the kept ones when bit 0 of seed is set (a strategy's stored set, read
+ *     without building its complement).
  * Counts go to TABLES interleaved sub-histograms (entry j of a block to table j % TABLES) for large
  * groups, so that runs of equal digits (gradients fall in a few hundred bins) do not wait on one
  * counter. Warm start: given a window of top digits [wlo, whi] (the previous step's boundary bin
@@ -323,8 +325,10 @@ typedef struct {
 #define KEY_16(i) ((uint32_t)(x[i] & 0x7FFFu))
 #define KEY_RANDOM(i) ((x[i] & e) == e ? RANDOM_CAP : (uint32_t)(mix64(p0 + (uint64_t)(i)) >> 33))
 #define KEY_SCORE(i) score_key(sc[i], x[i])
-#define SETUP_MASK const uint32_t *x = (const uint32_t *)src->x; const uint8_t *mk = (const uint8_t *)src->s;
-#define KEY_MASK(i) ((x[i] & 0x7F800000u) == 0x7F800000u ? 2u : (mk ? (uint32_t)(mk[i] == 0) : 0u))
+/* seed bit 0 (unused by masks otherwise): the bytes flag the kept entries, not the masked ones */
+#define SETUP_MASK const uint32_t *x = (const uint32_t *)src->x; const uint8_t *mk = (const uint8_t *)src->s; \
+    const uint32_t kept = (uint32_t)(src->seed & 1u); (void)kept;
+#define KEY_MASK(i) ((x[i] & 0x7F800000u) == 0x7F800000u ? 2u : (mk ? (uint32_t)(mk[i] == 0) ^ kept : 0u))
 
 KIND_PASSES(f32, SETUP_32, KEY_F32, 16, 1)
 KIND_PASSES(bf16_wide, SETUP_16, KEY_BF16_WIDE, 16, 1)
@@ -768,14 +772,14 @@ VECTOR_CLONES void gmt_apply(const source_t *src, uint64_t threshold_in, int64_t
             uint32_t *y = (uint32_t *)src->x;
             /* and-masks rather than selects, so that the byte and word lanes vectorise together */
             for (int64_t i = 0; i < src->n; ++i) {
-                uint32_t hit = (uint32_t)(mk[i] != 0) & (uint32_t)((x[i] & 0x7F800000u) != 0x7F800000u);
+                uint32_t hit = ((uint32_t)(mk[i] != 0) ^ kept) & (uint32_t)((x[i] & 0x7F800000u) != 0x7F800000u);
                 nonzero += hit & (uint32_t)((y[i] & 0x7FFFFFFFu) != 0);
                 y[i] &= hit - 1u;
                 masked += hit;
             }
             if (record)
                 for (int64_t i = 0; i < src->n; ++i)
-                    record[i] = (uint8_t)((mk[i] != 0) & ((x[i] & 0x7F800000u) != 0x7F800000u));  /* zeroed entries stay finite */
+                    record[i] = (uint8_t)(((uint32_t)(mk[i] != 0) ^ kept) & ((x[i] & 0x7F800000u) != 0x7F800000u));  /* zeroed entries stay finite */
             break;
         }
 #define KEY_AT(i) KEY_MASK(i)
@@ -1689,3 +1693,100 @@ void gmt_coverage_observe(const uint8_t *mask, int64_t n, uint8_t *updated, uint
     out[1] = first ? 0 : changed;
 }
 /* ---- end of the coverage section ---- */
+
+/* ---- stored-mask section (strategies/_masks.py StoredMask; spiel, sift, spt accumulation) ---- */
+/* Accumulate the finite entries of an fp32 gradient into an fp32 sum, in place: v = g where g is
+ * finite, else +0; v = v * v when square != 0; acc = v when first != 0, else acc = acc + v. Each
+ * operation rounds as its torch twin's does (nan_to_num, square_, add_; -ffp-contract=off keeps
+ * acc + v * v unfused): one read of g and one read and write of acc, no scratch tensor. */
+#define ACCUMULATE_LOOP(VALUE, STORE)                                                               \
+    for (int64_t i = 0; i < n; ++i) {                                                               \
+        const float v = (gb[i] & 0x7F800000u) == 0x7F800000u ? 0.0f : g[i];                        \
+        const float w = (VALUE);                                                                    \
+        acc[i] = (STORE);                                                                           \
+    }
+VECTOR_CLONES void gmt_accumulate_finite_f32(float *restrict acc, const float *restrict g, int64_t n, int32_t first,
+                                             int32_t square) {
+    const uint32_t *gb = (const uint32_t *)g;
+    if (first && square) { ACCUMULATE_LOOP(v * v, w) }
+    else if (first) { ACCUMULATE_LOOP(v, w) }
+    else if (square) { ACCUMULATE_LOOP(v * v, acc[i] + w) }
+    else { ACCUMULATE_LOOP(v, acc[i] + w) }
+}
+#undef ACCUMULATE_LOOP
+
+/* Pack n bool bytes into bits, entry i at bit i % 64 of word i / 64 (the bits past n are 0); with
+ * invert != 0 a byte that is 0 sets its bit (a stored set of kept entries -> bits of masked ones). */
+static inline uint64_t stored_pack8(const uint8_t *bytes) {
+    uint64_t w;
+    memcpy(&w, bytes, 8);
+    /* bool bytes are 0 or 1: one multiply gathers bit 0 of byte j into bit 56 + j */
+    return ((w & 0x0101010101010101ULL) * 0x0102040810204080ULL) >> 56;
+}
+
+void gmt_pack_mask_bits(const uint8_t *mask, int64_t n, int32_t invert, uint64_t *bits) {
+    const int64_t words = n / 64;
+    const uint64_t flip = invert ? ~0ULL : 0ULL;
+    for (int64_t q = 0; q < words; ++q) {
+        uint64_t packed = 0;
+        for (int j = 0; j < 8; ++j) packed |= stored_pack8(mask + 64 * q + 8 * j) << (8 * j);
+        bits[q] = packed ^ flip;
+    }
+    if (words * 64 < n) {
+        uint64_t packed = 0;
+        for (int64_t i = words * 64; i < n; ++i) packed |= (uint64_t)((mask[i] != 0) ^ (invert != 0)) << (i - words * 64);
+        bits[words] = packed;
+    }
+}
+
+/* The stored-mask step (MaskKeys' Cut(1)) from packed bits: zero, in place, the finite fp32 entries
+ * whose bit is set, as gmt_apply does for KIND_MASK at threshold 1 with no ties; out: masked, 0 ties,
+ * masked_nonzero (-0.0 counts as zero); record (or NULL) receives the zeroed entries as bytes. A word
+ * with no bit set leaves its 64 entries unread. */
+static inline void stored_unpack(uint64_t w, uint8_t *set) {
+    for (int j = 0; j < 8; ++j) {
+        /* byte k of the product holds bit k of the byte when set (at most 0x80): adding 0x7F carries it to bit 7 */
+        uint64_t spread = (((w >> (8 * j)) & 0xFFu) * 0x0101010101010101ULL) & 0x8040201008040201ULL;
+        spread = ((spread + 0x7F7F7F7F7F7F7F7FULL) >> 7) & 0x0101010101010101ULL;
+        memcpy(set + 8 * j, &spread, 8);
+    }
+}
+
+#define STORED_BLOCK 4096
+VECTOR_CLONES void gmt_apply_mask_bits(uint32_t *restrict y, const uint64_t *restrict bits, int64_t n,
+                                       uint8_t *restrict record, int64_t *out) {
+    int64_t masked = 0, nonzero = 0;
+    uint8_t set[STORED_BLOCK];
+    for (int64_t base = 0; base < n; base += STORED_BLOCK) {
+        const int64_t count = n - base < STORED_BLOCK ? n - base : STORED_BLOCK;
+        const int64_t words = (count + 63) / 64;
+        uint64_t any = 0;
+        for (int64_t q = 0; q < words; ++q) {
+            const uint64_t w = bits[base / 64 + q];
+            any |= w;
+            stored_unpack(w, set + 64 * q);
+        }
+        if (any == 0) { /* nothing masked here: the block is not read */
+            if (record) memset(record + base, 0, (size_t)count);
+            continue;
+        }
+        uint32_t hits = 0, nonzero_hits = 0;
+        uint32_t *restrict z = y + base;
+        for (int64_t j = 0; j < count; ++j) {
+            const uint32_t hit = (uint32_t)set[j] & (uint32_t)((z[j] & 0x7F800000u) != 0x7F800000u);
+            nonzero_hits += hit & (uint32_t)((z[j] & 0x7FFFFFFFu) != 0);
+            z[j] &= hit - 1u;
+            hits += hit;
+        }
+        if (record) /* zeroed entries stay finite, so the test reads the same after the write */
+            for (int64_t j = 0; j < count; ++j)
+                record[base + j] = (uint8_t)((uint32_t)set[j] & (uint32_t)((z[j] & 0x7F800000u) != 0x7F800000u));
+        masked += hits;
+        nonzero += nonzero_hits;
+    }
+    out[0] = masked;
+    out[1] = 0;
+    out[2] = nonzero;
+}
+#undef STORED_BLOCK
+/* ---- end of the stored-mask section ---- */

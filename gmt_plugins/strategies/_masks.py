@@ -17,6 +17,7 @@ sources the engine (``GradientMasker._execute`` -> ``apply_cut``) reads. This mo
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -74,14 +75,49 @@ def check_patterns(option: str, value: Any) -> list[str]:
 # --- key sources ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, eq=False)
+class StoredMask:
+    """A strategy's stored set of *kept* (updatable) entries, as :class:`MaskKeys` reads it: ``kept``
+    (flat bool, True = kept; a view of the strategy's tensor, not a copy) and, for CPU sets when the
+    kernel is available, the masked entries packed 64 to a word (``bits``, 1/8 of the bytes), which
+    the kernel's stored-mask step reads instead. Built by :func:`stored_mask`, which packs each set once."""
+
+    kept: torch.Tensor
+    bits: torch.Tensor | None
+
+    def numel(self) -> int:
+        return self.kept.numel()
+
+
+# id(set) -> (weak reference, its version counter when packed, its bits): a set changes only when a
+# strategy re-selects (a new tensor), so it is packed once per selection, not once per step; an
+# in-place change bumps the version and the set is packed again. Only the bits are kept here: a view
+# of the set would hold the set alive (its ``_base``).
+_PACKED: dict[int, tuple[weakref.ref, int, torch.Tensor | None]] = {}
+
+
+def stored_mask(kept: torch.Tensor) -> StoredMask:
+    """The :class:`StoredMask` of a bool tensor of kept entries (any shape), its bits cached."""
+    flat = kept.reshape(-1)
+    key, version = id(kept), kept._version
+    cached = _PACKED.get(key)
+    if cached is not None and cached[0]() is kept and cached[1] == version:
+        return StoredMask(flat, cached[2])
+    lib = native.library() if flat.device.type == "cpu" and flat.dtype == torch.bool and flat.is_contiguous() else None
+    bits = native_rank.pack_mask_bits(lib, flat, invert=True) if lib is not None else None
+    _PACKED[key] = (weakref.ref(kept, lambda _, key=key: _PACKED.pop(key, None)), version, bits)
+    return StoredMask(flat, bits)
+
+
 class MaskKeys:
-    """Keys for precomputed masks: per tensor a flat bool tensor (True = masked) or a bool for the
-    whole tensor. ``Cut(1)`` then zeroes exactly the masked finite entries."""
+    """Keys for precomputed masks: per tensor a flat bool tensor (True = masked), a
+    :class:`StoredMask` (its ``kept`` entries are not masked) or a bool for the whole tensor.
+    ``Cut(1)`` then zeroes exactly the masked finite entries."""
 
     key_bits = 16
     cap = 2  # any cap is aligned for 16-bit keys
 
-    def __init__(self, masked: Sequence[torch.Tensor | bool]) -> None:
+    def __init__(self, masked: Sequence[torch.Tensor | StoredMask | bool]) -> None:
         self._masked = list(masked)
 
     def native_source(self, index: int, flat: torch.Tensor) -> native_rank.NativeKeys | None:
@@ -91,13 +127,21 @@ class MaskKeys:
             return None
         if masked is True:
             return native_rank.NativeKeys(native_rank.KIND_MASK)
-        usable = masked.dtype == torch.bool and masked.device.type == "cpu" and masked.is_contiguous()
-        return native_rank.NativeKeys(native_rank.KIND_MASK, score=masked) if usable and masked.numel() == flat.numel() else None
+        stored = isinstance(masked, StoredMask)
+        flags = masked.kept if stored else masked
+        usable = flags.dtype == torch.bool and flags.device.type == "cpu" and flags.is_contiguous()
+        if not usable or flags.numel() != flat.numel():
+            return None
+        if stored:
+            return native_rank.NativeKeys(native_rank.KIND_MASK, score=flags, kept=True, bits=masked.bits)
+        return native_rank.NativeKeys(native_rank.KIND_MASK, score=flags)
 
     def keys(self, index: int, chunk: torch.Tensor, start: int) -> torch.Tensor:
         masked = self._masked[index]
         if isinstance(masked, bool):
             keys = torch.full(chunk.shape, 0 if masked else 1, dtype=torch.int32, device=chunk.device)
+        elif isinstance(masked, StoredMask):
+            keys = masked.kept[start : start + chunk.numel()].to(chunk.device).to(torch.int32)
         else:
             keys = (~masked[start : start + chunk.numel()].to(chunk.device)).to(torch.int32)
         # Non-finite gradients get the excluded key: they stay visible to the optimizer/scaler.
@@ -107,13 +151,13 @@ class MaskKeys:
         return None
 
 
-def mask_plan(entries: Sequence[GradEntry], masked: Sequence[torch.Tensor | bool], chunk_numel: int) -> MaskPlan:
-    """A plan zeroing, per entry, the finite entries of a flat bool mask (or of the whole tensor when
-    ``True``; nothing when ``False``)."""
+def mask_plan(entries: Sequence[GradEntry], masked: Sequence[torch.Tensor | StoredMask | bool], chunk_numel: int) -> MaskPlan:
+    """A plan zeroing, per entry, the finite entries of a flat bool mask, or those a
+    :class:`StoredMask` does not keep (or of the whole tensor when ``True``; nothing when ``False``)."""
     source = MaskKeys(masked)
     plans = []
     for i, (entry, m) in enumerate(zip(entries, masked)):
-        if isinstance(m, torch.Tensor) and m.numel() != entry.flat.numel():
+        if isinstance(m, (torch.Tensor, StoredMask)) and m.numel() != entry.flat.numel():
             raise ValueError(f"stored mask of {entry.name!r} has {m.numel()} entries, its gradient {entry.flat.numel()}")
         # an all-False mask gets Cut(1) too: it zeroes nothing, and testing it first costs a pass
         plans.append(TensorPlan(source, i, Cut(None) if m is False else Cut(1), entry.nonfinite_count(chunk_numel)))
@@ -289,12 +333,12 @@ class WarmupMaskStrategy(MaskStrategy):
             masked = lowest_fraction(scores, self.config.mask_ratio, scope, chunk)
             self.updatable = {e.name: (~m).view(e.param.shape) for e, m in zip(entries, masked)}
             self.scores = {}
-        masks: list[torch.Tensor | bool] = []
+        masks: list[StoredMask | bool] = []
         for e in entries:
             kept = self.updatable.get(e.name)
             if kept is not None and kept.device != e.flat.device:
                 kept = self.updatable[e.name] = kept.to(e.flat.device)
-            masks.append(True if kept is None else ~kept.view(-1))
+            masks.append(True if kept is None else stored_mask(kept))
         return mask_plan(entries, masks, chunk)
 
     def state_dict(self) -> dict[str, Any]:

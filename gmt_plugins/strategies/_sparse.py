@@ -7,13 +7,13 @@ values to measure how far an entry moved.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from gmt_plugins.strategies._masks import ScoreKeys, cut_for_count, mark, mask_plan
+from gmt_plugins import native, native_rank
+from gmt_plugins.strategies._masks import ScoreKeys, StoredMask, cut_for_count, mark, mask_plan, stored_mask
 from gmt_plugins.strategies.base import GradEntry, MaskPlan
 
 
@@ -25,32 +25,16 @@ def on_device(store: dict[str, torch.Tensor], name: str, device: torch.device) -
     return tensor
 
 
-# trainable set -> its complement: the sets change only when a strategy re-selects (a new tensor), so the
-# complement is built once per selection rather than once per step (a pass and an allocation per entry)
-# (keyed by id: tensors compare elementwise; the entry goes when the set is freed)
-_COMPLEMENTS: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
-
-
-def _complement(kept: torch.Tensor) -> torch.Tensor:
-    key = id(kept)
-    cached = _COMPLEMENTS.get(key)
-    if cached is not None and cached[0]() is kept:
-        return cached[1]
-    complement = ~kept.view(-1)
-    _COMPLEMENTS[key] = (weakref.ref(kept, lambda _, key=key: _COMPLEMENTS.pop(key, None)), complement)
-    return complement
-
-
 def trainable_plan(entries: Sequence[GradEntry], trainable: dict[str, torch.Tensor], chunk_numel: int) -> MaskPlan:
     """Mask every finite entry outside ``trainable``; a parameter without a stored set is frozen.
 
-    The sets must not be changed in place (strategies replace them), since their complements are kept."""
-    masks: list[torch.Tensor | bool] = []
+    The sets are read as :class:`~gmt_plugins.strategies._masks.StoredMask`, packed once per set."""
+    masks: list[StoredMask | bool] = []
     for e in entries:
         if e.name not in trainable:
             masks.append(True)
             continue
-        masks.append(_complement(on_device(trainable, e.name, e.flat.device)))
+        masks.append(stored_mask(on_device(trainable, e.name, e.flat.device)))
     return mask_plan(entries, masks, chunk_numel)
 
 
@@ -103,3 +87,23 @@ def reference_top_count(score: torch.Tensor, k: int, *, largest: bool, excluded:
     out = torch.zeros(values.numel(), dtype=torch.bool)
     out[positions[:k]] = True
     return out.to(score.device)
+
+
+def accumulate_finite(acc: torch.Tensor | None, grad: torch.Tensor, *, square: bool = False) -> torch.Tensor:
+    """``acc`` plus the finite entries of the flat ``grad`` (squared with ``square``) as float32, NaN/inf
+    counting as 0; a new sum when ``acc`` is ``None``, else ``acc`` updated in place. One C read of
+    ``grad`` for contiguous CPU fp32 tensors; :func:`reference_accumulate_finite` otherwise (its twin)."""
+    lib = native.library() if native_rank.ema_usable(grad) and (acc is None or native_rank.ema_usable(acc)) else None
+    if lib is None:
+        return reference_accumulate_finite(acc, grad, square=square)
+    out = torch.empty_like(grad) if acc is None else acc
+    native_rank.accumulate_finite_f32(lib, out, grad, first=acc is None, square=square)
+    return out
+
+
+def reference_accumulate_finite(acc: torch.Tensor | None, grad: torch.Tensor, *, square: bool = False) -> torch.Tensor:
+    """Torch twin of :func:`accumulate_finite`: a finite copy of ``grad`` (squared), added to ``acc``."""
+    finite = torch.nan_to_num(grad.float(), nan=0.0, posinf=0.0, neginf=0.0)  # a copy: grad is not changed
+    if square:
+        finite.square_()
+    return finite if acc is None else acc.add_(finite)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from gmt_plugins.strategies._masks import lowest_fraction
+from gmt_plugins.strategies._masks import lowest_fraction, stored_mask
 from gmt_plugins.strategy_api import (
     GMTConfig,
     GradEntry,
@@ -118,7 +118,7 @@ class LIFTStrategy(MaskStrategy):
             kept = self.updatable[e.name]
             if kept.device != e.flat.device:
                 kept = self.updatable[e.name] = kept.to(e.flat.device)
-            masks.append(~kept.view(-1))
+            masks.append(stored_mask(kept))
         return mask_plan(entries, masks, self.config.chunk_numel)
 
     def state_dict(self) -> dict[str, Any]:

@@ -9,7 +9,14 @@ from typing import Any
 
 import torch
 
-from gmt_plugins.strategies._sparse import check_state_keys, load_float_tensors, on_device, top_count, trainable_plan
+from gmt_plugins.strategies._sparse import (
+    accumulate_finite,
+    check_state_keys,
+    load_float_tensors,
+    on_device,
+    top_count,
+    trainable_plan,
+)
 from gmt_plugins.strategy_api import (
     GMTConfig,
     GradEntry,
@@ -120,11 +127,8 @@ class SpIELStrategy(MaskStrategy):
     def plan(self, entries: Sequence[GradEntry], *, step: int) -> MaskPlan:
         if self.options.regrow == "gradient":
             for e in entries:
-                grad = torch.nan_to_num(e.flat.float(), nan=0.0, posinf=0.0, neginf=0.0)
-                if e.name in self.accumulated:
-                    on_device(self.accumulated, e.name, grad.device).add_(grad)
-                else:
-                    self.accumulated[e.name] = grad
+                held = on_device(self.accumulated, e.name, e.flat.device) if e.name in self.accumulated else None
+                self.accumulated[e.name] = accumulate_finite(held, e.flat)
         return trainable_plan(entries, self.active, self.config.chunk_numel)
 
     def state_dict(self) -> dict[str, Any]:
