@@ -1,0 +1,194 @@
+"""Stored masks read as packed bits (StoredMask, gmt_pack_mask_bits, gmt_apply_mask_bits, the kept
+flag of KIND_MASK) and gradient sums in one C pass (gmt_accumulate_finite_f32), each against its
+twin: the byte kernel, the torch keys (kernel off) and torch's nan_to_num/square_/add_."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from gmt_plugins import native, native_rank
+from gmt_plugins.selection import Cut, apply_cut_counted, rank
+from gmt_plugins.strategies import _masks
+from gmt_plugins.strategies._masks import MaskKeys, StoredMask, stored_mask
+from gmt_plugins.strategies._sparse import accumulate_finite, reference_accumulate_finite
+from test_native import awkward
+
+SIZES = [0, 1, 63, 64, 65, 4095, 4096, 4097, 4096 * 3 + 130]
+
+needs_kernel = pytest.mark.skipif(native.library() is None, reason="the compiled kernel does not build here")
+
+
+def kept_set(n: int, share: float, seed: int) -> torch.Tensor:
+    """A kept set with runs of kept and of masked entries, so whole 64-entry words and 4096-entry
+    blocks with no masked entry occur next to mixed ones."""
+    gen = torch.Generator().manual_seed(seed)
+    kept = torch.rand(n, generator=gen) < share
+    if n > 8192:
+        kept[4096:8192] = True  # a block of the bits kernel (and its words) with nothing masked
+        kept[8192 : 8192 + 128] = False  # and two words with everything masked
+    return kept
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("invert", [False, True])
+def test_pack_mask_bits_equals_its_twin(n, invert):
+    mask = kept_set(n, 0.3, seed=n)
+    bits = native_rank.pack_mask_bits(native.library(), mask, invert=invert)
+    assert torch.equal(bits, native_rank.reference_pack_mask_bits(mask, invert=invert))
+    # read back entry by entry: bit i % 64 of word i // 64, nothing set past the end
+    unpacked = [(int(bits[i // 64]) >> (i % 64)) & 1 for i in range((n + 63) // 64 * 64)]
+    expected = ((~mask) if invert else mask).tolist() + [False] * ((n + 63) // 64 * 64 - n)
+    assert unpacked == [int(b) for b in expected]
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("record", [False, True])
+def test_apply_mask_bits_equals_the_byte_kernel_and_zeroes_exactly_the_masked_finite_entries(n, record):
+    lib = native.library()
+    grad = awkward(max(n, 9), torch.float32, seed=n)[:n].contiguous()  # NaN, inf, -0.0, ties
+    kept = kept_set(n, 0.3, seed=n + 1)
+    masked = ~kept
+    bits = native_rank.pack_mask_bits(lib, kept, invert=True)
+    fast, slow = grad.clone(), grad.clone()
+    rec_fast = torch.ones(n, dtype=torch.bool) if record else None  # every byte must be written
+    rec_slow = torch.zeros(n, dtype=torch.bool) if record else None
+    got = native_rank.apply_mask_bits(lib, fast, bits, rec_fast)
+    want = native_rank.apply(lib, slow, native_rank.NativeKeys(native_rank.KIND_MASK, score=masked), 1, 0, rec_slow)
+    assert got == want
+    assert torch.equal(fast.view(torch.int32), slow.view(torch.int32))
+    # against the definition: masked finite entries become +0.0, everything else keeps its bits
+    hit = masked & torch.isfinite(grad)
+    expected = torch.where(hit, torch.zeros_like(grad), grad)
+    assert torch.equal(fast.view(torch.int32), expected.view(torch.int32))
+    assert got == (int(hit.sum()), 0, int((hit & (grad != 0)).sum()))
+    if record:
+        assert torch.equal(rec_fast, hit) and torch.equal(rec_slow, hit)
+
+
+@needs_kernel
+@pytest.mark.parametrize("record", [False, True])
+def test_kept_flag_and_bits_equal_the_torch_keys(monkeypatch, record):
+    """A StoredMask through the kernel (bits at threshold 1; the kept-flag byte kernel for other cuts
+    and for ranking) against the same source with the kernel off."""
+    n = 4096 * 2 + 77
+    flats = [awkward(n, torch.float32, seed=s) for s in range(3)]
+    kepts = [kept_set(n, share, seed=10 + s) for s, share in enumerate((0.2, 0.9, 0.5))]
+    stored = [stored_mask(k) for k in kepts]
+    masks = [stored[0], True, stored[1], False, stored[2]]
+    grads = [flats[0], flats[1], flats[1], flats[2], flats[2]]
+    source = MaskKeys(masks)
+    assert source.native_source(0, grads[0]).bits is not None and source.native_source(0, grads[0]).kept
+    results = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv(native.ENV, mode)
+        out = []
+        for i, grad in enumerate(grads):
+            for cut in (Cut(1), Cut(1, 5), Cut(2), Cut(0, 7)):  # the stored-mask step, then the byte kernel
+                y = grad.clone()
+                rec = torch.zeros(n, dtype=torch.bool) if record else None
+                applied = apply_cut_counted(source, i, y, cut, chunk_numel=1000, record=rec)
+                out.append((y.view(torch.int32), applied, rec))
+        out.append(rank(source, list(enumerate(grads)), 0.5))
+        results[mode] = out
+    for a, b in zip(results["1"][:-1], results["0"][:-1]):
+        assert torch.equal(a[0], b[0]) and a[1] == b[1]
+        assert not record or torch.equal(a[2], b[2])
+    assert results["1"][-1] == results["0"][-1]
+    # the stored-mask step zeroed exactly the finite entries outside the kept set
+    y = grads[0].clone()
+    monkeypatch.setenv(native.ENV, "1")
+    apply_cut_counted(source, 0, y, Cut(1))
+    hit = ~kepts[0] & torch.isfinite(grads[0])
+    assert torch.equal(y.view(torch.int32), torch.where(hit, 0.0, grads[0]).view(torch.int32))
+
+
+def test_stored_mask_packs_once_per_set_and_again_after_an_in_place_change():
+    if native.library() is None:
+        pytest.skip("the compiled kernel does not build here: nothing is packed")
+    kept = kept_set(1000, 0.5, seed=0).view(10, 100)
+    first, again = stored_mask(kept), stored_mask(kept)
+    assert isinstance(first, StoredMask) and first.bits is again.bits  # cached, not packed again
+    assert torch.equal(first.kept, kept.view(-1))
+    kept[0, 0] = not bool(kept[0, 0])  # in place: the version moves, the bits are rebuilt
+    changed = stored_mask(kept)
+    assert changed.bits is not first.bits
+    assert torch.equal(changed.bits, native_rank.reference_pack_mask_bits(kept.view(-1), invert=True))
+    key = id(kept)
+    del kept, first, again, changed
+    gc.collect()
+    assert key not in _masks._PACKED  # the cache does not keep a freed set alive
+
+
+def test_stored_mask_without_the_kernel_has_no_bits(monkeypatch):
+    monkeypatch.setenv(native.ENV, "0")
+    kept = kept_set(300, 0.5, seed=1)
+    stored = stored_mask(kept)
+    assert stored.bits is None
+    grad = awkward(300, torch.float32, seed=2)
+    y = grad.clone()
+    applied = apply_cut_counted(MaskKeys([stored]), 0, y, Cut(1))
+    hit = ~kept & torch.isfinite(grad)
+    assert applied.masked == int(hit.sum())
+    assert torch.equal(y.view(torch.int32), torch.where(hit, 0.0, grad).view(torch.int32))
+
+
+def test_mask_plan_refuses_a_stored_mask_of_another_size():
+    from gmt_plugins.strategies.base import GradEntry
+
+    param = torch.nn.Parameter(torch.zeros(10))
+    entry = GradEntry(0, "w", param, torch.zeros(10))
+    with pytest.raises(ValueError, match="stored mask of 'w' has 9 entries"):
+        _masks.mask_plan([entry], [stored_mask(torch.ones(9, dtype=torch.bool))], 1000)
+
+
+# --- gradient sums ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("square", [False, True])
+@pytest.mark.parametrize("n", [0, 1, 15, 4096 + 3])
+def test_accumulate_finite_equals_its_torch_twin_bit_for_bit(monkeypatch, square, n):
+    grads = [awkward(max(n, 9), torch.float32, seed=s)[:n].contiguous() for s in range(3)]
+    grads[1][: min(n, 4)] = -0.0  # -0.0 + -0.0 stays -0.0, -0.0 + NaN's +0.0 becomes +0.0
+    originals = [g.clone() for g in grads]
+    sums = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv(native.ENV, mode)
+        acc = None
+        for g in grads:
+            acc = accumulate_finite(acc, g, square=square)
+        sums[mode] = acc
+    reference = None
+    for g in grads:
+        reference = reference_accumulate_finite(reference, g, square=square)
+    assert torch.equal(sums["1"].view(torch.int32), reference.view(torch.int32))
+    assert torch.equal(sums["0"].view(torch.int32), reference.view(torch.int32))
+    for g, o in zip(grads, originals):  # the gradients are read, never written
+        assert torch.equal(g.view(torch.int32), o.view(torch.int32))
+    # against the definition, in float64 (exact here for the finite small sums only: spot-check signs)
+    finite = [torch.where(torch.isfinite(g), g, 0.0) for g in grads]
+    expected = sum((f * f if square else f) for f in finite) if n else torch.zeros(0)
+    assert torch.allclose(reference.double(), expected.double(), rtol=1e-5, atol=0.0)
+
+
+def test_accumulate_finite_updates_in_place_and_takes_other_dtypes_through_the_twin():
+    acc = torch.zeros(100)
+    grad = awkward(100, torch.float32, seed=5)
+    out = accumulate_finite(acc, grad)
+    assert out is acc and torch.equal(acc, torch.where(torch.isfinite(grad), grad, 0.0))
+    half = awkward(100, torch.bfloat16, seed=6)
+    sum_bf16 = accumulate_finite(None, half)
+    assert sum_bf16.dtype == torch.float32
+    assert torch.equal(sum_bf16, torch.nan_to_num(half.float(), nan=0.0, posinf=0.0, neginf=0.0))
+
+
+@needs_kernel
+def test_accumulate_finite_f32_refuses_mismatched_tensors():
+    with pytest.raises(ValueError, match="contiguous CPU float32 tensors of one size"):
+        native_rank.accumulate_finite_f32(native.library(), torch.zeros(4), torch.zeros(5), first=False, square=False)
+    with pytest.raises(ValueError, match="contiguous CPU float32"):
+        native_rank.accumulate_finite_f32(native.library(), torch.zeros(4, dtype=torch.float64), torch.zeros(4), first=True, square=False)
