@@ -192,3 +192,55 @@ def test_accumulate_finite_f32_refuses_mismatched_tensors():
         native_rank.accumulate_finite_f32(native.library(), torch.zeros(4), torch.zeros(5), first=False, square=False)
     with pytest.raises(ValueError, match="contiguous CPU float32"):
         native_rank.accumulate_finite_f32(native.library(), torch.zeros(4, dtype=torch.float64), torch.zeros(4), first=True, square=False)
+
+
+# --- the strategies, kernel on against kernel off -----------------------------------------------
+
+STORED = ["sift", "spt", "lift", "sara", "dsee", "spiel", "lt_sft"]
+
+
+def strategy_run(monkeypatch, strategy: str, mode: str, scope: str):
+    """Eight steps with NaN/inf in some gradients (one step's state must not move), weights moving;
+    per step the gradients after masking (bits) and the masked counts, then the final state."""
+    from test_strategies_common import CONFIG, OPTIONS, SPARSE_OPTIONS, grads_for, make_model, masker_for
+
+    monkeypatch.setenv(native.ENV, mode)
+    params = make_model()
+    options = {**OPTIONS, **SPARSE_OPTIONS, "spiel": {"density": 0.3, "update_interval": 3, "drop_fraction": 0.5}}[strategy]
+    masker = masker_for(params, strategy, options, **{**CONFIG, "scope": scope})
+    steps = []
+    for step in range(8):
+        grads = grads_for(params, step)
+        if step in (2, 5):
+            for g in grads[::2]:
+                g.view(-1)[1], g.view(-1)[-2] = float("nan"), float("-inf")
+        grads[0].view(-1)[:3] = -0.0
+        for (_, p), g in zip(params, grads):
+            p.grad = g.clone()
+        stats = masker.apply()
+        steps.append(([p.grad.view(torch.int32).clone() for _, p in params], stats.masked, stats.nonfinite,
+                      [t.masked_nonzero for t in stats.tensors]))
+        with torch.no_grad():
+            for _, p in params:
+                p -= 0.1 * torch.nan_to_num(p.grad)
+    return steps, masker.strategy.state_dict()
+
+
+def same_state(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    return a == b
+
+
+@needs_kernel
+@pytest.mark.parametrize(("strategy", "scope"), [(s, "tensor") for s in STORED] + [("sift", "global"), ("lift", "global")])
+def test_strategies_mask_and_accumulate_alike_with_the_kernel_on_and_off(monkeypatch, strategy, scope):
+    fast, fast_state = strategy_run(monkeypatch, strategy, "1", scope)
+    slow, slow_state = strategy_run(monkeypatch, strategy, "0", scope)
+    for (g1, m1, n1, z1), (g2, m2, n2, z2) in zip(fast, slow):
+        assert (m1, n1, z1) == (m2, n2, z2)
+        assert all(torch.equal(a, b) for a, b in zip(g1, g2))  # gradients bit for bit, NaN/inf kept
+    assert any(m for _, m, _, _ in fast)
+    assert same_state(fast_state, slow_state)
