@@ -521,7 +521,7 @@ def apply_mask_bits(lib: ctypes.CDLL, flat: torch.Tensor, bits: torch.Tensor, re
 def accumulate_finite_f32(lib: ctypes.CDLL, acc: torch.Tensor, grad: torch.Tensor, *, first: bool, square: bool) -> None:
     """``acc`` (+)= the finite entries of ``grad`` (squared with ``square``), NaN/inf counting as +0, in
     place and in one read of ``grad``; ``first``: ``acc`` is overwritten. Bit for bit the torch twin
-    :func:`gmt_plugins.strategies._sparse.reference_accumulate_finite` (``nan_to_num``, ``square_``, ``add_``)."""
+    :func:`gmt_plugins.strategies._masks.reference_accumulate_finite` (``nan_to_num``, ``square_``, ``add_``)."""
     if not (ema_usable(acc) and ema_usable(grad) and acc.numel() == grad.numel()):
         raise ValueError("accumulate_finite_f32 takes contiguous CPU float32 tensors of one size")
     _declare_stored(lib)

@@ -12,8 +12,7 @@ import torch
 from gmt_plugins import native, native_rank
 from gmt_plugins.selection import Cut, apply_cut_counted, rank
 from gmt_plugins.strategies import _masks
-from gmt_plugins.strategies._masks import MaskKeys, StoredMask, stored_mask
-from gmt_plugins.strategies._sparse import accumulate_finite, reference_accumulate_finite
+from gmt_plugins.strategies._masks import MaskKeys, StoredMask, accumulate_finite, reference_accumulate_finite, stored_mask
 from test_native import awkward
 
 SIZES = [0, 1, 63, 64, 65, 4095, 4096, 4097, 4096 * 3 + 130]

@@ -5,6 +5,10 @@ sources the engine (``GradientMasker._execute`` -> ``apply_cut``) reads. This mo
 
 * :class:`MaskKeys`: keys for stored boolean masks or whole-tensor decisions (0 = masked,
   1 = kept, ``cap`` = non-finite gradient, so NaN/inf are never zeroed);
+* :func:`stored_mask`: a strategy's stored set of kept entries as :class:`MaskKeys` reads it, packed
+  to bits once per set (no complement, 1/8 of the bytes read per step);
+* :func:`accumulate_finite`: a running sum of the finite gradient entries (SIFT, SPT, SpIEL) in one
+  C pass, :func:`reference_accumulate_finite` its torch twin;
 * :class:`ScoreKeys`: keys from a float score (the bit pattern of a non-negative float32 orders
   like its value), for ranking by something other than the current gradient;
 * :func:`cut_for_count` and :func:`mark`: the engine's exact radix selection of the ``k``
@@ -290,6 +294,28 @@ def load_bool_masks(state: Any, key: str) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
+# --- gradient sums (SIFT, SPT, SpIEL) ---------------------------------------------------------
+
+def accumulate_finite(acc: torch.Tensor | None, grad: torch.Tensor, *, square: bool = False) -> torch.Tensor:
+    """``acc`` plus the finite entries of the flat ``grad`` (squared with ``square``) as float32, NaN/inf
+    counting as 0; a new sum when ``acc`` is ``None``, else ``acc`` updated in place. One C read of
+    ``grad`` for contiguous CPU fp32 tensors; :func:`reference_accumulate_finite` otherwise (its twin)."""
+    lib = native.library() if native_rank.ema_usable(grad) and (acc is None or native_rank.ema_usable(acc)) else None
+    if lib is None:
+        return reference_accumulate_finite(acc, grad, square=square)
+    out = torch.empty_like(grad) if acc is None else acc
+    native_rank.accumulate_finite_f32(lib, out, grad, first=acc is None, square=square)
+    return out
+
+
+def reference_accumulate_finite(acc: torch.Tensor | None, grad: torch.Tensor, *, square: bool = False) -> torch.Tensor:
+    """Torch twin of :func:`accumulate_finite`: a finite copy of ``grad`` (squared), added to ``acc``."""
+    finite = torch.nan_to_num(grad.float(), nan=0.0, posinf=0.0, neginf=0.0)  # a copy: grad is not changed
+    if square:
+        finite.square_()
+    return finite if acc is None else acc.add_(finite)
+
+
 # --- a mask fixed after warm-up (SIFT, SPT) ---------------------------------------------------
 
 
@@ -317,14 +343,14 @@ class WarmupMaskStrategy(MaskStrategy):
 
     @abstractmethod
     def accumulate(self, score: torch.Tensor | None, grad: torch.Tensor) -> torch.Tensor:
-        """The score after one more step with (finite, float32) ``grad``; ``score`` is ``None`` at first."""
+        """The score after one more step with the flat gradient ``grad`` (read only: learn from its finite
+        entries, see :func:`accumulate_finite`); ``score`` is ``None`` at first."""
 
     def plan(self, entries: Sequence[GradEntry], *, step: int) -> MaskPlan:
         chunk = self.config.chunk_numel
         if self.updatable is None:
             for e in entries:
-                grad = torch.nan_to_num(e.flat.float(), nan=0.0, posinf=0.0, neginf=0.0)  # learn from finite entries only
-                self.scores[e.name] = self.accumulate(self.scores.get(e.name), grad)
+                self.scores[e.name] = self.accumulate(self.scores.get(e.name), e.flat)
             self.seen += 1
             if self.seen < self.options.warmup_steps:
                 return mask_plan(entries, [True] * len(entries), chunk)

@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from gmt_plugins import native, native_rank
 from gmt_plugins.strategies._masks import ScoreKeys, StoredMask, cut_for_count, mark, mask_plan, stored_mask
 from gmt_plugins.strategies.base import GradEntry, MaskPlan
 
@@ -88,22 +87,3 @@ def reference_top_count(score: torch.Tensor, k: int, *, largest: bool, excluded:
     out[positions[:k]] = True
     return out.to(score.device)
 
-
-def accumulate_finite(acc: torch.Tensor | None, grad: torch.Tensor, *, square: bool = False) -> torch.Tensor:
-    """``acc`` plus the finite entries of the flat ``grad`` (squared with ``square``) as float32, NaN/inf
-    counting as 0; a new sum when ``acc`` is ``None``, else ``acc`` updated in place. One C read of
-    ``grad`` for contiguous CPU fp32 tensors; :func:`reference_accumulate_finite` otherwise (its twin)."""
-    lib = native.library() if native_rank.ema_usable(grad) and (acc is None or native_rank.ema_usable(acc)) else None
-    if lib is None:
-        return reference_accumulate_finite(acc, grad, square=square)
-    out = torch.empty_like(grad) if acc is None else acc
-    native_rank.accumulate_finite_f32(lib, out, grad, first=acc is None, square=square)
-    return out
-
-
-def reference_accumulate_finite(acc: torch.Tensor | None, grad: torch.Tensor, *, square: bool = False) -> torch.Tensor:
-    """Torch twin of :func:`accumulate_finite`: a finite copy of ``grad`` (squared), added to ``acc``."""
-    finite = torch.nan_to_num(grad.float(), nan=0.0, posinf=0.0, neginf=0.0)  # a copy: grad is not changed
-    if square:
-        finite.square_()
-    return finite if acc is None else acc.add_(finite)

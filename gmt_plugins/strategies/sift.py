@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gmt_plugins.strategies._masks import WarmupMaskStrategy, WarmupOptions
+from gmt_plugins.strategies._masks import WarmupMaskStrategy, WarmupOptions, accumulate_finite
 from gmt_plugins.strategy_api import StrategyRegistry, hookimpl
 
 
@@ -27,8 +27,8 @@ class SIFTStrategy(WarmupMaskStrategy):
     options_class = WarmupOptions
 
     def accumulate(self, score: torch.Tensor | None, grad: torch.Tensor) -> torch.Tensor:
-        # A signed sum: the key is its magnitude, |g_1 + ... + g_w| (grad is already a fresh copy).
-        return grad if score is None else score.add_(grad)
+        # A signed sum of the finite entries: the key is its magnitude, |g_1 + ... + g_w|.
+        return accumulate_finite(score, grad)
 
 
 @hookimpl

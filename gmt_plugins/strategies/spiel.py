@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
+from gmt_plugins.strategies._masks import accumulate_finite
 from gmt_plugins.strategies._sparse import (
-    accumulate_finite,
     check_state_keys,
     load_float_tensors,
     on_device,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gmt_plugins.strategies._masks import WarmupMaskStrategy, WarmupOptions
+from gmt_plugins.strategies._masks import WarmupMaskStrategy, WarmupOptions, accumulate_finite
 from gmt_plugins.strategy_api import StrategyRegistry, hookimpl
 
 
@@ -29,8 +29,7 @@ class SPTStrategy(WarmupMaskStrategy):
     global_only = True
 
     def accumulate(self, score: torch.Tensor | None, grad: torch.Tensor) -> torch.Tensor:
-        square = grad.square_()  # grad is a fresh copy, so squaring in place is safe
-        return square if score is None else score.add_(square)
+        return accumulate_finite(score, grad, square=True)  # sum of g**2 over the finite entries
 
 
 @hookimpl
