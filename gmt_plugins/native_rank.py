@@ -477,6 +477,8 @@ def _declare_stored(lib: ctypes.CDLL) -> None:
     lib.gmt_apply_mask_bits.restype = None
     lib.gmt_accumulate_finite_f32.argtypes = [p, p, i64, i32, i32]
     lib.gmt_accumulate_finite_f32.restype = None
+    lib.gmt_score_keys_f32.argtypes = [p, p, i64, i32, p]
+    lib.gmt_score_keys_f32.restype = None
     _stored_declared.add(id(lib))
 
 
@@ -527,3 +529,18 @@ def accumulate_finite_f32(lib: ctypes.CDLL, acc: torch.Tensor, grad: torch.Tenso
     _declare_stored(lib)
     if grad.numel():
         lib.gmt_accumulate_finite_f32(acc.data_ptr(), grad.data_ptr(), grad.numel(), int(first), int(square))
+
+
+def score_keys_f32(lib: ctypes.CDLL, score: torch.Tensor, excluded: torch.Tensor | None, *, largest: bool) -> torch.Tensor:
+    """:func:`gmt_plugins.strategies._sparse.key_scores` for one tensor in one C pass (the torch
+    :func:`~gmt_plugins.strategies._sparse.reference_key_scores` is its twin)."""
+    flags_ok = excluded is None or (
+        excluded.dtype == torch.bool and excluded.device.type == "cpu" and excluded.is_contiguous() and excluded.numel() == score.numel()
+    )
+    if not ema_usable(score) or not flags_ok:
+        raise ValueError("score_keys_f32 takes a contiguous CPU float32 score and, optionally, contiguous CPU bool flags of its size")
+    _declare_stored(lib)
+    out = torch.empty(score.numel(), dtype=torch.float32)
+    if score.numel():
+        lib.gmt_score_keys_f32(score.data_ptr(), None if excluded is None else excluded.data_ptr(), score.numel(), int(largest), out.data_ptr())
+    return out

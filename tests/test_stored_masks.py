@@ -243,3 +243,72 @@ def test_strategies_mask_and_accumulate_alike_with_the_kernel_on_and_off(monkeyp
         assert all(torch.equal(a, b) for a, b in zip(g1, g2))  # gradients bit for bit, NaN/inf kept
     assert any(m for _, m, _, _ in fast)
     assert same_state(fast_state, slow_state)
+
+
+# --- selection into masks in C: mark, top_count_over (spiel's drop and regrow, dsee, lt_sft) -------
+
+
+@needs_kernel
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.999])
+def test_mark_in_c_equals_the_torch_loop_with_ties_shared_in_order(monkeypatch, ratio):
+    from gmt_plugins.keys import MagnitudeKeys
+    from gmt_plugins.strategies._masks import ScoreKeys, mark
+
+    flats = [awkward(n, torch.float32, seed=n) for n in (3000, 17, 5000)]
+    for f in flats[::2]:
+        f[100:117] = 0.5  # ties at the boundary, across flats
+    sources = [MagnitudeKeys([torch.float32] * 3), ScoreKeys.from_tensors([f.abs() for f in flats])]
+    for source in sources:
+        pairs = list(enumerate(flats))
+        monkeypatch.setenv(native.ENV, "0")
+        cut, _ = rank(source, pairs, ratio, chunk_numel=1000)
+        slow = mark(source, pairs, cut, 1000)
+        monkeypatch.setenv(native.ENV, "1")
+        assert _masks._described(source, pairs) is not None  # the C marks below
+        before = [f.clone() for f in flats]
+        fast = mark(source, pairs, cut, 1000)
+        assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+        assert all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(flats, before))  # nothing modified
+        assert sum(int(m.sum()) for m in fast) == int(ratio * sum(int(torch.isfinite(f).sum()) for f in flats))
+
+
+@needs_kernel
+@pytest.mark.parametrize("largest", [False, True])
+@pytest.mark.parametrize("with_excluded", [False, True])
+def test_top_count_over_in_c_equals_the_torch_passes_and_the_sorting_reference(monkeypatch, largest, with_excluded):
+    from gmt_plugins.strategies._sparse import key_scores, reference_top_count, top_count, top_count_over
+
+    scores = [awkward(n, torch.float32, seed=n + 3) for n in (2000, 9, 700)]
+    scores[0][50:90] = -0.5  # ties (the sign is ignored)
+    gen = torch.Generator().manual_seed(4)
+    excluded = [torch.rand(s.numel(), generator=gen) < 0.3 for s in scores] if with_excluded else None
+    assert key_scores(scores, largest=largest, excluded=excluded) is not None
+    for k in (0, 1, 37, 1500, 10_000):
+        monkeypatch.setenv(native.ENV, "1")
+        fast = top_count_over(scores, k, 256, largest=largest, excluded=excluded)
+        monkeypatch.setenv(native.ENV, "0")
+        assert key_scores(scores, largest=largest, excluded=excluded) is None
+        slow = top_count_over(scores, k, 256, largest=largest, excluded=excluded)
+        assert all(torch.equal(a, b) for a, b in zip(fast, slow)), k
+    # one tensor against the stable sort
+    monkeypatch.setenv(native.ENV, "1")
+    for k in (0, 5, 400, 5000):
+        flag = None if excluded is None else excluded[0]
+        got = top_count(scores[0], k, 256, largest=largest, excluded=flag)
+        assert torch.equal(got, reference_top_count(scores[0], k, largest=largest, excluded=flag)), k
+
+
+@needs_kernel
+@pytest.mark.parametrize("largest", [False, True])
+@pytest.mark.parametrize("with_excluded", [False, True])
+def test_key_scores_in_c_equal_their_torch_twin_bit_for_bit(largest, with_excluded):
+    from gmt_plugins.strategies._sparse import key_scores, reference_key_scores
+
+    score = awkward(4099, torch.float32, seed=11)
+    score[:4] = torch.tensor([torch.finfo(torch.float32).max, -torch.finfo(torch.float32).max, float("-nan"), -0.0])
+    excluded = (torch.arange(4099) % 3 == 0) if with_excluded else None
+    (fast,) = key_scores([score], largest=largest, excluded=None if excluded is None else [excluded])
+    slow = reference_key_scores(score, excluded, largest=largest)
+    assert torch.equal(fast.view(torch.int32), slow.view(torch.int32))
+    cap = ~torch.isfinite(score) | (excluded if excluded is not None else False)
+    assert torch.equal(torch.isinf(fast), cap)  # exactly the unrankable entries get the excluded key

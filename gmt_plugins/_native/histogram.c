@@ -1789,4 +1789,18 @@ VECTOR_CLONES void gmt_apply_mask_bits(uint32_t *restrict y, const uint64_t *res
     out[2] = nonzero;
 }
 #undef STORED_BLOCK
+/* The keys of ScoreKeys(largest, excluded) over float32 scores, written out as float32 scores that
+ * rank smallest first with nothing excluded (strategies/_sparse.py key_scores, reference_key_scores
+ * its torch twin): bits of |s|, or 0x7F7FFFFF minus them with largest; +inf (the excluded key) where
+ * s is not finite or excluded[i] (bytes, or NULL) is set. */
+VECTOR_CLONES void gmt_score_keys_f32(const uint32_t *restrict s, const uint8_t *restrict excluded, int64_t n,
+                                      int32_t largest, uint32_t *restrict out) {
+    const uint32_t flip = largest ? 0x7F7FFFFFu : 0u;
+    for (int64_t i = 0; i < n; ++i) {
+        const uint32_t bits = s[i] & 0x7FFFFFFFu;
+        const uint32_t key = largest ? flip - bits : bits;
+        const int rankable = (bits < 0x7F800000u) & (excluded ? excluded[i] == 0 : 1);
+        out[i] = rankable ? key : 0x7F800000u;
+    }
+}
 /* ---- end of the stored-mask section ---- */

@@ -256,17 +256,37 @@ def cut_for_count(source: KeySource, flats: Sequence[tuple[int, torch.Tensor]], 
 
 def mark(source: KeySource, flats: Sequence[tuple[int, torch.Tensor]], cut: Cut, chunk_numel: int) -> list[torch.Tensor]:
     """Flat bool masks of the entries ``cut`` selects (the ``ties`` budget is spent over ``flats``
-    in order, as the engine does for the global scope). Nothing is modified."""
+    in order, as the engine does for the global scope). Nothing is modified.
+
+    When the kernel computes every flat's keys, one C apply per flat marks them (on a scratch copy,
+    recording what it zeroes); the chunked torch loop is its twin."""
     out = [torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device) for _, flat in flats]
     if cut.threshold is None:
         return out
     ties_left = cut.ties
+    described = _described(source, flats)
+    if described is not None:
+        lib, keys = described
+        for (_, flat), k, mask in zip(flats, keys, out):
+            _, used, _ = native_rank.apply(lib, flat.clone(), k, cut.threshold, ties_left, mask)
+            ties_left -= used
+        return out
     for (index, flat), mask in zip(flats, out):
         for start, chunk in iter_chunks(flat, chunk_numel):
             selected, n_equal = select_chunk(source.keys(index, chunk, start), cut.threshold, ties_left)
             ties_left -= n_equal
             mask[start : start + chunk.numel()] = selected
     return out
+
+
+def _described(source: KeySource, flats: Sequence[tuple[int, torch.Tensor]]) -> tuple[Any, list[native_rank.NativeKeys]] | None:
+    """The kernel and every flat's keys as it computes them, or ``None`` when it cannot serve them all."""
+    describe = getattr(source, "native_source", None)
+    if describe is None or not flats or not native_rank.usable([flat for _, flat in flats]):
+        return None
+    keys = [describe(index, flat) for index, flat in flats]
+    lib = native.library() if all(k is not None for k in keys) else None
+    return None if lib is None else (lib, keys)
 
 
 def groups(n: int, scope: str) -> list[list[int]]:

@@ -108,7 +108,7 @@ class SpIELStrategy(MaskStrategy):
         chunk, device = self.config.chunk_numel, flat.device
         active = on_device(self.active, name, device)
         pretrained = on_device(self.pretrained, name, device)
-        n_drop = math.floor(self.options.drop_fraction * int(active.sum()))
+        n_drop = math.floor(self.options.drop_fraction * int(torch.count_nonzero(active)))
         if n_drop == 0:
             return
         delta = flat.float() - pretrained.float()
@@ -118,7 +118,7 @@ class SpIELStrategy(MaskStrategy):
             scores = on_device(self.accumulated, name, device)
         else:
             scores = uniform_scores(stable_salt(self.config.mask_seed, "spiel", step, name), flat.numel(), device)
-        grown = top_count(scores, int(dropped.sum()), chunk, largest=True, excluded=remaining)
+        grown = top_count(scores, int(torch.count_nonzero(dropped)), chunk, largest=True, excluded=remaining)
         reset = dropped & ~grown
         flat[reset] = pretrained[reset]
         self.active[name] = remaining | grown
