@@ -320,11 +320,22 @@ def accumulate_finite(acc: torch.Tensor | None, grad: torch.Tensor, *, square: b
     """``acc`` plus the finite entries of the flat ``grad`` (squared with ``square``) as float32, NaN/inf
     counting as 0; a new sum when ``acc`` is ``None``, else ``acc`` updated in place. One C read of
     ``grad`` for contiguous CPU fp32 tensors; :func:`reference_accumulate_finite` otherwise (its twin)."""
-    lib = native.library() if native_rank.ema_usable(grad) and (acc is None or native_rank.ema_usable(acc)) else None
-    if lib is None:
-        return reference_accumulate_finite(acc, grad, square=square)
-    out = torch.empty_like(grad) if acc is None else acc
-    native_rank.accumulate_finite_f32(lib, out, grad, first=acc is None, square=square)
+    return accumulate_finite_each([acc], [grad], square=square)[0]
+
+
+def accumulate_finite_each(
+    sums: Sequence[torch.Tensor | None], grads: Sequence[torch.Tensor], *, square: bool = False
+) -> list[torch.Tensor]:
+    """:func:`accumulate_finite` of each sum with its gradient (the kernel looked up once for all)."""
+    lib = native.library()
+    out = []
+    for acc, grad in zip(sums, grads):
+        if lib is None or not native_rank.ema_usable(grad) or not (acc is None or native_rank.ema_usable(acc)):
+            out.append(reference_accumulate_finite(acc, grad, square=square))
+            continue
+        total = torch.empty_like(grad) if acc is None else acc
+        native_rank.accumulate_finite_f32(lib, total, grad, first=acc is None, square=square)
+        out.append(total)
     return out
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from gmt_plugins.strategies._masks import accumulate_finite
+from gmt_plugins.strategies._masks import accumulate_finite_each
 from gmt_plugins.strategies._sparse import (
     check_state_keys,
     load_float_tensors,
@@ -126,9 +126,9 @@ class SpIELStrategy(MaskStrategy):
 
     def plan(self, entries: Sequence[GradEntry], *, step: int) -> MaskPlan:
         if self.options.regrow == "gradient":
-            for e in entries:
-                held = on_device(self.accumulated, e.name, e.flat.device) if e.name in self.accumulated else None
-                self.accumulated[e.name] = accumulate_finite(held, e.flat)
+            held = [on_device(self.accumulated, e.name, e.flat.device) if e.name in self.accumulated else None for e in entries]
+            for e, total in zip(entries, accumulate_finite_each(held, [e.flat for e in entries])):
+                self.accumulated[e.name] = total
         return trainable_plan(entries, self.active, self.config.chunk_numel)
 
     def state_dict(self) -> dict[str, Any]:
