@@ -123,6 +123,14 @@ def test_stored_mask_packs_once_per_set_and_again_after_an_in_place_change():
     assert key not in _masks._PACKED  # the cache does not keep a freed set alive
 
 
+def test_stored_mask_of_an_inference_tensor_is_packed_every_time():
+    with torch.inference_mode():
+        kept = kept_set(200, 0.5, seed=3)  # no version counter: an in-place change could not be seen
+    first, again = stored_mask(kept), stored_mask(kept)
+    assert id(kept) not in _masks._PACKED
+    assert torch.equal(first.kept, kept) and (first.bits is None or first.bits is not again.bits)
+
+
 def test_stored_mask_without_the_kernel_has_no_bits(monkeypatch):
     monkeypatch.setenv(native.ENV, "0")
     kept = kept_set(300, 0.5, seed=1)

@@ -103,14 +103,23 @@ _PACKED: dict[int, tuple[weakref.ref, int, torch.Tensor | None]] = {}
 def stored_mask(kept: torch.Tensor) -> StoredMask:
     """The :class:`StoredMask` of a bool tensor of kept entries (any shape), its bits cached."""
     flat = kept.reshape(-1)
-    key, version = id(kept), kept._version
+    key, version = id(kept), _version(kept)
     cached = _PACKED.get(key)
-    if cached is not None and cached[0]() is kept and cached[1] == version:
+    if cached is not None and cached[0]() is kept and cached[1] == version and version is not None:
         return StoredMask(flat, cached[2])
     lib = native.library() if flat.device.type == "cpu" and flat.dtype == torch.bool and flat.is_contiguous() else None
     bits = native_rank.pack_mask_bits(lib, flat, invert=True) if lib is not None else None
-    _PACKED[key] = (weakref.ref(kept, lambda _, key=key: _PACKED.pop(key, None)), version, bits)
+    if version is not None:
+        _PACKED[key] = (weakref.ref(kept, lambda _, key=key: _PACKED.pop(key, None)), version, bits)
     return StoredMask(flat, bits)
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The in-place version counter, or ``None`` for tensors without one (inference-mode tensors, never cached)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
 
 
 class MaskKeys:
