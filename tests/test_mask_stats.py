@@ -290,6 +290,45 @@ def test_tracker_kernel_equals_its_torch_twin_step_by_step(n, monkeypatch):
     assert len(calls) == 3  # steps 0-2 went through the kernel (the tracker after the load is another object)
 
 
+def test_tracker_kernel_avx2_and_portable_words_agree(tmp_path):
+    """``GMT_PLUGINS_NO_AVX2_SCAN=1`` (read when the kernel loads) makes gmt_coverage_observe pack the
+    mask with the portable multiply instead of AVX2 movemasks: in fresh processes both give the same
+    counts and bit sets, step by step, for lengths around the 64-entry words."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import gmt_plugins
+
+    root = Path(gmt_plugins.__file__).resolve().parents[1]  # this checkout, not an installed copy
+    script = tmp_path / "cover.py"
+    script.write_text(
+        "import hashlib, torch\n"
+        "from gmt_plugins import native\n"
+        "from gmt_plugins.coverage import CoverageTracker\n"
+        "assert native.library() is not None\n"
+        "for n in (1, 63, 64, 65, 1000, 4096, 100_003):\n"
+        "    gen = torch.Generator().manual_seed(n)\n"
+        "    tracker = CoverageTracker()\n"
+        "    for p in (0.3, 0.9, None, 0.5):\n"
+        "        mask = None if p is None else torch.rand(n, generator=gen) < p\n"
+        "        got = tracker.observe('w', n, mask, torch.device('cpu'))\n"
+        "        bits = hashlib.sha256(tracker.updated['w'].numpy().tobytes() + tracker.previous['w'].numpy().tobytes()).hexdigest()\n"
+        "        print(n, got, bits)\n"
+        "from gmt_plugins import native_rank\n"
+        "print('avx2', native_rank.avx2_scan(native.library()))\n"
+    )
+    outputs = []
+    for off in ("0", "1"):
+        env = {**os.environ, "GMT_PLUGINS_NO_AVX2_SCAN": off, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+        assert done.returncode == 0, done.stderr
+        outputs.append(done.stdout.splitlines())
+    assert outputs[1][-1] == "avx2 False"
+    assert len(outputs[0]) == 29 and outputs[0][:-1] == outputs[1][:-1]
+
+
 def test_tracker_state_is_a_snapshot_the_kernel_does_not_write_into():
     tracker = CoverageTracker()
     tracker.observe("w", 100, torch.arange(100) % 2 == 0, torch.device("cpu"))
