@@ -10,13 +10,13 @@ from typing import Any, Literal
 import pluggy
 import torch
 
-from gmt_plugins import fsdp1, native_rank
+from gmt_plugins import fsdp1, native, native_rank
 from gmt_plugins.config import UNSET, GMTConfig, resolve_config
 from gmt_plugins.coverage import CoverageTracker
 from gmt_plugins.distributed import ShardReducer, is_dtensor, local_shard, reducing
 from gmt_plugins.layout import flat_view, same_layout
 from gmt_plugins.plugins import get_plugin_manager, strategy_registry
-from gmt_plugins.selection import Applied, Cut, apply_cut_counted, count_equal
+from gmt_plugins.selection import Applied, Cut, _kernel_keys, apply_cut_counted, count_equal
 from gmt_plugins.stats import MaskStats, TensorStats
 from gmt_plugins.strategies.base import GradEntry, MaskPlan, MaskStrategy, TensorPlan
 from gmt_plugins.strict import MaskedEntryGuard
@@ -321,6 +321,10 @@ class GradientMasker:
         """The one place where gradients are changed: zero what ``cut`` selects of ``entry``, in place
         (and, in strict mode, keep the masked parameter entries). Returns the counts of the apply pass
         and, with ``track_coverage``, this shard's ``(updated, changed)``."""
+        if self._guard is None and self.coverage is not None and cut.threshold is not None:
+            fused = self._mask_tracked(entry, tensor_plan, cut)
+            if fused is not None:
+                return fused
         if self._guard is not None:  # strict mode keeps each tensor's record until restore_masked()
             record = MaskedEntryGuard.new_mask(entry.flat)
         elif self.coverage is not None:  # folded in at once: one reused buffer, no fresh pages per tensor
@@ -336,6 +340,21 @@ class GradientMasker:
         if self.coverage is not None:
             coverage = self.coverage.observe(entry.name, entry.flat.numel(), record, entry.flat.device)
         return applied, coverage
+
+    def _mask_tracked(self, entry: GradEntry, tensor_plan: TensorPlan, cut: Cut) -> tuple[Applied, tuple[int, int | None]] | None:
+        """``_mask`` with coverage and without strict mode, for magnitude keys of CPU gradients: one
+        kernel call masks and folds the mask into the coverage bits block by block, so the step's
+        mask is never written out as a byte per entry (:meth:`CoverageTracker.apply_and_observe`);
+        ``None`` where the kernel does not serve (the record path below is its twin)."""
+        keys = _kernel_keys(tensor_plan.source, [(tensor_plan.local_index, entry.flat)])
+        lib = native.library() if keys is not None else None
+        if lib is None:
+            return None
+        done = self.coverage.apply_and_observe(lib, entry.name, entry.flat, keys[0], cut.threshold, cut.ties)
+        if done is None:
+            return None
+        (masked, used, nonzero), coverage = done
+        return Applied(masked, used, nonzero), coverage
 
     def _scratch_record(self, flat: torch.Tensor) -> torch.Tensor:
         """A bool buffer of ``flat.numel()`` entries on ``flat``'s device for a record that is consumed
