@@ -369,8 +369,10 @@ class GradientMasker:
         """Apply ``plan`` to whole (unsharded) gradients; the global scope spends one tie budget in order."""
         tensors = []
         shared_ties = plan.tensors[0].cut.ties if plan.shared_ties and plan.tensors else 0
-        for entry, tensor_plan, threshold in zip(entries, plan.tensors, plan.threshold_values()):
+        # tensor by tensor, each plan read when its tensor is masked (a DeferredTensorPlan ranks then)
+        for entry, tensor_plan in zip(entries, plan.tensors):
             cut = Cut(tensor_plan.cut.threshold, shared_ties) if plan.shared_ties else tensor_plan.cut
+            threshold = None if cut.threshold is None else tensor_plan.source.key_to_value(tensor_plan.local_index, cut.threshold)
             applied, coverage = self._mask(entry, tensor_plan, cut)
             shared_ties -= applied.ties_used
             updated, changed = coverage if coverage is not None else (None, None)
