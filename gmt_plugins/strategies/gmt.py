@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from gmt_plugins import device_rank
+from gmt_plugins.strategies.base import MaskPlan
 from gmt_plugins.strategy_api import GradEntry, KeyedStrategy, MagnitudeKeys, StrategyRegistry, hookimpl
 
 
@@ -14,6 +16,11 @@ class GMTStrategy(KeyedStrategy):
     ``|Γ|`` below the threshold ``T_k`` are zeroed, where ``T_k`` leaves exactly
     ``floor(mask_ratio * n)`` entries below it (per tensor, or over the model for
     ``scope="global"``). Ties at the threshold go in flat index order.
+
+    Whole gradients on one CUDA device are ranked without host synchronisation
+    (:mod:`gmt_plugins.device_rank`: the plan stays on the device and the masker reads the step's
+    counts back once); other gradients, and ``ratio_of="nonzero"``, take the engine of
+    :mod:`gmt_plugins.selection`. Both give the same masks.
     """
 
     name = "gmt"
@@ -22,6 +29,17 @@ class GMTStrategy(KeyedStrategy):
 
     def key_source(self, entries: Sequence[GradEntry], *, step: int) -> MagnitudeKeys:
         return MagnitudeKeys([e.flat.dtype for e in entries])
+
+    def plan(self, entries: Sequence[GradEntry], *, step: int) -> MaskPlan | device_rank.DevicePlan:
+        if device_rank.takes(entries, ratio_of=self.config.ratio_of):
+            source = self._key_source(entries, step)
+            if device_rank.exact_magnitude_keys(source):
+                cuts = device_rank.rank_on_device(
+                    source, [e.flat for e in entries], self.config.mask_ratio,
+                    shared=self.config.scope == "global", chunk_numel=self.config.chunk_numel,
+                )
+                return device_rank.DevicePlan(cuts)
+        return super().plan(entries, step=step)
 
 
 @hookimpl

@@ -1,0 +1,313 @@
+"""The ``gmt`` mask without host synchronisation: one readback per step, for CUDA tensors.
+
+:func:`gmt_plugins.selection.rank` and :func:`~gmt_plugins.selection.apply_cut_counted` decide on
+the host: every tensor's non-finite count, every located bin and every tie count is read back with
+``.item()``, and on CUDA ``torch.bincount`` and ``nonzero`` synchronise too, so a step costs hundreds
+of host synchronisations. Here the same radix selection runs with operations whose output shapes
+never depend on data, and every decision stays on the device:
+
+* histograms of 16-bit key digits are ``index_add_`` into preallocated bins (one row of 65,536 bins
+  per tensor in the tensor scope, in groups of :data:`GROUP_ROWS` tensors ranked together; one row
+  for all tensors in the global scope);
+* ``k = floor(ratio * rankable)`` is computed on the device in float64, which is what Python's
+  ``int(ratio * rankable)`` computes (one IEEE double product, truncated; ``rankable < 2**53``);
+* the bin holding the k-th key is found by ``cumsum`` + ``searchsorted``, batched over the rows, and
+  the next digit's pass counts, by a weight of 0 or 1, only the keys whose upper digits are the
+  prefix found so far; a key outside the bucket adds its 0 at the bin of its own low digit rather
+  than at one spill bin, so the atomics of a GPU are not serialised on one counter;
+* ties at the threshold are taken in flat order (tensors in selection order in the global scope) by a
+  running ``cumsum`` of ``keys == T`` carried from chunk to chunk;
+* ``masked``, ``masked_nonzero`` and ``nonfinite`` accumulate in device tensors, and
+  :func:`apply_on_device` reads them back, with the thresholds, in one ``tolist()``.
+
+The masks, statistics and thresholds are exactly those of the host path (the tests compare both, and
+both against :mod:`tests.reference`). :class:`DevicePlan` is what :class:`~gmt_plugins.strategies.gmt.GMTStrategy`
+returns when :func:`takes` says so: :class:`~gmt_plugins.masker.GradientMasker` executes it here,
+and any other reader of its ``tensors`` gets today's :class:`~gmt_plugins.strategies.base.TensorPlan`
+list (after one readback).
+
+Which path is taken (:data:`MODE`): ``"auto"`` (default) takes this path for whole gradients that all
+sit on one CUDA device; CPU tensors keep the compiled kernel, which is faster there. ``"always"``
+takes it on CPU too (tests and benchmarks), ``"never"`` never. Not taken, whatever the mode:
+``ratio_of="nonzero"``, sharded gradients (FSDP2/FSDP1 shards, DeepSpeed partitions: their
+histograms are all-reduced by the host path), gradients spread over several devices, and key sources
+other than exact :class:`~gmt_plugins.keys.MagnitudeKeys` (a subclass of ``GMTStrategy`` with its own
+keys). Strategies other than ``gmt`` keep the host path.
+
+Scratch memory: each pass reads chunks of ``max(config.chunk_numel, CHUNK_NUMEL)`` entries (about
+20 bytes of temporaries per entry at the apply pass), and a group of the tensor scope holds two
+``GROUP_ROWS x 65,536`` int64 tables (32 MiB each).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from gmt_plugins.distributed import active_reducer
+from gmt_plugins.keys import MagnitudeKeys
+from gmt_plugins.selection import DIGIT_BITS, NUM_BINS, Cut, iter_chunks
+
+if TYPE_CHECKING:
+    from gmt_plugins.strategies.base import GradEntry, TensorPlan
+
+MODES = ("auto", "always", "never")
+MODE = "auto"
+"""``"auto"``: CUDA tensors only; ``"always"``: CPU tensors too; ``"never"``: the host path everywhere."""
+
+CHUNK_NUMEL = 1 << 24
+"""Entries per launch (at least ``config.chunk_numel``): large, since on a GPU every chunk costs launches."""
+
+GROUP_ROWS = 64
+"""Tensors of the tensor scope ranked together (one 65,536-bin row each)."""
+
+_LOW = NUM_BINS - 1
+
+
+def takes(entries: Sequence[GradEntry], *, ratio_of: str, mode: str | None = None) -> bool:
+    """Whether the device path masks ``entries`` (see the module docstring for the conditions)."""
+    mode = MODE if mode is None else mode
+    if mode not in MODES:
+        raise ValueError(f"gmt_plugins.device_rank.MODE must be one of {MODES}, got {mode!r}")
+    if mode == "never" or not entries or ratio_of != "all":
+        return False
+    if active_reducer() is not None or any(e.shard is not None for e in entries):
+        return False
+    devices = {e.flat.device for e in entries}
+    if len(devices) != 1:
+        return False
+    return mode == "always" or next(iter(devices)).type == "cuda"
+
+
+def exact_magnitude_keys(source: object) -> bool:
+    """Only the exact magnitude keys are what this module ranks (it reads ``key_bits`` and ``cap`` and
+    converts thresholds to values itself)."""
+    return type(source) is MagnitudeKeys
+
+
+@dataclass
+class PendingCuts:
+    """The cuts of one step, still on the device.
+
+    Row ``rows[i]`` of ``threshold``/``ties``/``has_cut`` is tensor ``i``'s cut (one row per tensor in
+    the tensor scope, one shared row in the global scope). A row without a cut (``k == 0``) masks
+    nothing. The cut is that of :class:`~gmt_plugins.selection.Cut`: every key below ``threshold``,
+    then the first ``ties`` keys equal to it.
+    """
+
+    source: MagnitudeKeys
+    flats: list[torch.Tensor]
+    shared: bool
+    threshold: torch.Tensor
+    ties: torch.Tensor
+    has_cut: torch.Tensor
+    nonfinite: torch.Tensor
+    chunk_numel: int
+
+    def row(self, index: int) -> int:
+        return 0 if self.shared else index
+
+
+def rank_on_device(
+    source: MagnitudeKeys, flats: Sequence[torch.Tensor], ratio: float, *, shared: bool, chunk_numel: int,
+) -> PendingCuts:
+    """The cuts masking ``floor(ratio * rankable)`` entries per tensor (``shared=False``) or over all
+    ``flats`` (``shared=True``), without reading anything back."""
+    flats = list(flats)
+    device = flats[0].device
+    chunk_numel = max(chunk_numel, CHUNK_NUMEL)
+    n_rows = 1 if shared else len(flats)
+    cuts = PendingCuts(
+        source, flats, shared,
+        threshold=torch.zeros(n_rows, dtype=torch.int64, device=device),
+        ties=torch.zeros(n_rows, dtype=torch.int64, device=device),
+        has_cut=torch.zeros(n_rows, dtype=torch.bool, device=device),
+        nonfinite=torch.zeros(len(flats), dtype=torch.int64, device=device),
+        chunk_numel=chunk_numel,
+    )
+    groups = [range(len(flats))] if shared else [range(s, min(s + GROUP_ROWS, len(flats))) for s in range(0, len(flats), GROUP_ROWS)]
+    for members in groups:
+        _rank_group(cuts, members, ratio)
+    return cuts
+
+
+class _Scratch:
+    """Per-call buffers reused by every chunk: ones (histogram weights) and ``position % 65,536``
+    (the harmless bins where keys outside the bucket add their weight 0)."""
+
+    def __init__(self, flats: Sequence[torch.Tensor], chunk_numel: int) -> None:
+        size = min(chunk_numel, max((f.numel() for f in flats), default=0))
+        device = flats[0].device
+        self.ones = torch.ones(size, dtype=torch.int64, device=device)
+        self.spread = torch.arange(size, dtype=torch.int64, device=device).bitwise_and_(_LOW)
+
+
+def _rank_group(cuts: PendingCuts, members: range, ratio: float) -> None:
+    source, flats = cuts.source, cuts.flats
+    top = source.key_bits - DIGIT_BITS
+    first_row = cuts.row(members[0])
+    n_rows = 1 if cuts.shared else len(members)
+    device = flats[0].device
+    scratch = _Scratch([flats[i] for i in members], cuts.chunk_numel)
+    hist = torch.zeros(n_rows, NUM_BINS, dtype=torch.int64, device=device)
+    cap_digit = source.cap >> top  # cap is a multiple of 2**top
+    excluded_before: dict[int, torch.Tensor] = {}
+    for i in members:
+        r = cuts.row(i) - first_row
+        row = hist[r]
+        for start, chunk in iter_chunks(flats[i], cuts.chunk_numel):
+            keys = source.keys(i, chunk, start)
+            row.index_add_(0, keys >> top if top else keys, scratch.ones[: chunk.numel()])
+        # the row's excluded keys so far, less those of the row's earlier tensors (global scope)
+        excluded = row[cap_digit:].sum()
+        cuts.nonfinite[i].copy_(excluded - excluded_before[r] if r in excluded_before else excluded)
+        excluded_before[r] = excluded
+    cumulative = hist.cumsum(1)
+    rankable = cumulative[:, cap_digit - 1]
+    # float64 product truncated: Python's int(ratio * rankable), bit for bit
+    k = torch.minimum(rankable.double().mul_(ratio).floor_().to(torch.int64), rankable)
+    digit, below, count = _locate(hist, cumulative, k)
+    prefix, remaining = digit, k - below
+    for shift in range(top - DIGIT_BITS, -1, -DIGIT_BITS):
+        hist.zero_()
+        for i in members:
+            r = cuts.row(i) - first_row
+            row, wanted = hist[r], prefix[r]
+            for start, chunk in iter_chunks(flats[i], cuts.chunk_numel):
+                keys = source.keys(i, chunk, start)
+                inside = (keys >> (shift + DIGIT_BITS)) == wanted
+                low = (keys >> shift if shift else keys) & _LOW
+                row.index_add_(0, torch.where(inside, low, scratch.spread[: chunk.numel()]), inside.to(torch.int64))
+        cumulative = hist.cumsum(1)
+        digit, below, count = _locate(hist, cumulative, remaining)
+        prefix, remaining = (prefix << DIGIT_BITS) | digit, remaining - below
+    every_equal = remaining == count  # every entry at the threshold goes: cut just above it, no ties
+    rows = slice(first_row, first_row + n_rows)
+    cuts.threshold[rows] = torch.where(every_equal, prefix + 1, prefix)
+    cuts.ties[rows] = torch.where(every_equal, 0, remaining)
+    cuts.has_cut[rows] = k > 0
+
+
+def _locate(hist: torch.Tensor, cumulative: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row: the bin holding the ``wanted``-th smallest key (1-based), the count in lower bins, and
+    the bin's count. A row with ``wanted == 0`` gets bin 0 (its cut is dropped by ``has_cut``)."""
+    digit = torch.searchsorted(cumulative, wanted.unsqueeze(1)).clamp_(max=NUM_BINS - 1)
+    below = torch.where(digit > 0, cumulative.gather(1, (digit - 1).clamp_(min=0)), 0)
+    return digit.squeeze(1), below.squeeze(1), hist.gather(1, digit).squeeze(1)
+
+
+@dataclass(frozen=True)
+class DeviceApplied:
+    """What :func:`apply_on_device` did to one tensor (the fields of a ``TensorStats``)."""
+
+    masked: int
+    masked_nonzero: int
+    nonfinite: int
+    threshold: float | None
+
+
+def apply_on_device(cuts: PendingCuts, records: Sequence[torch.Tensor | None] | None = None) -> list[DeviceApplied]:
+    """Zero, in place, what ``cuts`` selects in every flat; ``records[i]`` (a flat bool tensor, or
+    ``None``) receives tensor ``i``'s mask. Reads back once, at the end."""
+    source, flats = cuts.source, cuts.flats
+    device = flats[0].device
+    threshold = torch.where(cuts.has_cut, cuts.threshold, 0)  # 0: no key is below it
+    ties = torch.where(cuts.has_cut, cuts.ties, 0)
+    masked = torch.zeros(len(flats), dtype=torch.int64, device=device)
+    masked_nonzero = torch.zeros(len(flats), dtype=torch.int64, device=device)
+    taken: dict[int, torch.Tensor] = {}  # per row: ties at the threshold met so far, in flat order
+    for i, flat in enumerate(flats):
+        r = cuts.row(i)
+        at, budget = threshold[r], ties[r]
+        record = records[i] if records is not None else None
+        for start, chunk in iter_chunks(flat, cuts.chunk_numel):
+            keys = source.keys(i, chunk, start)
+            equal = keys == at
+            order = equal.cumsum(0)
+            if r in taken:
+                order += taken[r]
+            taken[r] = order[-1:].clone()
+            mask = (keys < at).logical_or_(equal.logical_and_(order <= budget))
+            masked_nonzero[i].add_((keys != 0).logical_and_(mask).sum())  # masked keys are finite: key 0 is ±0
+            masked[i].add_(mask.sum())
+            chunk.masked_fill_(mask, 0)
+            if record is not None:
+                record[start : start + chunk.numel()].copy_(mask)
+    shown = torch.where(cuts.has_cut, cuts.threshold, -1)
+    per_tensor = shown.expand(len(flats)) if cuts.shared else shown
+    values = torch.stack([masked, masked_nonzero, cuts.nonfinite, per_tensor]).tolist()  # the one readback
+    return [
+        DeviceApplied(m, z, n, None if t < 0 else key_value(source, t))
+        for m, z, n, t in zip(*values)
+    ]
+
+
+_UNPACK = {16: ("<H", None), 32: ("<I", "<f"), 64: ("<Q", "<d")}
+
+
+def key_value(source: MagnitudeKeys, key: int) -> float:
+    """``source.key_to_value(index, key)`` computed on the host from the bits, without a tensor
+    (so that no ``.item()`` is needed): the magnitude whose bit pattern is ``key``."""
+    if source.key_bits == 16:
+        dtype16 = source._dtype16  # noqa: SLF001 - the one 16-bit dtype of the group, set by MagnitudeKeys
+        if dtype16 == torch.bfloat16:
+            return struct.unpack("<f", struct.pack("<I", key << 16))[0]
+        return struct.unpack("<e", struct.pack("<H", key))[0]
+    pack, unpack = _UNPACK[source.key_bits]
+    return struct.unpack(unpack, struct.pack(pack, key))[0]
+
+
+class DevicePlan:
+    """A :class:`~gmt_plugins.strategies.base.MaskPlan` whose cuts are still on the device.
+
+    ``GradientMasker`` executes it with :func:`apply_on_device` (one readback per step). Reading
+    ``tensors`` or ``threshold_values()`` reads the cuts back (one synchronisation) and gives exactly
+    the ``TensorPlan`` list the host path plans; ``len(plan.tensors)`` reads nothing.
+    """
+
+    def __init__(self, cuts: PendingCuts) -> None:
+        self.cuts = cuts
+        self.shared_ties = cuts.shared
+        self._resolved: list[TensorPlan] | None = None
+
+    @property
+    def tensors(self) -> _Plans:
+        return _Plans(self)
+
+    def resolve(self) -> list[TensorPlan]:
+        if self._resolved is None:
+            from gmt_plugins.strategies.base import TensorPlan
+
+            c = self.cuts
+            values = torch.cat([c.threshold, c.ties, c.has_cut.to(torch.int64), c.nonfinite]).tolist()  # one readback
+            rows = c.threshold.numel()
+            threshold, ties, has_cut, nonfinite = values[:rows], values[rows : 2 * rows], values[2 * rows : 3 * rows], values[3 * rows :]
+            self._resolved = []
+            for i, n in enumerate(nonfinite):
+                r = c.row(i)
+                cut = Cut(threshold[r], ties[r]) if has_cut[r] else Cut(None)
+                self._resolved.append(TensorPlan(c.source, i, cut, n))
+        return self._resolved
+
+    def threshold_values(self) -> list[float | None]:
+        return [None if p.cut.threshold is None else key_value(p.source, p.cut.threshold) for p in self.resolve()]
+
+
+class _Plans(Sequence["TensorPlan"]):
+    """``DevicePlan.tensors``: its length without a readback, its items after one."""
+
+    def __init__(self, plan: DevicePlan) -> None:
+        self._plan = plan
+
+    def __len__(self) -> int:
+        return len(self._plan.cuts.flats)
+
+    def __getitem__(self, index):  # type: ignore[no-untyped-def] # Sequence's int/slice overloads
+        return self._plan.resolve()[index]
+
+    def __iter__(self) -> Iterator[TensorPlan]:
+        return iter(self._plan.resolve())
