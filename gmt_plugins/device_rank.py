@@ -93,43 +93,57 @@ def exact_magnitude_keys(source: object) -> bool:
 class PendingCuts:
     """The cuts of one step, still on the device.
 
-    Row ``rows[i]`` of ``threshold``/``ties``/``has_cut`` is tensor ``i``'s cut (one row per tensor in
-    the tensor scope, one shared row in the global scope). A row without a cut (``k == 0``) masks
-    nothing. The cut is that of :class:`~gmt_plugins.selection.Cut`: every key below ``threshold``,
-    then the first ``ties`` keys equal to it.
+    Row ``row_of[i]`` of ``threshold``/``ties``/``has_cut`` is tensor ``i``'s cut, in the keys of
+    ``sources[i]`` (one row per tensor in the tensor scope, one shared row and source in the global
+    scope). A row without a cut (``k == 0``) masks nothing. The cut is that of
+    :class:`~gmt_plugins.selection.Cut`: every key below ``threshold``, then the first ``ties`` keys
+    equal to it.
     """
 
-    source: MagnitudeKeys
+    sources: list[MagnitudeKeys]
     flats: list[torch.Tensor]
     shared: bool
+    row_of: list[int]
     threshold: torch.Tensor
     ties: torch.Tensor
     has_cut: torch.Tensor
     nonfinite: torch.Tensor
     chunk_numel: int
 
-    def row(self, index: int) -> int:
-        return 0 if self.shared else index
 
 
 def rank_on_device(
-    source: MagnitudeKeys, flats: Sequence[torch.Tensor], ratio: float, *, shared: bool, chunk_numel: int,
+    sources: Sequence[MagnitudeKeys], flats: Sequence[torch.Tensor], ratio: float, *, shared: bool, chunk_numel: int,
 ) -> PendingCuts:
-    """The cuts masking ``floor(ratio * rankable)`` entries per tensor (``shared=False``) or over all
-    ``flats`` (``shared=True``), without reading anything back."""
-    flats = list(flats)
+    """The cuts masking ``floor(ratio * rankable)`` entries per tensor (``shared=False``, ``sources[i]``
+    the keys of ``flats[i]`` alone) or over all ``flats`` (``shared=True``, one source for all),
+    without reading anything back."""
+    flats, sources = list(flats), list(sources)
     device = flats[0].device
     chunk_numel = max(chunk_numel, CHUNK_NUMEL)
-    n_rows = 1 if shared else len(flats)
+    if shared:
+        if any(s is not sources[0] for s in sources):
+            raise ValueError("the global scope ranks every tensor in the keys of one source")
+        groups, n_rows = [list(range(len(flats)))], 1
+    else:
+        # tensors with the same key space are ranked together, one row each, rows contiguous per group
+        kinds: dict[tuple[int, int, object], list[int]] = {}
+        for i, source in enumerate(sources):
+            kinds.setdefault((source.key_bits, source.cap, source._dtype16), []).append(i)  # noqa: SLF001 - the key space
+        groups = [kind[s : s + GROUP_ROWS] for kind in kinds.values() for s in range(0, len(kind), GROUP_ROWS)]
+        n_rows = len(flats)
+    row_of = [0] * len(flats)
+    if not shared:
+        for row, i in enumerate(i for group in groups for i in group):
+            row_of[i] = row
     cuts = PendingCuts(
-        source, flats, shared,
+        sources, flats, shared, row_of,
         threshold=torch.zeros(n_rows, dtype=torch.int64, device=device),
         ties=torch.zeros(n_rows, dtype=torch.int64, device=device),
         has_cut=torch.zeros(n_rows, dtype=torch.bool, device=device),
         nonfinite=torch.zeros(len(flats), dtype=torch.int64, device=device),
         chunk_numel=chunk_numel,
     )
-    groups = [range(len(flats))] if shared else [range(s, min(s + GROUP_ROWS, len(flats))) for s in range(0, len(flats), GROUP_ROWS)]
     for members in groups:
         _rank_group(cuts, members, ratio)
     return cuts
@@ -146,10 +160,10 @@ class _Scratch:
         self.spread = torch.arange(size, dtype=torch.int64, device=device).bitwise_and_(_LOW)
 
 
-def _rank_group(cuts: PendingCuts, members: range, ratio: float) -> None:
-    source, flats = cuts.source, cuts.flats
+def _rank_group(cuts: PendingCuts, members: list[int], ratio: float) -> None:
+    source, flats = cuts.sources[members[0]], cuts.flats
     top = source.key_bits - DIGIT_BITS
-    first_row = cuts.row(members[0])
+    first_row = cuts.row_of[members[0]]
     n_rows = 1 if cuts.shared else len(members)
     device = flats[0].device
     scratch = _Scratch([flats[i] for i in members], cuts.chunk_numel)
@@ -157,7 +171,7 @@ def _rank_group(cuts: PendingCuts, members: range, ratio: float) -> None:
     cap_digit = source.cap >> top  # cap is a multiple of 2**top
     excluded_before: dict[int, torch.Tensor] = {}
     for i in members:
-        r = cuts.row(i) - first_row
+        r = cuts.row_of[i] - first_row
         row = hist[r]
         for start, chunk in iter_chunks(flats[i], cuts.chunk_numel):
             keys = source.keys(i, chunk, start)
@@ -175,7 +189,7 @@ def _rank_group(cuts: PendingCuts, members: range, ratio: float) -> None:
     for shift in range(top - DIGIT_BITS, -1, -DIGIT_BITS):
         hist.zero_()
         for i in members:
-            r = cuts.row(i) - first_row
+            r = cuts.row_of[i] - first_row
             row, wanted = hist[r], prefix[r]
             for start, chunk in iter_chunks(flats[i], cuts.chunk_numel):
                 keys = source.keys(i, chunk, start)
@@ -213,7 +227,7 @@ class DeviceApplied:
 def apply_on_device(cuts: PendingCuts, records: Sequence[torch.Tensor | None] | None = None) -> list[DeviceApplied]:
     """Zero, in place, what ``cuts`` selects in every flat; ``records[i]`` (a flat bool tensor, or
     ``None``) receives tensor ``i``'s mask. Reads back once, at the end."""
-    source, flats = cuts.source, cuts.flats
+    flats = cuts.flats
     device = flats[0].device
     threshold = torch.where(cuts.has_cut, cuts.threshold, 0)  # 0: no key is below it
     ties = torch.where(cuts.has_cut, cuts.ties, 0)
@@ -221,7 +235,7 @@ def apply_on_device(cuts: PendingCuts, records: Sequence[torch.Tensor | None] | 
     masked_nonzero = torch.zeros(len(flats), dtype=torch.int64, device=device)
     taken: dict[int, torch.Tensor] = {}  # per row: ties at the threshold met so far, in flat order
     for i, flat in enumerate(flats):
-        r = cuts.row(i)
+        r, source = cuts.row_of[i], cuts.sources[i]
         at, budget = threshold[r], ties[r]
         record = records[i] if records is not None else None
         for start, chunk in iter_chunks(flat, cuts.chunk_numel):
@@ -238,11 +252,12 @@ def apply_on_device(cuts: PendingCuts, records: Sequence[torch.Tensor | None] | 
             if record is not None:
                 record[start : start + chunk.numel()].copy_(mask)
     shown = torch.where(cuts.has_cut, cuts.threshold, -1)
-    per_tensor = shown.expand(len(flats)) if cuts.shared else shown
-    values = torch.stack([masked, masked_nonzero, cuts.nonfinite, per_tensor]).tolist()  # the one readback
+    n = len(flats)
+    values = torch.cat([masked, masked_nonzero, cuts.nonfinite, shown]).tolist()  # the one readback
+    rows = values[3 * n :]
     return [
-        DeviceApplied(m, z, n, None if t < 0 else key_value(source, t))
-        for m, z, n, t in zip(*values)
+        DeviceApplied(m, z, f, None if rows[r] < 0 else key_value(s, rows[r]))
+        for m, z, f, r, s in zip(values[:n], values[n : 2 * n], values[2 * n : 3 * n], cuts.row_of, cuts.sources)
     ]
 
 
@@ -287,10 +302,10 @@ class DevicePlan:
             rows = c.threshold.numel()
             threshold, ties, has_cut, nonfinite = values[:rows], values[rows : 2 * rows], values[2 * rows : 3 * rows], values[3 * rows :]
             self._resolved = []
-            for i, n in enumerate(nonfinite):
-                r = c.row(i)
+            for i, (n, r, source) in enumerate(zip(nonfinite, c.row_of, c.sources)):
                 cut = Cut(threshold[r], ties[r]) if has_cut[r] else Cut(None)
-                self._resolved.append(TensorPlan(c.source, i, cut, n))
+                # the host path's indices: the tensor's place in its source's group
+                self._resolved.append(TensorPlan(source, i if c.shared else 0, cut, n))
         return self._resolved
 
     def threshold_values(self) -> list[float | None]:
