@@ -66,6 +66,7 @@ GROUP_ROWS = 64
 """Tensors of the tensor scope ranked together (one 65,536-bin row each)."""
 
 _LOW = NUM_BINS - 1
+_INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def takes(entries: Sequence[GradEntry], *, ratio_of: str, mode: str | None = None) -> bool:
@@ -150,14 +151,17 @@ def rank_on_device(
 
 
 class _Scratch:
-    """Per-call buffers reused by every chunk: ones (histogram weights) and ``position % 65,536``
-    (the harmless bins where keys outside the bucket add their weight 0)."""
+    """Per-call buffers reused by every chunk: ones (the histogram weights) and, for the keys outside
+    the bucket of a later digit, ``65,536 + position % 65,536``: bins past the digits' that are sliced
+    off, spread by position so that no counter takes them all (a weight of 0 instead would cost a
+    conversion of the bucket test per entry)."""
 
-    def __init__(self, flats: Sequence[torch.Tensor], chunk_numel: int) -> None:
+    def __init__(self, flats: Sequence[torch.Tensor], chunk_numel: int, key_dtype: torch.dtype) -> None:
         size = min(chunk_numel, max((f.numel() for f in flats), default=0))
         device = flats[0].device
         self.ones = torch.ones(size, dtype=torch.int64, device=device)
-        self.spread = torch.arange(size, dtype=torch.int64, device=device).bitwise_and_(_LOW)
+        # in the keys' dtype, so that torch.where does not promote (one conversion pass less)
+        self.spread = torch.arange(size, dtype=key_dtype, device=device).bitwise_and_(_LOW).add_(NUM_BINS)
 
 
 def _rank_group(cuts: PendingCuts, members: list[int], ratio: float) -> None:
@@ -166,13 +170,14 @@ def _rank_group(cuts: PendingCuts, members: list[int], ratio: float) -> None:
     first_row = cuts.row_of[members[0]]
     n_rows = 1 if cuts.shared else len(members)
     device = flats[0].device
-    scratch = _Scratch([flats[i] for i in members], cuts.chunk_numel)
-    hist = torch.zeros(n_rows, NUM_BINS, dtype=torch.int64, device=device)
+    scratch = _Scratch([flats[i] for i in members], cuts.chunk_numel, torch.int64 if source.key_bits == 64 else torch.int32)
+    table = torch.zeros(n_rows, 2 * NUM_BINS, dtype=torch.int64, device=device)  # the digits, then the outside keys
+    hist = table[:, :NUM_BINS]
     cap_digit = source.cap >> top  # cap is a multiple of 2**top
     excluded_before: dict[int, torch.Tensor] = {}
     for i in members:
         r = cuts.row_of[i] - first_row
-        row = hist[r]
+        row = table[r]
         for start, chunk in iter_chunks(flats[i], cuts.chunk_numel):
             keys = source.keys(i, chunk, start)
             row.index_add_(0, keys >> top if top else keys, scratch.ones[: chunk.numel()])
@@ -187,15 +192,15 @@ def _rank_group(cuts: PendingCuts, members: list[int], ratio: float) -> None:
     digit, below, count = _locate(hist, cumulative, k)
     prefix, remaining = digit, k - below
     for shift in range(top - DIGIT_BITS, -1, -DIGIT_BITS):
-        hist.zero_()
+        table.zero_()
         for i in members:
             r = cuts.row_of[i] - first_row
-            row, wanted = hist[r], prefix[r]
+            row, wanted = table[r], prefix[r]
             for start, chunk in iter_chunks(flats[i], cuts.chunk_numel):
                 keys = source.keys(i, chunk, start)
                 inside = (keys >> (shift + DIGIT_BITS)) == wanted
                 low = (keys >> shift if shift else keys) & _LOW
-                row.index_add_(0, torch.where(inside, low, scratch.spread[: chunk.numel()]), inside.to(torch.int64))
+                row.index_add_(0, torch.where(inside, low, scratch.spread[: chunk.numel()]), scratch.ones[: chunk.numel()])
         cumulative = hist.cumsum(1)
         digit, below, count = _locate(hist, cumulative, remaining)
         prefix, remaining = (prefix << DIGIT_BITS) | digit, remaining - below
@@ -233,24 +238,25 @@ def apply_on_device(cuts: PendingCuts, records: Sequence[torch.Tensor | None] | 
     ties = torch.where(cuts.has_cut, cuts.ties, 0)
     masked = torch.zeros(len(flats), dtype=torch.int64, device=device)
     masked_nonzero = torch.zeros(len(flats), dtype=torch.int64, device=device)
-    taken: dict[int, torch.Tensor] = {}  # per row: ties at the threshold met so far, in flat order
+    left = ties.clone()  # per row: ties at the threshold still to take, spent in flat order
     for i, flat in enumerate(flats):
         r, source = cuts.row_of[i], cuts.sources[i]
-        at, budget = threshold[r], ties[r]
+        at, budget = threshold[r], left[r]
         record = records[i] if records is not None else None
         for start, chunk in iter_chunks(flat, cuts.chunk_numel):
             keys = source.keys(i, chunk, start)
             equal = keys == at
-            order = equal.cumsum(0)
-            if r in taken:
-                order += taken[r]
-            taken[r] = order[-1:].clone()
-            mask = (keys < at).logical_or_(equal.logical_and_(order <= budget))
-            masked_nonzero[i].add_((keys != 0).logical_and_(mask).sum())  # masked keys are finite: key 0 is ±0
-            masked[i].add_(mask.sum())
-            chunk.masked_fill_(mask, 0)
+            # int32 running count (a chunk holds < 2**31 entries) against the budget clamped to int32
+            order = equal.cumsum(0, dtype=torch.int32)
+            mask = (keys < at).logical_or_(equal.logical_and_(order <= budget.clamp(max=2**31 - 1)))
+            budget.sub_(order[-1]).clamp_(min=0)
+            # masked keys are finite, so key 0 is ±0; count_nonzero: a bool sum converts to int64 first
+            masked_nonzero[i].add_(torch.count_nonzero(torch.logical_and(keys, mask)))
+            masked[i].add_(torch.count_nonzero(mask))
             if record is not None:
                 record[start : start + chunk.numel()].copy_(mask)
+            # the bits times 0 or 1: +0.0 where masked (as masked_fill_, which branches per entry on CPU)
+            chunk.view(_INT_OF_SIZE[chunk.element_size()]).mul_(mask.logical_not_())
     shown = torch.where(cuts.has_cut, cuts.threshold, -1)
     n = len(flats)
     values = torch.cat([masked, masked_nonzero, cuts.nonfinite, shown]).tolist()  # the one readback
