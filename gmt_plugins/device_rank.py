@@ -34,8 +34,8 @@ histograms are all-reduced by the host path), gradients spread over several devi
 other than exact :class:`~gmt_plugins.keys.MagnitudeKeys` (a subclass of ``GMTStrategy`` with its own
 keys). Strategies other than ``gmt`` keep the host path.
 
-Scratch memory: each pass reads chunks of ``max(config.chunk_numel, CHUNK_NUMEL)`` entries (about
-20 bytes of temporaries per entry at the apply pass), and a group of the tensor scope holds two
+Scratch memory: each pass reads chunks of ``max(config.chunk_numel, CHUNK_NUMEL)`` entries on a GPU
+(``config.chunk_numel`` on CPU; about 20 bytes of temporaries per entry at the apply pass), and a group of the tensor scope holds two
 ``GROUP_ROWS x 65,536`` int64 tables (32 MiB each).
 """
 
@@ -60,9 +60,15 @@ MODE = "auto"
 """``"auto"``: CUDA tensors only; ``"always"``: CPU tensors too; ``"never"``: the host path everywhere."""
 
 CHUNK_NUMEL = 1 << 24
-"""Entries per launch (at least ``config.chunk_numel``): large, since on a GPU every chunk costs launches."""
+"""Entries per launch on a GPU (at least ``config.chunk_numel``): large, since every chunk costs launches.
+CPU tensors (``MODE="always"``) take ``config.chunk_numel``, whose chunks stay in cache from pass to pass."""
 
 GROUP_ROWS = 64
+
+SPREAD_SPILLS: bool | None = None
+"""How a later digit's pass counts the keys outside its bucket. ``True``: in 65,536 bins spread by
+position (GPU atomics on one counter would serialise); ``False``: in two spill bins, below and above
+(on a CPU the same counters stay in cache); ``None``: ``True`` on CUDA. Both give the same histogram."""
 """Tensors of the tensor scope ranked together (one 65,536-bin row each)."""
 
 _LOW = NUM_BINS - 1
@@ -121,7 +127,8 @@ def rank_on_device(
     without reading anything back."""
     flats, sources = list(flats), list(sources)
     device = flats[0].device
-    chunk_numel = max(chunk_numel, CHUNK_NUMEL)
+    if device.type != "cpu":  # launches cost on a GPU; on a CPU, chunks that stay in cache do
+        chunk_numel = max(chunk_numel, CHUNK_NUMEL)
     if shared:
         if any(s is not sources[0] for s in sources):
             raise ValueError("the global scope ranks every tensor in the keys of one source")
@@ -171,6 +178,7 @@ def _rank_group(cuts: PendingCuts, members: list[int], ratio: float) -> None:
     n_rows = 1 if cuts.shared else len(members)
     device = flats[0].device
     scratch = _Scratch([flats[i] for i in members], cuts.chunk_numel, torch.int64 if source.key_bits == 64 else torch.int32)
+    spread = SPREAD_SPILLS if SPREAD_SPILLS is not None else device.type == "cuda"
     table = torch.zeros(n_rows, 2 * NUM_BINS, dtype=torch.int64, device=device)  # the digits, then the outside keys
     hist = table[:, :NUM_BINS]
     cap_digit = source.cap >> top  # cap is a multiple of 2**top
@@ -196,11 +204,19 @@ def _rank_group(cuts: PendingCuts, members: list[int], ratio: float) -> None:
         for i in members:
             r = cuts.row_of[i] - first_row
             row, wanted = table[r], prefix[r]
+            base = wanted << (shift + DIGIT_BITS)
             for start, chunk in iter_chunks(flats[i], cuts.chunk_numel):
                 keys = source.keys(i, chunk, start)
-                inside = (keys >> (shift + DIGIT_BITS)) == wanted
-                low = (keys >> shift if shift else keys) & _LOW
-                row.index_add_(0, torch.where(inside, low, scratch.spread[: chunk.numel()]), scratch.ones[: chunk.numel()])
+                if spread:
+                    inside = (keys >> (shift + DIGIT_BITS)) == wanted
+                    low = (keys >> shift if shift else keys) & _LOW
+                    bins = torch.where(inside, low, scratch.spread[: chunk.numel()])
+                else:  # below the bucket -> -1 -> bin 2 * 65,536 - 1; above it -> bin 65,536
+                    bins = keys - base
+                    if shift:
+                        bins >>= shift  # arithmetic: keys below the bucket stay negative
+                    bins.clamp_(-1, NUM_BINS).bitwise_and_(2 * NUM_BINS - 1)
+                row.index_add_(0, bins, scratch.ones[: chunk.numel()])
         cumulative = hist.cumsum(1)
         digit, below, count = _locate(hist, cumulative, remaining)
         prefix, remaining = (prefix << DIGIT_BITS) | digit, remaining - below

@@ -26,11 +26,13 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 RATIOS = [0.0, 1e-3, 0.3, 0.99]
 
 
-@pytest.fixture(autouse=True)
-def device_path(monkeypatch):
-    """The device path on CPU, with chunks of 1,000 entries (carries across chunks) and groups of
-    3 tensors in the tensor scope (several groups)."""
+@pytest.fixture(autouse=True, params=["spread", "spill"])
+def device_path(request, monkeypatch):
+    """The device path on CPU, with chunks of 1,024 entries (carries across chunks) and groups of
+    3 tensors in the tensor scope (several groups); a later digit's pass counts the keys outside its
+    bucket both as on CUDA (spread over bins) and as on CPU (two spill bins)."""
     monkeypatch.setattr(device_rank, "MODE", "always")
+    monkeypatch.setattr(device_rank, "SPREAD_SPILLS", request.param == "spread")
     monkeypatch.setattr(device_rank, "CHUNK_NUMEL", 1000)
     monkeypatch.setattr(device_rank, "GROUP_ROWS", 3)
 
