@@ -25,11 +25,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from strategy_cost import Gradients, shapes
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's gmt_plugins first
+
+from strategy_cost import Gradients, shapes  # noqa: E402 - after the path is set
 
 ROWS = {"device": ("always", "0"), "host[torch]": ("never", "0"), "host[native]": ("never", "1")}
 

@@ -179,13 +179,16 @@ def _rank_group(cuts: PendingCuts, members: list[int], ratio: float) -> None:
     device = flats[0].device
     scratch = _Scratch([flats[i] for i in members], cuts.chunk_numel, torch.int64 if source.key_bits == 64 else torch.int32)
     spread = SPREAD_SPILLS if SPREAD_SPILLS is not None else device.type == "cuda"
-    table = torch.zeros(n_rows, 2 * NUM_BINS, dtype=torch.int64, device=device)  # the digits, then the outside keys
-    hist = table[:, :NUM_BINS]
+    # one row per tensor: the digits' bins, and for later digits the outside keys' bins (spread: 65,536
+    # after the digits; spilled: one before, one after)
+    width, offset = (NUM_BINS, 0) if not top else (2 * NUM_BINS, 0) if spread else (NUM_BINS + 2, 1)
+    table = torch.zeros(n_rows, width, dtype=torch.int64, device=device)
+    hist = table[:, offset : offset + NUM_BINS]
     cap_digit = source.cap >> top  # cap is a multiple of 2**top
     excluded_before: dict[int, torch.Tensor] = {}
     for i in members:
         r = cuts.row_of[i] - first_row
-        row = table[r]
+        row = hist[r]
         for start, chunk in iter_chunks(flats[i], cuts.chunk_numel):
             keys = source.keys(i, chunk, start)
             row.index_add_(0, keys >> top if top else keys, scratch.ones[: chunk.numel()])
@@ -211,11 +214,11 @@ def _rank_group(cuts: PendingCuts, members: list[int], ratio: float) -> None:
                     inside = (keys >> (shift + DIGIT_BITS)) == wanted
                     low = (keys >> shift if shift else keys) & _LOW
                     bins = torch.where(inside, low, scratch.spread[: chunk.numel()])
-                else:  # below the bucket -> -1 -> bin 2 * 65,536 - 1; above it -> bin 65,536
+                else:  # the host path's clamp: below the bucket -> bin 0, above it -> bin 65,537
                     bins = keys - base
                     if shift:
                         bins >>= shift  # arithmetic: keys below the bucket stay negative
-                    bins.clamp_(-1, NUM_BINS).bitwise_and_(2 * NUM_BINS - 1)
+                    bins.clamp_(-1, NUM_BINS).add_(1)
                 row.index_add_(0, bins, scratch.ones[: chunk.numel()])
         cumulative = hist.cumsum(1)
         digit, below, count = _locate(hist, cumulative, remaining)
