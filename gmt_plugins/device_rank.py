@@ -51,9 +51,10 @@ import torch
 from gmt_plugins.distributed import active_reducer
 from gmt_plugins.keys import MagnitudeKeys
 from gmt_plugins.selection import DIGIT_BITS, NUM_BINS, Cut, iter_chunks
+from gmt_plugins.strategies.base import MaskPlan, TensorPlan
 
 if TYPE_CHECKING:
-    from gmt_plugins.strategies.base import GradEntry, TensorPlan
+    from gmt_plugins.strategies.base import GradEntry
 
 MODES = ("auto", "always", "never")
 MODE = "auto"
@@ -301,7 +302,7 @@ def key_value(source: MagnitudeKeys, key: int) -> float:
     return struct.unpack(unpack, struct.pack(pack, key))[0]
 
 
-class DevicePlan:
+class DevicePlan(MaskPlan):
     """A :class:`~gmt_plugins.strategies.base.MaskPlan` whose cuts are still on the device.
 
     ``GradientMasker`` executes it with :func:`apply_on_device` (one readback per step). Reading
@@ -309,19 +310,17 @@ class DevicePlan:
     the ``TensorPlan`` list the host path plans; ``len(plan.tensors)`` reads nothing.
     """
 
-    def __init__(self, cuts: PendingCuts) -> None:
+    def __init__(self, cuts: PendingCuts) -> None:  # not the dataclass __init__: ``tensors`` is computed
         self.cuts = cuts
         self.shared_ties = cuts.shared
         self._resolved: list[TensorPlan] | None = None
 
-    @property
+    @property  # type: ignore[override] # MaskPlan's field, read-only here: it is read back from the device
     def tensors(self) -> _Plans:
         return _Plans(self)
 
     def resolve(self) -> list[TensorPlan]:
         if self._resolved is None:
-            from gmt_plugins.strategies.base import TensorPlan
-
             c = self.cuts
             values = torch.cat([c.threshold, c.ties, c.has_cut.to(torch.int64), c.nonfinite]).tolist()  # one readback
             rows = c.threshold.numel()

@@ -333,7 +333,7 @@ class GradientMasker:
             coverage = self.coverage.observe(entry.name, entry.flat.numel(), record, entry.flat.device)
         return applied, coverage
 
-    def _execute(self, entries: list[GradEntry], plan: MaskPlan | device_rank.DevicePlan) -> list[TensorStats]:
+    def _execute(self, entries: list[GradEntry], plan: MaskPlan) -> list[TensorStats]:
         """Apply ``plan`` to whole (unsharded) gradients; the global scope spends one tie budget in order.
 
         A :class:`~gmt_plugins.device_rank.DevicePlan` (``gmt`` on CUDA) is applied on the device and

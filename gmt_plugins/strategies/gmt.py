@@ -30,7 +30,7 @@ class GMTStrategy(KeyedStrategy):
     def key_source(self, entries: Sequence[GradEntry], *, step: int) -> MagnitudeKeys:
         return MagnitudeKeys([e.flat.dtype for e in entries])
 
-    def plan(self, entries: Sequence[GradEntry], *, step: int) -> MaskPlan | device_rank.DevicePlan:
+    def plan(self, entries: Sequence[GradEntry], *, step: int) -> MaskPlan:
         if device_rank.takes(entries, ratio_of=self.config.ratio_of):
             shared = self.config.scope == "global"
             sources = [self._key_source(entries, step)] * len(entries) if shared else [self._key_source([e], step) for e in entries]
