@@ -257,7 +257,7 @@ def apply_on_device(cuts: PendingCuts, records: Sequence[torch.Tensor | None] | 
     threshold = torch.where(cuts.has_cut, cuts.threshold, 0)  # 0: no key is below it
     ties = torch.where(cuts.has_cut, cuts.ties, 0)
     masked = torch.zeros(len(flats), dtype=torch.int64, device=device)
-    masked_nonzero = torch.zeros(len(flats), dtype=torch.int64, device=device)
+    nonzero = torch.zeros(len(flats), dtype=torch.int64, device=device)  # keys other than 0 (±0), NaN/inf included
     left = ties.clone()  # per row: ties at the threshold still to take, spent in flat order
     for i, flat in enumerate(flats):
         r, source = cuts.row_of[i], cuts.sources[i]
@@ -270,21 +270,26 @@ def apply_on_device(cuts: PendingCuts, records: Sequence[torch.Tensor | None] | 
             order = equal.cumsum(0, dtype=torch.int32)
             mask = (keys < at).logical_or_(equal.logical_and_(order <= budget.clamp(max=2**31 - 1)))
             budget.sub_(order[-1]).clamp_(min=0)
-            # masked keys are finite, so key 0 is ±0; count_nonzero: a bool sum converts to int64 first
-            masked_nonzero[i].add_(torch.count_nonzero(torch.logical_and(keys, mask)))
-            masked[i].add_(torch.count_nonzero(mask))
+            nonzero[i].add_(torch.count_nonzero(keys))
+            masked[i].add_(torch.count_nonzero(mask))  # a bool sum would convert to int64 first
             if record is not None:
                 record[start : start + chunk.numel()].copy_(mask)
             # the bits times 0 or 1: +0.0 where masked (as masked_fill_, which branches per entry on CPU)
             chunk.view(_INT_OF_SIZE[chunk.element_size()]).mul_(mask.logical_not_())
     shown = torch.where(cuts.has_cut, cuts.threshold, -1)
     n = len(flats)
-    values = torch.cat([masked, masked_nonzero, cuts.nonfinite, shown]).tolist()  # the one readback
+    values = torch.cat([masked, nonzero, cuts.nonfinite, shown]).tolist()  # the one readback
     rows = values[3 * n :]
     return [
-        DeviceApplied(m, z, f, None if rows[r] < 0 else key_value(s, rows[r]))
-        for m, z, f, r, s in zip(values[:n], values[n : 2 * n], values[2 * n : 3 * n], cuts.row_of, cuts.sources)
+        DeviceApplied(m, _masked_nonzero(m, flat.numel() - z, rows[r]), f, None if rows[r] < 0 else key_value(s, rows[r]))
+        for m, z, f, r, s, flat in zip(values[:n], values[n : 2 * n], values[2 * n : 3 * n], cuts.row_of, cuts.sources, flats)
     ]
+
+
+def _masked_nonzero(masked: int, zeros: int, threshold: int) -> int:
+    """Masked entries that were not ±0 (key 0), from counts: a cut at a threshold key above 0 masks
+    every zero (key 0 is below it); a cut at key 0 (or none) masks zeros only, as ties."""
+    return masked - zeros if threshold > 0 else 0
 
 
 _UNPACK = {16: ("<H", None), 32: ("<I", "<f"), 64: ("<Q", "<d")}
