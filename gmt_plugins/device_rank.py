@@ -116,7 +116,11 @@ class PendingCuts:
     ties: torch.Tensor
     has_cut: torch.Tensor
     nonfinite: torch.Tensor
+    """Per tensor (global scope) or per row (tensor scope): :meth:`nonfinite_at` says where."""
     chunk_numel: int
+
+    def nonfinite_at(self, index: int) -> int:
+        return index if self.shared else self.row_of[index]
 
 
 
@@ -186,17 +190,17 @@ def _rank_group(cuts: PendingCuts, members: list[int], ratio: float) -> None:
     table = torch.zeros(n_rows, width, dtype=torch.int64, device=device)
     hist = table[:, offset : offset + NUM_BINS]
     cap_digit = source.cap >> top  # cap is a multiple of 2**top
-    excluded_before: dict[int, torch.Tensor] = {}
     for i in members:
-        r = cuts.row_of[i] - first_row
-        row = hist[r]
+        row = hist[cuts.row_of[i] - first_row]
         for start, chunk in iter_chunks(flats[i], cuts.chunk_numel):
             keys = source.keys(i, chunk, start)
             row.index_add_(0, keys >> top if top else keys, scratch.ones[: chunk.numel()])
-        # the row's excluded keys so far, less those of the row's earlier tensors (global scope)
-        excluded = row[cap_digit:].sum()
-        cuts.nonfinite[i].copy_(excluded - excluded_before[r] if r in excluded_before else excluded)
-        excluded_before[r] = excluded
+        if cuts.shared:  # the excluded keys of every tensor so far; differences below
+            torch.sum(row[cap_digit:], dim=0, out=cuts.nonfinite[i])
+    if cuts.shared:
+        cuts.nonfinite[1:] -= cuts.nonfinite[:-1].clone()
+    else:  # one row per tensor: all rows at once
+        cuts.nonfinite[first_row : first_row + n_rows] = hist[:, cap_digit:].sum(1)
     cumulative = hist.cumsum(1)
     rankable = cumulative[:, cap_digit - 1]
     # float64 product truncated: Python's int(ratio * rankable), bit for bit
@@ -256,34 +260,52 @@ def apply_on_device(cuts: PendingCuts, records: Sequence[torch.Tensor | None] | 
     device = flats[0].device
     threshold = torch.where(cuts.has_cut, cuts.threshold, 0)  # 0: no key is below it
     ties = torch.where(cuts.has_cut, cuts.ties, 0)
-    masked = torch.zeros(len(flats), dtype=torch.int64, device=device)
-    nonzero = torch.zeros(len(flats), dtype=torch.int64, device=device)  # keys other than 0 (±0), NaN/inf included
-    left = ties.clone()  # per row: ties at the threshold still to take, spent in flat order
+    # per chunk: masked entries and keys other than 0 (±0; NaN/inf included), summed per tensor on the host
+    counts: list[torch.Tensor] = []
+    owners: list[int] = []
+    left = ties.clone()  # per row: ties at the threshold still to take, spent in flat order (negative: spent)
     for i, flat in enumerate(flats):
         r, source = cuts.row_of[i], cuts.sources[i]
         at, budget = threshold[r], left[r]
         record = records[i] if records is not None else None
         for start, chunk in iter_chunks(flat, cuts.chunk_numel):
-            keys = source.keys(i, chunk, start)
+            keys = _apply_keys(source, i, chunk, start)
             equal = keys == at
-            # int32 running count (a chunk holds < 2**31 entries) against the budget clamped to int32
+            # int32 running count (a chunk holds < 2**31 entries) against the budget clamped into int32
             order = equal.cumsum(0, dtype=torch.int32)
-            mask = (keys < at).logical_or_(equal.logical_and_(order <= budget.clamp(max=2**31 - 1)))
-            budget.sub_(order[-1]).clamp_(min=0)
-            nonzero[i].add_(torch.count_nonzero(keys))
-            masked[i].add_(torch.count_nonzero(mask))  # a bool sum would convert to int64 first
+            mask = (keys < at).logical_or_(equal.logical_and_(order <= budget.clamp(-1, 2**31 - 1)))
+            budget.sub_(order[-1])
+            counts += [torch.count_nonzero(mask), torch.count_nonzero(keys)]  # a bool sum would convert first
+            owners.append(i)
             if record is not None:
                 record[start : start + chunk.numel()].copy_(mask)
             # the bits times 0 or 1: +0.0 where masked (as masked_fill_, which branches per entry on CPU)
             chunk.view(_INT_OF_SIZE[chunk.element_size()]).mul_(mask.logical_not_())
     shown = torch.where(cuts.has_cut, cuts.threshold, -1)
-    n = len(flats)
-    values = torch.cat([masked, nonzero, cuts.nonfinite, shown]).tolist()  # the one readback
-    rows = values[3 * n :]
-    return [
-        DeviceApplied(m, _masked_nonzero(m, flat.numel() - z, rows[r]), f, None if rows[r] < 0 else key_value(s, rows[r]))
-        for m, z, f, r, s, flat in zip(values[:n], values[n : 2 * n], values[2 * n : 3 * n], cuts.row_of, cuts.sources, flats)
-    ]
+    parts = ([torch.stack(counts)] if counts else []) + [cuts.nonfinite, shown]
+    values = torch.cat(parts).tolist()  # the one readback
+    n_counts, n = len(counts), len(flats)
+    masked, nonzero = [0] * n, [0] * n
+    for owner, m, z in zip(owners, values[0:n_counts:2], values[1:n_counts:2]):
+        masked[owner] += m
+        nonzero[owner] += z
+    nonfinite, rows = values[n_counts : n_counts + n], values[n_counts + n :]
+    done = []
+    for i, flat in enumerate(flats):
+        t = rows[cuts.row_of[i]]
+        done.append(DeviceApplied(
+            masked[i], _masked_nonzero(masked[i], flat.numel() - nonzero[i], t), nonfinite[cuts.nonfinite_at(i)],
+            None if t < 0 else key_value(cuts.sources[i], t),
+        ))
+    return done
+
+
+def _apply_keys(source: MagnitudeKeys, index: int, chunk: torch.Tensor, start: int) -> torch.Tensor:
+    """The keys the apply pass compares: 16-bit keys stay int16 (one launch, half the traffic; no
+    histogram indexes them), the others are ``source.keys``."""
+    if source.key_bits == 16:
+        return chunk.view(torch.int16) & 0x7FFF
+    return source.keys(index, chunk, start)
 
 
 def _masked_nonzero(masked: int, zeros: int, threshold: int) -> int:
@@ -331,10 +353,10 @@ class DevicePlan(MaskPlan):
             rows = c.threshold.numel()
             threshold, ties, has_cut, nonfinite = values[:rows], values[rows : 2 * rows], values[2 * rows : 3 * rows], values[3 * rows :]
             self._resolved = []
-            for i, (n, r, source) in enumerate(zip(nonfinite, c.row_of, c.sources)):
+            for i, (r, source) in enumerate(zip(c.row_of, c.sources)):
                 cut = Cut(threshold[r], ties[r]) if has_cut[r] else Cut(None)
                 # the host path's indices: the tensor's place in its source's group
-                self._resolved.append(TensorPlan(source, i if c.shared else 0, cut, n))
+                self._resolved.append(TensorPlan(source, i if c.shared else 0, cut, nonfinite[c.nonfinite_at(i)]))
         return self._resolved
 
     def threshold_values(self) -> list[float | None]:
