@@ -163,17 +163,17 @@ def rank_on_device(
 
 
 class _Scratch:
-    """Per-call buffers reused by every chunk: ones (the histogram weights) and, for the keys outside
-    the bucket of a later digit, ``65,536 + position % 65,536``: bins past the digits' that are sliced
-    off, spread by position so that no counter takes them all (a weight of 0 instead would cost a
-    conversion of the bucket test per entry)."""
+    """Per-call buffers reused by every chunk: ones (the histogram weights, one entry expanded) and,
+    for the keys outside the bucket of a later digit when spreading, ``65,536 + position % 65,536``:
+    bins past the digits' that are sliced off, spread by position so that no counter takes them all
+    (a weight of 0 instead would cost a conversion of the bucket test per entry)."""
 
-    def __init__(self, flats: Sequence[torch.Tensor], chunk_numel: int, key_dtype: torch.dtype) -> None:
+    def __init__(self, flats: Sequence[torch.Tensor], chunk_numel: int, key_dtype: torch.dtype, spread: bool) -> None:
         size = min(chunk_numel, max((f.numel() for f in flats), default=0))
         device = flats[0].device
-        self.ones = torch.ones(size, dtype=torch.int64, device=device)
+        self.ones = torch.ones(1, dtype=torch.int64, device=device).expand(size)
         # in the keys' dtype, so that torch.where does not promote (one conversion pass less)
-        self.spread = torch.arange(size, dtype=key_dtype, device=device).bitwise_and_(_LOW).add_(NUM_BINS)
+        self.spread = torch.arange(size, dtype=key_dtype, device=device).bitwise_and_(_LOW).add_(NUM_BINS) if spread else None
 
 
 def _rank_group(cuts: PendingCuts, members: list[int], ratio: float) -> None:
@@ -182,8 +182,9 @@ def _rank_group(cuts: PendingCuts, members: list[int], ratio: float) -> None:
     first_row = cuts.row_of[members[0]]
     n_rows = 1 if cuts.shared else len(members)
     device = flats[0].device
-    scratch = _Scratch([flats[i] for i in members], cuts.chunk_numel, torch.int64 if source.key_bits == 64 else torch.int32)
     spread = SPREAD_SPILLS if SPREAD_SPILLS is not None else device.type == "cuda"
+    key_dtype = torch.int64 if source.key_bits == 64 else torch.int32
+    scratch = _Scratch([flats[i] for i in members], cuts.chunk_numel, key_dtype, spread and top > 0)
     # one row per tensor: the digits' bins, and for later digits the outside keys' bins (spread: 65,536
     # after the digits; spilled: one before, one after)
     width, offset = (NUM_BINS, 0) if not top else (2 * NUM_BINS, 0) if spread else (NUM_BINS + 2, 1)
