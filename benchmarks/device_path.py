@@ -62,7 +62,8 @@ def main() -> None:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     named = tensor_set(args.layers, args.embeddings)
     total = sum(torch.Size(s).numel() for _, s in named)
-    print(f"tensors: {len(named)}, entries: {total / 1e6:.1f}M, device: {args.device}, clock: {'wall' if cuda else 'process CPU'}")
+    clock_name = "wall" if cuda else "process CPU"
+    print(f"tensors: {len(named)}, entries: {total / 1e6:.1f}M, device: {args.device}, clock: {clock_name}")
     if not cuda:
         print("no GPU ran this: CPU figures (OMP_NUM_THREADS=%s)" % os.environ.get("OMP_NUM_THREADS", "unset"))
     print(f"{'dtype':9} {'scope':7} {'row':13} {'ns/entry':>9} {'device/row median':>18} {'spread':>15}")
@@ -71,7 +72,8 @@ def main() -> None:
         params = [torch.nn.Parameter(torch.zeros(s, dtype=dtype, device=args.device)) for _, s in named]
         grads = Gradients(params, args.device, dtype)
         for scope in args.scopes:
-            maskers = {r: GradientMasker(list(zip([n for n, _ in named], params)), GMTConfig(mask_ratio=args.ratio, scope=scope)) for r in rows}
+            config = GMTConfig(mask_ratio=args.ratio, scope=scope)
+            maskers = {r: GradientMasker(list(zip([n for n, _ in named], params)), config) for r in rows}
             times: dict[str, list[float]] = {r: [] for r in rows}
             for repeat in range(args.repeats + 1):  # the first round warms up
                 for row in rows:

@@ -7,18 +7,24 @@ of host synchronisations. Here the same radix selection runs with operations who
 never depend on data, and every decision stays on the device:
 
 * histograms of 16-bit key digits are ``index_add_`` into preallocated bins (one row of 65,536 bins
-  per tensor in the tensor scope, in groups of :data:`GROUP_ROWS` tensors ranked together; one row
-  for all tensors in the global scope);
+  per tensor in the tensor scope, in groups of :data:`GROUP_ROWS` tensors of one key space ranked
+  together; one row for all tensors in the global scope);
 * ``k = floor(ratio * rankable)`` is computed on the device in float64, which is what Python's
   ``int(ratio * rankable)`` computes (one IEEE double product, truncated; ``rankable < 2**53``);
-* the bin holding the k-th key is found by ``cumsum`` + ``searchsorted``, batched over the rows, and
-  the next digit's pass counts, by a weight of 0 or 1, only the keys whose upper digits are the
-  prefix found so far; a key outside the bucket adds its 0 at the bin of its own low digit rather
-  than at one spill bin, so the atomics of a GPU are not serialised on one counter;
+* the bin holding the k-th key is found by ``cumsum`` + ``searchsorted``, batched over the rows of a
+  group, and the next digit's pass counts only the keys whose upper digits are the prefix found so
+  far; the keys outside that bucket go to bins that are sliced off: on CUDA 65,536 of them, spread
+  by position, so that the GPU's atomics are not serialised on one counter; on CPU two spill bins,
+  whose counters stay in cache (:data:`SPREAD_SPILLS`);
 * ties at the threshold are taken in flat order (tensors in selection order in the global scope) by a
-  running ``cumsum`` of ``keys == T`` carried from chunk to chunk;
-* ``masked``, ``masked_nonzero`` and ``nonfinite`` accumulate in device tensors, and
-  :func:`apply_on_device` reads them back, with the thresholds, in one ``tolist()``.
+  running ``cumsum`` of ``keys == T`` against a tie budget kept on the device from chunk to chunk;
+* the counts (``masked`` and the nonzero keys of each chunk, ``nonfinite`` of each tensor) stay in
+  device tensors, and :func:`apply_on_device` reads them back, with the thresholds, in one
+  ``tolist()``; ``masked_nonzero`` follows on the host (a cut above key 0 masks every ±0).
+
+On the 135M tensor set (272 tensors, bf16) an apply dispatches about 17 torch operations per tensor,
+none of them synchronising; small tensors are not yet packed together, so the launches still grow
+with the number of tensors (``benchmarks/device_path.py`` compares both paths).
 
 The masks, statistics and thresholds are exactly those of the host path (the tests compare both, and
 both against :mod:`tests.reference`). :class:`DevicePlan` is what :class:`~gmt_plugins.strategies.gmt.GMTStrategy`
@@ -35,8 +41,9 @@ other than exact :class:`~gmt_plugins.keys.MagnitudeKeys` (a subclass of ``GMTSt
 keys). Strategies other than ``gmt`` keep the host path.
 
 Scratch memory: each pass reads chunks of ``max(config.chunk_numel, CHUNK_NUMEL)`` entries on a GPU
-(``config.chunk_numel`` on CPU; about 20 bytes of temporaries per entry at the apply pass), and a group of the tensor scope holds two
-``GROUP_ROWS x 65,536`` int64 tables (32 MiB each).
+(``config.chunk_numel`` on CPU), with about 12 bytes of temporaries per entry at the apply pass; a
+group of the tensor scope holds a ``GROUP_ROWS x 131,072`` int64 table (64 MiB) and its cumulative
+sums on CUDA, half that on CPU.
 """
 
 from __future__ import annotations
@@ -142,7 +149,8 @@ def rank_on_device(
         # tensors with the same key space are ranked together, one row each, rows contiguous per group
         kinds: dict[tuple[int, int, object], list[int]] = {}
         for i, source in enumerate(sources):
-            kinds.setdefault((source.key_bits, source.cap, source._dtype16), []).append(i)  # noqa: SLF001 - the key space
+            space = (source.key_bits, source.cap, source._dtype16)  # noqa: SLF001 - the 16-bit dtype, if any
+            kinds.setdefault(space, []).append(i)
         groups = [kind[s : s + GROUP_ROWS] for kind in kinds.values() for s in range(0, len(kind), GROUP_ROWS)]
         n_rows = len(flats)
     row_of = [0] * len(flats)
@@ -173,7 +181,9 @@ class _Scratch:
         device = flats[0].device
         self.ones = torch.ones(1, dtype=torch.int64, device=device).expand(size)
         # in the keys' dtype, so that torch.where does not promote (one conversion pass less)
-        self.spread = torch.arange(size, dtype=key_dtype, device=device).bitwise_and_(_LOW).add_(NUM_BINS) if spread else None
+        self.spread = None
+        if spread:
+            self.spread = torch.arange(size, dtype=key_dtype, device=device).bitwise_and_(_LOW).add_(NUM_BINS)
 
 
 def _rank_group(cuts: PendingCuts, members: list[int], ratio: float) -> None:
@@ -236,7 +246,9 @@ def _rank_group(cuts: PendingCuts, members: list[int], ratio: float) -> None:
     cuts.has_cut[rows] = k > 0
 
 
-def _locate(hist: torch.Tensor, cumulative: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _locate(
+    hist: torch.Tensor, cumulative: torch.Tensor, wanted: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row: the bin holding the ``wanted``-th smallest key (1-based), the count in lower bins, and
     the bin's count. A row with ``wanted == 0`` gets bin 0 (its cut is dropped by ``has_cut``)."""
     digit = torch.searchsorted(cumulative, wanted.unsqueeze(1)).clamp_(max=NUM_BINS - 1)
@@ -352,7 +364,8 @@ class DevicePlan(MaskPlan):
             c = self.cuts
             values = torch.cat([c.threshold, c.ties, c.has_cut.to(torch.int64), c.nonfinite]).tolist()  # one readback
             rows = c.threshold.numel()
-            threshold, ties, has_cut, nonfinite = values[:rows], values[rows : 2 * rows], values[2 * rows : 3 * rows], values[3 * rows :]
+            threshold, ties, has_cut = values[:rows], values[rows : 2 * rows], values[2 * rows : 3 * rows]
+            nonfinite = values[3 * rows :]
             self._resolved = []
             for i, (r, source) in enumerate(zip(c.row_of, c.sources)):
                 cut = Cut(threshold[r], ties[r]) if has_cut[r] else Cut(None)

@@ -119,7 +119,10 @@ def test_ratio_one_masks_every_finite_entry(dtype, shared):
     params = make_params([dtype] * len(SHAPES), "ties")
     flats = [p.grad.view(-1) for _, p in params]
     before = [p.grad.clone() for _, p in params]
-    sources = [MagnitudeKeys([f.dtype for f in flats])] * len(flats) if shared else [MagnitudeKeys([f.dtype]) for f in flats]
+    if shared:
+        sources = [MagnitudeKeys([f.dtype for f in flats])] * len(flats)
+    else:
+        sources = [MagnitudeKeys([f.dtype]) for f in flats]
     cuts = device_rank.rank_on_device(sources, flats, 1.0, shared=shared, chunk_numel=1024)
     done = device_rank.apply_on_device(cuts)
     masks = reference_masks(before, 1.0, "global" if shared else "tensor")
@@ -149,7 +152,8 @@ def test_plan_reads_back_the_host_paths_plan():
             assert isinstance(plan, device_rank.DevicePlan)
             host = KeyedStrategy.plan(masker.strategy, entries, step=0)
             assert type(host) is MaskPlan
-            assert [(p.local_index, p.cut, p.nonfinite) for p in plan.tensors] == [(p.local_index, p.cut, p.nonfinite) for p in host.tensors]
+            got = [(p.local_index, p.cut, p.nonfinite) for p in plan.tensors]
+            assert got == [(p.local_index, p.cut, p.nonfinite) for p in host.tensors]
             assert plan.shared_ties == host.shared_ties
             assert plan.threshold_values() == host.threshold_values()
 
@@ -302,3 +306,49 @@ def test_sync_counter_flags_boolean_indexing_and_cross_device_copies():
         "aten.index.Tensor", "aten.nonzero.default", "Tensor.item", "Tensor.tolist",
         "aten.lift_fresh.default", "aten.repeat_interleave.Tensor",
     ]
+
+
+KEY_SPACES = [[torch.bfloat16], [torch.float16], [torch.float32], [torch.float64], [torch.float32, torch.bfloat16]]
+
+
+@pytest.mark.parametrize("dtypes", KEY_SPACES, ids=str)
+def test_key_value_is_key_to_value(dtypes):
+    """Thresholds are converted on the host from the key's bits (no tensor, no .item())."""
+    source = MagnitudeKeys(dtypes)
+    gen = torch.Generator().manual_seed(0)
+    keys = [0, 1, source.cap - 1, source.cap] + torch.randint(0, source.cap, (200,), generator=gen).tolist()
+    for key in keys:
+        assert device_rank.key_value(source, key) == source.key_to_value(0, key), key
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def] # dispatch protocol
+        if not func.is_view:  # views launch nothing
+            self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_operations_per_tensor_stay_few(scope, monkeypatch):
+    """Every torch operation is a kernel launch on a GPU: the device path dispatches about 17 per
+    small bf16 tensor (one chunk, one digit pass). A regression guard on the count, not a timing."""
+    monkeypatch.setattr(device_rank, "GROUP_ROWS", 64)  # the default: one group here
+
+    def ops_for(n_tensors: int) -> int:
+        params = []
+        for i in range(n_tensors):
+            p = torch.nn.Parameter(torch.zeros(100, dtype=torch.bfloat16))
+            p.grad = torch.randn(100, generator=torch.Generator().manual_seed(i)).bfloat16()
+            params.append((f"t{i}", p))
+        masker = GradientMasker(params, GMTConfig(mask_ratio=0.3, scope=scope))
+        masker.apply()
+        with OpCounter() as counter:
+            masker.apply()
+        return counter.ops
+
+    per_tensor = (ops_for(40) - ops_for(20)) / 20
+    assert per_tensor <= 18, per_tensor

@@ -33,10 +33,14 @@ class GMTStrategy(KeyedStrategy):
     def plan(self, entries: Sequence[GradEntry], *, step: int) -> MaskPlan:
         if device_rank.takes(entries, ratio_of=self.config.ratio_of):
             shared = self.config.scope == "global"
-            sources = [self._key_source(entries, step)] * len(entries) if shared else [self._key_source([e], step) for e in entries]
+            if shared:
+                sources = [self._key_source(entries, step)] * len(entries)
+            else:
+                sources = [self._key_source([e], step) for e in entries]
             if all(map(device_rank.exact_magnitude_keys, sources)):
                 cuts = device_rank.rank_on_device(
-                    sources, [e.flat for e in entries], self.config.mask_ratio, shared=shared, chunk_numel=self.config.chunk_numel,
+                    sources, [e.flat for e in entries], self.config.mask_ratio,
+                    shared=shared, chunk_numel=self.config.chunk_numel,
                 )
                 return device_rank.DevicePlan(cuts)
         return super().plan(entries, step=step)
