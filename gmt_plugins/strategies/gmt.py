@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from gmt_plugins import device_rank
-from gmt_plugins.strategies.base import MaskPlan
-from gmt_plugins.strategy_api import GradEntry, KeyedStrategy, MagnitudeKeys, StrategyRegistry, hookimpl
+from gmt_plugins.strategy_api import GradEntry, KeyedStrategy, MagnitudeKeys, MaskPlan, StrategyRegistry, hookimpl
 
 
 class GMTStrategy(KeyedStrategy):
