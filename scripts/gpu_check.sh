@@ -34,7 +34,7 @@ run threshold 60 $PY benchmarks/threshold.py --device cuda --sizes 1e7 1e8 --dty
     --methods gmt_plugins kthvalue topk sort
 run strategy_cost 130 $PY benchmarks/strategy_cost.py --device cuda --model 1b --dtype bfloat16 --repeats 3
 run strategy_cost_135m 40 $PY benchmarks/strategy_cost.py --device cuda --model 135m --repeats 3 --rows gmt:tensor gmt:global random:tensor
-run device_path 40 $PY benchmarks/device_path.py --device cuda --layers 30 --embeddings --repeats 3 --dtypes bfloat16 float32
+run device_path 40 $PY benchmarks/device_path.py --device cuda --layers 30 --embeddings --repeats 3 --dtypes bfloat16
 run step_time 90 $PY benchmarks/step_time.py --device cuda --model 1b --dtype bfloat16 --seq 1024 --micro-batch 4 --rounds 3
 
 echo "================ gpu_check summary ($(( $(date +%s) - start )) s) ================"
