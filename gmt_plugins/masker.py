@@ -10,7 +10,7 @@ from typing import Any, Literal
 import pluggy
 import torch
 
-from gmt_plugins import fsdp1, native, native_rank
+from gmt_plugins import device_rank, fsdp1, native, native_rank
 from gmt_plugins.config import UNSET, GMTConfig, resolve_config
 from gmt_plugins.coverage import CoverageTracker
 from gmt_plugins.distributed import ShardReducer, is_dtensor, local_shard, reducing
@@ -366,7 +366,27 @@ class GradientMasker:
         return scratch[: flat.numel()]
 
     def _execute(self, entries: list[GradEntry], plan: MaskPlan) -> list[TensorStats]:
-        """Apply ``plan`` to whole (unsharded) gradients; the global scope spends one tie budget in order."""
+        """Apply ``plan`` to whole (unsharded) gradients; the global scope spends one tie budget in order.
+
+        A :class:`~gmt_plugins.device_rank.DevicePlan` (``gmt`` on CUDA) is applied on the device and
+        read back once for the whole step (strict mode and ``track_coverage`` then add their own reads)."""
+        if isinstance(plan, device_rank.DevicePlan):
+            wanted = self._guard is not None or self.coverage is not None
+            records = [MaskedEntryGuard.new_mask(e.flat) if wanted else None for e in entries]
+            done = device_rank.apply_on_device(plan.cuts, records)
+            tensors = []
+            for entry, applied, record in zip(entries, done, records):
+                if self._guard is not None and applied.masked:
+                    self._guard.capture(entry.param, record, applied.masked)
+                updated, changed = (
+                    self.coverage.observe(entry.name, entry.flat.numel(), record, entry.flat.device)
+                    if self.coverage is not None else (None, None)
+                )
+                tensors.append(TensorStats(
+                    entry.name, entry.flat.numel(), applied.masked, applied.nonfinite, applied.threshold,
+                    applied.masked_nonzero, updated, changed,
+                ))
+            return tensors
         tensors = []
         shared_ties = plan.tensors[0].cut.ties if plan.shared_ties and plan.tensors else 0
         # tensor by tensor, each plan read when its tensor is masked (a DeferredTensorPlan ranks then)
