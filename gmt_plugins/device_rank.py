@@ -72,12 +72,12 @@ CHUNK_NUMEL = 1 << 24
 CPU tensors (``MODE="always"``) take ``config.chunk_numel``, whose chunks stay in cache from pass to pass."""
 
 GROUP_ROWS = 64
+"""Tensors of the tensor scope ranked together (one 65,536-bin row each)."""
 
 SPREAD_SPILLS: bool | None = None
 """How a later digit's pass counts the keys outside its bucket. ``True``: in 65,536 bins spread by
 position (GPU atomics on one counter would serialise); ``False``: in two spill bins, below and above
 (on a CPU the same counters stay in cache); ``None``: ``True`` on CUDA. Both give the same histogram."""
-"""Tensors of the tensor scope ranked together (one 65,536-bin row each)."""
 
 _LOW = NUM_BINS - 1
 _INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
