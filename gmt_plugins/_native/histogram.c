@@ -1759,6 +1759,42 @@ void gmt_coverage_observe(const uint8_t *mask, int64_t n, uint8_t *updated, uint
     out[0] = set;
     out[1] = first ? 0 : changed;
 }
+
+/* gmt_apply of a magnitude-key tensor (KIND_F32, KIND_BF16_WIDE, KIND_16) with coverage folded in as
+ * it goes: blocks of TRACK_BLOCK entries are masked by gmt_apply with a record on the stack, and each
+ * block's record is folded into the bit sets by gmt_coverage_observe at once, so the step's mask
+ * never exists as one byte per entry of the tensor (written, then read back from memory). The
+ * result is the two calls' over the whole tensor (ties are spent block after block, in position
+ * order; TRACK_BLOCK is a multiple of 64, so each block starts a packed word). out: masked, ties
+ * used, masked nonzero, set bits of updated, changed (0 when first). Returns 0 (did nothing) for
+ * another kind of key. */
+#define TRACK_BLOCK 8192
+int32_t gmt_apply_tracked(const source_t *src, uint64_t threshold, int64_t ties, uint8_t *updated, uint8_t *previous,
+                          int32_t first, int64_t *out) {
+    size_t width;
+    switch (src->kind) {
+    case KIND_F32: width = 4; break;
+    case KIND_BF16_WIDE: case KIND_16: width = 2; break;
+    default: return 0;
+    }
+    uint8_t record[TRACK_BLOCK];
+    int64_t masked = 0, used = 0, nonzero = 0, set = 0, changed = 0, part_out[3], fold_out[2];
+    source_t part = *src;
+    for (int64_t i = 0; i < src->n; i += TRACK_BLOCK) {
+        part.x = (const char *)src->x + (size_t)i * width;
+        part.n = src->n - i < TRACK_BLOCK ? src->n - i : TRACK_BLOCK;
+        gmt_apply(&part, threshold, ties, record, part_out);
+        masked += part_out[0];
+        used += part_out[1];
+        ties -= part_out[1];
+        nonzero += part_out[2];
+        gmt_coverage_observe(record, part.n, updated + i / 8, previous + i / 8, first, fold_out);
+        set += fold_out[0];
+        changed += fold_out[1];
+    }
+    out[0] = masked; out[1] = used; out[2] = nonzero; out[3] = set; out[4] = first ? 0 : changed;
+    return 1;
+}
 /* ---- end of the coverage section ---- */
 
 /* ---- stored-mask section (strategies/_masks.py StoredMask; spiel, sift, spt accumulation) ---- */

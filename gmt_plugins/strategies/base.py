@@ -11,7 +11,7 @@ import torch
 
 from gmt_plugins import native, native_rank
 from gmt_plugins.config import GMTConfig
-from gmt_plugins.distributed import ShardInfo
+from gmt_plugins.distributed import ShardInfo, active_reducer
 from gmt_plugins.keys import ShiftedKeys
 from gmt_plugins.layout import flat_like
 from gmt_plugins.selection import Cut, KeySource, iter_chunks, rank
@@ -80,6 +80,36 @@ class TensorPlan:
     local_index: int
     cut: Cut
     nonfinite: int = 0
+
+
+class DeferredTensorPlan(TensorPlan):
+    """A :class:`TensorPlan` whose ``cut`` and ``nonfinite`` are ranked when first read.
+
+    The tensor scope of a stateless :class:`KeyedStrategy` plans this way: the masker masks tensor by
+    tensor, so each tensor is ranked right before it is masked, while its gradient is still in cache
+    from the ranking read (most of a model's tensors are a few MB), rather than all tensors ranked and
+    then all masked, each read twice from memory. The result is the same; only the order of work moves.
+    """
+
+    def __init__(self, source: KeySource, local_index: int, resolve: Any) -> None:
+        self.source = source
+        self.local_index = local_index
+        self._resolve = resolve
+        self._resolved: tuple[Cut, int] | None = None
+
+    def _get(self) -> tuple[Cut, int]:
+        if self._resolved is None:
+            self._resolved = self._resolve()
+            self._resolve = None
+        return self._resolved
+
+    @property  # type: ignore[override]
+    def cut(self) -> Cut:
+        return self._get()[0]
+
+    @property  # type: ignore[override]
+    def nonfinite(self) -> int:
+        return self._get()[1]
 
 
 @dataclass
@@ -194,11 +224,19 @@ class KeyedStrategy(MaskStrategy):
             cut, ranked = rank(source, [(i, e.flat) for i, e in enumerate(entries)], ratio, chunk_numel=chunk, warm=warm)
             plans = [TensorPlan(source, i, cut, n) for i, n in enumerate(ranked.nonfinite)]
             return MaskPlan(plans, shared_ties=True)
+        # a stateless strategy ranks each tensor when the masker reaches it (DeferredTensorPlan); one
+        # with state ranks now, before the masker puts back its state on a skipped step; so does a
+        # sharded step, whose ranking is a collective every rank makes in the same order
+        deferred = type(self).state_dict is MaskStrategy.state_dict and active_reducer() is None
         plans = []
         for entry in entries:
             source = self._key_source([entry], step)
-            cut, ranked = rank(source, [(0, entry.flat)], ratio, chunk_numel=chunk, warm=warm, group=entry.name)
-            plans.append(TensorPlan(source, 0, cut, ranked.nonfinite[0]))
+
+            def resolve(source: KeySource = source, entry: GradEntry = entry) -> tuple[Cut, int]:
+                cut, ranked = rank(source, [(0, entry.flat)], ratio, chunk_numel=chunk, warm=warm, group=entry.name)
+                return cut, ranked.nonfinite[0]
+
+            plans.append(DeferredTensorPlan(source, 0, resolve) if deferred else TensorPlan(source, 0, *resolve()))
         return MaskPlan(plans)
 
     def _plan_nonzero(self, entries: Sequence[GradEntry], step: int) -> MaskPlan:
