@@ -515,3 +515,56 @@ def test_fused_strategy_paths_fall_back_when_the_window_overflows(monkeypatch, s
     assert sum(misses) >= len(misses) * 3 // 4
     for (fa, ma), (fb, mb) in zip(fast, slow):
         assert ma == mb and all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(fa, fb))
+
+
+def test_ema_rank_group_portable_scan_equals_the_avx2_scan(tmp_path):
+    """``GMT_PLUGINS_NO_AVX2_SCAN=1`` makes ema_rank_group's second read take the portable scan
+    (EMA_SCAN_BODY): in fresh processes, both give the same EMAs, cuts, bits and window keys, on
+    gradients with NaN/inf (the scan then reads the gradient too), EMAs holding NaN and inf, sizes
+    that are not multiples of 64, and windows holding many keys."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import gmt_plugins
+
+    root = Path(gmt_plugins.__file__).resolve().parents[1]
+    script = tmp_path / "ema_scan.py"
+    script.write_text(
+        "import hashlib, sys, torch\n"
+        "from gmt_plugins import native, native_rank\n"
+        f"sys.path.insert(0, {str(root / 'tests')!r})\n"
+        "from test_native_group import scaled_rows, ties_heavy\n"
+        "from test_native import awkward\n"
+        "lib = native.library()\n"
+        "def digest(t):\n"
+        "    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]\n"
+        "for make, sizes in ((scaled_rows, [300_001, 64, 63]), (awkward, [200_000, 100_037]), (ties_heavy, [70_003])):\n"
+        "    emas = [torch.empty(n) for n in sizes]\n"
+        "    for step in range(3):\n"
+        "        grads = [make(n, seed=step * 7 + i) if make is scaled_rows else make(n, torch.float32, seed=step * 7 + i) for i, n in enumerate(sizes)]\n"
+        "        if step == 2:\n"
+        "            emas[0][:3] = torch.tensor([float('nan'), float('inf'), -float('inf')])\n"
+        "        for shift in (0, 3):\n"
+        "            for group in ([0], list(range(len(sizes)))):\n"
+        "                e = [emas[i].clone() for i in group]\n"
+        "                r, sel = native_rank.ema_rank_group(lib, [grads[i] for i in group], e, [step == 0] * len(group), beta=0.7, ratio=0.3, k=None, sample_shift=shift)\n"
+        "                line = [digest(x) for x in e]\n"
+        "                if r is not None:\n"
+        "                    c = sel.cand_start[-1]\n"
+        "                    line += [r.threshold, r.ties, r.rankable, r.nonfinite, sel.lo, sel.hi, c, digest(sel.bits), digest(sel.cand_key[:c]), digest(sel.cand_pos[:c])]\n"
+        "                print(line)\n"
+        "        for i, n in enumerate(sizes):\n"
+        "            native_rank.ema_f32(lib, emas[i], grads[i], 0.7, first=step == 0)\n"
+        "print('avx2', native_rank.avx2_scan(lib))\n"
+    )
+    outputs = []
+    for off in ("0", "1"):
+        env = {**os.environ, "GMT_PLUGINS_NO_AVX2_SCAN": off, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+        assert done.returncode == 0, done.stderr
+        outputs.append(done.stdout.splitlines())
+    assert outputs[1][-1] == "avx2 False"
+    assert len(outputs[0]) > 30 and sum(line.count(",") > 8 for line in outputs[0]) > 20  # most groups ranked
+    assert outputs[0][:-1] == outputs[1][:-1]

@@ -1151,11 +1151,57 @@ static inline __attribute__((always_inline)) int64_t ema_pass1(const source_t *s
         if (n & 63) bits[n >> 6] = w;                                                               \
     }
 
+#if GMT_HAVE_AVX2_SCAN
+/* ema_scan's blocks of 64 with AVX2: the keys eight at a time (score_key's clamps as compares), the
+ * block's bits and its window test straight from the compares' bitmasks; the window's keys (a few %
+ * of the blocks hold one) are then taken one by one. Returns where the blocks end: EMA_SCAN_BODY's
+ * tail does the rest, and EMA_SCAN_BODY alone is the portable twin (GMT_PLUGINS_NO_AVX2_SCAN=1). */
+__attribute__((target("avx2,popcnt"))) static int64_t ema_scan_avx2(const uint32_t *x, const uint32_t *sc, int64_t n, int with_grad,
+                                                                    uint32_t lo, uint32_t width, uint64_t *bits, uint32_t *cand_key,
+                                                                    int64_t *cand_pos, int64_t cand_cap, int64_t *below_io,
+                                                                    int64_t *nc_io) {
+    /* keys are at most EMA_CAP < 2**31 and lo + width <= EMA_CAP: signed compares are exact */
+    const __m256i magnitude = _mm256_set1_epi32(0x7FFFFFFF), inf = _mm256_set1_epi32((int32_t)EMA_CAP);
+    const __m256i vlo = _mm256_set1_epi32((int32_t)lo), vhi = _mm256_set1_epi32((int32_t)(lo + width));
+    int64_t i = 0, below = 0, nc = *nc_io;
+    for (; i + 64 <= n; i += 64) {
+        uint64_t under_bits = 0, in_bits = 0;
+        for (int j = 0; j < 8; ++j) {
+            __m256i key = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(sc + i + 8 * j)), magnitude);
+            key = _mm256_andnot_si256(_mm256_cmpgt_epi32(key, inf), key);  /* NaN ranks lowest */
+            key = _mm256_add_epi32(key, _mm256_cmpeq_epi32(key, inf));     /* inf: the largest finite */
+            if (with_grad) {                                                /* a non-finite gradient: the cap */
+                __m256i g = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + i + 8 * j)), inf);
+                key = _mm256_blendv_epi8(key, inf, _mm256_cmpeq_epi32(g, inf));
+            }
+            __m256i under = _mm256_cmpgt_epi32(vlo, key);
+            __m256i inside = _mm256_andnot_si256(under, _mm256_cmpgt_epi32(vhi, key));
+            under_bits |= (uint64_t)(uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(under)) << (8 * j);
+            in_bits |= (uint64_t)(uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(inside)) << (8 * j);
+        }
+        bits[i >> 6] = under_bits;
+        below += __builtin_popcountll(under_bits);
+        for (; in_bits; in_bits &= in_bits - 1) {
+            int j = __builtin_ctzll(in_bits);
+            if (nc < cand_cap) { cand_key[nc] = score_key(sc[i + j], with_grad ? x[i + j] : 0u); cand_pos[nc] = i + j; }
+            nc += 1;
+        }
+    }
+    *below_io += below;
+    *nc_io = nc;
+    return i;
+}
+#endif
+
 static inline __attribute__((always_inline)) void ema_scan(const source_t *src, int64_t excluded, uint32_t lo, uint32_t width, uint64_t *bits, uint32_t *cand_key,
                      int64_t *cand_pos, int64_t cand_cap, int64_t *below_io, int64_t *nc_io) {
     const uint32_t *x = (const uint32_t *)src->x, *sc = (const uint32_t *)src->s;
     const int64_t n = src->n;
-    int64_t i = 0, below = 0, nc = *nc_io;
+    int64_t i = 0;
+#if GMT_HAVE_AVX2_SCAN
+    if (has_avx2()) i = ema_scan_avx2(x, sc, n, excluded != 0, lo, width, bits, cand_key, cand_pos, cand_cap, below_io, nc_io);
+#endif
+    int64_t below = 0, nc = *nc_io;
 #define KEY_EMA(i) score_key(sc[i], 0u)
     if (excluded) {
         EMA_SCAN_BODY(KEY_SCORE)
