@@ -84,7 +84,7 @@ REQUIRED_SYMBOLS = (
     *sorted(set(_FUNCTIONS.values())), *(n for pair in _MOVES.values() for n in pair),
     "gmt_rank_group", "gmt_apply", "gmt_ema_f32", "gmt_count_nonfinite_f32",
     "gmt_id3_grow", "gmt_coverage_observe",
-    "gmt_random_rank", "gmt_apply_preselected", "gmt_ema_rank",
+    "gmt_random_rank", "gmt_apply_preselected", "gmt_ema_rank", "gmt_ema_rank_groups",
 )
 
 

@@ -1092,8 +1092,10 @@ static inline __attribute__((always_inline)) int64_t ema_chunk(float *restrict e
 }
 
 /* One tensor, EMA_CHUNK entries at a time: the EMA update, then (from cache) the top digits of the
- * new keys of every 2**sample_shift-th entry into the tables. Returns the excluded (non-finite
- * gradient) count, of every entry. */
+ * new keys of one entry of every 2**sample_shift into the tables, drawn at a varying place in its
+ * stratum (a Weyl sequence: one multiply) so that no row length aliases with the stride, as every
+ * 8th entry of rows whose scales vary along the row would (the tensor's last, partial stratum takes
+ * its first entry). Returns the excluded (non-finite gradient) count, of every entry. */
 #define EMA_CHUNK 2048
 static inline __attribute__((always_inline)) int64_t ema_pass1(const source_t *src, float a, float b, int first, uint32_t *hist,
                                                                int tables, uint32_t sample_shift) {
@@ -1107,11 +1109,30 @@ static inline __attribute__((always_inline)) int64_t ema_pass1(const source_t *s
         excluded += ema_chunk(ema + c, (const float *)src->x + c, m, a, b, first);
         const uint32_t *x = (const uint32_t *)src->x + c, *sc = (const uint32_t *)src->s + c;
         int64_t i = 0;
-        for (; i + 4 * step <= m; i += 4 * step) {
-            hist[KEY_SCORE(i) >> 16] += 1;
-            h1[KEY_SCORE(i + step) >> 16] += 1;
-            h2[KEY_SCORE(i + 2 * step) >> 16] += 1;
-            h3[KEY_SCORE(i + 3 * step) >> 16] += 1;
+        if (sample_shift == 0) {
+            for (; i + 4 <= m; i += 4) {
+                hist[KEY_SCORE(i) >> 16] += 1;
+                h1[KEY_SCORE(i + 1) >> 16] += 1;
+                h2[KEY_SCORE(i + 2) >> 16] += 1;
+                h3[KEY_SCORE(i + 3) >> 16] += 1;
+            }
+        } else {
+            const uint32_t down = 32u - sample_shift, golden = 2654435769u;  /* 2**32 / phi */
+            uint32_t weyl = (uint32_t)((uint64_t)c >> sample_shift) * golden;      /* stratum number * golden */
+            for (; i + 4 * step <= m; i += 4 * step) {
+                const int64_t i0 = i + (int64_t)(weyl >> down), i1 = i + step + (int64_t)((weyl + golden) >> down);
+                const int64_t i2 = i + 2 * step + (int64_t)((weyl + 2 * golden) >> down);
+                const int64_t i3 = i + 3 * step + (int64_t)((weyl + 3 * golden) >> down);
+                weyl += 4 * golden;
+                hist[KEY_SCORE(i0) >> 16] += 1;
+                h1[KEY_SCORE(i1) >> 16] += 1;
+                h2[KEY_SCORE(i2) >> 16] += 1;
+                h3[KEY_SCORE(i3) >> 16] += 1;
+            }
+            for (; i + step <= m; i += step, weyl += golden) {
+                const int64_t at = i + (int64_t)(weyl >> down);
+                hist[KEY_SCORE(at) >> 16] += 1;
+            }
         }
         for (; i < m; i += step) hist[KEY_SCORE(i) >> 16] += 1;
     }
@@ -1315,6 +1336,34 @@ VECTOR_CLONES int32_t gmt_ema_rank(const source_t *src, int64_t count, float a, 
     if (remaining == equal) { out[0] = (int64_t)v + 1; out[1] = 0; }
     else { out[0] = v; out[1] = remaining; }
     return 1;
+}
+
+/* gmt_ema_rank for many groups in one call (tensor scope: one group per tensor; global scope: one
+ * group), so that a step's 272 tensors cost one call from Python and not 272, each with its own
+ * buffers. Group g holds tensors [group_end[g-1], group_end[g]) (group_end[-1] = 0); a group of at
+ * least sample_from entries samples every 2**sample_shift-th key (gmt_ema_rank), a smaller one counts
+ * every key. Each ranked group's window keys follow the previous one's in cand_key/cand_pos
+ * (cand_cap in all); cand_lo[t], cand_hi[t]: tensor t's range there. out, 6 per group: ranked (1, or
+ * 0: the EMAs are updated all the same, rank them by gmt_rank_group), threshold (-1: mask nothing),
+ * ties, rankable, lo, hi (the window, for gmt_apply_preselected). */
+VECTOR_CLONES void gmt_ema_rank_groups(const source_t *src, float a, float b, const int32_t *first, const int64_t *group_end,
+                                       int64_t ngroups, double ratio, int64_t k, int64_t sample_from, uint32_t sample_shift,
+                                       uint32_t *hist, uint64_t *bits, const int64_t *word_offsets, uint32_t *cand_key,
+                                       int64_t *cand_pos, int64_t *cand_lo, int64_t *cand_hi, int64_t cand_cap, int64_t *nonfinite,
+                                       int64_t *out) {
+    int64_t used = 0;
+    for (int64_t gi = 0; gi < ngroups; ++gi) {
+        const int64_t t0 = gi ? group_end[gi - 1] : 0, count = group_end[gi] - t0;
+        int64_t *o = out + 6 * gi, total = 0, o5[5] = {0, 0, 0, 0, 0}, starts[count + 1];
+        for (int64_t t = t0; t < t0 + count; ++t) total += src[t].n;
+        memset(starts, 0, sizeof starts);  /* a group that masks nothing returns before its scan writes them */
+        int32_t ranked = gmt_ema_rank(src + t0, count, a, b, first + t0, ratio, k, total >= sample_from ? sample_shift : 0u, hist,
+                                      bits, word_offsets + t0, cand_key + used, cand_pos + used, starts, cand_cap - used,
+                                      nonfinite + t0, o5);
+        for (int64_t t = 0; t < count; ++t) { cand_lo[t0 + t] = used + starts[t]; cand_hi[t0 + t] = used + starts[t + 1]; }
+        o[0] = ranked; o[1] = o5[0]; o[2] = o5[1]; o[3] = o5[2]; o[4] = o5[3]; o[5] = o5[4];
+        if (ranked) used += starts[count];
+    }
 }
 /* ---- end of gmt_momentum's fused EMA and ranking ---- */
 
