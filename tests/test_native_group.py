@@ -658,3 +658,19 @@ def test_ema_rank_groups_refuses_groups_that_do_not_cover_the_tensors(groups):
     grads = [torch.randn(10) for _ in range(5)]
     with pytest.raises(ValueError, match="groups must be positive tensor counts adding up to 5"):
         native_rank.ema_rank_groups(lib, grads, [torch.empty(10) for _ in range(5)], [True] * 5, groups, beta=0.9, ratio=0.3, k=None)
+
+
+def test_ema_rank_groups_selection_turns_stale_when_its_buffers_are_reused():
+    """ema_rank_groups reuses one thread's buffers from call to call: a selection applied after a later
+    call is refused instead of masking from the later call's bits."""
+    lib = native.library()
+    grads = [scaled_rows(100_000, seed=1), scaled_rows(5000, seed=2)]
+    emas = [torch.empty(g.numel()) for g in grads]
+    (result, selection), _ = native_rank.ema_rank_groups(lib, grads, emas, [True, True], [1, 1], beta=0.9, ratio=0.3, k=None)
+    keys = dataclasses.replace(ScoreKeys.from_tensors(emas).native_source(0, grads[0]), selection=selection, member=0)
+    y = grads[0].clone()
+    native_rank.apply(lib, y, keys, result.threshold, result.ties, None)  # fresh: applies
+    assert int((y == 0).sum()) > 0
+    native_rank.ema_rank_groups(lib, grads, emas, [False, False], [1, 1], beta=0.9, ratio=0.3, k=None)
+    with pytest.raises(RuntimeError, match="reused by a later ema_rank_groups call"):
+        native_rank.apply(lib, grads[0].clone(), keys, result.threshold, result.ties, None)
