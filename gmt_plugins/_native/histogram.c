@@ -1433,9 +1433,79 @@ ID3_INLINE uint32_t id3_key(uint32_t gb, float denom, uint8_t still_masked) {
 #define ID3_BITS_T uint32_t
 #define ID3_KEY(i, DENOM) id3_key(g[i], DENOM(th[i]), m[i])
 
+#if GMT_HAVE_AVX2_SCAN
+/* The warm read's blocks with AVX2 (id3_scan_* below is its portable twin, GMT_PLUGINS_NO_AVX2_SCAN=1):
+ * the keys eight at a time exactly as id3_key computes them (IEEE division and products, no fma: the
+ * target has none), and the bitmask of the keys below `hi` from the compares, so that only the
+ * entries below or inside the window are visited one by one. Returns where the blocks end, or -1
+ * when a buffer overflowed (the warm read then gives up, as the portable one does). */
+__attribute__((target("avx2,popcnt"))) static int64_t id3_scan_avx2(const id3_source_t *s, float eps, int kind, uint32_t lo, uint32_t hi,
+                                                                    int64_t pos0, int64_t *below_io, int64_t *list, int64_t list_cap,
+                                                                    uint32_t *ck, int64_t *cp, int64_t cand_cap, int64_t *nc_io,
+                                                                    int64_t *excluded_io, int64_t *nonfinite_io) {
+    const uint32_t *g = s->g;
+    const float *th = s->theta;
+    const uint8_t *m = s->masked;
+    const int64_t n = s->n;
+    const __m256i magnitude = _mm256_set1_epi32(0x7FFFFFFF), cap = _mm256_set1_epi32((int32_t)ID3_CAP);
+    const __m256i top = _mm256_set1_epi32((int32_t)ID3_MAX), vhi = _mm256_set1_epi32((int32_t)hi), zero = _mm256_setzero_si256();
+    const __m256 veps = _mm256_set1_ps(eps), one = _mm256_set1_ps(1.0f);
+    int64_t i = 0, b = *below_io, c = *nc_io, ex = 0, nf = 0;
+    for (; i + ID3_BLOCK <= n; i += ID3_BLOCK) {
+        uint32_t k[ID3_BLOCK], hits = 0;
+        for (int v = 0; v < ID3_BLOCK / 8; ++v) {
+            const int64_t at = i + 8 * v;
+            __m256i gb = _mm256_loadu_si256((const __m256i *)(g + at));
+            __m256 t = _mm256_castsi256_ps(_mm256_and_si256(_mm256_castps_si256(_mm256_loadu_ps(th + at)), magnitude));
+            __m256 d = _mm256_add_ps(veps, t), denom;
+            switch (kind) {
+            case 0: denom = one; break;
+            case 1: denom = d; break;
+            case 2: denom = _mm256_mul_ps(d, d); break;
+            default: denom = _mm256_mul_ps(_mm256_mul_ps(d, d), d); break;
+            }
+            __m256 score = _mm256_div_ps(_mm256_castsi256_ps(_mm256_and_si256(gb, magnitude)), denom);
+            __m256i bits = _mm256_and_si256(_mm256_castps_si256(score), magnitude);
+            bits = _mm256_andnot_si256(_mm256_cmpgt_epi32(bits, cap), bits);  /* NaN score: 0 */
+            bits = _mm256_add_epi32(bits, _mm256_cmpeq_epi32(bits, cap));     /* inf: FLT_MAX */
+            __m256i key = _mm256_sub_epi32(top, bits);
+            __m256i bad = _mm256_cmpeq_epi32(_mm256_and_si256(gb, cap), cap);
+            __m256i done = _mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(m + at))), zero);
+            key = _mm256_blendv_epi8(key, cap, _mm256_or_si256(bad, done));
+            _mm256_storeu_si256((__m256i *)(k + 8 * v), key);
+            hits |= (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(vhi, key))) << (8 * v);
+            ex += __builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(key, cap))));
+            nf += __builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(bad)));
+        }
+        for (; hits; hits &= hits - 1) {
+            int j = __builtin_ctz(hits);
+            if (k[j] < lo) {
+                if (b >= list_cap) return -1;
+                list[b++] = pos0 + i + j;
+            } else {
+                if (c >= cand_cap) return -1;
+                ck[c] = k[j]; cp[c] = pos0 + i + j; c += 1;
+            }
+        }
+    }
+    *below_io = b; *nc_io = c; *excluded_io += ex; *nonfinite_io += nf;
+    return i;
+}
+#endif
+
+/* the warm read's AVX2 blocks (id3_scan_avx2), where the CPU has AVX2 and the environment allows */
+#if GMT_HAVE_AVX2_SCAN
+#define ID3_SCAN_VECTOR(KIND)                                                                       \
+    if (has_avx2()) {                                                                               \
+        i = id3_scan_avx2(s, eps, KIND, lo, hi, pos0, below, list, list_cap, ck, cp, cand_cap, nc, &ex, &nf); \
+        if (i < 0) return 0;                                                                        \
+    }
+#else
+#define ID3_SCAN_VECTOR(KIND)
+#endif
 /* Per exponent: top-digit histogram (and non-finite count), low digit inside the boundary bin,
  * the marking pass, and the warm read. */
-#define ID3_PASSES(NAME, DENOM)                                                                     \
+#define ID3_PASSES(NAME, DENOM, KIND)                                                                  \
     ID3_INLINE void id3_hist_##NAME(const id3_source_t *s, float eps, uint32_t *hist, int tables,   \
                                     int64_t *nonfinite) {                                           \
         const uint32_t *g = s->g; const float *th = s->theta; const uint8_t *m = s->masked;         \
@@ -1513,7 +1583,9 @@ ID3_INLINE uint32_t id3_key(uint32_t gb, float denom, uint8_t still_masked) {
                                    int64_t *excluded, int64_t *nonfinite) {                         \
         const uint32_t *g = s->g; const float *th = s->theta; const uint8_t *m = s->masked;         \
         const int64_t n = s->n;                                                                     \
-        int64_t i = 0, b = *below, c = *nc, ex = 0, nf = 0;                                         \
+        int64_t i = 0, b, c, ex = 0, nf = 0;                                                        \
+        ID3_SCAN_VECTOR(KIND)                                                                       \
+        b = *below; c = *nc;                                                                        \
         for (; i + ID3_BLOCK <= n; i += ID3_BLOCK) {                                                \
             uint32_t k[ID3_BLOCK], ee = 0, ff = 0;                                                  \
             ID3_BITS_T hits = 0;                                                                    \
@@ -1561,10 +1633,10 @@ ID3_INLINE uint32_t id3_key(uint32_t gb, float denom, uint8_t still_masked) {
         }                                                                                           \
     }
 
-ID3_PASSES(e0, ID3_D0)
-ID3_PASSES(e1, ID3_D1)
-ID3_PASSES(e2, ID3_D2)
-ID3_PASSES(e3, ID3_D3)
+ID3_PASSES(e0, ID3_D0, 0)
+ID3_PASSES(e1, ID3_D1, 1)
+ID3_PASSES(e2, ID3_D2, 2)
+ID3_PASSES(e3, ID3_D3, 3)
 
 /* exponent kinds (native_id3.EXPONENT_KINDS) */
 #define ID3_DISPATCH(kind, CALL)                                                                    \
