@@ -6,9 +6,11 @@ gives, per tensor, how many entries have been updated so far (coverage) and how 
 masked state since the previous step (churn).
 
 Memory: 2 bits per entry, ``2 * ceil(n / 8)`` bytes for a tensor of ``n`` entries, on the gradient's
-device: 34 MB for SmolLM2-135M's 134.5M entries, 0.3 GB for a 1.2B model. Updating it takes the step's
-mask as one byte per entry of the tensor being masked (the same record strict mode keeps), freed
-before the next tensor. Under FSDP2 and DeepSpeed ZeRO each rank keeps the bits of its own shard or
+device: 34 MB for SmolLM2-135M's 134.5M entries, 0.3 GB for a 1.2B model. For gradient-magnitude keys
+(``gmt``) on CPU the kernel masks and folds the mask in blocks of 8,192 entries, with the block's mask
+on the stack (:meth:`CoverageTracker.apply_and_observe`); otherwise updating takes the step's mask as
+one byte per entry of the tensor being masked (the record strict mode keeps), one buffer reused from
+tensor to tensor (strict mode keeps its own). Under FSDP2 and DeepSpeed ZeRO each rank keeps the bits of its own shard or
 partition, and the counts are summed over the ranks with the masked counts.
 
 The state is part of :meth:`GradientMasker.state_dict`, so a resumed run continues coverage and churn
@@ -131,6 +133,32 @@ class CoverageTracker:
         )
         self.updated[name], self.previous[name], self.numel[name] = updated, previous, numel
         return int(out[0]), None if first else int(out[1])
+
+    def apply_and_observe(
+        self, lib: Any, name: str, flat: torch.Tensor, keys: Any, threshold: int, ties: int
+    ) -> tuple[tuple[int, int, int], tuple[int, int | None]] | None:
+        """Zero what a cut selects of the CPU gradient ``flat`` (magnitude keys ``keys``, a
+        :class:`~gmt_plugins.native_rank.NativeKeys`) and fold its mask in, in one kernel call that
+        never holds the mask as a byte per entry (``gmt_apply_tracked``); the twin of
+        ``apply_cut_counted`` with a record followed by :meth:`observe`. Returns ``((masked,
+        ties_used, masked_nonzero), (updated, changed))``, or ``None`` when the kernel does not serve
+        these keys (nothing is changed then)."""
+        from gmt_plugins import native_rank
+
+        numel = flat.numel()
+        known = self.numel.get(name)
+        if known is not None and known != numel:
+            raise ValueError(f"coverage state of {name!r} holds {known} entries, its gradient now has {numel}")
+        nbytes = (numel + 7) // 8
+        first = name not in self.previous
+        updated = _own_bytes(self.updated.get(name), nbytes)
+        previous = _own_bytes(self.previous.get(name), nbytes)
+        done = native_rank.apply_tracked(lib, flat, keys, threshold, ties, updated, previous, first)
+        if done is None:
+            return None
+        self.updated[name], self.previous[name], self.numel[name] = updated, previous, numel
+        masked, used, nonzero, set_bits, changed = done
+        return (masked, used, nonzero), (set_bits, None if first else changed)
 
     def _observe_torch(self, name: str, numel: int, mask: torch.Tensor | None, device: torch.device) -> tuple[int, int | None]:
         """:meth:`observe` by torch operations on packed bytes: any device, and the twin of the kernel."""

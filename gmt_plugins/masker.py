@@ -10,15 +10,14 @@ from typing import Any, Literal
 import pluggy
 import torch
 
-from gmt_plugins import fsdp1, native_rank
+from gmt_plugins import device_rank, fsdp1, native, native_rank
 from gmt_plugins.config import UNSET, GMTConfig, resolve_config
 from gmt_plugins.coverage import CoverageTracker
 from gmt_plugins.distributed import ShardReducer, is_dtensor, local_shard, reducing
 from gmt_plugins.layout import flat_view, same_layout
 from gmt_plugins.plugins import get_plugin_manager, strategy_registry
-from gmt_plugins.selection import Applied, Cut, apply_cut_counted, count_equal
+from gmt_plugins.selection import Applied, Cut, _kernel_keys, apply_cut_counted, count_equal
 from gmt_plugins.stats import MaskStats, TensorStats
-from gmt_plugins.strategies._masks import count_nonfinite
 from gmt_plugins.strategies.base import GradEntry, MaskPlan, MaskStrategy, TensorPlan
 from gmt_plugins.strict import MaskedEntryGuard
 from gmt_plugins.wrappers import unwrap_model  # noqa: F401 - re-exported: it lived here before
@@ -100,6 +99,7 @@ class GradientMasker:
         """Set by an integration that masks inside the optimizer step (``"DeepSpeed ZeRO"``)."""
         self.coverage = CoverageTracker() if self.config.track_coverage else None
         """With ``track_coverage``: the packed per-entry bits behind coverage and churn (see :mod:`gmt_plugins.coverage`)."""
+        self._record_buffers: dict[torch.device, torch.Tensor] = {}
         self.last_stats: MaskStats | None = None
         """The statistics of the last :meth:`apply` (or partitioned step)."""
 
@@ -309,7 +309,7 @@ class GradientMasker:
         if type(self.strategy).state_dict is MaskStrategy.state_dict or not entries:
             return None
         device = entries[0].flat.device
-        nonfinite = int(_any_nonfinite([e.flat for e in entries if e.flat.numel()], device, self.config.chunk_numel))
+        nonfinite = int(_any_nonfinite([e for e in entries if e.flat.numel()], device, self.config.chunk_numel))
         if reducer is not None:  # every rank skips the step: keep every rank's state
             nonfinite = reducer.sum_counts([nonfinite], device)[0]
         if not nonfinite:
@@ -321,8 +321,16 @@ class GradientMasker:
         """The one place where gradients are changed: zero what ``cut`` selects of ``entry``, in place
         (and, in strict mode, keep the masked parameter entries). Returns the counts of the apply pass
         and, with ``track_coverage``, this shard's ``(updated, changed)``."""
-        wanted = self._guard is not None or self.coverage is not None
-        record = MaskedEntryGuard.new_mask(entry.flat) if wanted else None
+        if self._guard is None and self.coverage is not None and cut.threshold is not None:
+            fused = self._mask_tracked(entry, tensor_plan, cut)
+            if fused is not None:
+                return fused
+        if self._guard is not None:  # strict mode keeps each tensor's record until restore_masked()
+            record = MaskedEntryGuard.new_mask(entry.flat)
+        elif self.coverage is not None:  # folded in at once: one reused buffer, no fresh pages per tensor
+            record = self._scratch_record(entry.flat)
+        else:
+            record = None
         applied = apply_cut_counted(
             tensor_plan.source, tensor_plan.local_index, entry.flat, cut, chunk_numel=self.config.chunk_numel, record=record
         )
@@ -333,12 +341,58 @@ class GradientMasker:
             coverage = self.coverage.observe(entry.name, entry.flat.numel(), record, entry.flat.device)
         return applied, coverage
 
+    def _mask_tracked(self, entry: GradEntry, tensor_plan: TensorPlan, cut: Cut) -> tuple[Applied, tuple[int, int | None]] | None:
+        """``_mask`` with coverage and without strict mode, for magnitude keys of CPU gradients: one
+        kernel call masks and folds the mask into the coverage bits block by block, so the step's
+        mask is never written out as a byte per entry (:meth:`CoverageTracker.apply_and_observe`);
+        ``None`` where the kernel does not serve (the record path below is its twin)."""
+        keys = _kernel_keys(tensor_plan.source, [(tensor_plan.local_index, entry.flat)])
+        lib = native.library() if keys is not None else None
+        if lib is None:
+            return None
+        done = self.coverage.apply_and_observe(lib, entry.name, entry.flat, keys[0], cut.threshold, cut.ties)
+        if done is None:
+            return None
+        (masked, used, nonzero), coverage = done
+        return Applied(masked, used, nonzero), coverage
+
+    def _scratch_record(self, flat: torch.Tensor) -> torch.Tensor:
+        """A bool buffer of ``flat.numel()`` entries on ``flat``'s device for a record that is consumed
+        before the next tensor's (coverage without strict mode), kept between steps: a fresh
+        allocation per tensor costs the page faults of a new mapping every step (134.5 MB on SmolLM2)."""
+        scratch = self._record_buffers.get(flat.device)
+        if scratch is None or scratch.numel() < flat.numel():
+            scratch = self._record_buffers[flat.device] = torch.empty(flat.numel(), dtype=torch.bool, device=flat.device)
+        return scratch[: flat.numel()]
+
     def _execute(self, entries: list[GradEntry], plan: MaskPlan) -> list[TensorStats]:
-        """Apply ``plan`` to whole (unsharded) gradients; the global scope spends one tie budget in order."""
+        """Apply ``plan`` to whole (unsharded) gradients; the global scope spends one tie budget in order.
+
+        A :class:`~gmt_plugins.device_rank.DevicePlan` (``gmt`` on CUDA) is applied on the device and
+        read back once for the whole step (strict mode and ``track_coverage`` then add their own reads)."""
+        if isinstance(plan, device_rank.DevicePlan):
+            wanted = self._guard is not None or self.coverage is not None
+            records = [MaskedEntryGuard.new_mask(e.flat) if wanted else None for e in entries]
+            done = device_rank.apply_on_device(plan.cuts, records)
+            tensors = []
+            for entry, applied, record in zip(entries, done, records):
+                if self._guard is not None and applied.masked:
+                    self._guard.capture(entry.param, record, applied.masked)
+                updated, changed = (
+                    self.coverage.observe(entry.name, entry.flat.numel(), record, entry.flat.device)
+                    if self.coverage is not None else (None, None)
+                )
+                tensors.append(TensorStats(
+                    entry.name, entry.flat.numel(), applied.masked, applied.nonfinite, applied.threshold,
+                    applied.masked_nonzero, updated, changed,
+                ))
+            return tensors
         tensors = []
         shared_ties = plan.tensors[0].cut.ties if plan.shared_ties and plan.tensors else 0
-        for entry, tensor_plan, threshold in zip(entries, plan.tensors, plan.threshold_values()):
+        # tensor by tensor, each plan read when its tensor is masked (a DeferredTensorPlan ranks then)
+        for entry, tensor_plan in zip(entries, plan.tensors):
             cut = Cut(tensor_plan.cut.threshold, shared_ties) if plan.shared_ties else tensor_plan.cut
+            threshold = None if cut.threshold is None else tensor_plan.source.key_to_value(tensor_plan.local_index, cut.threshold)
             applied, coverage = self._mask(entry, tensor_plan, cut)
             shared_ties -= applied.ties_used
             updated, changed = coverage if coverage is not None else (None, None)
@@ -421,14 +475,16 @@ def _cloned(value: Any) -> Any:
     return value
 
 
-def _any_nonfinite(flats: list[torch.Tensor], device: torch.device, chunk_numel: int) -> bool:
-    """Whether any entry of ``flats`` is NaN or inf: contiguous CPU fp32 tensors through
-    ``count_nonfinite``'s one C read; the others by one max-abs reduction each, with a single host sync."""
+def _any_nonfinite(entries: list[GradEntry], device: torch.device, chunk_numel: int) -> bool:
+    """Whether any gradient entry is NaN or inf. Contiguous CPU fp32 gradients are counted by one C
+    read each (``GradEntry.nonfinite_count``), and the count is kept for the plan, which would
+    otherwise read them again (``mask_plan``); the others by one max-abs reduction each, with a
+    single host sync."""
+    found = False
     peaks = []
-    for flat in flats:
-        if native_rank.ema_usable(flat):
-            if count_nonfinite(flat, chunk_numel):
-                return True
+    for entry in entries:
+        if native_rank.ema_usable(entry.flat):
+            found = entry.nonfinite_count(chunk_numel) > 0 or found
             continue
-        peaks.append(torch.linalg.vector_norm(flat, ord=float("inf")).float().to(device))
-    return bool(peaks) and not bool(torch.isfinite(torch.stack(peaks)).all())
+        peaks.append(torch.linalg.vector_norm(entry.flat, ord=float("inf")).float().to(device))
+    return found or (bool(peaks) and not bool(torch.isfinite(torch.stack(peaks)).all()))

@@ -83,7 +83,7 @@ def _compiler() -> str:
 REQUIRED_SYMBOLS = (
     *sorted(set(_FUNCTIONS.values())), *(n for pair in _MOVES.values() for n in pair),
     "gmt_rank_group", "gmt_apply", "gmt_ema_f32", "gmt_count_nonfinite_f32",
-    "gmt_id3_grow", "gmt_coverage_observe",
+    "gmt_id3_grow", "gmt_coverage_observe", "gmt_apply_tracked",
     "gmt_random_rank", "gmt_apply_preselected", "gmt_ema_rank", "gmt_ema_rank_groups",
 )
 
@@ -158,8 +158,18 @@ def _build(compiler: str) -> ctypes.CDLL:
     return library
 
 
+# (GMT_PLUGINS_NATIVE, CC) as they were when library() last returned the loaded kernel, and the kernel:
+# the hot path (several calls per tensor per step) compares two environment reads and one dict entry
+# instead of parsing the mode and taking the lock
+_last_loaded: tuple[str | None, str | None, ctypes.CDLL] | None = None
+
+
 def library() -> ctypes.CDLL | None:
     """The loaded kernel, or ``None`` when the mode or the machine rules it out (see the module doc)."""
+    global _last_loaded
+    last, env, cc = _last_loaded, os.environ.get(ENV), os.environ.get("CC")
+    if last is not None and last[0] == env and last[1] == cc and _libraries.get(cc or "cc") is last[2]:
+        return last[2]
     chosen = mode()
     if chosen == "0":
         return None
@@ -183,6 +193,7 @@ def library() -> ctypes.CDLL | None:
                     stacklevel=3,
                 )
             return None
+        _last_loaded = (env, cc, loaded)
         return loaded
 
 

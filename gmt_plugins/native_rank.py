@@ -200,6 +200,34 @@ def apply(
     return out[0], out[1], out[2]
 
 
+def apply_tracked(
+    lib: ctypes.CDLL, flat: torch.Tensor, keys: NativeKeys, threshold: int, ties: int,
+    updated: torch.Tensor, previous: torch.Tensor, first: bool,
+) -> tuple[int, int, int, int, int] | None:
+    """:func:`apply` with coverage folded in block by block (``gmt_apply_tracked``): the packed bit sets
+    ``updated`` and ``previous`` (contiguous CPU uint8, ``ceil(n / 8)`` bytes) are updated as
+    :meth:`gmt_plugins.coverage.CoverageTracker.observe` would with this apply's record. Returns
+    ``(masked, ties_used, masked_nonzero, updated_bits, changed)``, or ``None`` for keys other than
+    gradient magnitudes (fp32, bf16, fp16), which it does not serve."""
+    if keys.kind not in _MAGNITUDE_KINDS or keys.selection is not None:
+        return None
+    _declare(lib)
+    if id(lib) not in _tracked_declared:
+        lib.gmt_apply_tracked.argtypes = [
+            ctypes.POINTER(_Source), ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p,
+        ]
+        lib.gmt_apply_tracked.restype = ctypes.c_int32
+        _tracked_declared.add(id(lib))
+    out = (ctypes.c_int64 * 5)()
+    source = _source(flat, keys)
+    if not lib.gmt_apply_tracked(ctypes.byref(source), threshold, ties, updated.data_ptr(), previous.data_ptr(), int(first), out):
+        return None
+    return out[0], out[1], out[2], out[3], out[4]
+
+
+_tracked_declared: set[int] = set()
+
+
 def avx2_scan(lib: ctypes.CDLL) -> bool:
     """Whether the kernel scans fp32 windows with AVX2 (and so samples windows for them)."""
     lib.gmt_avx2_scan.restype = ctypes.c_int32

@@ -34,6 +34,7 @@ run threshold 60 $PY benchmarks/threshold.py --device cuda --sizes 1e7 1e8 --dty
     --methods gmt_plugins kthvalue topk sort
 run strategy_cost 130 $PY benchmarks/strategy_cost.py --device cuda --model 1b --dtype bfloat16 --repeats 3
 run strategy_cost_135m 40 $PY benchmarks/strategy_cost.py --device cuda --model 135m --repeats 3 --rows gmt:tensor gmt:global random:tensor
+run device_path 40 $PY benchmarks/device_path.py --device cuda --layers 30 --embeddings --repeats 3 --dtypes bfloat16
 run step_time 90 $PY benchmarks/step_time.py --device cuda --model 1b --dtype bfloat16 --seq 1024 --micro-batch 4 --rounds 3
 
 echo "================ gpu_check summary ($(( $(date +%s) - start )) s) ================"
@@ -43,4 +44,5 @@ echo "--- tests";          tail -n 15 "$OUT/tests.txt"
 echo "--- threshold";      tail -n 20 "$OUT/threshold.txt"
 echo "--- strategy cost (1b, bf16)"; tail -n 20 "$OUT/strategy_cost.txt"
 echo "--- strategy cost (135m, fp32)"; tail -n 8 "$OUT/strategy_cost_135m.txt"
+echo "--- gmt device path vs host path (135m, one sync per step vs per tensor)"; tail -n 10 "$OUT/device_path.txt"
 echo "--- step time";      tail -n 15 "$OUT/step_time.txt"

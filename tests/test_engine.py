@@ -329,3 +329,45 @@ def test_strict_holds_exactly_the_reference_entries(dtype, kind, scope):
     for (name, p), p0, mask in zip(params, start, reference_masks(before, 0.4, scope)):
         assert torch.equal(bits(p.detach()[mask]), bits(p0[mask])), name
         assert not torch.equal(p.detach()[~mask], p0[~mask]), name  # weight decay moves the rest
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_tensor_scope_ranks_each_tensor_right_before_masking_it(ties, monkeypatch):
+    """gmt in the tensor scope defers each tensor's ranking to the masker's turn for it (rank t0, mask
+    t0, rank t1, ...: the gradient is still in cache), with the masks and statistics of the reference;
+    a strategy with state ranks every tensor first (its state is put back before masking on a skipped
+    step), and so gets the same masks too."""
+    import gmt_plugins.masker as masker_module
+    import gmt_plugins.strategies.base as base
+
+    events = []
+    real_rank, real_apply = base.rank, masker_module.apply_cut_counted
+    monkeypatch.setattr(base, "rank", lambda source, flats, *a, **k: events.append(("rank", flats[0][1].numel())) or real_rank(source, flats, *a, **k))
+    monkeypatch.setattr(masker_module, "apply_cut_counted", lambda s, i, flat, *a, **k: events.append(("mask", flat.numel())) or real_apply(s, i, flat, *a, **k))
+    shapes = [(30, 7), (17,), (5, 5, 2), (1000,)]
+    gen = torch.Generator().manual_seed(3)
+    grads = [(torch.randint(-3, 4, s, generator=gen).float() * 0.5 if ties else torch.randn(s, generator=gen)) for s in shapes]
+    grads[0].view(-1)[:2] = torch.tensor([float("nan"), -0.0])
+    masks = reference_masks(grads, 0.3, "tensor")
+    want = reference_apply(grads, masks)
+
+    def run(stateful: bool):
+        params = [(f"p{i}", torch.nn.Parameter(torch.zeros(s))) for i, s in enumerate(shapes)]
+        for (_, p), g in zip(params, grads):
+            p.grad = g.clone()
+        masker = GradientMasker(params, GMTConfig(mask_ratio=0.3, scope="tensor"))
+        if stateful:  # a state_dict of its own makes the strategy stateful for the masker
+            monkeypatch.setattr(type(masker.strategy), "state_dict", lambda self: {}, raising=True)
+        events.clear()
+        stats = masker.apply()
+        if stateful:
+            monkeypatch.undo()
+        for (_, p), w in zip(params, want):
+            assert torch.equal(p.grad.view(torch.int32), w.view(torch.int32))
+        assert [t.masked for t in stats.tensors] == [int(m.sum()) for m in masks]
+        assert [t.nonfinite for t in stats.tensors] == [1, 0, 0, 0]
+        return list(events)
+
+    interleaved = [(kind, s) for n in (210, 17, 50, 1000) for kind, s in (("rank", n), ("mask", n))]
+    assert run(stateful=False) == interleaved
+    assert run(stateful=True) == [("rank", n) for n in (210, 17, 50, 1000)] + [("mask", n) for n in (210, 17, 50, 1000)]

@@ -86,22 +86,53 @@ def test_every_strategy_runs_on_cuda_like_on_cpu(strategy, scope):
             assert all(torch.equal(a, b) for a, b in zip(grads_cpu, grads_cuda))
 
 
-@pytest.mark.xfail(reason="issue 14: the CUDA passes still read counts back per tensor (.item()); goal: one sync per step", strict=False)
-def test_at_most_one_host_sync_per_step():
-    params = cuda_params(torch.bfloat16, "normal")
-    masker = GradientMasker(params, GMTConfig(mask_ratio=0.3, scope="tensor"))
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_at_most_one_host_sync_per_step(scope, dtype):
+    """gmt on CUDA takes gmt_plugins.device_rank: one readback per apply(), whatever the tensor count."""
+    params = cuda_params(dtype, "normal")
+    masker = GradientMasker(params, GMTConfig(mask_ratio=0.3, scope=scope))
     masker.apply()  # warm-up
     for _, p in params:
         p.grad.normal_()
+    before = [p.grad.clone() for _, p in params]
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            masker.apply()
+            stats = masker.apply()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    assert len(syncs) <= 1, f"{len(syncs)} host synchronisations in one step"
+    assert len(syncs) <= 1, f"{len(syncs)} host synchronisations in one step: {[str(w.message) for w in syncs]}"
+    masks = reference_masks([g.cpu() for g in before], 0.3, scope)
+    assert [t.masked for t in stats.tensors] == [int(m.sum()) for m in masks]
+    for (name, p), want in zip(params, reference_apply([g.cpu() for g in before], masks)):
+        assert torch.equal(p.grad.cpu(), want), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+@pytest.mark.parametrize("kind", ["normal", "ties"])
+def test_device_path_on_cuda_matches_host_path(dtype, scope, kind, monkeypatch):
+    """Small chunks and groups (carries across chunks and groups on the GPU): the same gradients and
+    the same statistics as the host path of gmt_plugins.selection on the same CUDA tensors."""
+    from gmt_plugins import device_rank
+
+    monkeypatch.setattr(device_rank, "CHUNK_NUMEL", 1000)
+    monkeypatch.setattr(device_rank, "GROUP_ROWS", 2)
+    results = {}
+    for mode in ("auto", "never"):
+        monkeypatch.setattr(device_rank, "MODE", mode)
+        params = cuda_params(dtype, kind)
+        before = [p.grad.cpu() for _, p in params]
+        stats = GradientMasker(params, GMTConfig(mask_ratio=0.3, scope=scope, chunk_numel=1024)).apply()
+        results[mode] = (stats.tensors, [p.grad.cpu() for _, p in params])
+    masks = reference_masks(before, 0.3, scope)
+    view = torch.int16 if dtype != torch.float32 else torch.int32
+    for got, want in zip(results["auto"][1], reference_apply(before, masks)):
+        assert torch.equal(got.view(view), want.view(view))
+    assert results["auto"][0] == results["never"][0]
 
 
 def test_sft_trainer_bf16_with_gmt(tmp_path):

@@ -290,6 +290,45 @@ def test_tracker_kernel_equals_its_torch_twin_step_by_step(n, monkeypatch):
     assert len(calls) == 3  # steps 0-2 went through the kernel (the tracker after the load is another object)
 
 
+def test_tracker_kernel_avx2_and_portable_words_agree(tmp_path):
+    """``GMT_PLUGINS_NO_AVX2_SCAN=1`` (read when the kernel loads) makes gmt_coverage_observe pack the
+    mask with the portable multiply instead of AVX2 movemasks: in fresh processes both give the same
+    counts and bit sets, step by step, for lengths around the 64-entry words."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import gmt_plugins
+
+    root = Path(gmt_plugins.__file__).resolve().parents[1]  # this checkout, not an installed copy
+    script = tmp_path / "cover.py"
+    script.write_text(
+        "import hashlib, torch\n"
+        "from gmt_plugins import native\n"
+        "from gmt_plugins.coverage import CoverageTracker\n"
+        "assert native.library() is not None\n"
+        "for n in (1, 63, 64, 65, 1000, 4096, 100_003):\n"
+        "    gen = torch.Generator().manual_seed(n)\n"
+        "    tracker = CoverageTracker()\n"
+        "    for p in (0.3, 0.9, None, 0.5):\n"
+        "        mask = None if p is None else torch.rand(n, generator=gen) < p\n"
+        "        got = tracker.observe('w', n, mask, torch.device('cpu'))\n"
+        "        bits = hashlib.sha256(tracker.updated['w'].numpy().tobytes() + tracker.previous['w'].numpy().tobytes()).hexdigest()\n"
+        "        print(n, got, bits)\n"
+        "from gmt_plugins import native_rank\n"
+        "print('avx2', native_rank.avx2_scan(native.library()))\n"
+    )
+    outputs = []
+    for off in ("0", "1"):
+        env = {**os.environ, "GMT_PLUGINS_NO_AVX2_SCAN": off, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+        assert done.returncode == 0, done.stderr
+        outputs.append(done.stdout.splitlines())
+    assert outputs[1][-1] == "avx2 False"
+    assert len(outputs[0]) == 29 and outputs[0][:-1] == outputs[1][:-1]
+
+
 def test_tracker_state_is_a_snapshot_the_kernel_does_not_write_into():
     tracker = CoverageTracker()
     tracker.observe("w", 100, torch.arange(100) % 2 == 0, torch.device("cpu"))
@@ -479,3 +518,62 @@ def test_resume_refuses_another_ratio_of_and_reads_checkpoints_from_before_the_f
     check_record(record, config=GMTConfig(), names=["w"], world_size=1, global_step=2)
     with pytest.raises(ValueError, match="ratio_of: saved 'all'"):
         check_record(record, config=config, names=["w"], world_size=1, global_step=2)
+
+
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_fused_apply_and_coverage_equal_the_record_path(scope, dtype, monkeypatch):
+    """With track_coverage and no strict mode, gmt's CPU gradients are masked and folded into the
+    coverage bits by one kernel call (blocks of 8,192 entries, no per-entry record): the same
+    gradients, counts, coverage, churn and bit sets as the record path (apply with a record, then
+    observe), step by step, with ties, -0.0 and NaN/inf, tensors around the block size, a frozen
+    step's coverage and a checkpoint round trip in between."""
+    from gmt_plugins import native
+
+    if native.library() is None:
+        pytest.skip("the compiled kernel is unavailable")
+    shapes = [(300, 70), (17,), (8192,), (8193,), (3, 5000), (0,)]
+    params = [(f"t{i}.weight", torch.nn.Parameter(torch.zeros(s, dtype=dtype))) for i, s in enumerate(shapes)]
+    runs = []
+    for fused in (True, False):
+        masker = GradientMasker(params, mask_ratio=0.3, scope=scope, track_coverage=True)
+        calls = []
+        if fused:
+            real = masker._mask_tracked
+            monkeypatch.setattr(masker, "_mask_tracked", lambda *a: calls.append(real(*a)) or calls[-1])
+        else:
+            monkeypatch.setattr(masker, "_mask_tracked", lambda *a: None)
+        gen = torch.Generator().manual_seed(7)
+        seen = []
+        for step in range(4):
+            if step == 2:  # resume from a checkpoint between steps
+                state = masker.state_dict()
+                masker = GradientMasker(params, mask_ratio=0.3, scope=scope, track_coverage=True)
+                masker.load_state_dict(state)
+                if fused:
+                    real = masker._mask_tracked
+                    monkeypatch.setattr(masker, "_mask_tracked", lambda *a: calls.append(real(*a)) or calls[-1])
+                else:
+                    monkeypatch.setattr(masker, "_mask_tracked", lambda *a: None)
+            for i, (_, p) in enumerate(params):
+                g = torch.randint(-3, 4, p.shape, generator=gen).float() * 0.5  # many ties
+                if g.numel() > 10:
+                    g.view(-1)[:4] = torch.tensor([float("nan"), float("inf"), -0.0, 0.0])
+                p.grad = g.to(dtype)
+            stats = masker.apply()
+            seen.append((
+                [(t.masked, t.masked_nonzero, t.nonfinite, t.updated, t.changed) for t in stats.tensors],
+                [p.grad.clone() for _, p in params],
+                {k: v.clone() for k, v in masker.coverage.updated.items()},
+                {k: v.clone() for k, v in masker.coverage.previous.items()},
+            ))
+        runs.append((seen, calls))
+    (fast, calls), (slow, _) = runs
+    # the fused call served every tensor with something to mask at every step (the empty tensor's
+    # own cut masks nothing in the tensor scope, so it takes the record path there)
+    assert len(calls) == 4 * (len(shapes) - (scope == "tensor")) and all(c is not None for c in calls)
+    for step, (a, b) in enumerate(zip(fast, slow)):
+        assert a[0] == b[0], step
+        assert all(torch.equal(x.view(-1).view(torch.uint8), y.view(-1).view(torch.uint8)) for x, y in zip(a[1], b[1])), step
+        assert a[2].keys() == b[2].keys() and all(torch.equal(a[2][k], b[2][k]) and torch.equal(a[3][k], b[3][k]) for k in a[2]), step
+    assert fast[-1][0][0][4] is not None  # churn counted after the first step

@@ -71,3 +71,31 @@ def _clone(value):
     if isinstance(value, list):
         return [_clone(v) for v in value]
     return value
+
+
+@pytest.mark.parametrize("strategy", ["sift", "lift", "ist"])
+def test_each_gradient_is_counted_for_nonfinite_once_per_step(strategy, monkeypatch):
+    """The skipped-step check of a stateful strategy counts every gradient's NaN/inf entries; the
+    plan reuses those counts (one read, not two), and the statistics still carry the exact counts."""
+    from gmt_plugins import native, native_rank
+
+    if native.library() is None:
+        pytest.skip("the compiled kernel is unavailable: the count goes through the torch chunks")
+    calls = []
+    counter = native_rank.count_nonfinite_f32
+    monkeypatch.setattr(native_rank, "count_nonfinite_f32", lambda lib, flat: calls.append(flat.data_ptr()) or counter(lib, flat))
+    torch.manual_seed(0)
+    model = TinyNet()
+    masker = GradientMasker(model, mask_ratio=0.3, strategy=strategy, strategy_options=OPTIONS.get(strategy))
+    x, y = batch()
+    params = [p for p in model.parameters()]
+    for step in range(3):
+        model.zero_grad()
+        model(x, y)["loss"].backward()
+        poisoned = params[0].grad.view(-1)
+        poisoned[: step + 1] = float("nan")  # step + 1 NaN entries in the first tensor
+        calls.clear()
+        stats = masker.apply()
+        assert sorted(calls) == sorted(p.grad.data_ptr() for p in params), step  # each gradient once
+        assert [t.nonfinite for t in stats.tensors] == [step + 1] + [0] * (len(params) - 1)
+        assert poisoned[: step + 1].isnan().all()  # and never masked away

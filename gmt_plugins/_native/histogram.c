@@ -475,25 +475,58 @@ static inline __attribute__((always_inline)) int rank_window(const source_t *src
     out[0] = -1; out[1] = 0; out[2] = rankable; out[3] = -1; out[4] = 0;
     if (want <= 0) return 1;
     if (want <= below || want > below + nc) return 0;
-    /* the (want - below)-th smallest candidate: its top digit from a histogram of the candidates'
-     * top digits, then its low digit from one of the low digits of that top digit's candidates */
+    /* the (want - below)-th smallest candidate: its top digit from a count of the candidates' top
+     * digits, then its low digit from a histogram of the low digits of that top digit's candidates */
     int64_t remaining = want - below, seen = 0;
     uint32_t top = (uint32_t)wlo, low;
-    for (int64_t j = 0; j < nc; ++j) hist[cand[j] >> 16] += 1;
-    for (; top < (uint32_t)whi; ++top) {
-        if (seen + hist[top] >= remaining) break;
-        seen += hist[top];
+    int64_t in_top = 0;  /* candidates of the top digit found, moved to the front of cand */
+    if (whi - wlo < 256) {
+        /* a narrow window (the usual case): the top digits' counts fit a small table on the stack, and
+         * the boundary digit's candidates (a few % of them) are gathered before the low digits are
+         * counted, so the 65,536-bin histogram sees only those and no pass clears the others */
+        uint32_t counts[256] = {0};
+        for (int64_t j = 0; j < nc; ++j) counts[(cand[j] >> 16) - (uint32_t)wlo] += 1;
+        uint32_t d = 0;
+        for (; d < (uint32_t)(whi - wlo); ++d) {
+            if (seen + counts[d] >= remaining) break;
+            seen += counts[d];
+        }
+        top = (uint32_t)wlo + d;
+        for (int64_t j = 0; j < nc; ++j) {  /* branch-free compaction */
+            uint32_t key = cand[j];
+            cand[in_top] = key;
+            in_top += (key >> 16) == top;
+        }
+    } else {
+        for (int64_t j = 0; j < nc; ++j) hist[cand[j] >> 16] += 1;
+        for (; top < (uint32_t)whi; ++top) {
+            if (seen + hist[top] >= remaining) break;
+            seen += hist[top];
+        }
+        for (int64_t j = 0; j < nc; ++j) hist[cand[j] >> 16] = 0;
+        for (int64_t j = 0; j < nc; ++j) {
+            uint32_t key = cand[j];
+            cand[in_top] = key;
+            in_top += (key >> 16) == top;
+        }
     }
-    for (int64_t j = 0; j < nc; ++j) hist[cand[j] >> 16] = 0;
     remaining -= seen;
-    for (int64_t j = 0; j < nc; ++j) if ((cand[j] >> 16) == top) hist[cand[j] & 0xFFFFu] += 1;
+    /* the low digit: per-bin counts in hist and per-256-bin counts on the stack, so the walk visits
+     * at most 256 + 256 bins, not 65,536 */
+    uint32_t blocks[256] = {0};
+    for (int64_t j = 0; j < in_top; ++j) { hist[cand[j] & 0xFFFFu] += 1; blocks[(cand[j] & 0xFFFFu) >> 8] += 1; }
     int64_t under = 0;
-    for (low = 0; low < BINS; ++low) {
+    uint32_t block = 0;
+    for (; block < 255; ++block) {
+        if (under + blocks[block] >= remaining) break;
+        under += blocks[block];
+    }
+    for (low = block << 8; low < BINS - 1; ++low) {
         if (under + hist[low] >= remaining) break;
         under += hist[low];
     }
     int64_t in_bin = hist[low];
-    for (int64_t j = 0; j < nc; ++j) hist[cand[j] & 0xFFFFu] = 0;
+    for (int64_t j = 0; j < in_top; ++j) hist[cand[j] & 0xFFFFu] = 0;
     remaining -= under;
     int64_t prefix = ((int64_t)top << 16) | low;
     out[3] = top;
@@ -1823,10 +1856,44 @@ static inline uint8_t coverage_pack_word(const uint8_t *mask) {
     return (uint8_t)(((w & 0x0101010101010101ULL) * 0x0102040810204080ULL) >> 56);
 }
 
+#if GMT_HAVE_AVX2_SCAN
+/* The whole words of gmt_coverage_observe with AVX2 and POPCNT: a shift moves bit 0 of every mask
+ * byte to bit 7, and one movemask packs 32 bytes to 32 bits; the portable loop below is its twin
+ * (GMT_PLUGINS_NO_AVX2_SCAN=1 selects it, and the tests run both). */
+__attribute__((target("avx2,popcnt"))) static void coverage_words_avx2(const uint8_t *mask, int64_t words, uint8_t *updated,
+                                                                        uint8_t *previous, int64_t *set, int64_t *changed) {
+    int64_t s = 0, c = 0;
+    for (int64_t q = 0; q < words; ++q) {
+        uint64_t packed = ~0ULL, up, prev;
+        if (mask != NULL) {
+            const __m256i a = _mm256_loadu_si256((const __m256i *)(mask + 64 * q));
+            const __m256i b = _mm256_loadu_si256((const __m256i *)(mask + 64 * q + 32));
+            const uint32_t lo = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi64(a, 7));
+            const uint32_t hi = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi64(b, 7));
+            packed = (uint64_t)lo | ((uint64_t)hi << 32);
+        }
+        memcpy(&up, updated + 8 * q, 8);
+        memcpy(&prev, previous + 8 * q, 8);
+        up |= ~packed;
+        memcpy(updated + 8 * q, &up, 8);
+        memcpy(previous + 8 * q, &packed, 8);
+        s += __builtin_popcountll(up);
+        c += __builtin_popcountll(prev ^ packed);
+    }
+    *set += s;
+    *changed += c;
+}
+#endif
+
 void gmt_coverage_observe(const uint8_t *mask, int64_t n, uint8_t *updated, uint8_t *previous, int32_t first,
                           int64_t *out) {
     int64_t set = 0, changed = 0;
     const int64_t bytes = (n + 7) / 8, words = n / 64;
+#if GMT_HAVE_AVX2_SCAN
+    if (has_avx2()) {
+        coverage_words_avx2(mask, words, updated, previous, &set, &changed);
+    } else
+#endif
     for (int64_t q = 0; q < words; ++q) { /* 64 entries: 8 packed bytes at a time */
         uint64_t packed = ~0ULL, up, prev;
         if (mask != NULL) {
@@ -1854,5 +1921,41 @@ void gmt_coverage_observe(const uint8_t *mask, int64_t n, uint8_t *updated, uint
     }
     out[0] = set;
     out[1] = first ? 0 : changed;
+}
+
+/* gmt_apply of a magnitude-key tensor (KIND_F32, KIND_BF16_WIDE, KIND_16) with coverage folded in as
+ * it goes: blocks of TRACK_BLOCK entries are masked by gmt_apply with a record on the stack, and each
+ * block's record is folded into the bit sets by gmt_coverage_observe at once, so the step's mask
+ * never exists as one byte per entry of the tensor (written, then read back from memory). The
+ * result is the two calls' over the whole tensor (ties are spent block after block, in position
+ * order; TRACK_BLOCK is a multiple of 64, so each block starts a packed word). out: masked, ties
+ * used, masked nonzero, set bits of updated, changed (0 when first). Returns 0 (did nothing) for
+ * another kind of key. */
+#define TRACK_BLOCK 8192
+int32_t gmt_apply_tracked(const source_t *src, uint64_t threshold, int64_t ties, uint8_t *updated, uint8_t *previous,
+                          int32_t first, int64_t *out) {
+    size_t width;
+    switch (src->kind) {
+    case KIND_F32: width = 4; break;
+    case KIND_BF16_WIDE: case KIND_16: width = 2; break;
+    default: return 0;
+    }
+    uint8_t record[TRACK_BLOCK];
+    int64_t masked = 0, used = 0, nonzero = 0, set = 0, changed = 0, part_out[3], fold_out[2];
+    source_t part = *src;
+    for (int64_t i = 0; i < src->n; i += TRACK_BLOCK) {
+        part.x = (const char *)src->x + (size_t)i * width;
+        part.n = src->n - i < TRACK_BLOCK ? src->n - i : TRACK_BLOCK;
+        gmt_apply(&part, threshold, ties, record, part_out);
+        masked += part_out[0];
+        used += part_out[1];
+        ties -= part_out[1];
+        nonzero += part_out[2];
+        gmt_coverage_observe(record, part.n, updated + i / 8, previous + i / 8, first, fold_out);
+        set += fold_out[0];
+        changed += fold_out[1];
+    }
+    out[0] = masked; out[1] = used; out[2] = nonzero; out[3] = set; out[4] = first ? 0 : changed;
+    return 1;
 }
 /* ---- end of the coverage section ---- */

@@ -64,12 +64,17 @@ def nonfinite(flat: torch.Tensor, chunk_numel: int) -> int:
     return count_nonfinite(flat, chunk_numel)
 
 
+def _nonfinite_of(entry: GradEntry, chunk_numel: int) -> int:
+    known = entry.known_nonfinite()  # counted by the masker's skipped-step check this step
+    return nonfinite(entry.flat, chunk_numel) if known is None else known
+
+
 def whole_tensor_plan(entries: Sequence[GradEntry], frozen: Sequence[bool], chunk_numel: int) -> MaskPlan:
     """A plan zeroing every finite entry of the frozen tensors and nothing of the others; as
     ``mask_plan`` with whole-tensor masks, with a one-pass NaN/inf count for the common all-finite case."""
     source = MaskKeys(list(frozen))
     return MaskPlan([
-        TensorPlan(source, i, Cut(1) if f else Cut(None), nonfinite(e.flat, chunk_numel)) for i, (e, f) in enumerate(zip(entries, frozen))
+        TensorPlan(source, i, Cut(1) if f else Cut(None), _nonfinite_of(e, chunk_numel)) for i, (e, f) in enumerate(zip(entries, frozen))
     ])
 
 

@@ -27,7 +27,7 @@ import torch
 from gmt_plugins import native, native_rank
 from gmt_plugins.config import GMTConfig
 from gmt_plugins.selection import Cut, KeySource, iter_chunks, rank, select_chunk
-from gmt_plugins.strategies.base import GradEntry, MaskPlan, MaskStrategy, TensorPlan
+from gmt_plugins.strategies.base import GradEntry, MaskPlan, MaskStrategy, TensorPlan, count_nonfinite  # noqa: F401 (re-exported)
 
 # Largest finite float32 bit pattern, and +inf's: scores are clamped below the latter.
 FLOAT32_MAX_BITS = 0x7F7F_FFFF
@@ -74,18 +74,6 @@ def check_patterns(option: str, value: Any) -> list[str]:
 # --- key sources ------------------------------------------------------------------------------
 
 
-def count_nonfinite(flat: torch.Tensor, chunk_numel: int) -> int:
-    """NaN/inf entries of ``flat``, counted chunk by chunk (no full-size scratch buffer), or by one C
-    read for fp32 CPU tensors when the kernel is available (the chunks are its twin)."""
-    lib = native.library() if native_rank.ema_usable(flat) else None
-    if lib is not None:
-        return native_rank.count_nonfinite_f32(lib, flat)
-    total = 0
-    for _, chunk in iter_chunks(flat, chunk_numel):
-        total += int((~torch.isfinite(chunk)).sum().item())
-    return total
-
-
 class MaskKeys:
     """Keys for precomputed masks: per tensor a flat bool tensor (True = masked) or a bool for the
     whole tensor. ``Cut(1)`` then zeroes exactly the masked finite entries."""
@@ -128,7 +116,7 @@ def mask_plan(entries: Sequence[GradEntry], masked: Sequence[torch.Tensor | bool
         if isinstance(m, torch.Tensor) and m.numel() != entry.flat.numel():
             raise ValueError(f"stored mask of {entry.name!r} has {m.numel()} entries, its gradient {entry.flat.numel()}")
         # an all-False mask gets Cut(1) too: it zeroes nothing, and testing it first costs a pass
-        plans.append(TensorPlan(source, i, Cut(None) if m is False else Cut(1), count_nonfinite(entry.flat, chunk_numel)))
+        plans.append(TensorPlan(source, i, Cut(None) if m is False else Cut(1), entry.nonfinite_count(chunk_numel)))
     return MaskPlan(plans)
 
 

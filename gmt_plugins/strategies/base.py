@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
+from gmt_plugins import native, native_rank
 from gmt_plugins.config import GMTConfig
-from gmt_plugins.distributed import ShardInfo
+from gmt_plugins.distributed import ShardInfo, active_reducer
 from gmt_plugins.keys import ShiftedKeys
 from gmt_plugins.layout import flat_like
-from gmt_plugins.selection import Cut, KeySource, rank
+from gmt_plugins.selection import Cut, KeySource, iter_chunks, rank
 
 
 @dataclass
@@ -29,6 +30,20 @@ class GradEntry:
     param: torch.nn.Parameter
     flat: torch.Tensor
     shard: ShardInfo | None = None
+    _nonfinite: int | None = field(default=None, init=False, repr=False, compare=False)
+
+    def nonfinite_count(self, chunk_numel: int) -> int:
+        """NaN/inf entries of ``flat``, counted once per step: the masker's skipped-step check counts
+        them for stateful strategies, and a plan that needs the count (``mask_plan``) reuses it rather
+        than reading the gradient again. Gradients are not changed between the two (strategies plan,
+        the engine masks afterwards)."""
+        if self._nonfinite is None:
+            self._nonfinite = count_nonfinite(self.flat, chunk_numel)
+        return self._nonfinite
+
+    def known_nonfinite(self) -> int | None:
+        """The count :meth:`nonfinite_count` already took this step, or ``None``."""
+        return self._nonfinite
 
     @property
     def offset(self) -> int:
@@ -45,6 +60,18 @@ class GradEntry:
         return param.reshape(-1)
 
 
+def count_nonfinite(flat: torch.Tensor, chunk_numel: int) -> int:
+    """NaN/inf entries of ``flat``, counted chunk by chunk (no full-size scratch buffer), or by one C
+    read for fp32 CPU tensors when the kernel is available (the chunks are its twin)."""
+    lib = native.library() if native_rank.ema_usable(flat) else None
+    if lib is not None:
+        return native_rank.count_nonfinite_f32(lib, flat)
+    total = 0
+    for _, chunk in iter_chunks(flat, chunk_numel):
+        total += int((~torch.isfinite(chunk)).sum().item())
+    return total
+
+
 @dataclass
 class TensorPlan:
     """How one tensor is masked: the keys come from ``source`` (as tensor ``local_index``)."""
@@ -53,6 +80,36 @@ class TensorPlan:
     local_index: int
     cut: Cut
     nonfinite: int = 0
+
+
+class DeferredTensorPlan(TensorPlan):
+    """A :class:`TensorPlan` whose ``cut`` and ``nonfinite`` are ranked when first read.
+
+    The tensor scope of a stateless :class:`KeyedStrategy` plans this way: the masker masks tensor by
+    tensor, so each tensor is ranked right before it is masked, while its gradient is still in cache
+    from the ranking read (most of a model's tensors are a few MB), rather than all tensors ranked and
+    then all masked, each read twice from memory. The result is the same; only the order of work moves.
+    """
+
+    def __init__(self, source: KeySource, local_index: int, resolve: Any) -> None:
+        self.source = source
+        self.local_index = local_index
+        self._resolve = resolve
+        self._resolved: tuple[Cut, int] | None = None
+
+    def _get(self) -> tuple[Cut, int]:
+        if self._resolved is None:
+            self._resolved = self._resolve()
+            self._resolve = None
+        return self._resolved
+
+    @property  # type: ignore[override]
+    def cut(self) -> Cut:
+        return self._get()[0]
+
+    @property  # type: ignore[override]
+    def nonfinite(self) -> int:
+        return self._get()[1]
 
 
 @dataclass
@@ -167,11 +224,19 @@ class KeyedStrategy(MaskStrategy):
             cut, ranked = rank(source, [(i, e.flat) for i, e in enumerate(entries)], ratio, chunk_numel=chunk, warm=warm)
             plans = [TensorPlan(source, i, cut, n) for i, n in enumerate(ranked.nonfinite)]
             return MaskPlan(plans, shared_ties=True)
+        # a stateless strategy ranks each tensor when the masker reaches it (DeferredTensorPlan); one
+        # with state ranks now, before the masker puts back its state on a skipped step; so does a
+        # sharded step, whose ranking is a collective every rank makes in the same order
+        deferred = type(self).state_dict is MaskStrategy.state_dict and active_reducer() is None
         plans = []
         for entry in entries:
             source = self._key_source([entry], step)
-            cut, ranked = rank(source, [(0, entry.flat)], ratio, chunk_numel=chunk, warm=warm, group=entry.name)
-            plans.append(TensorPlan(source, 0, cut, ranked.nonfinite[0]))
+
+            def resolve(source: KeySource = source, entry: GradEntry = entry) -> tuple[Cut, int]:
+                cut, ranked = rank(source, [(0, entry.flat)], ratio, chunk_numel=chunk, warm=warm, group=entry.name)
+                return cut, ranked.nonfinite[0]
+
+            plans.append(DeferredTensorPlan(source, 0, resolve) if deferred else TensorPlan(source, 0, *resolve()))
         return MaskPlan(plans)
 
     def _plan_nonzero(self, entries: Sequence[GradEntry], step: int) -> MaskPlan:
