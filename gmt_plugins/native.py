@@ -84,7 +84,8 @@ REQUIRED_SYMBOLS = (
     *sorted(set(_FUNCTIONS.values())), *(n for pair in _MOVES.values() for n in pair),
     "gmt_rank_group", "gmt_apply", "gmt_ema_f32", "gmt_count_nonfinite_f32",
     "gmt_id3_grow", "gmt_coverage_observe", "gmt_apply_tracked",
-    "gmt_random_rank", "gmt_apply_preselected", "gmt_ema_rank",
+    "gmt_random_rank", "gmt_apply_preselected", "gmt_ema_rank", "gmt_ema_rank_groups",
+    "gmt_pack_mask_bits", "gmt_apply_mask_bits", "gmt_accumulate_finite_f32", "gmt_score_keys_f32",
 )
 
 

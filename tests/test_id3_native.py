@@ -253,3 +253,58 @@ def test_warm_read_and_passes_agree_around_empty_tensors():
         assert all(torch.equal(a, b) for a, b in zip(warm, cold)), boundaries
         assert result.marked == first.marked and (result.threshold, result.ties) == (first.threshold, first.ties)
     assert grown([first.boundary])[1].warm
+
+
+def test_portable_warm_read_equals_the_avx2_one(tmp_path):
+    """``GMT_PLUGINS_NO_AVX2_SCAN=1`` (read when the kernel loads) makes the warm read take the portable
+    loop (id3_scan_*): in fresh processes, both give the same results and masks for every exponent,
+    with ties, zero and non-finite parameters and gradients, sizes that are not multiples of 32, and
+    windows that hold the answer or miss it (then the passes decide, the same for both)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import gmt_plugins
+
+    root = Path(gmt_plugins.__file__).resolve().parents[1]
+    script = tmp_path / "id3_scan.py"
+    script.write_text(
+        "import hashlib, torch\n"
+        "from gmt_plugins import native, native_id3\n"
+        "lib = native.library()\n"
+        "gen = torch.Generator().manual_seed(3)\n"
+        "sizes = [70_003, 31, 4_096, 100_000]\n"
+        "thetas = [torch.randn(n, generator=gen) * 0.02 for n in sizes]\n"
+        "thetas[0][:50] = 0.0\n"
+        "thetas[0][50] = float('inf')\n"
+        "thetas[0][51] = float('nan')\n"
+        "thetas[3] = (thetas[3] * 200).round() / 200\n"
+        "def digest(ts):\n"
+        "    return hashlib.sha256(b''.join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in ts)).hexdigest()[:16]\n"
+        "for exponent in (0.0, 1.0, 2.0, 3.0):\n"
+        "    updatable = [torch.zeros(n, dtype=torch.bool) for n in sizes]\n"
+        "    masked = [torch.ones(n, dtype=torch.bool) for n in sizes]\n"
+        "    bounds = []\n"
+        "    for step in range(5):\n"
+        "        grads = [torch.randn(n, generator=gen) * 1e-3 for n in sizes]\n"
+        "        grads[3] = (grads[3] * 2000).round() / 2000\n"
+        "        grads[0][7] = float('nan')\n"
+        "        grads[2][9] = float('-inf')\n"
+        "        grads[0][11] = 3e38\n"
+        "        window = bounds if step != 3 else [bounds[-1] + 40]  # step 3: a window that misses\n"
+        "        r = native_id3.grow(lib, grads, thetas, updatable, masked, eps=1e-3, exponent=exponent, k=9_000, boundaries=window)\n"
+        "        bounds = [*bounds[-1:], r.boundary]\n"
+        "        print(exponent, step, r.marked, r.nonfinite, r.threshold, r.ties, r.rankable, r.boundary, r.warm, r.below, r.candidates, digest(updatable), digest(masked), sep=';')\n"
+        "print('avx2', native.library().gmt_avx2_scan())\n"
+    )
+    outputs = []
+    for off in ("0", "1"):
+        env = {**os.environ, "GMT_PLUGINS_NO_AVX2_SCAN": off, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+        assert done.returncode == 0, done.stderr
+        outputs.append(done.stdout.splitlines())
+    assert outputs[1][-1] == "avx2 0"
+    warm = [line.split(';')[8] for line in outputs[0][:-1]]
+    assert warm.count("True") >= 4 and warm.count("False") >= 4  # both paths ran
+    assert outputs[0][:-1] == outputs[1][:-1]

@@ -444,12 +444,13 @@ def rounded(shape, generator):
 @pytest.mark.parametrize("grads", [None, rounded], ids=["normal", "ties"])
 def test_fused_strategy_paths_equal_the_torch_engine(monkeypatch, scope, strategy, grads):
     calls = []
-    for name in ("random_rank_group", "ema_rank_group"):
+    for name in ("random_rank_group", "ema_rank_group", "ema_rank_groups"):
         real = getattr(native_rank, name)
         monkeypatch.setattr(native_rank, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
     fast, _ = masker_steps(monkeypatch, "1", strategy, scope, grads=grads)
     slow, _ = masker_steps(monkeypatch, "0", strategy, scope, grads=grads)
-    assert calls and all(c == ("random_rank_group" if strategy == "random" else "ema_rank_group") for c in calls)
+    # gmt_momentum ranks a step's groups in one call (ema_rank_groups), random one group a call
+    assert calls and all(c == ("random_rank_group" if strategy == "random" else "ema_rank_groups") for c in calls)
     for (fa, ma), (fb, mb) in zip(fast, slow):
         assert ma == mb and all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(fa, fb))
 
@@ -500,12 +501,15 @@ def test_fused_strategy_paths_fall_back_when_the_window_overflows(monkeypatch, s
     # a one-key buffer: groups miss (all but a 17-entry tensor's exact bin), after the EMAs were
     # updated; the histogram passes rank them
     misses = []
-    for name in ("random_rank_group", "ema_rank_group"):
+    for name in ("random_rank_group", "ema_rank_group", "ema_rank_groups"):
         real = getattr(native_rank, name)
 
-        def recorded(*a, _real=real, **kw):
+        def recorded(*a, _real=real, _name=name, **kw):
             out = _real(*a, **kw)
-            misses.append(out is None or out[0] is None)
+            if _name == "ema_rank_groups":  # one (result, selection) per group
+                misses.extend(result is None for result, _ in out)
+            else:
+                misses.append(out is None or out[0] is None)
             return out
 
         monkeypatch.setattr(native_rank, name, recorded)
@@ -515,3 +519,158 @@ def test_fused_strategy_paths_fall_back_when_the_window_overflows(monkeypatch, s
     assert sum(misses) >= len(misses) * 3 // 4
     for (fa, ma), (fb, mb) in zip(fast, slow):
         assert ma == mb and all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(fa, fb))
+
+
+def test_ema_rank_group_portable_scan_equals_the_avx2_scan(tmp_path):
+    """``GMT_PLUGINS_NO_AVX2_SCAN=1`` makes ema_rank_group's second read take the portable scan
+    (EMA_SCAN_BODY): in fresh processes, both give the same EMAs, cuts, bits and window keys, on
+    gradients with NaN/inf (the scan then reads the gradient too), EMAs holding NaN and inf, sizes
+    that are not multiples of 64, and windows holding many keys."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import gmt_plugins
+
+    root = Path(gmt_plugins.__file__).resolve().parents[1]
+    script = tmp_path / "ema_scan.py"
+    script.write_text(
+        "import hashlib, sys, torch\n"
+        "from gmt_plugins import native, native_rank\n"
+        f"sys.path.insert(0, {str(root / 'tests')!r})\n"
+        "from test_native_group import scaled_rows, ties_heavy\n"
+        "from test_native import awkward\n"
+        "lib = native.library()\n"
+        "def digest(t):\n"
+        "    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]\n"
+        "for make, sizes in ((scaled_rows, [300_001, 64, 63]), (awkward, [200_000, 100_037]), (ties_heavy, [70_003])):\n"
+        "    emas = [torch.empty(n) for n in sizes]\n"
+        "    for step in range(3):\n"
+        "        grads = [make(n, seed=step * 7 + i) if make is scaled_rows else make(n, torch.float32, seed=step * 7 + i) for i, n in enumerate(sizes)]\n"
+        "        if step == 2:\n"
+        "            emas[0][:3] = torch.tensor([float('nan'), float('inf'), -float('inf')])\n"
+        "        for shift in (0, 3):\n"
+        "            for group in ([0], list(range(len(sizes)))):\n"
+        "                e = [emas[i].clone() for i in group]\n"
+        "                r, sel = native_rank.ema_rank_group(lib, [grads[i] for i in group], e, [step == 0] * len(group), beta=0.7, ratio=0.3, k=None, sample_shift=shift)\n"
+        "                line = [digest(x) for x in e]\n"
+        "                if r is not None:\n"
+        "                    c = sel.cand_start[-1]\n"
+        "                    line += [r.threshold, r.ties, r.rankable, r.nonfinite, sel.lo, sel.hi, c, digest(sel.bits), digest(sel.cand_key[:c]), digest(sel.cand_pos[:c])]\n"
+        "                print(line)\n"
+        "        for i, n in enumerate(sizes):\n"
+        "            native_rank.ema_f32(lib, emas[i], grads[i], 0.7, first=step == 0)\n"
+        "print('avx2', native_rank.avx2_scan(lib))\n"
+    )
+    outputs = []
+    for off in ("0", "1"):
+        env = {**os.environ, "GMT_PLUGINS_NO_AVX2_SCAN": off, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+        assert done.returncode == 0, done.stderr
+        outputs.append(done.stdout.splitlines())
+    assert outputs[1][-1] == "avx2 False"
+    assert len(outputs[0]) > 30 and sum(line.count(",") > 8 for line in outputs[0]) > 20  # most groups ranked
+    assert outputs[0][:-1] == outputs[1][:-1]
+
+
+def rows_f32(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """scaled_rows with awkward's signature: scales that vary along rows of 64 defeat a strided sample."""
+    return scaled_rows(n, seed)
+
+
+# tensor sizes of the groups below: groups of 65,536 entries or more sample their keys, smaller ones count all
+EMA_GROUPS = {
+    "tensor_scope": ([300_000, 10, 5000, 70_001, 64], [1, 1, 1, 1, 1]),
+    "global_scope": ([300_000, 10, 5000, 70_001, 64], [5]),
+    "mixed": ([300_000, 10, 5000, 70_001, 64], [2, 1, 2]),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(EMA_GROUPS))
+@pytest.mark.parametrize("make", [awkward, rows_f32, ties_heavy], ids=["awkward", "rows", "ties_heavy"])
+def test_ema_rank_groups_equals_the_torch_twin_group_by_group(monkeypatch, layout, make):
+    """One call for many groups: every EMA bit for bit ema_f32's, and every group's cut, non-finite
+    counts and masks (through the shared bits and window keys) the torch passes' on its own updated
+    EMAs; a group whose window overflows (ties_heavy's 300k tensor) gives (None, None) while the
+    groups after it still rank from the buffer it did not use."""
+    monkeypatch.setenv(native.ENV, "1")
+    lib = native.library()
+    sizes, groups = EMA_GROUPS[layout]
+    fused = [torch.empty(n) for n in sizes]
+    twin = [torch.empty(n) for n in sizes]
+    ends = [sum(groups[: g + 1]) for g in range(len(groups))]
+    missed = 0
+    for step, ratio in enumerate((0.5, 0.2, 0.001)):
+        grads = [make(n, torch.float32, seed=10 * step + i) for i, n in enumerate(sizes)]
+        out = native_rank.ema_rank_groups(lib, grads, fused, [step == 0] * len(sizes), groups, beta=0.8, ratio=ratio, k=None)
+        assert len(out) == len(groups)
+        for e, g in zip(twin, grads):
+            native_rank.ema_f32(lib, e, g, 0.8, first=step == 0)
+        assert all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(fused, twin))
+        ranked_groups = 0
+        for (result, selection), start, end in zip(out, [0, *ends[:-1]], ends):
+            members = list(range(start, end))
+            source = ScoreKeys.from_tensors([twin[i] for i in members])
+            cut, ranked, want = torch_cut_and_masks(monkeypatch, source, [grads[i] for i in members], ratio=ratio, record=True)
+            monkeypatch.setenv(native.ENV, "1")
+            if result is None:
+                assert make is ties_heavy and selection is None and sum(sizes[i] for i in members) >= 65_536
+                continue
+            ranked_groups += 1
+            assert (result.threshold, result.ties if result.threshold is not None else 0) == (cut.threshold, cut.ties)
+            assert result.nonfinite == ranked.nonfinite and result.rankable == ranked.rankable
+            keys = [ScoreKeys.from_tensors([fused[i] for i in members]).native_source(j, grads[i]) for j, i in enumerate(members)]
+            assert same_masks(preselected_masks(lib, keys, [grads[i] for i in members], result, selection, record=True), want)
+        missed += len(groups) - ranked_groups
+        assert make is ties_heavy or ranked_groups == len(groups)
+    # ties_heavy: at ratio 0.5 the 300k tensor's boundary value holds half its keys, more than the window buffer
+    assert (missed > 0) == (make is ties_heavy)
+
+
+def test_ema_rank_groups_equals_ema_rank_group_call_by_call(monkeypatch):
+    """The one call gives each group what its own ema_rank_group call gives: cut, window, bits and
+    window keys (so the same sampling decides)."""
+    monkeypatch.setenv(native.ENV, "1")
+    lib = native.library()
+    sizes, groups = [300_000, 10, 5000, 70_001, 64], [1, 2, 2]
+    fused, alone = [torch.empty(n) for n in sizes], [torch.empty(n) for n in sizes]
+    for step in range(3):
+        grads = [scaled_rows(n, seed=5 * step + i) for i, n in enumerate(sizes)]
+        out = native_rank.ema_rank_groups(lib, grads, fused, [step == 0] * 5, groups, beta=0.9, ratio=0.3, k=None)
+        for (result, selection), start, end in zip(out, [0, 1, 3], [1, 3, 5]):
+            r, s = native_rank.ema_rank_group(lib, grads[start:end], alone[start:end], [step == 0] * (end - start), beta=0.9, ratio=0.3, k=None)
+            assert (result.threshold, result.ties, result.rankable, result.nonfinite) == (r.threshold, r.ties, r.rankable, r.nonfinite)
+            assert (selection.lo, selection.hi) == (s.lo, s.hi)
+            for j in range(end - start):
+                words = (sizes[start + j] + 63) // 64
+                a = selection.bits[selection.word_offsets[j] : selection.word_offsets[j] + words]
+                b = s.bits[s.word_offsets[j] : s.word_offsets[j] + words]
+                assert torch.equal(a, b)
+                ca, cb = slice(selection.cand_start[j], selection.cand_start[j + 1]), slice(s.cand_start[j], s.cand_start[j + 1])
+                assert torch.equal(selection.cand_key[ca], s.cand_key[cb]) and torch.equal(selection.cand_pos[ca], s.cand_pos[cb])
+        assert all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(fused, alone))
+
+
+@pytest.mark.parametrize("groups", [[], [2, 2], [0, 5], [6]])
+def test_ema_rank_groups_refuses_groups_that_do_not_cover_the_tensors(groups):
+    lib = native.library()
+    grads = [torch.randn(10) for _ in range(5)]
+    with pytest.raises(ValueError, match="groups must be positive tensor counts adding up to 5"):
+        native_rank.ema_rank_groups(lib, grads, [torch.empty(10) for _ in range(5)], [True] * 5, groups, beta=0.9, ratio=0.3, k=None)
+
+
+def test_ema_rank_groups_selection_turns_stale_when_its_buffers_are_reused():
+    """ema_rank_groups reuses one thread's buffers from call to call: a selection applied after a later
+    call is refused instead of masking from the later call's bits."""
+    lib = native.library()
+    grads = [scaled_rows(100_000, seed=1), scaled_rows(5000, seed=2)]
+    emas = [torch.empty(g.numel()) for g in grads]
+    (result, selection), _ = native_rank.ema_rank_groups(lib, grads, emas, [True, True], [1, 1], beta=0.9, ratio=0.3, k=None)
+    keys = dataclasses.replace(ScoreKeys.from_tensors(emas).native_source(0, grads[0]), selection=selection, member=0)
+    y = grads[0].clone()
+    native_rank.apply(lib, y, keys, result.threshold, result.ties, None)  # fresh: applies
+    assert int((y == 0).sum()) > 0
+    native_rank.ema_rank_groups(lib, grads, emas, [False, False], [1, 1], beta=0.9, ratio=0.3, k=None)
+    with pytest.raises(RuntimeError, match="reused by a later ema_rank_groups call"):
+        native_rank.apply(lib, grads[0].clone(), keys, result.threshold, result.ties, None)

@@ -1129,8 +1129,10 @@ static inline __attribute__((always_inline)) int64_t ema_chunk(float *restrict e
 }
 
 /* One tensor, EMA_CHUNK entries at a time: the EMA update, then (from cache) the top digits of the
- * new keys of every 2**sample_shift-th entry into the tables. Returns the excluded (non-finite
- * gradient) count, of every entry. */
+ * new keys of one entry of every 2**sample_shift into the tables, drawn at a varying place in its
+ * stratum (a Weyl sequence: one multiply) so that no row length aliases with the stride, as every
+ * 8th entry of rows whose scales vary along the row would (the tensor's last, partial stratum takes
+ * its first entry). Returns the excluded (non-finite gradient) count, of every entry. */
 #define EMA_CHUNK 2048
 static inline __attribute__((always_inline)) int64_t ema_pass1(const source_t *src, float a, float b, int first, uint32_t *hist,
                                                                int tables, uint32_t sample_shift) {
@@ -1144,11 +1146,30 @@ static inline __attribute__((always_inline)) int64_t ema_pass1(const source_t *s
         excluded += ema_chunk(ema + c, (const float *)src->x + c, m, a, b, first);
         const uint32_t *x = (const uint32_t *)src->x + c, *sc = (const uint32_t *)src->s + c;
         int64_t i = 0;
-        for (; i + 4 * step <= m; i += 4 * step) {
-            hist[KEY_SCORE(i) >> 16] += 1;
-            h1[KEY_SCORE(i + step) >> 16] += 1;
-            h2[KEY_SCORE(i + 2 * step) >> 16] += 1;
-            h3[KEY_SCORE(i + 3 * step) >> 16] += 1;
+        if (sample_shift == 0) {
+            for (; i + 4 <= m; i += 4) {
+                hist[KEY_SCORE(i) >> 16] += 1;
+                h1[KEY_SCORE(i + 1) >> 16] += 1;
+                h2[KEY_SCORE(i + 2) >> 16] += 1;
+                h3[KEY_SCORE(i + 3) >> 16] += 1;
+            }
+        } else {
+            const uint32_t down = 32u - sample_shift, golden = 2654435769u;  /* 2**32 / phi */
+            uint32_t weyl = (uint32_t)((uint64_t)c >> sample_shift) * golden;      /* stratum number * golden */
+            for (; i + 4 * step <= m; i += 4 * step) {
+                const int64_t i0 = i + (int64_t)(weyl >> down), i1 = i + step + (int64_t)((weyl + golden) >> down);
+                const int64_t i2 = i + 2 * step + (int64_t)((weyl + 2 * golden) >> down);
+                const int64_t i3 = i + 3 * step + (int64_t)((weyl + 3 * golden) >> down);
+                weyl += 4 * golden;
+                hist[KEY_SCORE(i0) >> 16] += 1;
+                h1[KEY_SCORE(i1) >> 16] += 1;
+                h2[KEY_SCORE(i2) >> 16] += 1;
+                h3[KEY_SCORE(i3) >> 16] += 1;
+            }
+            for (; i + step <= m; i += step, weyl += golden) {
+                const int64_t at = i + (int64_t)(weyl >> down);
+                hist[KEY_SCORE(at) >> 16] += 1;
+            }
         }
         for (; i < m; i += step) hist[KEY_SCORE(i) >> 16] += 1;
     }
@@ -1188,11 +1209,57 @@ static inline __attribute__((always_inline)) int64_t ema_pass1(const source_t *s
         if (n & 63) bits[n >> 6] = w;                                                               \
     }
 
+#if GMT_HAVE_AVX2_SCAN
+/* ema_scan's blocks of 64 with AVX2: the keys eight at a time (score_key's clamps as compares), the
+ * block's bits and its window test straight from the compares' bitmasks; the window's keys (a few %
+ * of the blocks hold one) are then taken one by one. Returns where the blocks end: EMA_SCAN_BODY's
+ * tail does the rest, and EMA_SCAN_BODY alone is the portable twin (GMT_PLUGINS_NO_AVX2_SCAN=1). */
+__attribute__((target("avx2,popcnt"))) static int64_t ema_scan_avx2(const uint32_t *x, const uint32_t *sc, int64_t n, int with_grad,
+                                                                    uint32_t lo, uint32_t width, uint64_t *bits, uint32_t *cand_key,
+                                                                    int64_t *cand_pos, int64_t cand_cap, int64_t *below_io,
+                                                                    int64_t *nc_io) {
+    /* keys are at most EMA_CAP < 2**31 and lo + width <= EMA_CAP: signed compares are exact */
+    const __m256i magnitude = _mm256_set1_epi32(0x7FFFFFFF), inf = _mm256_set1_epi32((int32_t)EMA_CAP);
+    const __m256i vlo = _mm256_set1_epi32((int32_t)lo), vhi = _mm256_set1_epi32((int32_t)(lo + width));
+    int64_t i = 0, below = 0, nc = *nc_io;
+    for (; i + 64 <= n; i += 64) {
+        uint64_t under_bits = 0, in_bits = 0;
+        for (int j = 0; j < 8; ++j) {
+            __m256i key = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(sc + i + 8 * j)), magnitude);
+            key = _mm256_andnot_si256(_mm256_cmpgt_epi32(key, inf), key);  /* NaN ranks lowest */
+            key = _mm256_add_epi32(key, _mm256_cmpeq_epi32(key, inf));     /* inf: the largest finite */
+            if (with_grad) {                                                /* a non-finite gradient: the cap */
+                __m256i g = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + i + 8 * j)), inf);
+                key = _mm256_blendv_epi8(key, inf, _mm256_cmpeq_epi32(g, inf));
+            }
+            __m256i under = _mm256_cmpgt_epi32(vlo, key);
+            __m256i inside = _mm256_andnot_si256(under, _mm256_cmpgt_epi32(vhi, key));
+            under_bits |= (uint64_t)(uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(under)) << (8 * j);
+            in_bits |= (uint64_t)(uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(inside)) << (8 * j);
+        }
+        bits[i >> 6] = under_bits;
+        below += __builtin_popcountll(under_bits);
+        for (; in_bits; in_bits &= in_bits - 1) {
+            int j = __builtin_ctzll(in_bits);
+            if (nc < cand_cap) { cand_key[nc] = score_key(sc[i + j], with_grad ? x[i + j] : 0u); cand_pos[nc] = i + j; }
+            nc += 1;
+        }
+    }
+    *below_io += below;
+    *nc_io = nc;
+    return i;
+}
+#endif
+
 static inline __attribute__((always_inline)) void ema_scan(const source_t *src, int64_t excluded, uint32_t lo, uint32_t width, uint64_t *bits, uint32_t *cand_key,
                      int64_t *cand_pos, int64_t cand_cap, int64_t *below_io, int64_t *nc_io) {
     const uint32_t *x = (const uint32_t *)src->x, *sc = (const uint32_t *)src->s;
     const int64_t n = src->n;
-    int64_t i = 0, below = 0, nc = *nc_io;
+    int64_t i = 0;
+#if GMT_HAVE_AVX2_SCAN
+    if (has_avx2()) i = ema_scan_avx2(x, sc, n, excluded != 0, lo, width, bits, cand_key, cand_pos, cand_cap, below_io, nc_io);
+#endif
+    int64_t below = 0, nc = *nc_io;
 #define KEY_EMA(i) score_key(sc[i], 0u)
     if (excluded) {
         EMA_SCAN_BODY(KEY_SCORE)
@@ -1307,6 +1374,34 @@ VECTOR_CLONES int32_t gmt_ema_rank(const source_t *src, int64_t count, float a, 
     else { out[0] = v; out[1] = remaining; }
     return 1;
 }
+
+/* gmt_ema_rank for many groups in one call (tensor scope: one group per tensor; global scope: one
+ * group), so that a step's 272 tensors cost one call from Python and not 272, each with its own
+ * buffers. Group g holds tensors [group_end[g-1], group_end[g]) (group_end[-1] = 0); a group of at
+ * least sample_from entries samples every 2**sample_shift-th key (gmt_ema_rank), a smaller one counts
+ * every key. Each ranked group's window keys follow the previous one's in cand_key/cand_pos
+ * (cand_cap in all); cand_lo[t], cand_hi[t]: tensor t's range there. out, 6 per group: ranked (1, or
+ * 0: the EMAs are updated all the same, rank them by gmt_rank_group), threshold (-1: mask nothing),
+ * ties, rankable, lo, hi (the window, for gmt_apply_preselected). */
+VECTOR_CLONES void gmt_ema_rank_groups(const source_t *src, float a, float b, const int32_t *first, const int64_t *group_end,
+                                       int64_t ngroups, double ratio, int64_t k, int64_t sample_from, uint32_t sample_shift,
+                                       uint32_t *hist, uint64_t *bits, const int64_t *word_offsets, uint32_t *cand_key,
+                                       int64_t *cand_pos, int64_t *cand_lo, int64_t *cand_hi, int64_t cand_cap, int64_t *nonfinite,
+                                       int64_t *out) {
+    int64_t used = 0;
+    for (int64_t gi = 0; gi < ngroups; ++gi) {
+        const int64_t t0 = gi ? group_end[gi - 1] : 0, count = group_end[gi] - t0;
+        int64_t *o = out + 6 * gi, total = 0, o5[5] = {0, 0, 0, 0, 0}, starts[count + 1];
+        for (int64_t t = t0; t < t0 + count; ++t) total += src[t].n;
+        memset(starts, 0, sizeof starts);  /* a group that masks nothing returns before its scan writes them */
+        int32_t ranked = gmt_ema_rank(src + t0, count, a, b, first + t0, ratio, k, total >= sample_from ? sample_shift : 0u, hist,
+                                      bits, word_offsets + t0, cand_key + used, cand_pos + used, starts, cand_cap - used,
+                                      nonfinite + t0, o5);
+        for (int64_t t = 0; t < count; ++t) { cand_lo[t0 + t] = used + starts[t]; cand_hi[t0 + t] = used + starts[t + 1]; }
+        o[0] = ranked; o[1] = o5[0]; o[2] = o5[1]; o[3] = o5[2]; o[4] = o5[3]; o[5] = o5[4];
+        if (ranked) used += starts[count];
+    }
+}
 /* ---- end of gmt_momentum's fused EMA and ranking ---- */
 
 /* =============================================================================================
@@ -1375,9 +1470,79 @@ ID3_INLINE uint32_t id3_key(uint32_t gb, float denom, uint8_t still_masked) {
 #define ID3_BITS_T uint32_t
 #define ID3_KEY(i, DENOM) id3_key(g[i], DENOM(th[i]), m[i])
 
+#if GMT_HAVE_AVX2_SCAN
+/* The warm read's blocks with AVX2 (id3_scan_* below is its portable twin, GMT_PLUGINS_NO_AVX2_SCAN=1):
+ * the keys eight at a time exactly as id3_key computes them (IEEE division and products, no fma: the
+ * target has none), and the bitmask of the keys below `hi` from the compares, so that only the
+ * entries below or inside the window are visited one by one. Returns where the blocks end, or -1
+ * when a buffer overflowed (the warm read then gives up, as the portable one does). */
+__attribute__((target("avx2,popcnt"))) static int64_t id3_scan_avx2(const id3_source_t *s, float eps, int kind, uint32_t lo, uint32_t hi,
+                                                                    int64_t pos0, int64_t *below_io, int64_t *list, int64_t list_cap,
+                                                                    uint32_t *ck, int64_t *cp, int64_t cand_cap, int64_t *nc_io,
+                                                                    int64_t *excluded_io, int64_t *nonfinite_io) {
+    const uint32_t *g = s->g;
+    const float *th = s->theta;
+    const uint8_t *m = s->masked;
+    const int64_t n = s->n;
+    const __m256i magnitude = _mm256_set1_epi32(0x7FFFFFFF), cap = _mm256_set1_epi32((int32_t)ID3_CAP);
+    const __m256i top = _mm256_set1_epi32((int32_t)ID3_MAX), vhi = _mm256_set1_epi32((int32_t)hi), zero = _mm256_setzero_si256();
+    const __m256 veps = _mm256_set1_ps(eps), one = _mm256_set1_ps(1.0f);
+    int64_t i = 0, b = *below_io, c = *nc_io, ex = 0, nf = 0;
+    for (; i + ID3_BLOCK <= n; i += ID3_BLOCK) {
+        uint32_t k[ID3_BLOCK], hits = 0;
+        for (int v = 0; v < ID3_BLOCK / 8; ++v) {
+            const int64_t at = i + 8 * v;
+            __m256i gb = _mm256_loadu_si256((const __m256i *)(g + at));
+            __m256 t = _mm256_castsi256_ps(_mm256_and_si256(_mm256_castps_si256(_mm256_loadu_ps(th + at)), magnitude));
+            __m256 d = _mm256_add_ps(veps, t), denom;
+            switch (kind) {
+            case 0: denom = one; break;
+            case 1: denom = d; break;
+            case 2: denom = _mm256_mul_ps(d, d); break;
+            default: denom = _mm256_mul_ps(_mm256_mul_ps(d, d), d); break;
+            }
+            __m256 score = _mm256_div_ps(_mm256_castsi256_ps(_mm256_and_si256(gb, magnitude)), denom);
+            __m256i bits = _mm256_and_si256(_mm256_castps_si256(score), magnitude);
+            bits = _mm256_andnot_si256(_mm256_cmpgt_epi32(bits, cap), bits);  /* NaN score: 0 */
+            bits = _mm256_add_epi32(bits, _mm256_cmpeq_epi32(bits, cap));     /* inf: FLT_MAX */
+            __m256i key = _mm256_sub_epi32(top, bits);
+            __m256i bad = _mm256_cmpeq_epi32(_mm256_and_si256(gb, cap), cap);
+            __m256i done = _mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(m + at))), zero);
+            key = _mm256_blendv_epi8(key, cap, _mm256_or_si256(bad, done));
+            _mm256_storeu_si256((__m256i *)(k + 8 * v), key);
+            hits |= (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(vhi, key))) << (8 * v);
+            ex += __builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(key, cap))));
+            nf += __builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(bad)));
+        }
+        for (; hits; hits &= hits - 1) {
+            int j = __builtin_ctz(hits);
+            if (k[j] < lo) {
+                if (b >= list_cap) return -1;
+                list[b++] = pos0 + i + j;
+            } else {
+                if (c >= cand_cap) return -1;
+                ck[c] = k[j]; cp[c] = pos0 + i + j; c += 1;
+            }
+        }
+    }
+    *below_io = b; *nc_io = c; *excluded_io += ex; *nonfinite_io += nf;
+    return i;
+}
+#endif
+
+/* the warm read's AVX2 blocks (id3_scan_avx2), where the CPU has AVX2 and the environment allows */
+#if GMT_HAVE_AVX2_SCAN
+#define ID3_SCAN_VECTOR(KIND)                                                                       \
+    if (has_avx2()) {                                                                               \
+        i = id3_scan_avx2(s, eps, KIND, lo, hi, pos0, below, list, list_cap, ck, cp, cand_cap, nc, &ex, &nf); \
+        if (i < 0) return 0;                                                                        \
+    }
+#else
+#define ID3_SCAN_VECTOR(KIND)
+#endif
 /* Per exponent: top-digit histogram (and non-finite count), low digit inside the boundary bin,
  * the marking pass, and the warm read. */
-#define ID3_PASSES(NAME, DENOM)                                                                     \
+#define ID3_PASSES(NAME, DENOM, KIND)                                                                  \
     ID3_INLINE void id3_hist_##NAME(const id3_source_t *s, float eps, uint32_t *hist, int tables,   \
                                     int64_t *nonfinite) {                                           \
         const uint32_t *g = s->g; const float *th = s->theta; const uint8_t *m = s->masked;         \
@@ -1455,7 +1620,9 @@ ID3_INLINE uint32_t id3_key(uint32_t gb, float denom, uint8_t still_masked) {
                                    int64_t *excluded, int64_t *nonfinite) {                         \
         const uint32_t *g = s->g; const float *th = s->theta; const uint8_t *m = s->masked;         \
         const int64_t n = s->n;                                                                     \
-        int64_t i = 0, b = *below, c = *nc, ex = 0, nf = 0;                                         \
+        int64_t i = 0, b, c, ex = 0, nf = 0;                                                        \
+        ID3_SCAN_VECTOR(KIND)                                                                       \
+        b = *below; c = *nc;                                                                        \
         for (; i + ID3_BLOCK <= n; i += ID3_BLOCK) {                                                \
             uint32_t k[ID3_BLOCK], ee = 0, ff = 0;                                                  \
             ID3_BITS_T hits = 0;                                                                    \
@@ -1503,10 +1670,10 @@ ID3_INLINE uint32_t id3_key(uint32_t gb, float denom, uint8_t still_masked) {
         }                                                                                           \
     }
 
-ID3_PASSES(e0, ID3_D0)
-ID3_PASSES(e1, ID3_D1)
-ID3_PASSES(e2, ID3_D2)
-ID3_PASSES(e3, ID3_D3)
+ID3_PASSES(e0, ID3_D0, 0)
+ID3_PASSES(e1, ID3_D1, 1)
+ID3_PASSES(e2, ID3_D2, 2)
+ID3_PASSES(e3, ID3_D3, 3)
 
 /* exponent kinds (native_id3.EXPONENT_KINDS) */
 #define ID3_DISPATCH(kind, CALL)                                                                    \

@@ -88,9 +88,10 @@ class GMTMomentumStrategy(KeyedStrategy):
         return super().plan(entries, step=step)
 
     def _plan_fused(self, entries: Sequence[GradEntry]) -> MaskPlan | None:
-        """Each group's EMAs updated and ranked by one kernel call (one read of gradient and EMA, one write
-        of the EMA, one more read of the EMA: :func:`gmt_plugins.native_rank.ema_rank_group`), where it
-        serves every entry of the step; ``None`` otherwise (the twin in :meth:`plan` then runs)."""
+        """Every group's EMAs updated and ranked by one kernel call for the step (one read of gradient and
+        EMA and one write of the EMA per tensor, plus a sample read before it:
+        :func:`gmt_plugins.native_rank.ema_rank_groups`), where it serves every entry of the step;
+        ``None`` otherwise (the twin in :meth:`plan` then runs)."""
         lib = native.library() if entries and active_reducer() is None else None
         overridden = type(self).key_source is not GMTMomentumStrategy.key_source or type(self)._update is not GMTMomentumStrategy._update
         if lib is None or overridden:
@@ -111,12 +112,12 @@ class GMTMomentumStrategy(KeyedStrategy):
         ratio, beta, chunk = self.config.mask_ratio, self.options.beta, self.config.chunk_numel
         scope_global = self.config.scope == "global"
         groups = [list(range(len(entries)))] if scope_global else [[i] for i in range(len(entries))]
+        ranked = native_rank.ema_rank_groups(
+            lib, [e.flat for e in entries], emas, first, [len(g) for g in groups], beta=beta, ratio=ratio, k=None
+        )
         plans: list[TensorPlan] = []
-        for group in groups:
+        for group, (result, selection) in zip(groups, ranked):
             scores = [emas[i] for i in group]
-            result, selection = native_rank.ema_rank_group(
-                lib, [entries[i].flat for i in group], scores, [first[i] for i in group], beta=beta, ratio=ratio, k=None
-            )
             if result is None or selection is None:  # outside the sampled window: the EMAs are updated, rank them
                 plain = ScoreKeys.from_tensors(scores)
                 cut, counts = rank(plain, [(j, entries[i].flat) for j, i in enumerate(group)], ratio, chunk_numel=chunk)
