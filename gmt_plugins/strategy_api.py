@@ -12,7 +12,10 @@ Three ways to write one, from the least to the most code:
   own (``examples/custom_strategy_plugin``).
 * **Stored masks**: keep a bool tensor per parameter and return :func:`mask_plan` of them.
 * **Anything else**: subclass :class:`MaskStrategy`, return one :class:`TensorPlan` (key source,
-  :class:`Cut`) per :class:`GradEntry`.
+  :class:`Cut`) per :class:`GradEntry`. When the masker sets ``self.deferrable`` (see
+  :attr:`MaskStrategy.deferrable`), a plan may return :class:`DeferredTensorPlan` entries, decided
+  when the masker reaches their tensor (the built-in tensor scopes do, to mask each gradient while
+  it is still in cache).
 
 Options arrive through ``GMTConfig.strategy_options`` into the strategy's ``options_class``
 dataclass (see :func:`parse_options`); validate them with :func:`check_int`, :func:`check_float` and
@@ -32,10 +35,11 @@ from gmt_plugins.keys import MagnitudeKeys, RandomKeys, stable_salt
 from gmt_plugins.registry import StrategyRegistry
 from gmt_plugins.selection import Cut, KeySource
 from gmt_plugins.strategies._masks import ScoreKeys, check_choice, check_float, check_int, load_bool_masks, mask_plan
-from gmt_plugins.strategies.base import GradEntry, KeyedStrategy, MaskPlan, MaskStrategy, TensorPlan, parse_options
+from gmt_plugins.strategies.base import DeferredTensorPlan, GradEntry, KeyedStrategy, MaskPlan, MaskStrategy, TensorPlan, parse_options
 
 __all__ = [
     "Cut",
+    "DeferredTensorPlan",
     "GMTConfig",
     "GradEntry",
     "KeySource",

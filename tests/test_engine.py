@@ -332,11 +332,12 @@ def test_strict_holds_exactly_the_reference_entries(dtype, kind, scope):
 
 
 @pytest.mark.parametrize("ties", [False, True])
-def test_tensor_scope_ranks_each_tensor_right_before_masking_it(ties, monkeypatch):
+@pytest.mark.parametrize("nan", [False, True])
+def test_tensor_scope_ranks_each_tensor_right_before_masking_it(ties, nan, monkeypatch):
     """gmt in the tensor scope defers each tensor's ranking to the masker's turn for it (rank t0, mask
-    t0, rank t1, ...: the gradient is still in cache), with the masks and statistics of the reference;
-    a strategy with state ranks every tensor first (its state is put back before masking on a skipped
-    step), and so gets the same masks too."""
+    t0, rank t1, ...: the gradient is still in cache), with the masks and statistics of the reference.
+    Only when the masker will put a strategy's state back after planning (a step with NaN/inf, for a
+    strategy with state) does it rank every tensor first, and the masks are the same."""
     import gmt_plugins.masker as masker_module
     import gmt_plugins.strategies.base as base
 
@@ -347,27 +348,31 @@ def test_tensor_scope_ranks_each_tensor_right_before_masking_it(ties, monkeypatc
     shapes = [(30, 7), (17,), (5, 5, 2), (1000,)]
     gen = torch.Generator().manual_seed(3)
     grads = [(torch.randint(-3, 4, s, generator=gen).float() * 0.5 if ties else torch.randn(s, generator=gen)) for s in shapes]
-    grads[0].view(-1)[:2] = torch.tensor([float("nan"), -0.0])
+    grads[0].view(-1)[:2] = torch.tensor([float("nan") if nan else 1.0, -0.0])
     masks = reference_masks(grads, 0.3, "tensor")
     want = reference_apply(grads, masks)
+    sizes = (210, 17, 50, 1000)
 
     def run(stateful: bool):
         params = [(f"p{i}", torch.nn.Parameter(torch.zeros(s))) for i, s in enumerate(shapes)]
         for (_, p), g in zip(params, grads):
             p.grad = g.clone()
         masker = GradientMasker(params, GMTConfig(mask_ratio=0.3, scope="tensor"))
-        if stateful:  # a state_dict of its own makes the strategy stateful for the masker
-            monkeypatch.setattr(type(masker.strategy), "state_dict", lambda self: {}, raising=True)
+        if stateful:  # a state of its own: the masker keeps a copy on a NaN/inf step and puts it back after planning
+            state = {"calls": torch.zeros(1)}
+            masker.strategy.state_dict = lambda: state
+            masker.strategy.load_state_dict = lambda held: state.update(held)
+            monkeypatch.setattr(type(masker.strategy), "state_dict", lambda self: state)
         events.clear()
         stats = masker.apply()
-        if stateful:
-            monkeypatch.undo()
         for (_, p), w in zip(params, want):
             assert torch.equal(p.grad.view(torch.int32), w.view(torch.int32))
         assert [t.masked for t in stats.tensors] == [int(m.sum()) for m in masks]
-        assert [t.nonfinite for t in stats.tensors] == [1, 0, 0, 0]
+        assert [t.nonfinite for t in stats.tensors] == [int(nan), 0, 0, 0]
+        assert masker.strategy.deferrable is False  # only while the masker plans
         return list(events)
 
-    interleaved = [(kind, s) for n in (210, 17, 50, 1000) for kind, s in (("rank", n), ("mask", n))]
+    interleaved = [(kind, n) for n in sizes for kind in ("rank", "mask")]
     assert run(stateful=False) == interleaved
-    assert run(stateful=True) == [("rank", n) for n in (210, 17, 50, 1000)] + [("mask", n) for n in (210, 17, 50, 1000)]
+    ranked_first = [("rank", n) for n in sizes] + [("mask", n) for n in sizes]
+    assert run(stateful=True) == (ranked_first if nan else interleaved)

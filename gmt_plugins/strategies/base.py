@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -83,33 +83,41 @@ class TensorPlan:
 
 
 class DeferredTensorPlan(TensorPlan):
-    """A :class:`TensorPlan` whose ``cut`` and ``nonfinite`` are ranked when first read.
+    """A :class:`TensorPlan` decided when the masker first reads it: ``resolve()`` returns the plan.
 
-    The tensor scope of a stateless :class:`KeyedStrategy` plans this way: the masker masks tensor by
-    tensor, so each tensor is ranked right before it is masked, while its gradient is still in cache
-    from the ranking read (most of a model's tensors are a few MB), rather than all tensors ranked and
-    then all masked, each read twice from memory. The result is the same; only the order of work moves.
+    A strategy whose :attr:`MaskStrategy.deferrable` the masker set plans the tensor scope this way:
+    the masker masks tensor by tensor, so each tensor is ranked right before it is masked, while its
+    gradient is still in cache from the ranking read (most of a model's tensors are a few MB), rather
+    than all tensors ranked and then all masked, each gradient read twice from memory. The result is
+    the same; only the order of the work moves. ``resolve`` may read only its own tensor's gradient
+    (the tensors before it are masked by then).
     """
 
-    def __init__(self, source: KeySource, local_index: int, resolve: Any) -> None:
-        self.source = source
-        self.local_index = local_index
-        self._resolve = resolve
-        self._resolved: tuple[Cut, int] | None = None
+    def __init__(self, resolve: Callable[[], TensorPlan]) -> None:
+        self._resolve: Callable[[], TensorPlan] | None = resolve
+        self._plan: TensorPlan | None = None
 
-    def _get(self) -> tuple[Cut, int]:
-        if self._resolved is None:
-            self._resolved = self._resolve()
+    def _get(self) -> TensorPlan:
+        if self._plan is None:
+            self._plan = self._resolve()
             self._resolve = None
-        return self._resolved
+        return self._plan
+
+    @property  # type: ignore[override]
+    def source(self) -> KeySource:
+        return self._get().source
+
+    @property  # type: ignore[override]
+    def local_index(self) -> int:
+        return self._get().local_index
 
     @property  # type: ignore[override]
     def cut(self) -> Cut:
-        return self._get()[0]
+        return self._get().cut
 
     @property  # type: ignore[override]
     def nonfinite(self) -> int:
-        return self._get()[1]
+        return self._get().nonfinite
 
 
 @dataclass
@@ -151,6 +159,12 @@ class MaskStrategy(ABC):
     cannot freeze parameters, such as DDP without ``find_unused_parameters``, are then refused)."""
     supported_ratio_of: ClassVar[tuple[str, ...]] = ("all",)
     """The values of ``GMTConfig.ratio_of`` this strategy implements; another is refused when it is built."""
+    deferrable: bool = False
+    """Set by :class:`~gmt_plugins.masker.GradientMasker` before each :meth:`plan`: True when it will not
+    put the strategy's state back after this plan (the strategy keeps none, or the step's gradients are
+    finite) and the gradients are whole (no collective in the ranking), so the plan may return
+    :class:`DeferredTensorPlan` entries that rank each tensor when the masker reaches it. False
+    outside the masker."""
     ignored_settings: ClassVar[tuple[str, ...]] = ()
     """``GMTConfig`` fields this strategy does not use; a value given for one of them explicitly is
     warned about once (see :meth:`GMTConfig.given`)."""
@@ -224,19 +238,17 @@ class KeyedStrategy(MaskStrategy):
             cut, ranked = rank(source, [(i, e.flat) for i, e in enumerate(entries)], ratio, chunk_numel=chunk, warm=warm)
             plans = [TensorPlan(source, i, cut, n) for i, n in enumerate(ranked.nonfinite)]
             return MaskPlan(plans, shared_ties=True)
-        # a stateless strategy ranks each tensor when the masker reaches it (DeferredTensorPlan); one
-        # with state ranks now, before the masker puts back its state on a skipped step; so does a
-        # sharded step, whose ranking is a collective every rank makes in the same order
-        deferred = type(self).state_dict is MaskStrategy.state_dict and active_reducer() is None
-        plans = []
+        # each tensor ranked when the masker reaches it, where it allows (see MaskStrategy.deferrable)
+        deferred = self.deferrable and active_reducer() is None
+        plans: list[TensorPlan] = []
         for entry in entries:
             source = self._key_source([entry], step)
 
-            def resolve(source: KeySource = source, entry: GradEntry = entry) -> tuple[Cut, int]:
+            def resolve(source: KeySource = source, entry: GradEntry = entry) -> TensorPlan:
                 cut, ranked = rank(source, [(0, entry.flat)], ratio, chunk_numel=chunk, warm=warm, group=entry.name)
-                return cut, ranked.nonfinite[0]
+                return TensorPlan(source, 0, cut, ranked.nonfinite[0])
 
-            plans.append(DeferredTensorPlan(source, 0, resolve) if deferred else TensorPlan(source, 0, *resolve()))
+            plans.append(DeferredTensorPlan(resolve) if deferred else resolve())
         return MaskPlan(plans)
 
     def _plan_nonzero(self, entries: Sequence[GradEntry], step: int) -> MaskPlan:

@@ -14,6 +14,7 @@ from gmt_plugins.selection import rank
 from gmt_plugins.strategies._masks import PreselectedScoreKeys
 from gmt_plugins.strategy_api import (
     Cut,
+    DeferredTensorPlan,
     GMTConfig,
     GradEntry,
     KeyedStrategy,
@@ -112,20 +113,34 @@ class GMTMomentumStrategy(KeyedStrategy):
         ratio, beta, chunk = self.config.mask_ratio, self.options.beta, self.config.chunk_numel
         scope_global = self.config.scope == "global"
         groups = [list(range(len(entries)))] if scope_global else [[i] for i in range(len(entries))]
+
+        def plans_of(group: list[int], result: native_rank.GroupResult | None, selection: native_rank.Preselection | None) -> list[TensorPlan]:
+            scores = [emas[i] for i in group]
+            if result is None or selection is None:  # outside the sampled window: the EMAs are updated, rank them
+                plain = ScoreKeys.from_tensors(scores)
+                cut, counts = rank(plain, [(j, entries[i].flat) for j, i in enumerate(group)], ratio, chunk_numel=chunk)
+                return [TensorPlan(plain, j, cut, n) for j, n in enumerate(counts.nonfinite)]
+            cut = Cut(result.threshold, result.ties if result.threshold is not None else 0)
+            source = PreselectedScoreKeys(scores, selection)
+            return [TensorPlan(source, j, cut, n) for j, n in enumerate(result.nonfinite)]
+
+        if not scope_global and self.deferrable:
+            # each tensor's EMA updated and ranked when the masker reaches it, so that the apply reads a
+            # gradient the ranking has just left in cache (a selection's buffers serve one call at a time:
+            # each tensor is masked before the next is ranked)
+            def resolve(i: int) -> TensorPlan:
+                ((result, selection),) = native_rank.ema_rank_groups(
+                    lib, [entries[i].flat], [emas[i]], [first[i]], [1], beta=beta, ratio=ratio, k=None
+                )
+                return plans_of([i], result, selection)[0]
+
+            return MaskPlan([DeferredTensorPlan(lambda i=i: resolve(i)) for i in range(len(entries))])
         ranked = native_rank.ema_rank_groups(
             lib, [e.flat for e in entries], emas, first, [len(g) for g in groups], beta=beta, ratio=ratio, k=None
         )
         plans: list[TensorPlan] = []
         for group, (result, selection) in zip(groups, ranked):
-            scores = [emas[i] for i in group]
-            if result is None or selection is None:  # outside the sampled window: the EMAs are updated, rank them
-                plain = ScoreKeys.from_tensors(scores)
-                cut, counts = rank(plain, [(j, entries[i].flat) for j, i in enumerate(group)], ratio, chunk_numel=chunk)
-                plans += [TensorPlan(plain, j, cut, n) for j, n in enumerate(counts.nonfinite)]
-                continue
-            cut = Cut(result.threshold, result.ties if result.threshold is not None else 0)
-            source = PreselectedScoreKeys(scores, selection)
-            plans += [TensorPlan(source, j, cut, n) for j, n in enumerate(result.nonfinite)]
+            plans += plans_of(group, result, selection)
         return MaskPlan(plans, shared_ties=scope_global)
 
     def key_source(self, entries: Sequence[GradEntry], *, step: int) -> ScoreKeys:

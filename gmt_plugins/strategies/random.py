@@ -10,6 +10,7 @@ from gmt_plugins.keys import HashedRandomKeys
 from gmt_plugins.selection import rank
 from gmt_plugins.strategy_api import (
     Cut,
+    DeferredTensorPlan,
     GradEntry,
     KeyedStrategy,
     MaskPlan,
@@ -52,22 +53,25 @@ class RandomMaskStrategy(KeyedStrategy):
         if not native_rank.usable(flats) or any(RandomKeys([s]).native_source(0, f) is None for s, f in zip(salts, flats)):
             return None
         ratio, chunk = self.config.mask_ratio, self.config.chunk_numel
-        groups = [list(range(len(entries)))] if self.config.scope == "global" else [[i] for i in range(len(entries))]
-        plans: list[TensorPlan] = []
-        for group in groups:
+        scope_global = self.config.scope == "global"
+        groups = [list(range(len(entries)))] if scope_global else [[i] for i in range(len(entries))]
+
+        def plans_of(group: list[int]) -> list[TensorPlan]:
             plain = RandomKeys([salts[i] for i in group])
             group_flats = [flats[i] for i in group]
             keys = [plain.native_source(j, f) for j, f in enumerate(group_flats)]
             ranked = native_rank.random_rank_group(lib, group_flats, keys, ratio=ratio, k=None)
             if ranked is None:  # the k-th key fell outside the expected window: the histogram passes rank
                 cut, counts = rank(plain, list(enumerate(group_flats)), ratio, chunk_numel=chunk)
-                plans += [TensorPlan(plain, j, cut, n) for j, n in enumerate(counts.nonfinite)]
-                continue
+                return [TensorPlan(plain, j, cut, n) for j, n in enumerate(counts.nonfinite)]
             result, selection = ranked
             cut = Cut(result.threshold, result.ties if result.threshold is not None else 0)
             source = HashedRandomKeys([salts[i] for i in group], selection)
-            plans += [TensorPlan(source, j, cut, n) for j, n in enumerate(result.nonfinite)]
-        return MaskPlan(plans, shared_ties=self.config.scope == "global")
+            return [TensorPlan(source, j, cut, n) for j, n in enumerate(result.nonfinite)]
+
+        if not scope_global and self.deferrable:  # each tensor hashed and ranked when the masker reaches it
+            return MaskPlan([DeferredTensorPlan(lambda i=i: plans_of([i])[0]) for i in range(len(entries))])
+        return MaskPlan([plan for group in groups for plan in plans_of(group)], shared_ties=scope_global)
 
 
 @hookimpl
