@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gmt_plugins import GradientMasker, native, native_id3
+from fresh_process import outputs_with_and_without_avx2
 
 SHAPES = {"embed": (300, 64), "norm": (64,), "proj": (96, 64), "odd": (37, 11)}
 BIG = {"embed": (600, 500), "proj": (130, 77)}  # over 2**18 entries: the four-table histograms
@@ -260,9 +261,6 @@ def test_portable_warm_read_equals_the_avx2_one(tmp_path):
     loop (id3_scan_*): in fresh processes, both give the same results and masks for every exponent,
     with ties, zero and non-finite parameters and gradients, sizes that are not multiples of 32, and
     windows that hold the answer or miss it (then the passes decide, the same for both)."""
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     import gmt_plugins
@@ -298,12 +296,7 @@ def test_portable_warm_read_equals_the_avx2_one(tmp_path):
         "        print(exponent, step, r.marked, r.nonfinite, r.threshold, r.ties, r.rankable, r.boundary, r.warm, r.below, r.candidates, digest(updatable), digest(masked), sep=';')\n"
         "print('avx2', native.library().gmt_avx2_scan())\n"
     )
-    outputs = []
-    for off in ("0", "1"):
-        env = {**os.environ, "GMT_PLUGINS_NO_AVX2_SCAN": off, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=root, timeout=300)
-        assert done.returncode == 0, done.stderr
-        outputs.append(done.stdout.splitlines())
+    outputs = outputs_with_and_without_avx2(tmp_path, script.read_text())
     assert outputs[1][-1] == "avx2 0"
     warm = [line.split(';')[8] for line in outputs[0][:-1]]
     assert warm.count("True") >= 4 and warm.count("False") >= 4  # both paths ran

@@ -20,6 +20,7 @@ from gmt_plugins.coverage import (
     CoverageTracker, layer_of, pack_bits, pack_bits_reference, popcount, popcount_reference, unpack_bits,
 )
 from gmt_plugins.selection import Cut, apply_cut_counted
+from fresh_process import outputs_with_and_without_avx2
 from reference import reference_apply, reference_masks
 
 
@@ -294,9 +295,6 @@ def test_tracker_kernel_avx2_and_portable_words_agree(tmp_path):
     """``GMT_PLUGINS_NO_AVX2_SCAN=1`` (read when the kernel loads) makes gmt_coverage_observe pack the
     mask with the portable multiply instead of AVX2 movemasks: in fresh processes both give the same
     counts and bit sets, step by step, for lengths around the 64-entry words."""
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     import gmt_plugins
@@ -319,12 +317,7 @@ def test_tracker_kernel_avx2_and_portable_words_agree(tmp_path):
         "from gmt_plugins import native_rank\n"
         "print('avx2', native_rank.avx2_scan(native.library()))\n"
     )
-    outputs = []
-    for off in ("0", "1"):
-        env = {**os.environ, "GMT_PLUGINS_NO_AVX2_SCAN": off, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=root, timeout=300)
-        assert done.returncode == 0, done.stderr
-        outputs.append(done.stdout.splitlines())
+    outputs = outputs_with_and_without_avx2(tmp_path, script.read_text())
     assert outputs[1][-1] == "avx2 False"
     assert len(outputs[0]) == 29 and outputs[0][:-1] == outputs[1][:-1]
 

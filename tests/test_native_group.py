@@ -12,6 +12,7 @@ from gmt_plugins import GMTConfig, GradientMasker, native, native_rank
 from gmt_plugins.keys import MagnitudeKeys, RandomKeys, stable_salt
 from gmt_plugins.selection import Cut, apply_cut, rank
 from gmt_plugins.strategies._masks import ScoreKeys
+from fresh_process import outputs_with_and_without_avx2
 from reference import reference_apply, reference_masks
 from test_native import awkward
 
@@ -135,9 +136,6 @@ def test_sampled_window_skips_the_second_pass_on_smooth_gradients():
 def test_portable_scan_equals_the_avx2_scan(tmp_path):
     """``GMT_PLUGINS_NO_AVX2_SCAN=1`` (read when the kernel loads) makes fp32 windows take the
     portable scan: in a fresh process, both scans give every hinted window's cut."""
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     import gmt_plugins
@@ -159,12 +157,7 @@ def test_portable_scan_equals_the_avx2_scan(tmp_path):
         "            print(r.threshold, r.ties, r.rankable, r.nonfinite, r.second_pass)\n"
         "print('avx2', native_rank.avx2_scan(lib))\n"
     )
-    outputs = []
-    for off in ("0", "1"):
-        env = {**os.environ, "GMT_PLUGINS_NO_AVX2_SCAN": off, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=root, timeout=300)
-        assert done.returncode == 0, done.stderr
-        outputs.append(done.stdout.splitlines())
+    outputs = outputs_with_and_without_avx2(tmp_path, script.read_text())
     assert outputs[1][-1] == "avx2 False"
     assert outputs[0][:-1] == outputs[1][:-1]
 
@@ -526,9 +519,6 @@ def test_ema_rank_group_portable_scan_equals_the_avx2_scan(tmp_path):
     (EMA_SCAN_BODY): in fresh processes, both give the same EMAs, cuts, bits and window keys, on
     gradients with NaN/inf (the scan then reads the gradient too), EMAs holding NaN and inf, sizes
     that are not multiples of 64, and windows holding many keys."""
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     import gmt_plugins
@@ -563,12 +553,7 @@ def test_ema_rank_group_portable_scan_equals_the_avx2_scan(tmp_path):
         "            native_rank.ema_f32(lib, emas[i], grads[i], 0.7, first=step == 0)\n"
         "print('avx2', native_rank.avx2_scan(lib))\n"
     )
-    outputs = []
-    for off in ("0", "1"):
-        env = {**os.environ, "GMT_PLUGINS_NO_AVX2_SCAN": off, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=root, timeout=300)
-        assert done.returncode == 0, done.stderr
-        outputs.append(done.stdout.splitlines())
+    outputs = outputs_with_and_without_avx2(tmp_path, script.read_text())
     assert outputs[1][-1] == "avx2 False"
     assert len(outputs[0]) > 30 and sum(line.count(",") > 8 for line in outputs[0]) > 20  # most groups ranked
     assert outputs[0][:-1] == outputs[1][:-1]
