@@ -113,9 +113,7 @@ class CoverageTracker:
         Returns ``(updated, changed)``: entries updated at least once so far, and entries whose masked
         state differs from the previous step's (``None`` the first time the tensor is seen).
         """
-        known = self.numel.get(name)
-        if known is not None and known != numel:
-            raise ValueError(f"coverage state of {name!r} holds {known} entries, its gradient now has {numel}")
+        self._check_numel(name, numel)
         lib = native.library() if device.type == "cpu" and (mask is None or _native_mask(mask, numel)) else None
         if lib is not None:
             return self._observe_native(lib, name, numel, mask)
@@ -123,10 +121,7 @@ class CoverageTracker:
 
     def _observe_native(self, lib: Any, name: str, numel: int, mask: torch.Tensor | None) -> tuple[int, int | None]:
         """:meth:`observe` in one pass of the compiled kernel (``gmt_coverage_observe``)."""
-        nbytes = (numel + 7) // 8
-        first = name not in self.previous
-        updated = _own_bytes(self.updated.get(name), nbytes)
-        previous = _own_bytes(self.previous.get(name), nbytes)
+        first, updated, previous = self._kernel_bits(name, numel)
         out = torch.zeros(2, dtype=torch.int64)
         lib.gmt_coverage_observe(
             None if mask is None else mask.data_ptr(), numel, updated.data_ptr(), previous.data_ptr(), int(first), out.data_ptr()
@@ -146,19 +141,24 @@ class CoverageTracker:
         from gmt_plugins import native_rank
 
         numel = flat.numel()
-        known = self.numel.get(name)
-        if known is not None and known != numel:
-            raise ValueError(f"coverage state of {name!r} holds {known} entries, its gradient now has {numel}")
-        nbytes = (numel + 7) // 8
-        first = name not in self.previous
-        updated = _own_bytes(self.updated.get(name), nbytes)
-        previous = _own_bytes(self.previous.get(name), nbytes)
+        self._check_numel(name, numel)
+        first, updated, previous = self._kernel_bits(name, numel)
         done = native_rank.apply_tracked(lib, flat, keys, threshold, ties, updated, previous, first)
         if done is None:
             return None
         self.updated[name], self.previous[name], self.numel[name] = updated, previous, numel
         masked, used, nonzero, set_bits, changed = done
         return (masked, used, nonzero), (set_bits, None if first else changed)
+
+    def _check_numel(self, name: str, numel: int) -> None:
+        known = self.numel.get(name)
+        if known is not None and known != numel:
+            raise ValueError(f"coverage state of {name!r} holds {known} entries, its gradient now has {numel}")
+
+    def _kernel_bits(self, name: str, numel: int) -> tuple[bool, torch.Tensor, torch.Tensor]:
+        """Whether ``name`` is new, and its two bit sets as CPU bytes the kernel may write in place."""
+        nbytes = (numel + 7) // 8
+        return name not in self.previous, _own_bytes(self.updated.get(name), nbytes), _own_bytes(self.previous.get(name), nbytes)
 
     def _observe_torch(self, name: str, numel: int, mask: torch.Tensor | None, device: torch.device) -> tuple[int, int | None]:
         """:meth:`observe` by torch operations on packed bytes: any device, and the twin of the kernel."""

@@ -87,6 +87,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.gmt_rank_group.restype = None
     lib.gmt_apply.argtypes = [ctypes.POINTER(_Source), ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     lib.gmt_apply.restype = None
+    lib.gmt_apply_tracked.argtypes = [
+        ctypes.POINTER(_Source), ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p,
+    ]
+    lib.gmt_apply_tracked.restype = ctypes.c_int32
     _declared.add(id(lib))
 
 
@@ -221,20 +225,12 @@ def apply_tracked(
     if keys.kind not in _MAGNITUDE_KINDS or keys.selection is not None:
         return None
     _declare(lib)
-    if id(lib) not in _tracked_declared:
-        lib.gmt_apply_tracked.argtypes = [
-            ctypes.POINTER(_Source), ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p,
-        ]
-        lib.gmt_apply_tracked.restype = ctypes.c_int32
-        _tracked_declared.add(id(lib))
     out = (ctypes.c_int64 * 5)()
     source = _source(flat, keys)
     if not lib.gmt_apply_tracked(ctypes.byref(source), threshold, ties, updated.data_ptr(), previous.data_ptr(), int(first), out):
         return None
     return out[0], out[1], out[2], out[3], out[4]
 
-
-_tracked_declared: set[int] = set()
 
 
 def avx2_scan(lib: ctypes.CDLL) -> bool:
