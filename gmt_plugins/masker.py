@@ -284,12 +284,14 @@ class GradientMasker:
         self.strategy.on_step_boundary(self.parameters, step=self.step)
         # a plan may leave each tensor's ranking to _execute when no state is put back after it
         self.strategy.deferrable = held is None and reducer is None
-        if reducer is None:
-            plan = self.strategy.plan(entries, step=self.step) if entries else MaskPlan([])
-        else:
-            with reducing(reducer):
-                plan = self.strategy.plan(entries, step=self.step)
-        self.strategy.deferrable = False
+        try:
+            if reducer is None:
+                plan = self.strategy.plan(entries, step=self.step) if entries else MaskPlan([])
+            else:
+                with reducing(reducer):
+                    plan = self.strategy.plan(entries, step=self.step)
+        finally:
+            self.strategy.deferrable = False
         if held is not None:
             self.strategy.load_state_dict(held)
         if len(plan.tensors) != len(entries):

@@ -1,6 +1,6 @@
 """The many-tensor engine: a whole group ranked, and a tensor masked, by one call of the C kernel.
 
-:func:`gmt_plugins.selection.rank` and :func:`~gmt_plugins.selection.apply_cut` hand a group here
+:func:`gmt_plugins.selection.rank` and :func:`~gmt_plugins.selection.apply_cut_counted` hand a group here
 when every flat is a contiguous CPU tensor whose key source describes its keys to the kernel
 (``native_source``): magnitude keys (:class:`~gmt_plugins.keys.MagnitudeKeys`), the random hash
 (:class:`~gmt_plugins.keys.RandomKeys`) and float32 scores

@@ -320,20 +320,6 @@ class Applied(NamedTuple):
     """Masked entries whose gradient was nonzero (masked entries are always finite)."""
 
 
-def apply_cut(
-    source: KeySource,
-    index: int,
-    flat: torch.Tensor,
-    cut: Cut,
-    *,
-    chunk_numel: int = DEFAULT_CHUNK_NUMEL,
-    record: torch.Tensor | None = None,
-) -> tuple[int, int]:
-    """:func:`apply_cut_counted`, returning ``(masked, ties_used)`` only."""
-    applied = apply_cut_counted(source, index, flat, cut, chunk_numel=chunk_numel, record=record)
-    return applied.masked, applied.ties_used
-
-
 def apply_cut_counted(
     source: KeySource,
     index: int,

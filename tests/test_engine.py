@@ -231,7 +231,7 @@ def test_random_keys_independent_of_chunking_and_device_free():
 
 
 class GenericOnly:
-    """The same keys without the fast path, so apply_cut takes the generic branch."""
+    """The same keys without the fast path, so apply_cut_counted takes the generic branch."""
 
     def __init__(self, inner):
         self.inner, self.key_bits, self.cap = inner, inner.key_bits, inner.cap
@@ -243,7 +243,7 @@ class GenericOnly:
 @pytest.mark.parametrize("dtypes", [[torch.float32], [torch.bfloat16], [torch.float16], [torch.float64], [torch.bfloat16, torch.float32, torch.float16]], ids=str)
 def test_fast_apply_equals_generic_apply(dtypes):
     from gmt_plugins.keys import MagnitudeKeys
-    from gmt_plugins.selection import apply_cut, rank
+    from gmt_plugins.selection import apply_cut_counted, rank
 
     gen = torch.Generator().manual_seed(1)
     flats = [(torch.randn(5000, generator=gen) * 3).to(dt) for dt in dtypes]
@@ -255,8 +255,8 @@ def test_fast_apply_equals_generic_apply(dtypes):
         assert cut.ties == 0  # no ties: every chunk takes the fast path (with ties, the chunks after the budget do)
     for i, flat in enumerate(flats):
         fast, slow = flat.clone(), flat.clone()
-        n_fast, _ = apply_cut(source, i, fast, cut, chunk_numel=SMALL_CHUNK)
-        n_slow, _ = apply_cut(GenericOnly(source), i, slow, cut, chunk_numel=SMALL_CHUNK)
+        n_fast, _, _ = apply_cut_counted(source, i, fast, cut, chunk_numel=SMALL_CHUNK)
+        n_slow, _, _ = apply_cut_counted(GenericOnly(source), i, slow, cut, chunk_numel=SMALL_CHUNK)
         assert n_fast == n_slow and torch.equal(bits(fast), bits(slow))
 
 
@@ -360,7 +360,6 @@ def test_tensor_scope_ranks_each_tensor_right_before_masking_it(ties, nan, monke
         masker = GradientMasker(params, GMTConfig(mask_ratio=0.3, scope="tensor"))
         if stateful:  # a state of its own: the masker keeps a copy on a NaN/inf step and puts it back after planning
             state = {"calls": torch.zeros(1)}
-            masker.strategy.state_dict = lambda: state
             masker.strategy.load_state_dict = lambda held: state.update(held)
             monkeypatch.setattr(type(masker.strategy), "state_dict", lambda self: state)
         events.clear()

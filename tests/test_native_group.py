@@ -10,7 +10,7 @@ import torch
 
 from gmt_plugins import GMTConfig, GradientMasker, native, native_rank
 from gmt_plugins.keys import MagnitudeKeys, RandomKeys, stable_salt
-from gmt_plugins.selection import Cut, apply_cut, rank
+from gmt_plugins.selection import Cut, apply_cut_counted, rank
 from gmt_plugins.strategies._masks import ScoreKeys
 from fresh_process import outputs_with_and_without_avx2
 from reference import reference_apply, reference_masks
@@ -219,7 +219,7 @@ def test_fused_apply_equals_the_chunked_apply(monkeypatch, name, record):
             monkeypatch.setenv(native.ENV, mode)
             y = flat.clone()
             rec = torch.ones(y.numel(), dtype=torch.bool) if record else None
-            counts = apply_cut(source, 0, y, c, chunk_numel=1000, record=rec)
+            counts = apply_cut_counted(source, 0, y, c, chunk_numel=1000, record=rec)
             results[mode] = (y, counts, rec)
         (y1, c1, r1), (y0, c0, r0) = results["1"], results["0"]
         assert torch.equal(y1.view(torch.uint8), y0.view(torch.uint8)) and c1 == c0, c
@@ -298,7 +298,7 @@ def test_stored_masks_in_c_equal_torch(monkeypatch, record):
         for i, flat in enumerate(flats):
             y = flat.clone()
             rec = torch.zeros(5000, dtype=torch.bool) if record else None
-            counts = apply_cut(source, i, y, Cut(1), chunk_numel=1000, record=rec)
+            counts = apply_cut_counted(source, i, y, Cut(1), chunk_numel=1000, record=rec)
             out.append((y.view(torch.int32), counts, rec, count_nonfinite(flat, 1000)))
         out.append(rank(source, [(i, f) for i, f in enumerate(flats)], 0.5))
         results[mode] = out
@@ -325,7 +325,7 @@ def torch_cut_and_masks(monkeypatch, source, flats, *, ratio=None, k=None, recor
     for i, flat in enumerate(flats):
         y = flat.clone()
         rec = torch.zeros(y.numel(), dtype=torch.bool) if record else None
-        masked, used = apply_cut(source, i, y, Cut(cut.threshold, ties), chunk_numel=1000, record=rec)
+        masked, used, _ = apply_cut_counted(source, i, y, Cut(cut.threshold, ties), chunk_numel=1000, record=rec)
         ties -= used
         out.append((y, masked, rec))
     return cut, ranked, out

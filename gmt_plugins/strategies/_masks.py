@@ -1,7 +1,7 @@
 """Building blocks shared by the selective-update strategies.
 
 Strategies never touch gradients: they describe what to zero as a :class:`MaskPlan` whose key
-sources the engine (``GradientMasker._execute`` -> ``apply_cut``) reads. This module provides
+sources the engine (``GradientMasker._execute`` -> ``apply_cut_counted``) reads. This module provides
 
 * :class:`MaskKeys`: keys for stored boolean masks or whole-tensor decisions (0 = masked,
   1 = kept, ``cap`` = non-finite gradient, so NaN/inf are never zeroed);

@@ -11,7 +11,7 @@ import torch
 
 from gmt_plugins import native, native_rank
 from gmt_plugins.config import GMTConfig
-from gmt_plugins.distributed import ShardInfo, active_reducer
+from gmt_plugins.distributed import ShardInfo
 from gmt_plugins.keys import ShiftedKeys
 from gmt_plugins.layout import flat_like
 from gmt_plugins.selection import Cut, KeySource, iter_chunks, rank
@@ -238,8 +238,9 @@ class KeyedStrategy(MaskStrategy):
             cut, ranked = rank(source, [(i, e.flat) for i, e in enumerate(entries)], ratio, chunk_numel=chunk, warm=warm)
             plans = [TensorPlan(source, i, cut, n) for i, n in enumerate(ranked.nonfinite)]
             return MaskPlan(plans, shared_ties=True)
-        # each tensor ranked when the masker reaches it, where it allows (see MaskStrategy.deferrable)
-        deferred = self.deferrable and active_reducer() is None
+        # each tensor ranked when the masker reaches it, where it allows (see MaskStrategy.deferrable:
+        # never on a sharded step, whose ranking is a collective every rank makes in the same order)
+        deferred = self.deferrable
         plans: list[TensorPlan] = []
         for entry in entries:
             source = self._key_source([entry], step)
