@@ -483,11 +483,11 @@ static inline __attribute__((always_inline)) int rank_window(const source_t *src
      * digits, then its low digit from a histogram of the low digits of that top digit's candidates */
     int64_t remaining = want - below, seen = 0;
     uint32_t top = (uint32_t)wlo, low;
-    int64_t in_top = 0;  /* candidates of the top digit found, moved to the front of cand */
+    /* then the boundary digit's candidates (a few % of them) are gathered to the front of cand before
+     * the low digits are counted, so the 65,536-bin histogram sees only those and is cleared by them */
+    int64_t in_top = 0;
     if (whi - wlo < 256) {
-        /* a narrow window (the usual case): the top digits' counts fit a small table on the stack, and
-         * the boundary digit's candidates (a few % of them) are gathered before the low digits are
-         * counted, so the 65,536-bin histogram sees only those and no pass clears the others */
+        /* a narrow window (the usual case): the top digits' counts fit a small table on the stack */
         uint32_t counts[256] = {0};
         for (int64_t j = 0; j < nc; ++j) counts[(cand[j] >> 16) - (uint32_t)wlo] += 1;
         uint32_t d = 0;
@@ -496,11 +496,6 @@ static inline __attribute__((always_inline)) int rank_window(const source_t *src
             seen += counts[d];
         }
         top = (uint32_t)wlo + d;
-        for (int64_t j = 0; j < nc; ++j) {  /* branch-free compaction */
-            uint32_t key = cand[j];
-            cand[in_top] = key;
-            in_top += (key >> 16) == top;
-        }
     } else {
         for (int64_t j = 0; j < nc; ++j) hist[cand[j] >> 16] += 1;
         for (; top < (uint32_t)whi; ++top) {
@@ -508,11 +503,11 @@ static inline __attribute__((always_inline)) int rank_window(const source_t *src
             seen += hist[top];
         }
         for (int64_t j = 0; j < nc; ++j) hist[cand[j] >> 16] = 0;
-        for (int64_t j = 0; j < nc; ++j) {
-            uint32_t key = cand[j];
-            cand[in_top] = key;
-            in_top += (key >> 16) == top;
-        }
+    }
+    for (int64_t j = 0; j < nc; ++j) {  /* branch-free compaction */
+        uint32_t key = cand[j];
+        cand[in_top] = key;
+        in_top += (key >> 16) == top;
     }
     remaining -= seen;
     /* the low digit: per-bin counts in hist and per-256-bin counts on the stack, so the walk visits
