@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from gmt_plugins.selection import DEFAULT_CHUNK_NUMEL
+from gmt_plugins.engine.types import DEFAULT_CHUNK_NUMEL
 
 SCOPES = ("tensor", "global")
 RATIO_OF = ("all", "nonzero")

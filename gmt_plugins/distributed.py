@@ -9,7 +9,7 @@ holds a contiguous block of rows, i.e. a contiguous range ``[offset, offset + lo
 the tensor's flat order. The engine's radix histograms are plain sums, so the exact threshold of
 the full tensor (or of all tensors, for the global scope) is found by summing each rank's
 histogram: a :class:`ShardReducer` is made active (:func:`active_reducer`) while a strategy plans,
-and :func:`gmt_plugins.selection.rank` all-reduces every 65,536-bin histogram together with the
+and :func:`gmt_plugins.engine.dispatch.rank` all-reduces every 65,536-bin histogram together with the
 per-tensor non-finite counts. The gradient itself never travels. The masker then breaks ties in
 the full tensors' flat order from an exclusive prefix of the per-shard tie counts
 (:meth:`ShardReducer.tie_budgets`, one ``all_gather`` of a few integers per tensor) and
@@ -142,7 +142,7 @@ def active_reducer() -> ShardReducer | None:
 
 @contextlib.contextmanager
 def reducing(reducer: ShardReducer | None) -> Iterator[None]:
-    """Make ``reducer`` the one :func:`gmt_plugins.selection.rank` uses while strategies plan."""
+    """Make ``reducer`` the one :func:`gmt_plugins.engine.dispatch.rank` uses while strategies plan."""
     token = _ACTIVE.set(reducer)
     try:
         yield

@@ -10,17 +10,18 @@ from typing import Any, Literal
 import pluggy
 import torch
 
-from gmt_plugins import device_rank, fsdp1, native, native_rank
+from gmt_plugins import fsdp1
 from gmt_plugins.config import UNSET, GMTConfig, resolve_config
 from gmt_plugins.coverage import CoverageTracker
 from gmt_plugins.distributed import ShardReducer, is_dtensor, local_shard, reducing
+from gmt_plugins.engine import dispatch
+from gmt_plugins.engine.types import CUDA, Applied, Cut
 from gmt_plugins.layout import flat_view, same_layout
 from gmt_plugins.plugins import get_plugin_manager, strategy_registry
-from gmt_plugins.selection import Applied, Cut, _kernel_keys, apply_cut_counted, count_equal
 from gmt_plugins.stats import MaskStats, TensorStats
 from gmt_plugins.strategies.base import GradEntry, MaskPlan, MaskStrategy, TensorPlan
 from gmt_plugins.strict import MaskedEntryGuard
-from gmt_plugins.wrappers import unwrap_model  # noqa: F401 - re-exported: it lived here before
+from gmt_plugins.wrappers import unwrap_model
 
 NamedParameters = Iterable[tuple[str, torch.nn.Parameter]]
 
@@ -326,8 +327,10 @@ class GradientMasker:
         """The one place where gradients are changed: zero what ``cut`` selects of ``entry``, in place
         (and, in strict mode, keep the masked parameter entries). Returns the counts of the apply pass
         and, with ``track_coverage``, this shard's ``(updated, changed)``."""
+        source, index, ranking = tensor_plan.source, tensor_plan.local_index, tensor_plan.ranking
         if self._guard is None and self.coverage is not None and cut.threshold is not None:
-            fused = self._mask_tracked(entry, tensor_plan, cut)
+            # masked and folded into the coverage bits in one pass where the engine serves it
+            fused = self.coverage.apply_and_observe(entry.name, source, index, entry.flat, cut, ranking)
             if fused is not None:
                 return fused
         if self._guard is not None:  # strict mode keeps each tensor's record until restore_masked()
@@ -336,30 +339,13 @@ class GradientMasker:
             record = self._scratch_record(entry.flat)
         else:
             record = None
-        applied = apply_cut_counted(
-            tensor_plan.source, tensor_plan.local_index, entry.flat, cut, chunk_numel=self.config.chunk_numel, record=record
-        )
+        applied = dispatch.apply(source, index, entry.flat, cut, ranking=ranking, chunk_numel=self.config.chunk_numel, record=record)
         if self._guard is not None and applied.masked:
             self._guard.capture(entry.param, record, applied.masked)
         coverage = None
         if self.coverage is not None:
             coverage = self.coverage.observe(entry.name, entry.flat.numel(), record, entry.flat.device)
         return applied, coverage
-
-    def _mask_tracked(self, entry: GradEntry, tensor_plan: TensorPlan, cut: Cut) -> tuple[Applied, tuple[int, int | None]] | None:
-        """``_mask`` with coverage and without strict mode, for magnitude keys of CPU gradients: one
-        kernel call masks and folds the mask into the coverage bits block by block, so the step's
-        mask is never written out as a byte per entry (:meth:`CoverageTracker.apply_and_observe`);
-        ``None`` where the kernel does not serve (the record path below is its twin)."""
-        keys = _kernel_keys(tensor_plan.source, [(tensor_plan.local_index, entry.flat)])
-        lib = native.library() if keys is not None else None
-        if lib is None:
-            return None
-        done = self.coverage.apply_and_observe(lib, entry.name, entry.flat, keys[0], cut.threshold, cut.ties)
-        if done is None:
-            return None
-        (masked, used, nonzero), coverage = done
-        return Applied(masked, used, nonzero), coverage
 
     def _scratch_record(self, flat: torch.Tensor) -> torch.Tensor:
         """A bool buffer of ``flat.numel()`` entries on ``flat``'s device for a record that is consumed
@@ -373,28 +359,13 @@ class GradientMasker:
     def _execute(self, entries: list[GradEntry], plan: MaskPlan) -> list[TensorStats]:
         """Apply ``plan`` to whole (unsharded) gradients; the global scope spends one tie budget in order.
 
-        A :class:`~gmt_plugins.device_rank.DevicePlan` (``gmt`` on CUDA) is applied on the device and
-        read back once for the whole step (strict mode and ``track_coverage`` then add their own reads)."""
-        if isinstance(plan, device_rank.DevicePlan):
-            wanted = self._guard is not None or self.coverage is not None
-            records = [MaskedEntryGuard.new_mask(e.flat) if wanted else None for e in entries]
-            done = device_rank.apply_on_device(plan.cuts, records)
-            tensors = []
-            for entry, applied, record in zip(entries, done, records):
-                if self._guard is not None and applied.masked:
-                    self._guard.capture(entry.param, record, applied.masked)
-                updated, changed = (
-                    self.coverage.observe(entry.name, entry.flat.numel(), record, entry.flat.device)
-                    if self.coverage is not None else (None, None)
-                )
-                tensors.append(TensorStats(
-                    entry.name, entry.flat.numel(), applied.masked, applied.nonfinite, applied.threshold,
-                    applied.masked_nonzero, updated, changed,
-                ))
-            return tensors
+        A step ranked on a CUDA device is applied there as a whole, with one readback."""
+        first = plan.tensors[0].ranking if plan.tensors else None
+        if first is not None and first.backend == CUDA:
+            return self._execute_on_device(entries, plan)
         tensors = []
         shared_ties = plan.tensors[0].cut.ties if plan.shared_ties and plan.tensors else 0
-        # tensor by tensor, each plan read when its tensor is masked (a DeferredTensorPlan ranks then)
+        # tensor by tensor, each plan read when its tensor is masked (a deferred plan ranks then)
         for entry, tensor_plan in zip(entries, plan.tensors):
             cut = Cut(tensor_plan.cut.threshold, shared_ties) if plan.shared_ties else tensor_plan.cut
             threshold = None if cut.threshold is None else tensor_plan.source.key_to_value(tensor_plan.local_index, cut.threshold)
@@ -403,6 +374,25 @@ class GradientMasker:
             updated, changed = coverage if coverage is not None else (None, None)
             tensors.append(TensorStats(
                 entry.name, entry.flat.numel(), applied.masked, tensor_plan.nonfinite, threshold, applied.masked_nonzero, updated, changed
+            ))
+        return tensors
+
+    def _execute_on_device(self, entries: list[GradEntry], plan: MaskPlan) -> list[TensorStats]:
+        """``_execute`` of a step the device path ranked (strict mode and ``track_coverage`` add their own reads)."""
+        wanted = self._guard is not None or self.coverage is not None
+        records = [MaskedEntryGuard.new_mask(e.flat) if wanted else None for e in entries]
+        done = dispatch.apply_on_device([p.ranking for p in plan.tensors], records)
+        tensors = []
+        for entry, applied, record in zip(entries, done, records):
+            if self._guard is not None and applied.masked:
+                self._guard.capture(entry.param, record, applied.masked)
+            updated, changed = (
+                self.coverage.observe(entry.name, entry.flat.numel(), record, entry.flat.device)
+                if self.coverage is not None else (None, None)
+            )
+            tensors.append(TensorStats(
+                entry.name, entry.flat.numel(), applied.masked, applied.nonfinite, applied.threshold,
+                applied.masked_nonzero, updated, changed,
             ))
         return tensors
 
@@ -416,7 +406,7 @@ class GradientMasker:
         straddling = [c.threshold is not None and c.ties > 0 for c in cuts]
         if any(straddling):  # the cuts are the same on every rank, so every rank takes this branch
             equal = [
-                count_equal(p.source, p.local_index, e.flat, c.threshold, chunk_numel=chunk) if s else 0
+                dispatch.count_equal(p.source, p.local_index, e.flat, c.threshold, chunk_numel=chunk) if s else 0
                 for e, p, c, s in zip(entries, plan.tensors, cuts, straddling)
             ]
             ties = [c.ties for c in cuts]
@@ -481,15 +471,6 @@ def _cloned(value: Any) -> Any:
 
 
 def _any_nonfinite(entries: list[GradEntry], device: torch.device, chunk_numel: int) -> bool:
-    """Whether any gradient entry is NaN or inf. Contiguous CPU fp32 gradients are counted by one C
-    read each (``GradEntry.nonfinite_count``), and the count is kept for the plan, which would
-    otherwise read them again (``mask_plan``); the others by one max-abs reduction each, with a
-    single host sync."""
-    found = False
-    peaks = []
-    for entry in entries:
-        if native_rank.ema_usable(entry.flat):
-            found = entry.nonfinite_count(chunk_numel) > 0 or found
-            continue
-        peaks.append(torch.linalg.vector_norm(entry.flat, ord=float("inf")).float().to(device))
-    return found or (bool(peaks) and not bool(torch.isfinite(torch.stack(peaks)).all()))
+    """Whether any gradient entry is NaN or inf. Where the engine counts them in one read, the count
+    is kept for the plan (``GradEntry.nonfinite_count``), which would otherwise read them again."""
+    return dispatch.any_nonfinite([e.flat for e in entries], lambda i: entries[i].nonfinite_count(chunk_numel))

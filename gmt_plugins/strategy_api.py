@@ -31,10 +31,10 @@ from __future__ import annotations
 
 from gmt_plugins.config import GMTConfig
 from gmt_plugins.hookspecs import hookimpl
-from gmt_plugins.keys import MagnitudeKeys, RandomKeys, stable_salt
+from gmt_plugins.engine.keys import MagnitudeKeys, RandomKeys, ScoreKeys, stable_salt
+from gmt_plugins.engine.types import Cut, KeySource
 from gmt_plugins.registry import StrategyRegistry
-from gmt_plugins.selection import Cut, KeySource
-from gmt_plugins.strategies._masks import ScoreKeys, check_choice, check_float, check_int, load_bool_masks, mask_plan
+from gmt_plugins.strategies._masks import check_choice, check_float, check_int, load_bool_masks, mask_plan
 from gmt_plugins.strategies.base import DeferredTensorPlan, GradEntry, KeyedStrategy, MaskPlan, MaskStrategy, TensorPlan, parse_options
 
 __all__ = [

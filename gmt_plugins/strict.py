@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Callable, Hashable
 
 import torch
 
-from gmt_plugins import native
+from gmt_plugins.engine import dispatch
 from gmt_plugins.layout import flat_view
-from gmt_plugins.selection import iter_chunks
 
 
 class MaskedEntryGuard:
@@ -22,7 +20,7 @@ class MaskedEntryGuard:
 
     def __init__(self, *, chunk_numel: int) -> None:
         self._chunk_numel = chunk_numel
-        self._held: list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], ctypes.CDLL | None]] = []
+        self._held: list[dispatch.Held] = []
 
     @staticmethod
     def new_mask(param: torch.Tensor) -> torch.Tensor:
@@ -30,31 +28,14 @@ class MaskedEntryGuard:
 
     @torch.no_grad()
     def capture(self, param: torch.nn.Parameter, mask: torch.Tensor, count: int) -> None:
-        """Keep the ``count`` entries of ``param`` that the flat bool ``mask`` selects.
-
-        On CPU the compiled kernel of :mod:`gmt_plugins.native` copies them in one branch-free
-        pass (one value more, as scratch); otherwise, and as its twin, boolean indexing per chunk.
-        """
-        flat = _flat_data(param)
-        kernel = native.library() if native.supports_moves(flat) else None
-        if kernel is not None:
-            values = [native.gather_masked(kernel, flat, mask, count)]
-        else:
-            values = [chunk[m] for (_, chunk), (_, m) in zip(iter_chunks(flat, self._chunk_numel), iter_chunks(mask, self._chunk_numel))]
-        self._held.append((flat, mask, values, kernel))
+        """Keep the ``count`` entries of ``param`` that the flat bool ``mask`` selects (one branch-free
+        pass of the kernel on CPU, boolean indexing per chunk elsewhere)."""
+        self._held.append(dispatch.gather_masked(_flat_data(param), mask, count, self._chunk_numel))
 
     @torch.no_grad()
     def restore(self) -> int:
         """Write the captured entries back; returns how many entries were held."""
-        held = 0
-        for flat, mask, values, kernel in self._held:
-            if kernel is not None:
-                native.scatter_masked(kernel, flat, mask, values[0])
-                held += values[0].numel() - 1
-                continue
-            for ((_, chunk), (_, m)), saved in zip(zip(iter_chunks(flat, self._chunk_numel), iter_chunks(mask, self._chunk_numel)), values):
-                chunk[m] = saved
-                held += saved.numel()
+        held = sum(dispatch.scatter_masked(item, self._chunk_numel) for item in self._held)
         self._held.clear()
         return held
 

@@ -1,6 +1,6 @@
-"""The device path of ``gmt`` (:mod:`gmt_plugins.device_rank`), run on CPU tensors.
+"""The device path of ``gmt`` (:mod:`gmt_plugins.engine.cuda`), run on CPU tensors.
 
-It is what CUDA gradients take; here ``device_rank.MODE = "always"`` forces it on CPU. Its masks are
+It is what CUDA gradients take; here ``dispatch.DEVICE_MODE = "always"`` forces it on CPU. Its masks are
 compared bit for bit with :mod:`reference` (sorting Python lists), its statistics and plans with the
 host path of :mod:`gmt_plugins.selection`, and its host synchronisations are counted by a dispatch
 mode that records every operation which reads a device tensor back on CUDA (a CPU proxy of
@@ -15,9 +15,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gmt_plugins import GMTConfig, GradientMasker, device_rank
+from gmt_plugins import GMTConfig, GradientMasker
+from gmt_plugins.engine import cuda
+from gmt_plugins.engine import dispatch
 from gmt_plugins.distributed import ShardInfo
-from gmt_plugins.keys import MagnitudeKeys
+from gmt_plugins.engine.keys import MagnitudeKeys, RandomKeys
 from gmt_plugins.strategies.base import GradEntry, KeyedStrategy, MaskPlan
 from reference import reference_apply, reference_masks
 
@@ -31,10 +33,10 @@ def device_path(request, monkeypatch):
     """The device path on CPU, with chunks of 1,024 entries (carries across chunks) and groups of
     3 tensors in the tensor scope (several groups); a later digit's pass counts the keys outside its
     bucket both as on CUDA (spread over bins) and as on CPU (two spill bins)."""
-    monkeypatch.setattr(device_rank, "MODE", "always")
-    monkeypatch.setattr(device_rank, "SPREAD_SPILLS", request.param == "spread")
-    monkeypatch.setattr(device_rank, "CHUNK_NUMEL", 1000)
-    monkeypatch.setattr(device_rank, "GROUP_ROWS", 3)
+    monkeypatch.setattr(dispatch, "DEVICE_MODE", "always")
+    monkeypatch.setattr(cuda, "SPREAD_SPILLS", request.param == "spread")
+    monkeypatch.setattr(cuda, "CHUNK_NUMEL", 1000)
+    monkeypatch.setattr(cuda, "GROUP_ROWS", 3)
 
 
 def make_params(dtypes, kind: str, seed: int = 0) -> list[tuple[str, torch.nn.Parameter]]:
@@ -63,7 +65,7 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 def run(params, mode: str, **config):
     with contextlib.ExitStack() as stack:
         patch = stack.enter_context(pytest.MonkeyPatch.context())
-        patch.setattr(device_rank, "MODE", mode)
+        patch.setattr(dispatch, "DEVICE_MODE", mode)
         masker = GradientMasker(params, GMTConfig(chunk_numel=1024, **config))
         return masker.apply()
 
@@ -123,8 +125,8 @@ def test_ratio_one_masks_every_finite_entry(dtype, shared):
         sources = [MagnitudeKeys([f.dtype for f in flats])] * len(flats)
     else:
         sources = [MagnitudeKeys([f.dtype]) for f in flats]
-    cuts = device_rank.rank_on_device(sources, flats, 1.0, shared=shared, chunk_numel=1024)
-    done = device_rank.apply_on_device(cuts)
+    cuts = cuda.rank_on_device(sources, flats, 1.0, shared=shared, chunk_numel=1024)
+    done = cuda.apply_on_device(cuts)
     masks = reference_masks(before, 1.0, "global" if shared else "tensor")
     for (_, p), want, mask, d in zip(params, reference_apply(before, masks), masks, done):
         assert torch.equal(bits(p.grad), bits(want))
@@ -140,18 +142,20 @@ def test_signed_zeros_at_the_threshold():
     check_against_reference([("w", p)], 0.3, "tensor")
 
 
-def test_plan_reads_back_the_host_paths_plan():
-    """``DevicePlan.tensors`` (after its one readback) is the plan of ``KeyedStrategy.plan``: the same
-    cuts (threshold key and ties), non-finite counts and shared tie budget."""
+def test_plan_reads_back_the_host_paths_plan(monkeypatch):
+    """A plan ranked on the device (read back once) is the host path's plan: the same cuts (threshold
+    key and ties), non-finite counts and shared tie budget."""
     for scope in ("tensor", "global"):
         for kind, dtypes in (("normal", MIXED), ("ties", MIXED), ("ties", [torch.float32] * len(SHAPES))):
             params = make_params(dtypes, kind)
             masker = GradientMasker(params, GMTConfig(mask_ratio=0.3, scope=scope))
             entries = masker._entries()[0]
             plan = masker.strategy.plan(entries, step=0)
-            assert isinstance(plan, device_rank.DevicePlan)
-            host = KeyedStrategy.plan(masker.strategy, entries, step=0)
-            assert type(host) is MaskPlan
+            assert {p.ranking.backend for p in plan.tensors} == {"cuda"}
+            with monkeypatch.context() as patch:
+                patch.setattr(dispatch, "DEVICE_MODE", "never")
+                host = masker.strategy.plan(entries, step=0)
+            assert "cuda" not in {p.ranking.backend for p in host.tensors}
             got = [(p.local_index, p.cut, p.nonfinite) for p in plan.tensors]
             assert got == [(p.local_index, p.cut, p.nonfinite) for p in host.tensors]
             assert plan.shared_ties == host.shared_ties
@@ -167,7 +171,7 @@ def test_strict_mode_and_coverage_on_the_device_path():
     config = dict(mask_ratio=0.3, scope="global", strict=True, track_coverage=True)
     device_masker = GradientMasker(params, GMTConfig(**config))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(device_rank, "MODE", "never")
+        patch.setattr(dispatch, "DEVICE_MODE", "never")
         host_stats = GradientMasker(host, GMTConfig(**config)).apply()
     stats = device_masker.apply()
     assert stats.tensors == host_stats.tensors
@@ -181,18 +185,21 @@ def test_strict_mode_and_coverage_on_the_device_path():
 
 def test_which_path_is_taken(monkeypatch):
     params = make_params([torch.float32] * 3, "normal")
-    entries = GradientMasker(params, GMTConfig())._entries()[0]
-    monkeypatch.setattr(device_rank, "MODE", "auto")
-    assert not device_rank.takes(entries, ratio_of="all")  # CPU tensors keep the compiled kernel
-    monkeypatch.setattr(device_rank, "MODE", "always")
-    assert device_rank.takes(entries, ratio_of="all")
-    assert not device_rank.takes(entries, ratio_of="nonzero")
-    assert not device_rank.takes([], ratio_of="all")
-    sharded = [GradEntry(e.index, e.name, e.param, e.flat, ShardInfo(0, e.flat.numel())) for e in entries]
-    assert not device_rank.takes(sharded, ratio_of="all")
-    assert device_rank.takes(entries, ratio_of="all", mode="never") is False
-    with pytest.raises(ValueError, match=r"device_rank.MODE must be one of \('auto', 'always', 'never'\)"):
-        device_rank.takes(entries, ratio_of="all", mode="cuda")
+    flats = [e.flat for e in GradientMasker(params, GMTConfig())._entries()[0]]
+    sources = [MagnitudeKeys([f.dtype]) for f in flats]
+    monkeypatch.setattr(dispatch, "DEVICE_MODE", "auto")
+    assert not dispatch.serves_on_device(flats, sources, ratio=0.2, reducer=None)  # CPU tensors keep the compiled kernel
+    monkeypatch.setattr(dispatch, "DEVICE_MODE", "always")
+    assert dispatch.serves_on_device(flats, sources, ratio=0.2, reducer=None)
+    assert not dispatch.serves_on_device(flats, sources, ratio=None, reducer=None)  # a count (ratio_of="nonzero")
+    assert not dispatch.serves_on_device([], [], ratio=0.2, reducer=None)
+    assert not dispatch.serves_on_device(flats, sources, ratio=0.2, reducer=object())  # sharded: histograms are all-reduced
+    assert not dispatch.serves_on_device(flats, [RandomKeys([1])] * 3, ratio=0.2, reducer=None)
+    monkeypatch.setattr(dispatch, "DEVICE_MODE", "never")
+    assert not dispatch.serves_on_device(flats, sources, ratio=0.2, reducer=None)
+    monkeypatch.setattr(dispatch, "DEVICE_MODE", "cuda")
+    with pytest.raises(ValueError, match=r"dispatch.DEVICE_MODE must be one of \('auto', 'always', 'never'\)"):
+        dispatch.serves_on_device(flats, sources, ratio=0.2, reducer=None)
 
 
 def test_nonzero_ratio_keeps_the_host_path():
@@ -265,7 +272,7 @@ class SyncCounter(TorchDispatchMode):
 
 
 def count_syncs(params, mode: str, scope: str, monkeypatch) -> list[str]:
-    monkeypatch.setattr(device_rank, "MODE", mode)
+    monkeypatch.setattr(dispatch, "DEVICE_MODE", mode)
     masker = GradientMasker(params, GMTConfig(mask_ratio=0.3, scope=scope, chunk_numel=1024))
     masker.apply()  # warm-up (caches, plugin manager)
     gen = torch.Generator().manual_seed(7)
@@ -318,7 +325,7 @@ def test_key_value_is_key_to_value(dtypes):
     gen = torch.Generator().manual_seed(0)
     keys = [0, 1, source.cap - 1, source.cap] + torch.randint(0, source.cap, (200,), generator=gen).tolist()
     for key in keys:
-        assert device_rank.key_value(source, key) == source.key_to_value(0, key), key
+        assert cuda.key_value(source, key) == source.key_to_value(0, key), key
 
 
 class OpCounter(TorchDispatchMode):
@@ -336,7 +343,7 @@ class OpCounter(TorchDispatchMode):
 def test_operations_per_tensor_stay_few(scope, monkeypatch):
     """Every torch operation is a kernel launch on a GPU: the device path dispatches about 17 per
     small bf16 tensor (one chunk, one digit pass). A regression guard on the count, not a timing."""
-    monkeypatch.setattr(device_rank, "GROUP_ROWS", 64)  # the default: one group here
+    monkeypatch.setattr(cuda, "GROUP_ROWS", 64)  # the default: one group here
 
     def ops_for(n_tensors: int) -> int:
         params = []

@@ -20,8 +20,8 @@ import torch
 
 import gmt_plugins.distributed as distributed
 from gmt_plugins import GradientMasker
-from gmt_plugins.keys import RandomKeys, ShiftedKeys
-from gmt_plugins.selection import rank
+from gmt_plugins.engine.keys import RandomKeys, ShiftedKeys
+from gmt_plugins.engine.dispatch import rank
 from reference import reference_apply, reference_masks
 
 DIST = Path(__file__).parent / "dist"

@@ -138,8 +138,8 @@ def spread_gradients() -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("shift,base", [(16, None), (0, 0x3E800000)])
 def test_histogram_across_device_groups_equals_one_device(shift, base):
-    from gmt_plugins.keys import MagnitudeKeys
-    from gmt_plugins.selection import _histogram, histogram_across_devices
+    from gmt_plugins.engine.keys import MagnitudeKeys
+    from gmt_plugins.engine.reference import _histogram, histogram_across_devices
 
     grads = list(spread_gradients().values())
     source = MagnitudeKeys([g.dtype for g in grads])

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gmt_plugins import GMTConfig, GradientMasker
-from gmt_plugins.keys import RandomKeys, stable_salt
+from gmt_plugins.engine.keys import RandomKeys, stable_salt
 from reference import reference_apply, reference_masks
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -242,14 +242,14 @@ class GenericOnly:
 
 @pytest.mark.parametrize("dtypes", [[torch.float32], [torch.bfloat16], [torch.float16], [torch.float64], [torch.bfloat16, torch.float32, torch.float16]], ids=str)
 def test_fast_apply_equals_generic_apply(dtypes):
-    from gmt_plugins.keys import MagnitudeKeys
-    from gmt_plugins.selection import apply_cut_counted, rank
+    from gmt_plugins.engine.keys import MagnitudeKeys
+    from gmt_plugins.engine.dispatch import apply as apply_cut_counted, rank
 
     gen = torch.Generator().manual_seed(1)
     flats = [(torch.randn(5000, generator=gen) * 3).to(dt) for dt in dtypes]
     flats[0][7] = float("nan")
     source = MagnitudeKeys(dtypes)
-    assert source.has_zero_below
+    assert source.exact_magnitude
     cut, _ = rank(source, list(enumerate(flats)), 0.37, chunk_numel=SMALL_CHUNK)
     if dtypes == [torch.float32]:
         assert cut.ties == 0  # no ties: every chunk takes the fast path (with ties, the chunks after the budget do)
@@ -261,13 +261,13 @@ def test_fast_apply_equals_generic_apply(dtypes):
 
 
 def test_subclass_overriding_keys_loses_the_fast_path():
-    from gmt_plugins.keys import MagnitudeKeys
+    from gmt_plugins.engine.keys import MagnitudeKeys
 
     class Reversed(MagnitudeKeys):
         def keys(self, index, chunk, start):
             return self.cap - 1 - super().keys(index, chunk, start)
 
-    assert not Reversed([torch.float32]).has_zero_below
+    assert not Reversed([torch.float32]).exact_magnitude
 
 
 def test_strict_record_equals_reference_mask():
@@ -282,8 +282,9 @@ def test_strict_record_equals_reference_mask():
 @pytest.mark.parametrize("key_bits_dtype", [torch.float32, torch.float64], ids=str)
 def test_refine_histogram_gather_branch_equals_clamp_branch(key_bits_dtype):
     """The CUDA branch (gather the bucket) and the CPU branch (offset + clamp) are twins."""
-    from gmt_plugins.keys import MagnitudeKeys
-    from gmt_plugins.selection import DIGIT_BITS, _histogram
+    from gmt_plugins.engine.keys import MagnitudeKeys
+    from gmt_plugins.engine.reference import _histogram
+    from gmt_plugins.engine.types import DIGIT_BITS
 
     gen = torch.Generator().manual_seed(3)
     flats = [(0, torch.randn(7000, generator=gen).to(key_bits_dtype)), (1, torch.randn(3000, generator=gen).to(key_bits_dtype))]
@@ -301,7 +302,7 @@ def test_refine_histogram_gather_branch_equals_clamp_branch(key_bits_dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_branchless_count_equals_count_nonzero(dtype):
     """The apply pass counts with bit tricks; torch.count_nonzero is its twin (±0, NaN, ±inf, subnormals)."""
-    from gmt_plugins.keys import count_nonzero_bits
+    from gmt_plugins.engine.keys import count_nonzero_bits
 
     gen = torch.Generator().manual_seed(5)
     x = torch.nn.functional.hardshrink(torch.randn(4099, generator=gen), 0.7).to(dtype)
@@ -338,13 +339,12 @@ def test_tensor_scope_ranks_each_tensor_right_before_masking_it(ties, nan, monke
     t0, rank t1, ...: the gradient is still in cache), with the masks and statistics of the reference.
     Only when the masker will put a strategy's state back after planning (a step with NaN/inf, for a
     strategy with state) does it rank every tensor first, and the masks are the same."""
-    import gmt_plugins.masker as masker_module
-    import gmt_plugins.strategies.base as base
+    from gmt_plugins.engine import dispatch
 
     events = []
-    real_rank, real_apply = base.rank, masker_module.apply_cut_counted
-    monkeypatch.setattr(base, "rank", lambda source, flats, *a, **k: events.append(("rank", flats[0][1].numel())) or real_rank(source, flats, *a, **k))
-    monkeypatch.setattr(masker_module, "apply_cut_counted", lambda s, i, flat, *a, **k: events.append(("mask", flat.numel())) or real_apply(s, i, flat, *a, **k))
+    real_rank, real_apply = dispatch.rank, dispatch.apply
+    monkeypatch.setattr(dispatch, "rank", lambda source, flats, *a, **k: events.append(("rank", flats[0][1].numel())) or real_rank(source, flats, *a, **k))
+    monkeypatch.setattr(dispatch, "apply", lambda s, i, flat, *a, **k: events.append(("mask", flat.numel())) or real_apply(s, i, flat, *a, **k))
     shapes = [(30, 7), (17,), (5, 5, 2), (1000,)]
     gen = torch.Generator().manual_seed(3)
     grads = [(torch.randint(-3, 4, s, generator=gen).float() * 0.5 if ties else torch.randn(s, generator=gen)) for s in shapes]

@@ -89,7 +89,7 @@ def test_every_strategy_runs_on_cuda_like_on_cpu(strategy, scope):
 @pytest.mark.parametrize("scope", ["tensor", "global"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_at_most_one_host_sync_per_step(scope, dtype):
-    """gmt on CUDA takes gmt_plugins.device_rank: one readback per apply(), whatever the tensor count."""
+    """gmt on CUDA takes gmt_plugins.engine.cuda: one readback per apply(), whatever the tensor count."""
     params = cuda_params(dtype, "normal")
     masker = GradientMasker(params, GMTConfig(mask_ratio=0.3, scope=scope))
     masker.apply()  # warm-up
@@ -117,13 +117,14 @@ def test_at_most_one_host_sync_per_step(scope, dtype):
 def test_device_path_on_cuda_matches_host_path(dtype, scope, kind, monkeypatch):
     """Small chunks and groups (carries across chunks and groups on the GPU): the same gradients and
     the same statistics as the host path of gmt_plugins.selection on the same CUDA tensors."""
-    from gmt_plugins import device_rank
+    from gmt_plugins.engine import cuda
+    from gmt_plugins.engine import dispatch
 
-    monkeypatch.setattr(device_rank, "CHUNK_NUMEL", 1000)
-    monkeypatch.setattr(device_rank, "GROUP_ROWS", 2)
+    monkeypatch.setattr(cuda, "CHUNK_NUMEL", 1000)
+    monkeypatch.setattr(cuda, "GROUP_ROWS", 2)
     results = {}
     for mode in ("auto", "never"):
-        monkeypatch.setattr(device_rank, "MODE", mode)
+        monkeypatch.setattr(dispatch, "DEVICE_MODE", mode)
         params = cuda_params(dtype, kind)
         before = [p.grad.cpu() for _, p in params]
         stats = GradientMasker(params, GMTConfig(mask_ratio=0.3, scope=scope, chunk_numel=1024)).apply()

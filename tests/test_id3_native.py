@@ -1,4 +1,4 @@
-"""id3's C growth step (gmt_plugins/native_id3.py) against its torch twin (ScoreKeys chunks,
+"""id3's C growth step (gmt_plugins/cpu_id3.py) against its torch twin (ScoreKeys chunks,
 cut_for_count, mark): the same updatable sets, zeroed gradients and statistics at every step, over
 growth and after it, with ties, non-finite gradients, several exponents and eps, warm windows that
 hold the answer or miss it, and across a save/resume."""
@@ -8,7 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gmt_plugins import GradientMasker, native, native_id3
+from gmt_plugins import GradientMasker
+from gmt_plugins.engine.cpu import loader
+from gmt_plugins.engine.cpu import histogram as cpu_histogram
+from gmt_plugins.engine.cpu import moves as cpu_moves
+from gmt_plugins.engine import dispatch
+from gmt_plugins.engine.cpu import id3 as cpu_id3
 from fresh_process import outputs_with_and_without_avx2
 
 SHAPES = {"embed": (300, 64), "norm": (64,), "proj": (96, 64), "odd": (37, 11)}
@@ -46,16 +51,16 @@ def make_grads(params, kind: str, step: int) -> list[torch.Tensor]:
 
 def run(monkeypatch, mode: str, params, options: dict, steps: int, kind: str, *, ratio: float = 0.3, calls: list | None = None):
     """Every step's updatable masks, zeroed gradients and statistics, with the kernel on (``"1"``) or off."""
-    monkeypatch.setenv(native.ENV, mode)
+    monkeypatch.setenv(loader.ENV, mode)
     if calls is not None:
-        original = native_id3.grow
+        original = cpu_id3.grow
 
         def counted(*args, **kwargs):
             result = original(*args, **kwargs)
             calls.append(result)
             return result
 
-        monkeypatch.setattr(native_id3, "grow", counted)
+        monkeypatch.setattr(cpu_id3, "grow", counted)
     masker = GradientMasker(params, strategy="id3", mask_ratio=ratio, strategy_options=options)
     return [observe(masker, params, make_grads(params, kind, step)) for step in range(steps)]
 
@@ -122,15 +127,15 @@ WINDOWS = {
 @pytest.mark.parametrize("window", sorted(WINDOWS))
 def test_the_window_never_changes_the_result(monkeypatch, window):
     slow = run(monkeypatch, "0", make_params(SHAPES, "ties"), {"steps_to_budget": 6}, 7, "ties")
-    monkeypatch.setattr(native_id3, "window", WINDOWS[window])
+    monkeypatch.setattr(cpu_id3, "window", WINDOWS[window])
     fast = run(monkeypatch, "1", make_params(SHAPES, "ties"), {"steps_to_budget": 6}, 7, "ties")
     assert_same(fast, slow)
 
 
 @pytest.mark.parametrize("limit", ["MAX_LIST", "MAX_CANDIDATES"])
 def test_full_buffers_fall_back_to_the_passes(monkeypatch, limit):
-    monkeypatch.setattr(native_id3, limit, 3)
-    monkeypatch.setattr(native_id3, "_scratch", type(native_id3._scratch)())  # buffers sized afresh
+    monkeypatch.setattr(cpu_id3, limit, 3)
+    monkeypatch.setattr(cpu_id3, "_scratch", type(cpu_id3._scratch)())  # buffers sized afresh
     calls: list = []
     fast = run(monkeypatch, "1", make_params(SHAPES, "random"), {"steps_to_budget": 6}, 7, "random", calls=calls)
     slow = run(monkeypatch, "0", make_params(SHAPES, "random"), {"steps_to_budget": 6}, 7, "random")
@@ -145,14 +150,14 @@ def test_running_counts_and_masks_follow_a_loaded_state(monkeypatch):
     slow = run(monkeypatch, "0", make_params(SHAPES, "random"), opts, 7, "random")
     for first, second in (("1", "1"), ("0", "1"), ("1", "0")):
         params = make_params(SHAPES, "random")
-        monkeypatch.setenv(native.ENV, first)
+        monkeypatch.setenv(loader.ENV, first)
         masker = GradientMasker(params, strategy="id3", mask_ratio=0.3, strategy_options=opts)
         before = [observe(masker, params, make_grads(params, "random", s)) for s in range(3)]
         state = masker.state_dict()
         assert set(state["strategy_state"]) == {"updatable", "growth_steps"}
         assert all(v.dtype == torch.bool for v in state["strategy_state"]["updatable"].values())
         state = {**state, "strategy_state": {**state["strategy_state"], "updatable": {n: t.clone() for n, t in state["strategy_state"]["updatable"].items()}}}
-        monkeypatch.setenv(native.ENV, second)
+        monkeypatch.setenv(loader.ENV, second)
         resumed = GradientMasker(params, strategy="id3", mask_ratio=0.3, strategy_options=opts)
         resumed.load_state_dict(state)
         after = [observe(resumed, params, make_grads(params, "random", s)) for s in range(3, 7)]
@@ -187,8 +192,8 @@ def test_exponents_the_kernel_cannot_reproduce_take_the_torch_path(monkeypatch, 
 def test_bfloat16_parameters_take_the_torch_path(monkeypatch):
     params = [(n, torch.nn.Parameter(p.detach().to(torch.bfloat16))) for n, p in make_params(SHAPES, "random")]
     calls: list = []
-    monkeypatch.setenv(native.ENV, "1")
-    monkeypatch.setattr(native_id3, "grow", lambda *a, **k: calls.append(1))
+    monkeypatch.setenv(loader.ENV, "1")
+    monkeypatch.setattr(cpu_id3, "grow", lambda *a, **k: calls.append(1))
     masker = GradientMasker(params, strategy="id3", mask_ratio=0.3, strategy_options={"steps_to_budget": 2})
     for (_, p), g in zip(params, make_grads(params, "random", 0)):
         p.grad = g.to(torch.bfloat16)
@@ -197,24 +202,24 @@ def test_bfloat16_parameters_take_the_torch_path(monkeypatch):
 
 
 def test_grow_refuses_what_it_cannot_compute():
-    lib = native.library()
+    lib = dispatch.kernel()
     if lib is None:
         pytest.skip("the C kernel does not build here")
     g, t = torch.zeros(8), torch.zeros(8)
     u, m = torch.zeros(8, dtype=torch.bool), torch.ones(8, dtype=torch.bool)
     with pytest.raises(ValueError, match="exponent"):
-        native_id3.grow(lib, [g], [t], [u], [m], eps=1e-3, exponent=1.5, k=1)
+        cpu_id3.grow(lib, [g], [t], [u], [m], eps=1e-3, exponent=1.5, k=1)
     with pytest.raises(ValueError, match="k must be positive"):
-        native_id3.grow(lib, [g], [t], [u], [m], eps=1e-3, exponent=1.0, k=0)
+        cpu_id3.grow(lib, [g], [t], [u], [m], eps=1e-3, exponent=1.0, k=0)
     with pytest.raises(ValueError, match="float32"):
-        native_id3.grow(lib, [g.double()], [t], [u], [m], eps=1e-3, exponent=1.0, k=1)
+        cpu_id3.grow(lib, [g.double()], [t], [u], [m], eps=1e-3, exponent=1.0, k=1)
     with pytest.raises(ValueError, match="one size"):
-        native_id3.grow(lib, [g], [t], [u[:4]], [m], eps=1e-3, exponent=1.0, k=1)
+        cpu_id3.grow(lib, [g], [t], [u[:4]], [m], eps=1e-3, exponent=1.0, k=1)
 
 
 def test_grow_marks_the_best_scores_with_ties_in_order():
     """A hand-checked case: scores |g| / (eps + |theta|) over two tensors, one entry already updatable."""
-    lib = native.library()
+    lib = dispatch.kernel()
     if lib is None:
         pytest.skip("the C kernel does not build here")
     g = [torch.tensor([1.0, 4.0, 2.0, float("nan")]), torch.tensor([4.0, 2.0, 2.0])]
@@ -222,7 +227,7 @@ def test_grow_marks_the_best_scores_with_ties_in_order():
     u = [torch.tensor([False, True, False, False]), torch.zeros(3, dtype=torch.bool)]
     m = [~x for x in u]
     # eps = 1: scores [1, (excluded), 2, (non-finite)] and [2, 2, 2]; the best three: the first three 2s
-    result = native_id3.grow(lib, g, t, u, m, eps=1.0, exponent=1.0, k=3)
+    result = cpu_id3.grow(lib, g, t, u, m, eps=1.0, exponent=1.0, k=3)
     assert [x.tolist() for x in u] == [[False, True, True, False], [True, True, False]]
     assert all(torch.equal(a, ~b) for a, b in zip(m, u))
     assert result.marked == [1, 2] and result.nonfinite == [1, 0] and result.rankable == 5
@@ -233,7 +238,7 @@ def test_grow_marks_the_best_scores_with_ties_in_order():
 def test_warm_read_and_passes_agree_around_empty_tensors():
     """The kernel alone, an empty tensor between two others: the warm read (given the boundary the
     passes found) and the passes mark the same entries, whatever the window."""
-    lib = native.library()
+    lib = dispatch.kernel()
     if lib is None:
         pytest.skip("the C kernel does not build here")
     gen = torch.Generator().manual_seed(3)
@@ -244,7 +249,7 @@ def test_warm_read_and_passes_agree_around_empty_tensors():
     def grown(boundaries):
         u = [torch.zeros(n, dtype=torch.bool) for n in sizes]
         m = [~x for x in u]
-        result = native_id3.grow(lib, g, t, u, m, eps=1e-3, exponent=1.0, k=600, boundaries=boundaries)
+        result = cpu_id3.grow(lib, g, t, u, m, eps=1e-3, exponent=1.0, k=600, boundaries=boundaries)
         return u, result
 
     cold, first = grown(())
@@ -269,8 +274,8 @@ def test_portable_warm_read_equals_the_avx2_one(tmp_path):
     script = tmp_path / "id3_scan.py"
     script.write_text(
         "import hashlib, torch\n"
-        "from gmt_plugins import native, native_id3\n"
-        "lib = native.library()\n"
+        "from gmt_plugins.engine import dispatch\nfrom gmt_plugins.engine.cpu import id3 as cpu_id3\n"
+        "lib = dispatch.kernel()\n"
         "gen = torch.Generator().manual_seed(3)\n"
         "sizes = [70_003, 31, 4_096, 100_000]\n"
         "thetas = [torch.randn(n, generator=gen) * 0.02 for n in sizes]\n"
@@ -291,10 +296,10 @@ def test_portable_warm_read_equals_the_avx2_one(tmp_path):
         "        grads[2][9] = float('-inf')\n"
         "        grads[0][11] = 3e38\n"
         "        window = bounds if step != 3 else [bounds[-1] + 40]  # step 3: a window that misses\n"
-        "        r = native_id3.grow(lib, grads, thetas, updatable, masked, eps=1e-3, exponent=exponent, k=9_000, boundaries=window)\n"
+        "        r = cpu_id3.grow(lib, grads, thetas, updatable, masked, eps=1e-3, exponent=exponent, k=9_000, boundaries=window)\n"
         "        bounds = [*bounds[-1:], r.boundary]\n"
         "        print(exponent, step, r.marked, r.nonfinite, r.threshold, r.ties, r.rankable, r.boundary, r.warm, r.below, r.candidates, digest(updatable), digest(masked), sep=';')\n"
-        "print('avx2', native.library().gmt_avx2_scan())\n"
+        "print('avx2', dispatch.kernel().gmt_avx2_scan())\n"
     )
     outputs = outputs_with_and_without_avx2(tmp_path, script.read_text())
     assert outputs[1][-1] == "avx2 0"

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from gmt_plugins import GMTConfig, GradientMasker
-from gmt_plugins.coverage import (
-    CoverageTracker, layer_of, pack_bits, pack_bits_reference, popcount, popcount_reference, unpack_bits,
-)
-from gmt_plugins.selection import Cut, apply_cut_counted
+from gmt_plugins.coverage import CoverageTracker, layer_of
+from gmt_plugins.engine.bits import pack_bits, pack_bits_reference, popcount, popcount_reference, unpack_bits
+from gmt_plugins.engine.dispatch import apply as apply_cut_counted
+from gmt_plugins.engine.types import Cut
 from fresh_process import outputs_with_and_without_avx2
 from reference import reference_apply, reference_masks
 
@@ -202,7 +202,7 @@ def test_without_track_coverage_only_the_counts_are_logged():
 def test_masked_nonzero_of_every_apply_path(engine, dtype, ties):
     """Kernel, the zero_below fast path and the generic chunks count the same masked_nonzero, which
     is the count of masked entries (+0 and -0 are zero) that were nonzero, NaN/inf never masked."""
-    from gmt_plugins.keys import MagnitudeKeys
+    from gmt_plugins.engine.keys import MagnitudeKeys
 
     g = torch.Generator().manual_seed(1)
     flat = (torch.randint(-4, 5, (5000,), generator=g).float() * 0.25).to(dtype)
@@ -263,15 +263,16 @@ def test_tracker_kernel_equals_its_torch_twin_step_by_step(n, monkeypatch):
     """gmt_coverage_observe against the torch operations on packed bytes and against plain bool
     algebra: counts and both bit sets, over steps with random masks, a frozen step (every entry
     masked) and a checkpoint round trip."""
-    from gmt_plugins import native
+    from gmt_plugins.engine import dispatch, reference
+    from gmt_plugins.engine.cpu import rank as cpu_rank
 
-    assert native.library() is not None
+    assert dispatch.kernel() is not None
     gen = torch.Generator().manual_seed(n)
     masks = [torch.rand(n, generator=gen) < p for p in (0.3, 0.9, 0.5)] + [None, torch.rand(n, generator=gen) < 0.2]
     fast, slow = CoverageTracker(), CoverageTracker()
     calls = []
-    real = fast._observe_native
-    monkeypatch.setattr(fast, "_observe_native", lambda *a: calls.append(1) or real(*a))
+    real = cpu_rank.coverage_observe
+    monkeypatch.setattr(cpu_rank, "coverage_observe", lambda *a: calls.append(1) or real(*a))
     ever = torch.zeros(n, dtype=torch.bool)
     previous = None
     for step, mask in enumerate(masks):
@@ -280,7 +281,9 @@ def test_tracker_kernel_equals_its_torch_twin_step_by_step(n, monkeypatch):
             loaded.load_state_dict({k: dict(v) for k, v in fast.state_dict().items()})
             fast = loaded
         got = fast.observe("w", n, mask, torch.device("cpu"))
-        want = slow._observe_torch("w", n, mask, torch.device("cpu"))
+        updated, previous_bits, *want = reference.observe_coverage(mask, n, slow.updated.get("w"), slow.previous.get("w"), torch.device("cpu"))
+        slow.updated["w"], slow.previous["w"] = updated, previous_bits
+        want = tuple(want)
         full = torch.ones(n, dtype=torch.bool) if mask is None else mask
         ever |= ~full
         expected = (int(ever.sum()), None if previous is None else int((previous != full).sum()))
@@ -288,7 +291,7 @@ def test_tracker_kernel_equals_its_torch_twin_step_by_step(n, monkeypatch):
         assert got == want == expected, step
         assert torch.equal(fast.updated["w"], slow.updated["w"]) and torch.equal(fast.previous["w"], slow.previous["w"])
         assert torch.equal(unpack_bits(fast.updated["w"], n), ever)
-    assert len(calls) == 3  # steps 0-2 went through the kernel (the tracker after the load is another object)
+    assert len(calls) == len(masks)  # every step went through the kernel
 
 
 def test_tracker_kernel_avx2_and_portable_words_agree(tmp_path):
@@ -303,9 +306,9 @@ def test_tracker_kernel_avx2_and_portable_words_agree(tmp_path):
     script = tmp_path / "cover.py"
     script.write_text(
         "import hashlib, torch\n"
-        "from gmt_plugins import native\n"
+        "from gmt_plugins.engine import dispatch\n"
         "from gmt_plugins.coverage import CoverageTracker\n"
-        "assert native.library() is not None\n"
+        "assert dispatch.kernel() is not None\n"
         "for n in (1, 63, 64, 65, 1000, 4096, 100_003):\n"
         "    gen = torch.Generator().manual_seed(n)\n"
         "    tracker = CoverageTracker()\n"
@@ -314,8 +317,8 @@ def test_tracker_kernel_avx2_and_portable_words_agree(tmp_path):
         "        got = tracker.observe('w', n, mask, torch.device('cpu'))\n"
         "        bits = hashlib.sha256(tracker.updated['w'].numpy().tobytes() + tracker.previous['w'].numpy().tobytes()).hexdigest()\n"
         "        print(n, got, bits)\n"
-        "from gmt_plugins import native_rank\n"
-        "print('avx2', native_rank.avx2_scan(native.library()))\n"
+        "from gmt_plugins.engine.cpu import rank as cpu_rank\n"
+        "print('avx2', cpu_rank.avx2_scan(dispatch.kernel()))\n"
     )
     outputs = outputs_with_and_without_avx2(tmp_path, script.read_text())
     assert outputs[1][-1] == "avx2 False"
@@ -521,10 +524,14 @@ def test_fused_apply_and_coverage_equal_the_record_path(scope, dtype, monkeypatc
     gradients, counts, coverage, churn and bit sets as the record path (apply with a record, then
     observe), step by step, with ties, -0.0 and NaN/inf, tensors around the block size, a frozen
     step's coverage and a checkpoint round trip in between."""
-    from gmt_plugins import native
+    from gmt_plugins.engine.cpu import loader
+    from gmt_plugins.engine.cpu import histogram as cpu_histogram
+    from gmt_plugins.engine.cpu import moves as cpu_moves
+    from gmt_plugins.engine import dispatch
 
-    if native.library() is None:
+    if dispatch.kernel() is None:
         pytest.skip("the compiled kernel is unavailable")
+    real_tracked = dispatch.apply_tracked
     shapes = [(300, 70), (17,), (8192,), (8193,), (3, 5000), (0,)]
     params = [(f"t{i}.weight", torch.nn.Parameter(torch.zeros(s, dtype=dtype))) for i, s in enumerate(shapes)]
     runs = []
@@ -532,10 +539,9 @@ def test_fused_apply_and_coverage_equal_the_record_path(scope, dtype, monkeypatc
         masker = GradientMasker(params, mask_ratio=0.3, scope=scope, track_coverage=True)
         calls = []
         if fused:
-            real = masker._mask_tracked
-            monkeypatch.setattr(masker, "_mask_tracked", lambda *a: calls.append(real(*a)) or calls[-1])
+            monkeypatch.setattr(dispatch, "apply_tracked", lambda *a, **k: calls.append(real_tracked(*a, **k)) or calls[-1])
         else:
-            monkeypatch.setattr(masker, "_mask_tracked", lambda *a: None)
+            monkeypatch.setattr(dispatch, "apply_tracked", lambda *a, **k: None)
         gen = torch.Generator().manual_seed(7)
         seen = []
         for step in range(4):
@@ -543,11 +549,6 @@ def test_fused_apply_and_coverage_equal_the_record_path(scope, dtype, monkeypatc
                 state = masker.state_dict()
                 masker = GradientMasker(params, mask_ratio=0.3, scope=scope, track_coverage=True)
                 masker.load_state_dict(state)
-                if fused:
-                    real = masker._mask_tracked
-                    monkeypatch.setattr(masker, "_mask_tracked", lambda *a: calls.append(real(*a)) or calls[-1])
-                else:
-                    monkeypatch.setattr(masker, "_mask_tracked", lambda *a: None)
             for i, (_, p) in enumerate(params):
                 g = torch.randint(-3, 4, p.shape, generator=gen).float() * 0.5  # many ties
                 if g.numel() > 10:

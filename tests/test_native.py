@@ -12,9 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from gmt_plugins import GMTConfig, GradientMasker, native
-from gmt_plugins.keys import MagnitudeKeys, RandomKeys
-from gmt_plugins.selection import NUM_BINS, _histogram, rank
+from gmt_plugins import GMTConfig, GradientMasker
+from gmt_plugins.engine.cpu import loader
+from gmt_plugins.engine.cpu import histogram as cpu_histogram
+from gmt_plugins.engine.cpu import moves as cpu_moves
+from gmt_plugins.engine import dispatch
+from gmt_plugins.engine.keys import MagnitudeKeys, RandomKeys
+from gmt_plugins.engine.dispatch import rank
+from gmt_plugins.engine.reference import _histogram
+from gmt_plugins.engine.types import NUM_BINS
 from reference import reference_apply, reference_masks
 
 SUPPORTED = [(torch.float32, 32), (torch.bfloat16, 32), (torch.bfloat16, 16), (torch.float16, 16)]
@@ -31,8 +37,8 @@ def awkward(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
 
 
 def kernel_histogram(flat: torch.Tensor, key_bits: int, base: int, shift: int) -> torch.Tensor:
-    hist = torch.zeros(native.HIST_BINS, dtype=torch.int64)
-    native.add_histogram(native.library(), flat, key_bits, base, shift, hist)
+    hist = torch.zeros(cpu_histogram.HIST_BINS, dtype=torch.int64)
+    cpu_histogram.add_histogram(dispatch.kernel(), flat, key_bits, base, shift, hist)
     return hist
 
 
@@ -41,7 +47,7 @@ def torch_histogram(flat: torch.Tensor, key_bits: int, base: int, shift: int) ->
     keys = MagnitudeKeys([flat.dtype] if key_bits == 16 else [torch.float32]).keys(0, flat, 0).long()
     digits = (keys - base) >> shift
     inside = (keys >= base) & (digits < NUM_BINS)
-    hist = torch.zeros(native.HIST_BINS, dtype=torch.int64)
+    hist = torch.zeros(cpu_histogram.HIST_BINS, dtype=torch.int64)
     hist[1 : NUM_BINS + 1] = torch.bincount(digits[inside], minlength=NUM_BINS)
     hist[0] = int((keys < base).sum())
     hist[NUM_BINS + 1] = int((~inside & (keys >= base)).sum())
@@ -50,7 +56,7 @@ def torch_histogram(flat: torch.Tensor, key_bits: int, base: int, shift: int) ->
 
 @pytest.fixture(autouse=True)
 def require_kernel(monkeypatch):
-    monkeypatch.setenv(native.ENV, "1")
+    monkeypatch.setenv(loader.ENV, "1")
 
 
 @pytest.mark.parametrize("dtype,key_bits", SUPPORTED, ids=str)
@@ -72,12 +78,14 @@ def test_engine_passes_equal_with_and_without_kernel(dtypes):
     top_shift = source.key_bits - 16
     found = {}
     for use_native in (True, False):
+        kernel = dispatch.histogram_kernel(source, flats) if use_native else None
+        assert (kernel is not None) == use_native
         nonfinite: list[int] = []
-        top = _histogram(source, flats, shift=top_shift, base=None, chunk_numel=1000, nonfinite=nonfinite, use_native=use_native)
+        top = _histogram(source, flats, shift=top_shift, base=None, chunk_numel=1000, nonfinite=nonfinite, kernel=kernel)
         found[use_native] = [top, nonfinite]
         if top_shift:
             bucket = int(top[: source.cap >> top_shift].argmax())
-            found[use_native].append(_histogram(source, flats, shift=0, base=bucket << 16, chunk_numel=1000, use_native=use_native))
+            found[use_native].append(_histogram(source, flats, shift=0, base=bucket << 16, chunk_numel=1000, kernel=kernel))
     assert found[True][1] == found[False][1] == [3] * len(dtypes)  # inf, -inf and NaN in each
     assert all(torch.equal(a, b) for a, b in zip(found[True][::2], found[False][::2]))
     assert len(found[True]) == 2 or torch.equal(found[True][2], found[False][2])
@@ -100,28 +108,28 @@ def test_masks_with_kernel_match_reference(scope, dtype):
 
 def test_kernel_is_not_used_for_other_keys_or_devices():
     flat = torch.randn(100)
-    assert not native.supports(flat[::2], 32)  # not contiguous
-    assert not native.supports(flat.double(), 64)
-    assert not native.supports(flat.half(), 32)
-    with pytest.raises(ValueError, match="only computes magnitude keys"):
-        _histogram(RandomKeys([1]), [(0, flat)], shift=16, base=None, chunk_numel=64, use_native=True)
+    assert not cpu_histogram.supports(flat[::2], 32)  # not contiguous
+    assert not cpu_histogram.supports(flat.double(), 64)
+    assert not cpu_histogram.supports(flat.half(), 32)
+    assert dispatch.histogram_kernel(RandomKeys([1]), [(0, flat)]) is None  # only magnitude keys
+    assert dispatch.histogram_kernel(MagnitudeKeys([torch.float64]), [(0, flat.double())]) is None
     with pytest.raises(ValueError, match="kernel cannot histogram"):
-        native.add_histogram(native.library(), flat, 32, 0, 17, torch.zeros(native.HIST_BINS, dtype=torch.int64))
+        cpu_histogram.add_histogram(dispatch.kernel(), flat, 32, 0, 17, torch.zeros(cpu_histogram.HIST_BINS, dtype=torch.int64))
     with pytest.raises(ValueError, match="hist must be"):
-        native.add_histogram(native.library(), flat, 32, 0, 16, torch.zeros(NUM_BINS, dtype=torch.int64))
+        cpu_histogram.add_histogram(dispatch.kernel(), flat, 32, 0, 16, torch.zeros(NUM_BINS, dtype=torch.int64))
 
 
 def test_invalid_mode_names_the_variable_and_the_values(monkeypatch):
-    monkeypatch.setenv(native.ENV, "yes")
+    monkeypatch.setenv(loader.ENV, "yes")
     with pytest.raises(ValueError, match=r"GMT_PLUGINS_NATIVE='yes' is not valid; allowed values: auto, 0, 1"):
         rank(MagnitudeKeys([torch.float32]), [(0, torch.randn(10))], 0.5)
 
 
 def test_missing_compiler_required_raises_auto_warns_once_and_falls_back(monkeypatch):
     monkeypatch.setenv("CC", "/nonexistent/gmt-cc")
-    with pytest.raises(native.NativeUnavailable, match="no C compiler found"):
-        native.library()
-    monkeypatch.setenv(native.ENV, "auto")
+    with pytest.raises(loader.NativeUnavailable, match="no C compiler found"):
+        dispatch.kernel()
+    monkeypatch.setenv(loader.ENV, "auto")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a group the kernel cannot serve (fp64) never asks for it
         _histogram(MagnitudeKeys([torch.float64]), [(0, torch.randn(100, dtype=torch.float64))], shift=48, base=None, chunk_numel=64)
@@ -136,8 +144,8 @@ def test_missing_compiler_required_raises_auto_warns_once_and_falls_back(monkeyp
             assert torch.equal(p.grad, want)
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "pure-torch" in messages[0] and "GMT_PLUGINS_NATIVE=0" in messages[0]
-    monkeypatch.setenv(native.ENV, "0")
-    assert native.library() is None
+    monkeypatch.setenv(loader.ENV, "0")
+    assert dispatch.kernel() is None
 
 
 def test_a_compiler_run_past_the_time_limit_is_unavailable_not_a_crash(monkeypatch, tmp_path):
@@ -146,21 +154,21 @@ def test_a_compiler_run_past_the_time_limit_is_unavailable_not_a_crash(monkeypat
     def too_slow(command, **kwargs):
         raise subprocess.TimeoutExpired(command, kwargs["timeout"])
 
-    monkeypatch.setattr(native.subprocess, "run", too_slow)
-    with pytest.raises(native.NativeUnavailable, match=f"took longer than {native.BUILD_TIMEOUT_S} s"):
-        native._build("cc")
+    monkeypatch.setattr(loader.subprocess, "run", too_slow)
+    with pytest.raises(loader.NativeUnavailable, match=f"took longer than {loader.BUILD_TIMEOUT_S} s"):
+        loader._build("cc")
     assert list((tmp_path / "native").iterdir()) == []  # the temporary file is gone
 
 
 def test_builds_once_into_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("GMT_PLUGINS_CACHE", str(tmp_path))
-    native._build("cc")
+    loader._build("cc")
     built = list((tmp_path / "native").glob("histogram-*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
     calls = []
-    monkeypatch.setattr(native.subprocess, "run", lambda *a, **k: calls.append(a))
-    lib = native._build("cc")
+    monkeypatch.setattr(loader.subprocess, "run", lambda *a, **k: calls.append(a))
+    lib = loader._build("cc")
     assert calls == [] and built[0].stat().st_mtime_ns == stamp and hasattr(lib, "gmt_hist_f32")
     assert list((tmp_path / "native").iterdir()) == built  # no temporary file left behind
 
@@ -170,11 +178,11 @@ def test_masked_moves_equal_boolean_indexing(dtype):
     flat = awkward(9999, dtype, seed=3)
     gen = torch.Generator().manual_seed(9)
     mask = torch.rand(9999, generator=gen) < 0.3
-    lib = native.library()
-    saved = native.gather_masked(lib, flat, mask, int(mask.sum()))
+    lib = dispatch.kernel()
+    saved = cpu_moves.gather_masked(lib, flat, mask, int(mask.sum()))
     assert torch.equal(saved[:-1].view(torch.uint8), flat[mask].view(torch.uint8))  # bits, so NaN and -0.0 count
     moved = torch.zeros_like(flat)
-    native.scatter_masked(lib, moved, mask, saved)
+    cpu_moves.scatter_masked(lib, moved, mask, saved)
     expected = torch.zeros_like(flat)
     expected[mask] = flat[mask]
     assert torch.equal(moved.view(torch.uint8), expected.view(torch.uint8))
@@ -183,16 +191,16 @@ def test_masked_moves_equal_boolean_indexing(dtype):
 def test_masked_moves_refuse_a_wrong_count_without_overrunning():
     flat, mask = torch.arange(100, dtype=torch.float32), torch.zeros(100, dtype=torch.bool)
     mask[::3] = True
-    lib = native.library()
+    lib = dispatch.kernel()
     with pytest.raises(RuntimeError, match="mask holds 34 entries, expected 10"):
-        native.gather_masked(lib, flat, mask, 10)
-    saved = native.gather_masked(lib, flat, mask, 34)
+        cpu_moves.gather_masked(lib, flat, mask, 10)
+    saved = cpu_moves.gather_masked(lib, flat, mask, 34)
     mask[1] = True
     with pytest.raises(RuntimeError, match="mask holds 35 entries, 34 were saved"):
-        native.scatter_masked(lib, flat.clone(), mask, saved)
+        cpu_moves.scatter_masked(lib, flat.clone(), mask, saved)
     with pytest.raises(ValueError, match="mask must be"):
-        native.gather_masked(lib, flat, mask[:50], 1)
-    assert not native.supports_moves(flat[::2])
+        cpu_moves.gather_masked(lib, flat, mask[:50], 1)
+    assert not cpu_moves.supports_moves(flat[::2])
 
 
 # --- the cache folder: loaded code must be this user's alone (issue 13 item 9) -------------------------
@@ -204,18 +212,18 @@ def built_once(tmp_path_factory):
     root = tmp_path_factory.mktemp("built")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GMT_PLUGINS_CACHE", str(root))
-        mp.setenv(native.ENV, "auto")
-        mp.setattr(native, "_libraries", {})
-        mp.setattr(native, "_warned", set())
-        native.library()
+        mp.setenv(loader.ENV, "auto")
+        mp.setattr(loader, "_libraries", {})
+        mp.setattr(loader, "_warned", set())
+        dispatch.kernel()
     return root / "native"
 
 
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch, built_once):
     monkeypatch.setenv("GMT_PLUGINS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(native, "_libraries", {})
-    monkeypatch.setattr(native, "_warned", set())
+    monkeypatch.setattr(loader, "_libraries", {})
+    monkeypatch.setattr(loader, "_warned", set())
     return tmp_path / "cache" / "native"
 
 
@@ -235,27 +243,27 @@ def test_cache_folder_is_created_private(built_once):
 def test_a_cache_folder_others_can_write_is_refused(fresh_cache, monkeypatch):
     fresh_cache.mkdir(parents=True)
     fresh_cache.chmod(0o777)
-    monkeypatch.setenv(native.ENV, "1")
-    with pytest.raises(native.NativeUnavailable, match="writable by other users"):
-        native.library()
-    monkeypatch.setattr(native, "_libraries", {})
-    monkeypatch.setenv(native.ENV, "auto")
+    monkeypatch.setenv(loader.ENV, "1")
+    with pytest.raises(loader.NativeUnavailable, match="writable by other users"):
+        dispatch.kernel()
+    monkeypatch.setattr(loader, "_libraries", {})
+    monkeypatch.setenv(loader.ENV, "auto")
     with pytest.warns(RuntimeWarning, match="writable by other users"):
-        assert native.library() is None  # auto: one warning, then the torch passes
+        assert dispatch.kernel() is None  # auto: one warning, then the torch passes
 
 
 @pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0 or shutil.which("cc") is None, reason="needs root to give the folder away")
 def test_a_library_another_user_owns_is_refused(fresh_cache, built_once, monkeypatch):
     os.chown(copy_build(built_once, fresh_cache), 65534, 65534)
-    monkeypatch.setenv(native.ENV, "1")
-    with pytest.raises(native.NativeUnavailable, match="belongs to uid 65534"):
-        native.library()
+    monkeypatch.setenv(loader.ENV, "1")
+    with pytest.raises(loader.NativeUnavailable, match="belongs to uid 65534"):
+        dispatch.kernel()
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
 def test_a_library_missing_a_symbol_is_a_load_failure(fresh_cache, built_once, monkeypatch):
     copy_build(built_once, fresh_cache)
-    monkeypatch.setattr(native, "REQUIRED_SYMBOLS", (*native.REQUIRED_SYMBOLS, "gmt_no_such_kernel"))
-    monkeypatch.setenv(native.ENV, "1")
-    with pytest.raises(native.NativeUnavailable, match="lacks gmt_no_such_kernel"):
-        native.library()
+    monkeypatch.setattr(loader, "REQUIRED_SYMBOLS", (*loader.REQUIRED_SYMBOLS, "gmt_no_such_kernel"))
+    monkeypatch.setenv(loader.ENV, "1")
+    with pytest.raises(loader.NativeUnavailable, match="lacks gmt_no_such_kernel"):
+        dispatch.kernel()

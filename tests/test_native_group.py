@@ -8,10 +8,16 @@ import dataclasses
 import pytest
 import torch
 
-from gmt_plugins import GMTConfig, GradientMasker, native, native_rank
-from gmt_plugins.keys import MagnitudeKeys, RandomKeys, stable_salt
-from gmt_plugins.selection import Cut, apply_cut_counted, rank
-from gmt_plugins.strategies._masks import ScoreKeys
+from gmt_plugins import GMTConfig, GradientMasker
+from gmt_plugins.engine.cpu import loader
+from gmt_plugins.engine.cpu import histogram as cpu_histogram
+from gmt_plugins.engine.cpu import moves as cpu_moves
+from gmt_plugins.engine import dispatch
+from gmt_plugins.engine.cpu import rank as cpu_rank
+from gmt_plugins.engine.keys import MagnitudeKeys, RandomKeys, stable_salt
+from gmt_plugins.engine.dispatch import apply as apply_cut_counted, rank
+from gmt_plugins.engine.types import Cut
+from gmt_plugins.engine.keys import ScoreKeys
 from fresh_process import outputs_with_and_without_avx2
 from reference import reference_apply, reference_masks
 from test_native import awkward
@@ -21,9 +27,9 @@ RATIOS = [0.0, 0.001, 0.2, 0.5, 0.999, 1.0]
 
 def ranked_both_ways(monkeypatch, source, flats, **kwargs):
     """``rank`` through the group kernel and through the torch passes, its twin."""
-    monkeypatch.setenv(native.ENV, "1")
+    monkeypatch.setenv(loader.ENV, "1")
     fast = rank(source, flats, **kwargs)
-    monkeypatch.setenv(native.ENV, "0")
+    monkeypatch.setenv(loader.ENV, "0")
     slow = rank(source, flats, **{k: v for k, v in kwargs.items() if k != "warm"})
     return fast, slow
 
@@ -60,7 +66,7 @@ def test_warm_start_gives_the_same_cut_whatever_the_hint(monkeypatch, make, n):
     source = MagnitudeKeys([torch.float32])
     flats = [(0, make(n, torch.float32, seed=5))]
     _, slow = ranked_both_ways(monkeypatch, source, flats, ratio=0.3)
-    monkeypatch.setenv(native.ENV, "1")
+    monkeypatch.setenv(loader.ENV, "1")
     warm: dict[str, int] = {}
     first = rank(source, flats, 0.3, warm=warm, group="g")
     assert first == slow and "g" in warm
@@ -70,18 +76,18 @@ def test_warm_start_gives_the_same_cut_whatever_the_hint(monkeypatch, make, n):
 
 
 def test_warm_start_skips_the_second_pass_and_overflow_falls_back():
-    lib = native.library()
-    keys = [native_rank.NativeKeys(native_rank.KIND_F32)]
+    lib = dispatch.kernel()
+    keys = [cpu_rank.NativeKeys(cpu_rank.KIND_F32)]
     x = awkward(300_000, torch.float32, seed=1)
     # a hint far from the boundary: the window misses, the histogram passes run
-    cold = native_rank.rank_group(lib, [x], keys, key_bits=32, cap=0x7F80_0000, ratio=0.3, k=None, hint=0x7000)
-    warm = native_rank.rank_group(lib, [x], keys, key_bits=32, cap=0x7F80_0000, ratio=0.3, k=None, hint=cold.boundary)
+    cold = cpu_rank.rank_group(lib, [x], keys, key_bits=32, cap=0x7F80_0000, ratio=0.3, k=None, hint=0x7000)
+    warm = cpu_rank.rank_group(lib, [x], keys, key_bits=32, cap=0x7F80_0000, ratio=0.3, k=None, hint=cold.boundary)
     assert cold.second_pass and not warm.second_pass
     assert (cold.threshold, cold.ties) == (warm.threshold, warm.ties)
     y = torch.full((300_000,), 0.25)
     y[:1000] = awkward(1000, torch.float32, seed=2)  # the boundary bin holds far more than the buffer
-    cold = native_rank.rank_group(lib, [y], keys, key_bits=32, cap=0x7F80_0000, ratio=0.3, k=None)
-    again = native_rank.rank_group(lib, [y], keys, key_bits=32, cap=0x7F80_0000, ratio=0.3, k=None, hint=cold.boundary)
+    cold = cpu_rank.rank_group(lib, [y], keys, key_bits=32, cap=0x7F80_0000, ratio=0.3, k=None)
+    again = cpu_rank.rank_group(lib, [y], keys, key_bits=32, cap=0x7F80_0000, ratio=0.3, k=None, hint=cold.boundary)
     assert again.second_pass and (again.threshold, again.ties) == (cold.threshold, cold.ties)
 
 
@@ -122,15 +128,15 @@ def test_sampled_window_equals_torch_passes(monkeypatch, case, ratio):
 
 
 def test_sampled_window_skips_the_second_pass_on_smooth_gradients():
-    lib = native.library()
-    keys = [native_rank.NativeKeys(native_rank.KIND_F32)]
+    lib = dispatch.kernel()
+    keys = [cpu_rank.NativeKeys(cpu_rank.KIND_F32)]
     x = scaled_rows(400_000, seed=9)
-    result = native_rank.rank_group(lib, [x], keys, key_bits=32, cap=0x7F80_0000, ratio=0.2, k=None)
-    if native_rank.avx2_scan(lib):
+    result = cpu_rank.rank_group(lib, [x], keys, key_bits=32, cap=0x7F80_0000, ratio=0.2, k=None)
+    if cpu_rank.avx2_scan(lib):
         assert not result.second_pass
     y = torch.full((400_000,), 0.25)  # one top digit holds every key: the sample declines the window
     y[:1000] = awkward(1000, torch.float32, seed=2)
-    assert native_rank.rank_group(lib, [y], keys, key_bits=32, cap=0x7F80_0000, ratio=0.3, k=None).second_pass
+    assert cpu_rank.rank_group(lib, [y], keys, key_bits=32, cap=0x7F80_0000, ratio=0.3, k=None).second_pass
 
 
 def test_portable_scan_equals_the_avx2_scan(tmp_path):
@@ -144,18 +150,18 @@ def test_portable_scan_equals_the_avx2_scan(tmp_path):
     script = tmp_path / "scan.py"
     script.write_text(
         "import torch, sys\n"
-        "from gmt_plugins import native, native_rank\n"
+        "from gmt_plugins.engine import dispatch\nfrom gmt_plugins.engine.cpu import rank as cpu_rank\n"
         f"sys.path.insert(0, {str(root / 'tests')!r})\n"
         "from test_native_group import scaled_rows, ties_heavy\n"
-        "lib = native.library()\n"
-        "keys = [native_rank.NativeKeys(native_rank.KIND_F32)]\n"
+        "lib = dispatch.kernel()\n"
+        "keys = [cpu_rank.NativeKeys(cpu_rank.KIND_F32)]\n"
         "for x in (scaled_rows(300_000, 3), ties_heavy(100_003, torch.float32, 4)):\n"
         "    for ratio in (0.001, 0.2, 0.7):\n"
-        "        cold = native_rank.rank_group(lib, [x], keys, key_bits=32, cap=0x7F800000, ratio=ratio, k=None, hint=0x7000)\n"
+        "        cold = cpu_rank.rank_group(lib, [x], keys, key_bits=32, cap=0x7F800000, ratio=ratio, k=None, hint=0x7000)\n"
         "        for hint in (cold.boundary, cold.boundary - 1, cold.boundary + 2):\n"
-        "            r = native_rank.rank_group(lib, [x], keys, key_bits=32, cap=0x7F800000, ratio=ratio, k=None, hint=hint)\n"
+        "            r = cpu_rank.rank_group(lib, [x], keys, key_bits=32, cap=0x7F800000, ratio=ratio, k=None, hint=hint)\n"
         "            print(r.threshold, r.ties, r.rankable, r.nonfinite, r.second_pass)\n"
-        "print('avx2', native_rank.avx2_scan(lib))\n"
+        "print('avx2', cpu_rank.avx2_scan(lib))\n"
     )
     outputs = outputs_with_and_without_avx2(tmp_path, script.read_text())
     assert outputs[1][-1] == "avx2 False"
@@ -186,8 +192,8 @@ def test_score_keys_in_c_equal_torch(monkeypatch):
     grads = [awkward(4000, torch.float32, seed=4), awkward(900, torch.float32, seed=6)]
     scores = [awkward(4000, torch.float32, seed=7), awkward(900, torch.float32, seed=10)]
     source = ScoreKeys.from_tensors(scores)
-    assert source.native_source(0, grads[0]) is not None
-    assert ScoreKeys.from_tensors(scores, largest=True).native_source(0, grads[0]) is None
+    assert cpu_rank.describe(source, 0, grads[0]) is not None
+    assert cpu_rank.describe(ScoreKeys.from_tensors(scores, largest=True), 0, grads[0]) is None
     for flats in ([(0, grads[0]), (1, grads[1])], [(1, grads[1])]):
         for ratio in RATIOS:
             fast, slow = ranked_both_ways(monkeypatch, source, flats, ratio=ratio)
@@ -210,13 +216,13 @@ def test_fused_apply_equals_the_chunked_apply(monkeypatch, name, record):
     source = make_source()
     flat = awkward(6000, dtype, seed=12)
     flat[9:] = (torch.randint(-3, 4, (6000 - 9,), generator=torch.Generator().manual_seed(1)) * 0.5).to(dtype)
-    monkeypatch.setenv(native.ENV, "0")
+    monkeypatch.setenv(loader.ENV, "0")
     cut, _ = rank(source, [(0, flat)], 0.4)
     assert cut.ties > 0 or name.startswith("random")  # the repeated values straddle the cut
     for c in [cut, Cut(cut.threshold, 0), Cut(cut.threshold, 10**9), Cut(0), Cut(None)]:
         results = {}
         for mode in ("1", "0"):
-            monkeypatch.setenv(native.ENV, mode)
+            monkeypatch.setenv(loader.ENV, mode)
             y = flat.clone()
             rec = torch.ones(y.numel(), dtype=torch.bool) if record else None
             counts = apply_cut_counted(source, 0, y, c, chunk_numel=1000, record=rec)
@@ -230,7 +236,7 @@ def test_fused_apply_equals_the_chunked_apply(monkeypatch, name, record):
 @pytest.mark.parametrize("strategy", ["gmt", "random", "gmt_momentum"])
 def test_strategies_on_the_group_kernel_equal_the_torch_engine(monkeypatch, scope, strategy):
     def run(mode):
-        monkeypatch.setenv(native.ENV, mode)
+        monkeypatch.setenv(loader.ENV, mode)
         gen = torch.Generator().manual_seed(3)
         params = []
         for i, shape in enumerate([(300, 70), (17,), (5000,), (600, 600)]):
@@ -251,7 +257,7 @@ def test_strategies_on_the_group_kernel_equal_the_torch_engine(monkeypatch, scop
 
 
 def test_gmt_with_group_kernel_matches_reference_with_ties(monkeypatch):
-    monkeypatch.setenv(native.ENV, "1")
+    monkeypatch.setenv(loader.ENV, "1")
     for scope in ("tensor", "global"):
         gen = torch.Generator().manual_seed(0)
         params = []
@@ -267,33 +273,30 @@ def test_gmt_with_group_kernel_matches_reference_with_ties(monkeypatch):
 
 @pytest.mark.parametrize("beta", [0.0, 0.9, 0.37, 0.999])
 def test_momentum_ema_in_c_equals_torch_bit_for_bit(monkeypatch, beta):
-    from gmt_plugins.strategies.gmt_momentum import GMTMomentumStrategy
-    from gmt_plugins.strategies.base import GradEntry
+    from gmt_plugins.engine import reference
 
-    states = {}
-    for mode in ("1", "0"):
-        monkeypatch.setenv(native.ENV, mode)
-        strategy = GMTMomentumStrategy(GMTConfig(strategy="gmt_momentum", strategy_options={"beta": beta}))
-        param = torch.nn.Parameter(torch.zeros(50, 60))
-        for step in range(4):
-            grad = awkward(3000, torch.float32, seed=step)  # NaN, inf, subnormals, ties
-            strategy._update(GradEntry(0, "w", param, grad))
-        states[mode] = strategy.state_dict()["ema"]["w"]
-    assert torch.equal(states["1"].view(torch.int32), states["0"].view(torch.int32))
+    lib = dispatch.kernel()
+    fast, slow = torch.empty(3000), torch.empty(3000)
+    for step in range(4):
+        grad = awkward(3000, torch.float32, seed=step)  # NaN, inf, subnormals, ties
+        cpu_rank.ema_f32(lib, fast, grad, beta, first=step == 0)
+        reference.ema_update(slow, grad, beta, first=step == 0)
+        assert torch.equal(fast.view(torch.int32), slow.view(torch.int32))
 
 
 @pytest.mark.parametrize("record", [False, True])
 def test_stored_masks_in_c_equal_torch(monkeypatch, record):
-    from gmt_plugins.strategies._masks import MaskKeys, count_nonfinite
+    from gmt_plugins.engine.keys import MaskKeys
+    from gmt_plugins.strategies.base import count_nonfinite
 
     flats = [awkward(5000, torch.float32, seed=s) for s in range(3)]
     gen = torch.Generator().manual_seed(0)
     masks = [torch.rand(5000, generator=gen) < 0.4, True, torch.zeros(5000, dtype=torch.bool)]
     source = MaskKeys(masks)
-    assert source.native_source(0, flats[0]) is not None and source.native_source(1, flats[1]) is not None
+    assert cpu_rank.describe(source, 0, flats[0]) is not None and cpu_rank.describe(source, 1, flats[1]) is not None
     results = {}
     for mode in ("1", "0"):
-        monkeypatch.setenv(native.ENV, mode)
+        monkeypatch.setenv(loader.ENV, mode)
         out = []
         for i, flat in enumerate(flats):
             y = flat.clone()
@@ -319,7 +322,7 @@ def random_group(dtypes, sizes, seed=0):
 
 def torch_cut_and_masks(monkeypatch, source, flats, *, ratio=None, k=None, record=False):
     """The twin: the torch passes rank, the chunked torch apply masks (shared ties in order)."""
-    monkeypatch.setenv(native.ENV, "0")
+    monkeypatch.setenv(loader.ENV, "0")
     cut, ranked = rank(source, list(enumerate(flats)), ratio, k=k, chunk_numel=1000)
     out, ties = [], cut.ties
     for i, flat in enumerate(flats):
@@ -340,7 +343,7 @@ def preselected_masks(lib, keys, flats, result, selection, record=False):
             out.append((y, 0, rec))
             continue
         member = dataclasses.replace(keys[i], selection=selection, member=i)
-        masked, used, nonzero = native_rank.apply(lib, y, member, result.threshold, ties, rec)
+        masked, used, nonzero = cpu_rank.apply(lib, y, member, result.threshold, ties, rec)
         assert nonzero == int(((flat != 0) & (y == 0) & torch.isfinite(flat)).sum())
         ties -= used
         out.append((y, masked, rec))
@@ -360,10 +363,10 @@ def same_masks(a, b):
 def test_random_keys_hashed_once_equal_the_torch_hash(monkeypatch, dtypes, ratio, record):
     source, flats = random_group(dtypes, [70_001, 9, 129, 5000][: len(dtypes)])
     cut, ranked, want = torch_cut_and_masks(monkeypatch, source, flats, ratio=ratio, record=record)
-    monkeypatch.setenv(native.ENV, "1")
-    lib = native.library()
-    keys = [source.native_source(i, f) for i, f in enumerate(flats)]
-    result, selection = native_rank.random_rank_group(lib, flats, keys, ratio=ratio, k=None)
+    monkeypatch.setenv(loader.ENV, "1")
+    lib = dispatch.kernel()
+    keys = [cpu_rank.describe(source, i, f) for i, f in enumerate(flats)]
+    result, selection = cpu_rank.random_rank_group(lib, flats, keys, ratio=ratio, k=None)
     assert (result.threshold, result.ties if result.threshold is not None else 0) == (cut.threshold, cut.ties)
     assert result.rankable == ranked.rankable and result.nonfinite == ranked.nonfinite
     assert same_masks(preselected_masks(lib, keys, flats, result, selection, record), want)
@@ -372,7 +375,7 @@ def test_random_keys_hashed_once_equal_the_torch_hash(monkeypatch, dtypes, ratio
 def test_random_keys_hashed_once_break_hash_collisions_in_position_order(monkeypatch):
     # 31-bit keys of 300,000 entries collide about 21 times: put the k-th key on a collision
     source, flats = random_group([torch.float32, torch.float32], [200_000, 100_000], seed=4)
-    monkeypatch.setenv(native.ENV, "0")
+    monkeypatch.setenv(loader.ENV, "0")
     keys_all = torch.cat([source.keys(i, f, 0) for i, f in enumerate(flats)])
     values, counts = torch.unique(keys_all[keys_all < source.cap], return_counts=True)
     assert (counts > 1).any(), "no collision in this draw"
@@ -380,23 +383,23 @@ def test_random_keys_hashed_once_break_hash_collisions_in_position_order(monkeyp
     k = int((keys_all < collided).sum()) + 1  # takes the first of the equal keys only
     cut, _, want = torch_cut_and_masks(monkeypatch, source, flats, k=k)
     assert cut == Cut(collided, 1)
-    monkeypatch.setenv(native.ENV, "1")
-    lib = native.library()
-    keys = [source.native_source(i, f) for i, f in enumerate(flats)]
-    result, selection = native_rank.random_rank_group(lib, flats, keys, ratio=None, k=k)
+    monkeypatch.setenv(loader.ENV, "1")
+    lib = dispatch.kernel()
+    keys = [cpu_rank.describe(source, i, f) for i, f in enumerate(flats)]
+    result, selection = cpu_rank.random_rank_group(lib, flats, keys, ratio=None, k=k)
     assert (result.threshold, result.ties) == (collided, 1)
     assert same_masks(preselected_masks(lib, keys, flats, result, selection), want)
 
 
 def test_random_window_miss_falls_back_to_the_histograms(monkeypatch):
     source, flats = random_group([torch.float32], [50_000])
-    monkeypatch.setenv(native.ENV, "1")
-    lib = native.library()
-    keys = [source.native_source(0, flats[0])]
-    monkeypatch.setattr(native_rank, "_window", lambda *a, **kw: (20000, 20001))  # far above the 30% key
-    assert native_rank.random_rank_group(lib, flats, keys, ratio=0.3, k=None) is None
+    monkeypatch.setenv(loader.ENV, "1")
+    lib = dispatch.kernel()
+    keys = [cpu_rank.describe(source, 0, flats[0])]
+    monkeypatch.setattr(cpu_rank, "_window", lambda *a, **kw: (20000, 20001))  # far above the 30% key
+    assert cpu_rank.random_rank_group(lib, flats, keys, ratio=0.3, k=None) is None
     # a cut outside a selection's window is not served from it
-    result_window = native_rank.Preselection(torch.zeros(1, dtype=torch.int64), [0], torch.zeros(1, dtype=torch.int32),
+    result_window = cpu_rank.Preselection(torch.zeros(1, dtype=torch.int64), [0], torch.zeros(1, dtype=torch.int32),
                                              torch.zeros(1, dtype=torch.int64), [0, 0], 1 << 16, 2 << 16)
     assert not result_window.covers(5, 0) and result_window.covers(1 << 16, 3) and not result_window.covers(2 << 16, 1)
 
@@ -404,7 +407,7 @@ def test_random_window_miss_falls_back_to_the_histograms(monkeypatch):
 def masker_steps(monkeypatch, mode, strategy, scope, *, steps=4, grads=None, shapes=((300, 70), (17,), (5000,), (600, 600)),
                  state=None, start=0, strict=False):
     """Masks, counts and state of ``steps`` masker calls; step 2 holds a NaN and an inf."""
-    monkeypatch.setenv(native.ENV, mode)
+    monkeypatch.setenv(loader.ENV, mode)
     gen = torch.Generator().manual_seed(3)
     params = [(f"w{i}", torch.nn.Parameter(torch.zeros(shape))) for i, shape in enumerate(shapes)]
     masker = GradientMasker(params, GMTConfig(mask_ratio=0.3, scope=scope, strategy=strategy, mask_seed=11, strict=strict))
@@ -437,9 +440,9 @@ def rounded(shape, generator):
 @pytest.mark.parametrize("grads", [None, rounded], ids=["normal", "ties"])
 def test_fused_strategy_paths_equal_the_torch_engine(monkeypatch, scope, strategy, grads):
     calls = []
-    for name in ("random_rank_group", "ema_rank_group", "ema_rank_groups"):
-        real = getattr(native_rank, name)
-        monkeypatch.setattr(native_rank, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
+    for name in ("random_rank_group", "ema_rank_groups"):
+        real = getattr(cpu_rank, name)
+        monkeypatch.setattr(cpu_rank, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
     fast, _ = masker_steps(monkeypatch, "1", strategy, scope, grads=grads)
     slow, _ = masker_steps(monkeypatch, "0", strategy, scope, grads=grads)
     # gmt_momentum ranks a step's groups in one call (ema_rank_groups), random one group a call
@@ -460,42 +463,14 @@ def test_fused_strategy_paths_in_strict_mode_and_resumed(monkeypatch, scope, str
         assert ma == mb and all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(fa, fb))
 
 
-@pytest.mark.parametrize("sample_shift", [0, 3])
-@pytest.mark.parametrize("make", [awkward, ties_heavy], ids=["awkward", "ties_heavy"])
-def test_ema_rank_group_equals_ema_then_rank(monkeypatch, sample_shift, make):
-    monkeypatch.setenv(native.ENV, "1")
-    lib = native.library()
-    sizes = [300_000, 10, 5000]
-    fused = [torch.empty(n) for n in sizes]
-    twin = [torch.empty(n) for n in sizes]
-    for step in range(3):
-        grads = [make(n, torch.float32, seed=10 * step + i) for i, n in enumerate(sizes)]
-        result, selection = native_rank.ema_rank_group(
-            lib, grads, fused, [step == 0] * 3, beta=0.8, ratio=0.5, k=None, sample_shift=sample_shift
-        )
-        for e, g in zip(twin, grads):
-            native_rank.ema_f32(lib, e, g, 0.8, first=step == 0)
-        assert all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(fused, twin))
-        source = ScoreKeys.from_tensors(twin)
-        cut, ranked, want = torch_cut_and_masks(monkeypatch, source, grads, ratio=0.5, record=True)
-        monkeypatch.setenv(native.ENV, "1")
-        if make is ties_heavy:  # the k-th key is 0.25, whose half of the keys overflow the window's buffer
-            assert result is None and selection is None
-            continue
-        assert (result.threshold, result.ties if result.threshold is not None else 0) == (cut.threshold, cut.ties)
-        assert result.nonfinite == ranked.nonfinite
-        keys = [ScoreKeys.from_tensors(fused).native_source(i, g) for i, g in enumerate(grads)]
-        assert same_masks(preselected_masks(lib, keys, grads, result, selection, record=True), want)
-
-
 @pytest.mark.parametrize("scope", ["tensor", "global"])
 @pytest.mark.parametrize("strategy", ["random", "gmt_momentum"])
 def test_fused_strategy_paths_fall_back_when_the_window_overflows(monkeypatch, scope, strategy):
     # a one-key buffer: groups miss (all but a 17-entry tensor's exact bin), after the EMAs were
     # updated; the histogram passes rank them
     misses = []
-    for name in ("random_rank_group", "ema_rank_group", "ema_rank_groups"):
-        real = getattr(native_rank, name)
+    for name in ("random_rank_group", "ema_rank_groups"):
+        real = getattr(cpu_rank, name)
 
         def recorded(*a, _real=real, _name=name, **kw):
             out = _real(*a, **kw)
@@ -505,58 +480,13 @@ def test_fused_strategy_paths_fall_back_when_the_window_overflows(monkeypatch, s
                 misses.append(out is None or out[0] is None)
             return out
 
-        monkeypatch.setattr(native_rank, name, recorded)
-    monkeypatch.setattr(native_rank, "MAX_CANDIDATES", 1)
+        monkeypatch.setattr(cpu_rank, name, recorded)
+    monkeypatch.setattr(cpu_rank, "MAX_CANDIDATES", 1)
     fast, _ = masker_steps(monkeypatch, "1", strategy, scope)
     slow, _ = masker_steps(monkeypatch, "0", strategy, scope)
     assert sum(misses) >= len(misses) * 3 // 4
     for (fa, ma), (fb, mb) in zip(fast, slow):
         assert ma == mb and all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(fa, fb))
-
-
-def test_ema_rank_group_portable_scan_equals_the_avx2_scan(tmp_path):
-    """``GMT_PLUGINS_NO_AVX2_SCAN=1`` makes ema_rank_group's second read take the portable scan
-    (EMA_SCAN_BODY): in fresh processes, both give the same EMAs, cuts, bits and window keys, on
-    gradients with NaN/inf (the scan then reads the gradient too), EMAs holding NaN and inf, sizes
-    that are not multiples of 64, and windows holding many keys."""
-    from pathlib import Path
-
-    import gmt_plugins
-
-    root = Path(gmt_plugins.__file__).resolve().parents[1]
-    script = tmp_path / "ema_scan.py"
-    script.write_text(
-        "import hashlib, sys, torch\n"
-        "from gmt_plugins import native, native_rank\n"
-        f"sys.path.insert(0, {str(root / 'tests')!r})\n"
-        "from test_native_group import scaled_rows, ties_heavy\n"
-        "from test_native import awkward\n"
-        "lib = native.library()\n"
-        "def digest(t):\n"
-        "    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]\n"
-        "for make, sizes in ((scaled_rows, [300_001, 64, 63]), (awkward, [200_000, 100_037]), (ties_heavy, [70_003])):\n"
-        "    emas = [torch.empty(n) for n in sizes]\n"
-        "    for step in range(3):\n"
-        "        grads = [make(n, seed=step * 7 + i) if make is scaled_rows else make(n, torch.float32, seed=step * 7 + i) for i, n in enumerate(sizes)]\n"
-        "        if step == 2:\n"
-        "            emas[0][:3] = torch.tensor([float('nan'), float('inf'), -float('inf')])\n"
-        "        for shift in (0, 3):\n"
-        "            for group in ([0], list(range(len(sizes)))):\n"
-        "                e = [emas[i].clone() for i in group]\n"
-        "                r, sel = native_rank.ema_rank_group(lib, [grads[i] for i in group], e, [step == 0] * len(group), beta=0.7, ratio=0.3, k=None, sample_shift=shift)\n"
-        "                line = [digest(x) for x in e]\n"
-        "                if r is not None:\n"
-        "                    c = sel.cand_start[-1]\n"
-        "                    line += [r.threshold, r.ties, r.rankable, r.nonfinite, sel.lo, sel.hi, c, digest(sel.bits), digest(sel.cand_key[:c]), digest(sel.cand_pos[:c])]\n"
-        "                print(line)\n"
-        "        for i, n in enumerate(sizes):\n"
-        "            native_rank.ema_f32(lib, emas[i], grads[i], 0.7, first=step == 0)\n"
-        "print('avx2', native_rank.avx2_scan(lib))\n"
-    )
-    outputs = outputs_with_and_without_avx2(tmp_path, script.read_text())
-    assert outputs[1][-1] == "avx2 False"
-    assert len(outputs[0]) > 30 and sum(line.count(",") > 8 for line in outputs[0]) > 20  # most groups ranked
-    assert outputs[0][:-1] == outputs[1][:-1]
 
 
 def rows_f32(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -579,8 +509,8 @@ def test_ema_rank_groups_equals_the_torch_twin_group_by_group(monkeypatch, layou
     counts and masks (through the shared bits and window keys) the torch passes' on its own updated
     EMAs; a group whose window overflows (ties_heavy's 300k tensor) gives (None, None) while the
     groups after it still rank from the buffer it did not use."""
-    monkeypatch.setenv(native.ENV, "1")
-    lib = native.library()
+    monkeypatch.setenv(loader.ENV, "1")
+    lib = dispatch.kernel()
     sizes, groups = EMA_GROUPS[layout]
     fused = [torch.empty(n) for n in sizes]
     twin = [torch.empty(n) for n in sizes]
@@ -588,24 +518,24 @@ def test_ema_rank_groups_equals_the_torch_twin_group_by_group(monkeypatch, layou
     missed = 0
     for step, ratio in enumerate((0.5, 0.2, 0.001)):
         grads = [make(n, torch.float32, seed=10 * step + i) for i, n in enumerate(sizes)]
-        out = native_rank.ema_rank_groups(lib, grads, fused, [step == 0] * len(sizes), groups, beta=0.8, ratio=ratio, k=None)
+        out = cpu_rank.ema_rank_groups(lib, grads, fused, [step == 0] * len(sizes), groups, beta=0.8, ratio=ratio, k=None)
         assert len(out) == len(groups)
         for e, g in zip(twin, grads):
-            native_rank.ema_f32(lib, e, g, 0.8, first=step == 0)
+            cpu_rank.ema_f32(lib, e, g, 0.8, first=step == 0)
         assert all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(fused, twin))
         ranked_groups = 0
         for (result, selection), start, end in zip(out, [0, *ends[:-1]], ends):
             members = list(range(start, end))
             source = ScoreKeys.from_tensors([twin[i] for i in members])
             cut, ranked, want = torch_cut_and_masks(monkeypatch, source, [grads[i] for i in members], ratio=ratio, record=True)
-            monkeypatch.setenv(native.ENV, "1")
+            monkeypatch.setenv(loader.ENV, "1")
             if result is None:
                 assert make is ties_heavy and selection is None and sum(sizes[i] for i in members) >= 65_536
                 continue
             ranked_groups += 1
             assert (result.threshold, result.ties if result.threshold is not None else 0) == (cut.threshold, cut.ties)
             assert result.nonfinite == ranked.nonfinite and result.rankable == ranked.rankable
-            keys = [ScoreKeys.from_tensors([fused[i] for i in members]).native_source(j, grads[i]) for j, i in enumerate(members)]
+            keys = [cpu_rank.describe(ScoreKeys.from_tensors([fused[i] for i in members]), j, grads[i]) for j, i in enumerate(members)]
             assert same_masks(preselected_masks(lib, keys, [grads[i] for i in members], result, selection, record=True), want)
         missed += len(groups) - ranked_groups
         assert make is ties_heavy or ranked_groups == len(groups)
@@ -613,49 +543,25 @@ def test_ema_rank_groups_equals_the_torch_twin_group_by_group(monkeypatch, layou
     assert (missed > 0) == (make is ties_heavy)
 
 
-def test_ema_rank_groups_equals_ema_rank_group_call_by_call(monkeypatch):
-    """The one call gives each group what its own ema_rank_group call gives: cut, window, bits and
-    window keys (so the same sampling decides)."""
-    monkeypatch.setenv(native.ENV, "1")
-    lib = native.library()
-    sizes, groups = [300_000, 10, 5000, 70_001, 64], [1, 2, 2]
-    fused, alone = [torch.empty(n) for n in sizes], [torch.empty(n) for n in sizes]
-    for step in range(3):
-        grads = [scaled_rows(n, seed=5 * step + i) for i, n in enumerate(sizes)]
-        out = native_rank.ema_rank_groups(lib, grads, fused, [step == 0] * 5, groups, beta=0.9, ratio=0.3, k=None)
-        for (result, selection), start, end in zip(out, [0, 1, 3], [1, 3, 5]):
-            r, s = native_rank.ema_rank_group(lib, grads[start:end], alone[start:end], [step == 0] * (end - start), beta=0.9, ratio=0.3, k=None)
-            assert (result.threshold, result.ties, result.rankable, result.nonfinite) == (r.threshold, r.ties, r.rankable, r.nonfinite)
-            assert (selection.lo, selection.hi) == (s.lo, s.hi)
-            for j in range(end - start):
-                words = (sizes[start + j] + 63) // 64
-                a = selection.bits[selection.word_offsets[j] : selection.word_offsets[j] + words]
-                b = s.bits[s.word_offsets[j] : s.word_offsets[j] + words]
-                assert torch.equal(a, b)
-                ca, cb = slice(selection.cand_start[j], selection.cand_start[j + 1]), slice(s.cand_start[j], s.cand_start[j + 1])
-                assert torch.equal(selection.cand_key[ca], s.cand_key[cb]) and torch.equal(selection.cand_pos[ca], s.cand_pos[cb])
-        assert all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(fused, alone))
-
-
 @pytest.mark.parametrize("groups", [[], [2, 2], [0, 5], [6]])
 def test_ema_rank_groups_refuses_groups_that_do_not_cover_the_tensors(groups):
-    lib = native.library()
+    lib = dispatch.kernel()
     grads = [torch.randn(10) for _ in range(5)]
     with pytest.raises(ValueError, match="groups must be positive tensor counts adding up to 5"):
-        native_rank.ema_rank_groups(lib, grads, [torch.empty(10) for _ in range(5)], [True] * 5, groups, beta=0.9, ratio=0.3, k=None)
+        cpu_rank.ema_rank_groups(lib, grads, [torch.empty(10) for _ in range(5)], [True] * 5, groups, beta=0.9, ratio=0.3, k=None)
 
 
 def test_ema_rank_groups_selection_turns_stale_when_its_buffers_are_reused():
     """ema_rank_groups reuses one thread's buffers from call to call: a selection applied after a later
     call is refused instead of masking from the later call's bits."""
-    lib = native.library()
+    lib = dispatch.kernel()
     grads = [scaled_rows(100_000, seed=1), scaled_rows(5000, seed=2)]
     emas = [torch.empty(g.numel()) for g in grads]
-    (result, selection), _ = native_rank.ema_rank_groups(lib, grads, emas, [True, True], [1, 1], beta=0.9, ratio=0.3, k=None)
-    keys = dataclasses.replace(ScoreKeys.from_tensors(emas).native_source(0, grads[0]), selection=selection, member=0)
+    (result, selection), _ = cpu_rank.ema_rank_groups(lib, grads, emas, [True, True], [1, 1], beta=0.9, ratio=0.3, k=None)
+    keys = dataclasses.replace(cpu_rank.describe(ScoreKeys.from_tensors(emas), 0, grads[0]), selection=selection, member=0)
     y = grads[0].clone()
-    native_rank.apply(lib, y, keys, result.threshold, result.ties, None)  # fresh: applies
+    cpu_rank.apply(lib, y, keys, result.threshold, result.ties, None)  # fresh: applies
     assert int((y == 0).sum()) > 0
-    native_rank.ema_rank_groups(lib, grads, emas, [False, False], [1, 1], beta=0.9, ratio=0.3, k=None)
+    cpu_rank.ema_rank_groups(lib, grads, emas, [False, False], [1, 1], beta=0.9, ratio=0.3, k=None)
     with pytest.raises(RuntimeError, match="reused by a later ema_rank_groups call"):
-        native_rank.apply(lib, grads[0].clone(), keys, result.threshold, result.ties, None)
+        cpu_rank.apply(lib, grads[0].clone(), keys, result.threshold, result.ties, None)

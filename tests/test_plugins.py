@@ -15,7 +15,7 @@ import torch
 from gmt_plugins import GMTConfig, GradientMasker, hookimpl, hookspecs
 from gmt_plugins.plugins import DEFAULT_PLUGINS, make_plugin_manager, strategy_registry
 from gmt_plugins.strategies.base import KeyedStrategy
-from gmt_plugins.keys import MagnitudeKeys
+from gmt_plugins.engine.keys import MagnitudeKeys
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK_NAMES = sorted(n for n, f in vars(hookspecs).items() if n.startswith("gmt_") and callable(f))

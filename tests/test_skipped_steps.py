@@ -77,13 +77,17 @@ def _clone(value):
 def test_each_gradient_is_counted_for_nonfinite_once_per_step(strategy, monkeypatch):
     """The skipped-step check of a stateful strategy counts every gradient's NaN/inf entries; the
     plan reuses those counts (one read, not two), and the statistics still carry the exact counts."""
-    from gmt_plugins import native, native_rank
+    from gmt_plugins.engine.cpu import loader
+    from gmt_plugins.engine.cpu import histogram as cpu_histogram
+    from gmt_plugins.engine.cpu import moves as cpu_moves
+    from gmt_plugins.engine import dispatch
+    from gmt_plugins.engine.cpu import rank as cpu_rank
 
-    if native.library() is None:
+    if dispatch.kernel() is None:
         pytest.skip("the compiled kernel is unavailable: the count goes through the torch chunks")
     calls = []
-    counter = native_rank.count_nonfinite_f32
-    monkeypatch.setattr(native_rank, "count_nonfinite_f32", lambda lib, flat: calls.append(flat.data_ptr()) or counter(lib, flat))
+    counter = cpu_rank.count_nonfinite_f32
+    monkeypatch.setattr(cpu_rank, "count_nonfinite_f32", lambda lib, flat: calls.append(flat.data_ptr()) or counter(lib, flat))
     torch.manual_seed(0)
     model = TinyNet()
     masker = GradientMasker(model, mask_ratio=0.3, strategy=strategy, strategy_options=OPTIONS.get(strategy))

@@ -9,15 +9,22 @@ import gc
 import pytest
 import torch
 
-from gmt_plugins import native, native_rank
-from gmt_plugins.selection import Cut, apply_cut_counted, rank
+from gmt_plugins.engine.cpu import loader
+from gmt_plugins.engine.cpu import histogram as cpu_histogram
+from gmt_plugins.engine.cpu import moves as cpu_moves
+from gmt_plugins.engine import dispatch
+from gmt_plugins.engine.cpu import rank as cpu_rank
+from gmt_plugins.engine.dispatch import apply as apply_cut_counted, rank
+from gmt_plugins.engine.types import Cut
 from gmt_plugins.strategies import _masks
-from gmt_plugins.strategies._masks import MaskKeys, StoredMask, accumulate_finite, reference_accumulate_finite, stored_mask
+from gmt_plugins.engine.keys import MaskKeys, StoredMask
+from gmt_plugins.engine.reference import accumulate_finite as reference_accumulate_finite
+from gmt_plugins.strategies._masks import accumulate_finite, stored_mask
 from test_native import awkward
 
 SIZES = [0, 1, 63, 64, 65, 4095, 4096, 4097, 4096 * 3 + 130]
 
-needs_kernel = pytest.mark.skipif(native.library() is None, reason="the compiled kernel does not build here")
+needs_kernel = pytest.mark.skipif(dispatch.kernel() is None, reason="the compiled kernel does not build here")
 
 
 def kept_set(n: int, share: float, seed: int) -> torch.Tensor:
@@ -36,8 +43,8 @@ def kept_set(n: int, share: float, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("invert", [False, True])
 def test_pack_mask_bits_equals_its_twin(n, invert):
     mask = kept_set(n, 0.3, seed=n)
-    bits = native_rank.pack_mask_bits(native.library(), mask, invert=invert)
-    assert torch.equal(bits, native_rank.reference_pack_mask_bits(mask, invert=invert))
+    bits = cpu_rank.pack_mask_bits(dispatch.kernel(), mask, invert=invert)
+    assert torch.equal(bits, cpu_rank.reference_pack_mask_bits(mask, invert=invert))
     # read back entry by entry: bit i % 64 of word i // 64, nothing set past the end
     unpacked = [(int(bits[i // 64]) >> (i % 64)) & 1 for i in range((n + 63) // 64 * 64)]
     expected = ((~mask) if invert else mask).tolist() + [False] * ((n + 63) // 64 * 64 - n)
@@ -48,16 +55,16 @@ def test_pack_mask_bits_equals_its_twin(n, invert):
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("record", [False, True])
 def test_apply_mask_bits_equals_the_byte_kernel_and_zeroes_exactly_the_masked_finite_entries(n, record):
-    lib = native.library()
+    lib = dispatch.kernel()
     grad = awkward(max(n, 9), torch.float32, seed=n)[:n].contiguous()  # NaN, inf, -0.0, ties
     kept = kept_set(n, 0.3, seed=n + 1)
     masked = ~kept
-    bits = native_rank.pack_mask_bits(lib, kept, invert=True)
+    bits = cpu_rank.pack_mask_bits(lib, kept, invert=True)
     fast, slow = grad.clone(), grad.clone()
     rec_fast = torch.ones(n, dtype=torch.bool) if record else None  # every byte must be written
     rec_slow = torch.zeros(n, dtype=torch.bool) if record else None
-    got = native_rank.apply_mask_bits(lib, fast, bits, rec_fast)
-    want = native_rank.apply(lib, slow, native_rank.NativeKeys(native_rank.KIND_MASK, score=masked), 1, 0, rec_slow)
+    got = cpu_rank.apply_mask_bits(lib, fast, bits, rec_fast)
+    want = cpu_rank.apply(lib, slow, cpu_rank.NativeKeys(cpu_rank.KIND_MASK, score=masked), 1, 0, rec_slow)
     assert got == want
     assert torch.equal(fast.view(torch.int32), slow.view(torch.int32))
     # against the definition: masked finite entries become +0.0, everything else keeps its bits
@@ -81,10 +88,10 @@ def test_kept_flag_and_bits_equal_the_torch_keys(monkeypatch, record):
     masks = [stored[0], True, stored[1], False, stored[2]]
     grads = [flats[0], flats[1], flats[1], flats[2], flats[2]]
     source = MaskKeys(masks)
-    assert source.native_source(0, grads[0]).bits is not None and source.native_source(0, grads[0]).kept
+    assert cpu_rank.describe(source, 0, grads[0]).bits is not None and cpu_rank.describe(source, 0, grads[0]).kept
     results = {}
     for mode in ("1", "0"):
-        monkeypatch.setenv(native.ENV, mode)
+        monkeypatch.setenv(loader.ENV, mode)
         out = []
         for i, grad in enumerate(grads):
             for cut in (Cut(1), Cut(1, 5), Cut(2), Cut(0, 7)):  # the stored-mask step, then the byte kernel
@@ -100,14 +107,14 @@ def test_kept_flag_and_bits_equal_the_torch_keys(monkeypatch, record):
     assert results["1"][-1] == results["0"][-1]
     # the stored-mask step zeroed exactly the finite entries outside the kept set
     y = grads[0].clone()
-    monkeypatch.setenv(native.ENV, "1")
+    monkeypatch.setenv(loader.ENV, "1")
     apply_cut_counted(source, 0, y, Cut(1))
     hit = ~kepts[0] & torch.isfinite(grads[0])
     assert torch.equal(y.view(torch.int32), torch.where(hit, 0.0, grads[0]).view(torch.int32))
 
 
 def test_stored_mask_packs_once_per_set_and_again_after_an_in_place_change():
-    if native.library() is None:
+    if dispatch.kernel() is None:
         pytest.skip("the compiled kernel does not build here: nothing is packed")
     kept = kept_set(1000, 0.5, seed=0).view(10, 100)
     first, again = stored_mask(kept), stored_mask(kept)
@@ -116,23 +123,23 @@ def test_stored_mask_packs_once_per_set_and_again_after_an_in_place_change():
     kept[0, 0] = not bool(kept[0, 0])  # in place: the version moves, the bits are rebuilt
     changed = stored_mask(kept)
     assert changed.bits is not first.bits
-    assert torch.equal(changed.bits, native_rank.reference_pack_mask_bits(kept.view(-1), invert=True))
+    assert torch.equal(changed.bits, cpu_rank.reference_pack_mask_bits(kept.view(-1), invert=True))
     key = id(kept)
     del kept, first, again, changed
     gc.collect()
-    assert key not in _masks._PACKED  # the cache does not keep a freed set alive
+    assert key not in dispatch._PACKED  # the cache does not keep a freed set alive
 
 
 def test_stored_mask_of_an_inference_tensor_is_packed_every_time():
     with torch.inference_mode():
         kept = kept_set(200, 0.5, seed=3)  # no version counter: an in-place change could not be seen
     first, again = stored_mask(kept), stored_mask(kept)
-    assert id(kept) not in _masks._PACKED
+    assert id(kept) not in dispatch._PACKED
     assert torch.equal(first.kept, kept) and (first.bits is None or first.bits is not again.bits)
 
 
 def test_stored_mask_without_the_kernel_has_no_bits(monkeypatch):
-    monkeypatch.setenv(native.ENV, "0")
+    monkeypatch.setenv(loader.ENV, "0")
     kept = kept_set(300, 0.5, seed=1)
     stored = stored_mask(kept)
     assert stored.bits is None
@@ -164,7 +171,7 @@ def test_accumulate_finite_equals_its_torch_twin_bit_for_bit(monkeypatch, square
     originals = [g.clone() for g in grads]
     sums = {}
     for mode in ("1", "0"):
-        monkeypatch.setenv(native.ENV, mode)
+        monkeypatch.setenv(loader.ENV, mode)
         acc = None
         for g in grads:
             acc = accumulate_finite(acc, g, square=square)
@@ -196,9 +203,9 @@ def test_accumulate_finite_updates_in_place_and_takes_other_dtypes_through_the_t
 @needs_kernel
 def test_accumulate_finite_f32_refuses_mismatched_tensors():
     with pytest.raises(ValueError, match="contiguous CPU float32 tensors of one size"):
-        native_rank.accumulate_finite_f32(native.library(), torch.zeros(4), torch.zeros(5), first=False, square=False)
+        cpu_rank.accumulate_finite_f32(dispatch.kernel(), torch.zeros(4), torch.zeros(5), first=False, square=False)
     with pytest.raises(ValueError, match="contiguous CPU float32"):
-        native_rank.accumulate_finite_f32(native.library(), torch.zeros(4, dtype=torch.float64), torch.zeros(4), first=True, square=False)
+        cpu_rank.accumulate_finite_f32(dispatch.kernel(), torch.zeros(4, dtype=torch.float64), torch.zeros(4), first=True, square=False)
 
 
 # --- the strategies, kernel on against kernel off -----------------------------------------------
@@ -211,7 +218,7 @@ def strategy_run(monkeypatch, strategy: str, mode: str, scope: str):
     per step the gradients after masking (bits) and the masked counts, then the final state."""
     from test_strategies_common import CONFIG, OPTIONS, SPARSE_OPTIONS, grads_for, make_model, masker_for
 
-    monkeypatch.setenv(native.ENV, mode)
+    monkeypatch.setenv(loader.ENV, mode)
     params = make_model()
     options = {**OPTIONS, **SPARSE_OPTIONS, "spiel": {"density": 0.3, "update_interval": 3, "drop_fraction": 0.5}}[strategy]
     masker = masker_for(params, strategy, options, **{**CONFIG, "scope": scope})
@@ -259,8 +266,9 @@ def test_strategies_mask_and_accumulate_alike_with_the_kernel_on_and_off(monkeyp
 @needs_kernel
 @pytest.mark.parametrize("ratio", [0.0, 0.3, 0.999])
 def test_mark_in_c_equals_the_torch_loop_with_ties_shared_in_order(monkeypatch, ratio):
-    from gmt_plugins.keys import MagnitudeKeys
-    from gmt_plugins.strategies._masks import ScoreKeys, mark
+    from gmt_plugins.engine.keys import MagnitudeKeys
+    from gmt_plugins.engine.keys import ScoreKeys
+    from gmt_plugins.strategies._masks import mark
 
     flats = [awkward(n, torch.float32, seed=n) for n in (3000, 17, 5000)]
     for f in flats[::2]:
@@ -268,11 +276,11 @@ def test_mark_in_c_equals_the_torch_loop_with_ties_shared_in_order(monkeypatch, 
     sources = [MagnitudeKeys([torch.float32] * 3), ScoreKeys.from_tensors([f.abs() for f in flats])]
     for source in sources:
         pairs = list(enumerate(flats))
-        monkeypatch.setenv(native.ENV, "0")
+        monkeypatch.setenv(loader.ENV, "0")
         cut, _ = rank(source, pairs, ratio, chunk_numel=1000)
         slow = mark(source, pairs, cut, 1000)
-        monkeypatch.setenv(native.ENV, "1")
-        assert _masks._described(source, pairs) is not None  # the C marks below
+        monkeypatch.setenv(loader.ENV, "1")
+        assert dispatch._described(source, pairs) is not None  # the C marks below
         before = [f.clone() for f in flats]
         fast = mark(source, pairs, cut, 1000)
         assert all(torch.equal(a, b) for a, b in zip(fast, slow))
@@ -284,7 +292,8 @@ def test_mark_in_c_equals_the_torch_loop_with_ties_shared_in_order(monkeypatch, 
 @pytest.mark.parametrize("largest", [False, True])
 @pytest.mark.parametrize("with_excluded", [False, True])
 def test_top_count_over_in_c_equals_the_torch_passes_and_the_sorting_reference(monkeypatch, largest, with_excluded):
-    from gmt_plugins.strategies._sparse import key_scores, reference_top_count, top_count, top_count_over
+    from gmt_plugins.engine.dispatch import score_keys as key_scores
+    from gmt_plugins.strategies._sparse import reference_top_count, top_count, top_count_over
 
     scores = [awkward(n, torch.float32, seed=n + 3) for n in (2000, 9, 700)]
     scores[0][50:90] = -0.5  # ties (the sign is ignored)
@@ -292,14 +301,14 @@ def test_top_count_over_in_c_equals_the_torch_passes_and_the_sorting_reference(m
     excluded = [torch.rand(s.numel(), generator=gen) < 0.3 for s in scores] if with_excluded else None
     assert key_scores(scores, largest=largest, excluded=excluded) is not None
     for k in (0, 1, 37, 1500, 10_000):
-        monkeypatch.setenv(native.ENV, "1")
+        monkeypatch.setenv(loader.ENV, "1")
         fast = top_count_over(scores, k, 256, largest=largest, excluded=excluded)
-        monkeypatch.setenv(native.ENV, "0")
+        monkeypatch.setenv(loader.ENV, "0")
         assert key_scores(scores, largest=largest, excluded=excluded) is None
         slow = top_count_over(scores, k, 256, largest=largest, excluded=excluded)
         assert all(torch.equal(a, b) for a, b in zip(fast, slow)), k
     # one tensor against the stable sort
-    monkeypatch.setenv(native.ENV, "1")
+    monkeypatch.setenv(loader.ENV, "1")
     for k in (0, 5, 400, 5000):
         flag = None if excluded is None else excluded[0]
         got = top_count(scores[0], k, 256, largest=largest, excluded=flag)
@@ -310,7 +319,8 @@ def test_top_count_over_in_c_equals_the_torch_passes_and_the_sorting_reference(m
 @pytest.mark.parametrize("largest", [False, True])
 @pytest.mark.parametrize("with_excluded", [False, True])
 def test_key_scores_in_c_equal_their_torch_twin_bit_for_bit(largest, with_excluded):
-    from gmt_plugins.strategies._sparse import key_scores, reference_key_scores
+    from gmt_plugins.engine.dispatch import score_keys as key_scores
+    from gmt_plugins.engine.reference import key_scores as reference_key_scores
 
     score = awkward(4099, torch.float32, seed=11)
     score[:4] = torch.tensor([torch.finfo(torch.float32).max, -torch.finfo(torch.float32).max, float("-nan"), -0.0])

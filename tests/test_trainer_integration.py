@@ -236,7 +236,7 @@ def test_plain_transformers_trainer(tmp_path):
     spy = MaskSpy(recorder)
     insert_after_gmt(trainer, spy)
     trainer.train()
-    from gmt_plugins.keys import RandomKeys, stable_salt
+    from gmt_plugins.engine.keys import RandomKeys, stable_salt
 
     for step_index, step in enumerate(recorder.steps):
         for name in trainable(recorder):

@@ -10,8 +10,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from gmt_plugins.selection import Cut
-from gmt_plugins.strategies._masks import MaskKeys, count_nonfinite
+from gmt_plugins.engine.types import Cut
+from gmt_plugins.engine.keys import MaskKeys
+from gmt_plugins.strategies.base import count_nonfinite
 from gmt_plugins.strategies.base import GradEntry, MaskPlan, MaskStrategy, TensorPlan
 
 

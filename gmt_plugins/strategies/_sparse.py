@@ -12,17 +12,9 @@ from typing import Any
 
 import torch
 
-from gmt_plugins import native, native_rank
-from gmt_plugins.strategies._masks import (
-    FLOAT32_MAX_BITS,
-    SCORE_CAP,
-    ScoreKeys,
-    StoredMask,
-    cut_for_count,
-    mark,
-    mask_plan,
-    stored_mask,
-)
+from gmt_plugins.engine import dispatch
+from gmt_plugins.engine.keys import StoredMask
+from gmt_plugins.strategies._masks import mask_plan, stored_mask
 from gmt_plugins.strategies.base import GradEntry, MaskPlan
 
 
@@ -81,46 +73,8 @@ def top_count_over(
 ) -> list[torch.Tensor]:
     """:func:`top_count` over several flat score tensors ranked together (ties in list, then flat order).
 
-    For CPU float32 scores the keys are written out once as float32 scores the kernel ranks smallest
-    first (:func:`key_scores`), so that ranking and marking run in C; the torch passes of the
-    :class:`ScoreKeys` with ``largest`` and ``excluded`` are the twin."""
-    keyed = key_scores(scores, largest=largest, excluded=excluded)
-    if keyed is not None:
-        source = ScoreKeys.from_tensors(keyed)
-        flats = list(enumerate(keyed))
-    else:
-        source = ScoreKeys.from_tensors(scores, largest=largest, excluded=excluded)
-        flats = list(enumerate(scores))
-    return mark(source, flats, cut_for_count(source, flats, k, chunk_numel), chunk_numel)
-
-
-def key_scores(
-    scores: Sequence[torch.Tensor], *, largest: bool, excluded: Sequence[torch.Tensor | None] | None
-) -> list[torch.Tensor] | None:
-    """Float32 tensors whose :class:`ScoreKeys` (smallest first, nothing excluded) are the keys of
-    ``ScoreKeys.from_tensors(scores, largest=largest, excluded=excluded)`` over ``scores``: the key's
-    bit pattern itself (``FLOAT32_MAX_BITS - bits`` for ``largest``), +inf where the score is not
-    finite or ``excluded`` flags it (the excluded key). ``None`` unless the kernel is available and
-    every tensor is a contiguous CPU float32 score (and bool flags)."""
-    flags = list(excluded) if excluded is not None else [None] * len(scores)
-    usable = all(native_rank.ema_usable(s) for s in scores) and all(
-        f is None or (f.dtype == torch.bool and f.device.type == "cpu" and f.is_contiguous() and f.numel() == s.numel())
-        for s, f in zip(scores, flags)
-    )
-    lib = native.library() if scores and usable else None
-    if lib is None:
-        return None
-    return [native_rank.score_keys_f32(lib, s, None if f is None else f.reshape(-1), largest=largest) for s, f in zip(scores, flags)]
-
-
-def reference_key_scores(score: torch.Tensor, excluded: torch.Tensor | None, *, largest: bool) -> torch.Tensor:
-    """Torch twin of :func:`key_scores` for one tensor."""
-    bits = score.float().reshape(-1).view(torch.int32) & 0x7FFF_FFFF
-    rankable = bits < SCORE_CAP
-    if excluded is not None:
-        rankable &= ~excluded.reshape(-1)
-    key = FLOAT32_MAX_BITS - bits if largest else bits
-    return torch.where(rankable, key, SCORE_CAP).view(torch.float32)
+    See :func:`gmt_plugins.engine.dispatch.mark_top`."""
+    return dispatch.mark_top(scores, k, largest=largest, excluded=excluded, chunk_numel=chunk_numel)
 
 
 def reference_top_count(score: torch.Tensor, k: int, *, largest: bool, excluded: torch.Tensor | None = None) -> torch.Tensor:

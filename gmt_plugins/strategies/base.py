@@ -9,12 +9,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from gmt_plugins import native, native_rank
 from gmt_plugins.config import GMTConfig
 from gmt_plugins.distributed import ShardInfo
-from gmt_plugins.keys import ShiftedKeys
+from gmt_plugins.engine import dispatch
+from gmt_plugins.engine.keys import ShiftedKeys
+from gmt_plugins.engine.types import Cut, KeySource, Ranking
 from gmt_plugins.layout import flat_like
-from gmt_plugins.selection import Cut, KeySource, iter_chunks, rank
 
 
 @dataclass
@@ -38,7 +38,7 @@ class GradEntry:
         than reading the gradient again. Gradients are not changed between the two (strategies plan,
         the engine masks afterwards)."""
         if self._nonfinite is None:
-            self._nonfinite = count_nonfinite(self.flat, chunk_numel)
+            self._nonfinite = dispatch.count_nonfinite(self.flat, chunk_numel)
         return self._nonfinite
 
     def known_nonfinite(self) -> int | None:
@@ -61,25 +61,47 @@ class GradEntry:
 
 
 def count_nonfinite(flat: torch.Tensor, chunk_numel: int) -> int:
-    """NaN/inf entries of ``flat``, counted chunk by chunk (no full-size scratch buffer), or by one C
-    read for fp32 CPU tensors when the kernel is available (the chunks are its twin)."""
-    lib = native.library() if native_rank.ema_usable(flat) else None
-    if lib is not None:
-        return native_rank.count_nonfinite_f32(lib, flat)
-    total = 0
-    for _, chunk in iter_chunks(flat, chunk_numel):
-        total += int((~torch.isfinite(chunk)).sum().item())
-    return total
+    """NaN/inf entries of ``flat`` (see :func:`gmt_plugins.engine.dispatch.count_nonfinite`)."""
+    return dispatch.count_nonfinite(flat, chunk_numel)
 
 
 @dataclass
 class TensorPlan:
-    """How one tensor is masked: the keys come from ``source`` (as tensor ``local_index``)."""
+    """How one tensor is masked: the keys come from ``source`` (as tensor ``local_index``).
+
+    ``ranking``, when the engine ranked the cut, tells the apply which backend made it (and carries
+    that backend's state); a cut a strategy sets itself (``Cut(1)`` for stored masks) has none.
+    """
 
     source: KeySource
     local_index: int
     cut: Cut
     nonfinite: int = 0
+    ranking: Ranking | None = None
+
+
+class RankedTensorPlan(TensorPlan):
+    """The plan of member ``local_index`` of a group the engine ranks: ``ranking`` is the group's
+    :class:`~gmt_plugins.engine.types.Ranking` or a callable that ranks the group when first read
+    (see :func:`gmt_plugins.engine.dispatch.rank_step`); cut and count are read from it."""
+
+    def __init__(self, source: KeySource, local_index: int, ranking: Ranking | Callable[[], Ranking]) -> None:
+        self.source, self.local_index = source, local_index
+        self._ranking = ranking
+
+    @property  # type: ignore[override]
+    def ranking(self) -> Ranking:
+        if callable(self._ranking):
+            self._ranking = self._ranking()
+        return self._ranking
+
+    @property  # type: ignore[override]
+    def cut(self) -> Cut:
+        return self.ranking.cut
+
+    @property  # type: ignore[override]
+    def nonfinite(self) -> int:
+        return self.ranking.nonfinite[self.local_index]
 
 
 class DeferredTensorPlan(TensorPlan):
@@ -118,6 +140,10 @@ class DeferredTensorPlan(TensorPlan):
     @property  # type: ignore[override]
     def nonfinite(self) -> int:
         return self._get().nonfinite
+
+    @property  # type: ignore[override]
+    def ranking(self) -> Ranking | None:
+        return self._get().ranking
 
 
 @dataclass
@@ -229,42 +255,25 @@ class KeyedStrategy(MaskStrategy):
         """Keys for ``entries`` (one entry in the tensor scope, all of them in the global scope)."""
 
     def plan(self, entries: Sequence[GradEntry], *, step: int) -> MaskPlan:
-        ratio, chunk = self.config.mask_ratio, self.config.chunk_numel
         warm = self.__dict__.setdefault("_warm", {})  # boundary bins of the last step: a speed hint only
+        groups = [list(entries)] if self.config.scope == "global" else [[e] for e in entries]
+        sources = [self._key_source(group, step) for group in groups]
+        ks = None
         if self.config.ratio_of == "nonzero":
-            return self._plan_nonzero(entries, step)
-        if self.config.scope == "global":
-            source = self._key_source(entries, step)
-            cut, ranked = rank(source, [(i, e.flat) for i, e in enumerate(entries)], ratio, chunk_numel=chunk, warm=warm)
-            plans = [TensorPlan(source, i, cut, n) for i, n in enumerate(ranked.nonfinite)]
-            return MaskPlan(plans, shared_ties=True)
+            from gmt_plugins.nonzero_ratio import masked_count
+
+            ks = [masked_count(group, self.config.mask_ratio, self.config.chunk_numel) for group in groups]
         # each tensor ranked when the masker reaches it, where it allows (see MaskStrategy.deferrable:
         # never on a sharded step, whose ranking is a collective every rank makes in the same order)
-        deferred = self.deferrable
+        rankings = dispatch.rank_step(
+            [(source, [(i, e.flat) for i, e in enumerate(group)]) for source, group in zip(sources, groups)],
+            None if ks is not None else self.config.mask_ratio, ks=ks, chunk_numel=self.config.chunk_numel,
+            warm=warm, names=[group[0].name if len(group) == 1 else "" for group in groups],
+            defer=self.deferrable and self.config.scope != "global",
+        )
         plans: list[TensorPlan] = []
-        for entry in entries:
-            source = self._key_source([entry], step)
-
-            def resolve(source: KeySource = source, entry: GradEntry = entry) -> TensorPlan:
-                cut, ranked = rank(source, [(0, entry.flat)], ratio, chunk_numel=chunk, warm=warm, group=entry.name)
-                return TensorPlan(source, 0, cut, ranked.nonfinite[0])
-
-            plans.append(DeferredTensorPlan(resolve) if deferred else resolve())
-        return MaskPlan(plans)
-
-    def _plan_nonzero(self, entries: Sequence[GradEntry], step: int) -> MaskPlan:
-        """``plan`` with ``ratio_of="nonzero"`` (:mod:`gmt_plugins.nonzero_ratio`): ``k`` counts the zeros in."""
-        from gmt_plugins.nonzero_ratio import masked_count
-
-        ratio, chunk = self.config.mask_ratio, self.config.chunk_numel
-        groups = [list(entries)] if self.config.scope == "global" else [[e] for e in entries]
-        plans = []
-        for group in groups:
-            full = [e.flat.numel() if e.shard is None else e.shard.full_numel for e in group]
-            k = masked_count([e.flat for e in group], full, ratio, chunk)
-            source = self._key_source(group, step)
-            cut, ranked = rank(source, [(i, e.flat) for i, e in enumerate(group)], k=k, chunk_numel=chunk)
-            plans += [TensorPlan(source, i, cut, n) for i, n in enumerate(ranked.nonfinite)]
+        for source, group, ranking in zip(sources, groups, rankings):
+            plans += [RankedTensorPlan(source, i, ranking) for i in range(len(group))]
         return MaskPlan(plans, shared_ties=self.config.scope == "global")
 
     def _key_source(self, entries: Sequence[GradEntry], step: int) -> KeySource:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gmt_plugins import device_rank
-from gmt_plugins.strategy_api import GradEntry, KeyedStrategy, MagnitudeKeys, MaskPlan, StrategyRegistry, hookimpl
+from gmt_plugins.strategy_api import GradEntry, KeyedStrategy, MagnitudeKeys, StrategyRegistry, hookimpl
 
 
 class GMTStrategy(KeyedStrategy):
@@ -16,10 +15,9 @@ class GMTStrategy(KeyedStrategy):
     ``floor(mask_ratio * n)`` entries below it (per tensor, or over the model for
     ``scope="global"``). Ties at the threshold go in flat index order.
 
-    Whole gradients on one CUDA device are ranked without host synchronisation
-    (:mod:`gmt_plugins.device_rank`: the plan stays on the device and the masker reads the step's
-    counts back once); other gradients, and ``ratio_of="nonzero"``, take the engine of
-    :mod:`gmt_plugins.selection`. Both give the same masks.
+    The engine picks the backend (:mod:`gmt_plugins.engine.dispatch`): whole gradients on one CUDA
+    device are ranked without host synchronisation, CPU gradients by the compiled kernel, anything
+    else by the torch reference; all give the same masks.
     """
 
     name = "gmt"
@@ -28,21 +26,6 @@ class GMTStrategy(KeyedStrategy):
 
     def key_source(self, entries: Sequence[GradEntry], *, step: int) -> MagnitudeKeys:
         return MagnitudeKeys([e.flat.dtype for e in entries])
-
-    def plan(self, entries: Sequence[GradEntry], *, step: int) -> MaskPlan:
-        if device_rank.takes(entries, ratio_of=self.config.ratio_of):
-            shared = self.config.scope == "global"
-            if shared:
-                sources = [self._key_source(entries, step)] * len(entries)
-            else:
-                sources = [self._key_source([e], step) for e in entries]
-            if all(map(device_rank.exact_magnitude_keys, sources)):
-                cuts = device_rank.rank_on_device(
-                    sources, [e.flat for e in entries], self.config.mask_ratio,
-                    shared=shared, chunk_numel=self.config.chunk_numel,
-                )
-                return device_rank.DevicePlan(cuts)
-        return super().plan(entries, step=step)
 
 
 @hookimpl

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,15 +9,14 @@ from typing import Any
 
 import torch
 
-from gmt_plugins import native_id3
-from gmt_plugins.strategies._masks import MaskKeys, ScoreFn, cut_for_count, mark
+from gmt_plugins.engine import dispatch
+from gmt_plugins.engine.keys import MaskKeys
 from gmt_plugins.strategy_api import (
     Cut,
     GMTConfig,
     GradEntry,
     MaskPlan,
     MaskStrategy,
-    ScoreKeys,
     StrategyRegistry,
     TensorPlan,
     check_float,
@@ -59,10 +57,9 @@ class ID3Strategy(MaskStrategy):
 
     State: ``updatable`` (bool tensors keyed by parameter name) and ``growth_steps``.
 
-    For contiguous CPU float32 gradients and parameters and ``exponent`` 0, 1, 2 or 3, a growth step
-    is one call of the C kernel (:mod:`gmt_plugins.native_id3`): one read of gradients, parameters
-    and mask in the usual case, bit for bit the torch path (``ScoreKeys`` chunks, ``cut_for_count``,
-    ``mark``) that serves everything else and is its reference twin in the tests. The negation of
+    A growth step is one engine operation (:func:`gmt_plugins.engine.dispatch.id3_grow`: one kernel call
+    for contiguous CPU float32 gradients and parameters and ``exponent`` 0, 1, 2 or 3, the torch
+    reference otherwise; the same masks). The negation of
     ``updatable``, which the engine's stored-mask apply reads, and the count of updatable entries are
     kept between steps (one extra byte per entry), so a step after growth derives nothing.
     """
@@ -98,25 +95,6 @@ class ID3Strategy(MaskStrategy):
             derived = self._derived[name] = _Derived(kept, ~flat, int(flat.sum().item()))
         return derived
 
-    def _score_fn(self, entries: Sequence[GradEntry]) -> ScoreFn:
-        eps, exponent = self.options.eps, self.options.exponent
-        thetas = [e.param_flat() for e in entries]
-
-        def score(index: int, chunk: torch.Tensor, start: int) -> torch.Tensor:
-            theta = thetas[index][start : start + chunk.numel()].to(torch.float32)
-            return chunk.to(torch.float32).abs() / (eps + theta.abs()).pow(exponent)
-
-        return score
-
-    def _kernel(self, entries: Sequence[GradEntry], kept: Sequence[torch.Tensor]) -> ctypes.CDLL | None:
-        """The C kernel when it computes this step's growth exactly (see :mod:`gmt_plugins.native_id3`)."""
-        if native_id3.exponent_kind(self.options.exponent) is None:
-            return None
-        thetas = [e.param_flat() for e in entries]
-        if not native_id3.usable([e.flat for e in entries], thetas, kept):
-            return None
-        return native_id3.library()
-
     def plan(self, entries: Sequence[GradEntry], *, step: int) -> MaskPlan:
         chunk = self.config.chunk_numel
         kept = [self._kept(e) for e in entries]
@@ -125,11 +103,7 @@ class ID3Strategy(MaskStrategy):
             n = sum(e.flat.numel() for e in entries)
             budget = n - math.floor(self.config.mask_ratio * n)
             target = min(budget, math.ceil(budget * (self.growth_steps + 1) / self.options.steps_to_budget))
-            lib = self._kernel(entries, kept)
-            if lib is None:
-                self._grow_reference(entries, kept, target)
-            else:
-                nonfinite = self._grow_native(lib, entries, kept, target)
+            nonfinite = self._grow(entries, kept, target)
             self.growth_steps += 1
         masked = [self._derived_for(e.name).masked for e in entries]
         if nonfinite is None:
@@ -138,36 +112,23 @@ class ID3Strategy(MaskStrategy):
         source = MaskKeys(masked)
         return MaskPlan([TensorPlan(source, i, Cut(1), nf) for i, nf in enumerate(nonfinite)])
 
-    def _grow_reference(self, entries: Sequence[GradEntry], kept: Sequence[torch.Tensor], target: int) -> None:
-        """The torch twin of :meth:`_grow_native`: score chunks, the engine's ranking, bool masks."""
-        chunk = self.config.chunk_numel
-        grow = target - sum(int(k.sum().item()) for k in kept)
-        if grow > 0:
-            # Already-updatable entries are excluded from the ranking; the rest compete globally.
-            source = ScoreKeys(self._score_fn(entries), largest=True, excluded=kept)
-            flats = [(i, e.flat) for i, e in enumerate(entries)]
-            cut = cut_for_count(source, flats, grow, chunk)
-            for k, new in zip(kept, mark(source, flats, cut, chunk)):
-                k |= new
-            for e in entries:  # changed in place: derive again
-                self._derived.pop(e.name, None)
-
-    def _grow_native(self, lib: ctypes.CDLL, entries: Sequence[GradEntry], kept: Sequence[torch.Tensor], target: int) -> list[int] | None:
-        """One kernel call ranks, and writes into ``updatable`` and its negation; returns the
-        non-finite gradient counts it read (``None`` when nothing was to grow, and nothing read)."""
+    def _grow(self, entries: Sequence[GradEntry], kept: Sequence[torch.Tensor], target: int) -> list[int] | None:
+        """Grow ``updatable`` (and its negation) to ``target`` entries; returns the non-finite gradient
+        counts the growth read, where it counted them (``None`` otherwise, or when nothing was to grow)."""
         derived = [self._derived_for(e.name) for e in entries]
         grow = target - sum(d.count for d in derived)
         if grow <= 0:
             return None
-        result = native_id3.grow(
-            lib, [e.flat for e in entries], [e.param_flat() for e in entries], kept, [d.masked for d in derived],
+        grown = dispatch.id3_grow(
+            [e.flat for e in entries], [e.param_flat() for e in entries], kept, [d.masked for d in derived],
             eps=self.options.eps, exponent=self.options.exponent, k=grow, boundaries=self._boundaries,
+            chunk_numel=self.config.chunk_numel,
         )
-        for d, added in zip(derived, result.marked):
+        for d, added in zip(derived, grown.added):
             d.count += added
-        if result.boundary is not None:
-            self._boundaries = [*self._boundaries[-1:], result.boundary]
-        return result.nonfinite
+        if grown.boundary is not None:
+            self._boundaries = [*self._boundaries[-1:], grown.boundary]
+        return grown.nonfinite
 
     def state_dict(self) -> dict[str, Any]:
         return {"updatable": dict(self.updatable), "growth_steps": self.growth_steps}

@@ -1,18 +1,21 @@
-"""Key sources for the selection engine: gradient magnitude and a counter-based random hash."""
+"""Key sources: what the engine ranks. Gradient magnitude, a counter-based random hash, stored scores
+and stored masks.
+
+A key source says *what* the keys are, as plain data (a dtype, salts, score or mask tensors); it never
+names a backend. :mod:`gmt_plugins.engine.dispatch` reads that data to decide whether a faster
+backend computes the same keys itself; ``keys()`` is the torch definition every backend must match."""
 
 from __future__ import annotations
 
-import dataclasses
 import zlib
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gmt_plugins import native_rank
-
 if TYPE_CHECKING:
-    from gmt_plugins.selection import KeySource
+    from gmt_plugins.engine.types import KeySource
 
 _SIGN_CLEAR = {16: 0x7FFF, 32: 0x7FFF_FFFF, 64: 0x7FFF_FFFF_FFFF_FFFF}
 _INT_VIEW = {16: torch.int16, 32: torch.int32, 64: torch.int64}
@@ -47,13 +50,6 @@ def count_nonzero_bits(chunk: torch.Tensor) -> torch.Tensor:
     return bits.clamp_(max=1).sum(dtype=total_dtype).to(torch.int64)
 
 
-_NATIVE_MAGNITUDE = {
-    (torch.float32, 32): native_rank.KIND_F32,
-    (torch.bfloat16, 32): native_rank.KIND_BF16_WIDE,
-    (torch.bfloat16, 16): native_rank.KIND_16,
-    (torch.float16, 16): native_rank.KIND_16,
-}
-_NATIVE_RANDOM = {2: native_rank.KIND_RANDOM_16, 4: native_rank.KIND_RANDOM_32, 8: native_rank.KIND_RANDOM_64}
 
 
 class MagnitudeKeys:
@@ -79,18 +75,10 @@ class MagnitudeKeys:
         return chunk.view(_INT_VIEW[bits]) & _SIGN_CLEAR[bits]
 
     @property
-    def has_zero_below(self) -> bool:
-        """The fast path is only right for these exact keys: a subclass that overrides ``keys`` loses it."""
+    def exact_magnitude(self) -> bool:
+        """Whether the keys are exactly the magnitude bit patterns: a subclass that overrides ``keys``
+        is not, and loses every fast path that computes them without calling ``keys``."""
         return type(self).keys is MagnitudeKeys.keys
-
-    native_keys = has_zero_below
-    """The same test: only these exact keys are what the compiled histogram (:mod:`gmt_plugins.native`)
-    computes itself."""
-
-    def native_source(self, index: int, flat: torch.Tensor) -> native_rank.NativeKeys | None:
-        """How the many-tensor kernel computes these keys for ``flat`` (``None``: it cannot)."""
-        kind = _NATIVE_MAGNITUDE.get((flat.dtype, self.key_bits)) if self.has_zero_below else None
-        return None if kind is None else native_rank.NativeKeys(kind)
 
     def zero_below(self, index: int, chunk: torch.Tensor, threshold: int) -> torch.Tensor:
         """Fast path of the engine: zero the entries with key ``< threshold`` and count them.
@@ -165,35 +153,23 @@ class RandomKeys:
         keys = _logical_shift_right(mixed, 33)
         return torch.where(torch.isfinite(chunk), keys, self.cap)
 
-    def native_source(self, index: int, flat: torch.Tensor) -> native_rank.NativeKeys | None:
-        """The same hash in C (``gmt_plugins/_native/histogram.c``), for the whole flat ``flat``."""
-        if type(self).keys is not RandomKeys.keys or not flat.is_floating_point() or flat.element_size() not in _NATIVE_RANDOM:
-            return None
-        seed = native_rank.splitmix64(self._salts[index] & (2**64 - 1))
-        return native_rank.NativeKeys(_NATIVE_RANDOM[flat.element_size()], seed=seed)
+    def salt(self, index: int) -> int:
+        """The salt of tensor ``index``'s hash."""
+        return self._salts[index]
+
+    @property
+    def exact_hash(self) -> bool:
+        """Whether the keys are exactly this hash (a subclass that overrides ``keys`` is not)."""
+        return type(self).keys is RandomKeys.keys
 
     def key_to_value(self, index: int, key: int) -> None:
         return None
 
 
-class HashedRandomKeys(RandomKeys):
-    """:class:`RandomKeys` whose keys :func:`gmt_plugins.native_rank.random_rank_group` has already
-    hashed for ranking (``selection``, for the entries ``index`` of this source in its group order):
-    the kernel then masks from what that read kept instead of hashing again. The keys, and so the
-    masks, are those of :class:`RandomKeys` (``keys`` is inherited: the torch twin)."""
-
-    def __init__(self, salts: Sequence[int], selection: native_rank.Preselection) -> None:
-        super().__init__(salts)
-        self.selection = selection
-
-    def native_source(self, index: int, flat: torch.Tensor) -> native_rank.NativeKeys | None:
-        keys = super().native_source(index, flat)
-        return None if keys is None else dataclasses.replace(keys, selection=self.selection, member=index)
-
 
 class ShiftedKeys:
     """Keys of a source whose keys depend on the entry's position in the *full* tensor (e.g.
-    :class:`gmt_plugins.keys.RandomKeys`), read from local shards: the engine passes positions in
+    :class:`gmt_plugins.engine.keys.RandomKeys`), read from local shards: the engine passes positions in
     the shard, this adds the shard's flat offset, so each shard draws exactly the keys the
     unsharded tensor would."""
 
@@ -208,3 +184,104 @@ class ShiftedKeys:
 
     def key_to_value(self, index: int, key: int) -> float | None:
         return self.source.key_to_value(index, key)
+
+
+# Largest finite float32 bit pattern, and +inf's: scores are clamped below the latter.
+FLOAT32_MAX_BITS = 0x7F7F_FFFF
+SCORE_CAP = 0x7F80_0000
+
+ScoreFn = Callable[[int, torch.Tensor, int], torch.Tensor]
+
+
+class ScoreKeys:
+    """Keys from a non-negative score per entry: ``score(index, chunk, start)`` returns the scores
+    of the entries of ``chunk``. With ``largest=True`` the *largest* scores get the smallest keys
+    (so they are selected first). Entries whose gradient is non-finite, or that ``excluded`` flags,
+    get the excluded key ``cap`` and are never ranked."""
+
+    key_bits = 32
+    cap = SCORE_CAP
+
+    def __init__(
+        self,
+        score: ScoreFn,
+        *,
+        largest: bool = False,
+        excluded: Sequence[torch.Tensor | None] | None = None,
+    ) -> None:
+        self._score, self.largest, self.excluded = score, largest, excluded
+        self.tensors: Sequence[torch.Tensor] | None = None
+        """The stored score tensors, when built by :meth:`from_tensors`."""
+
+    @classmethod
+    def from_tensors(cls, scores: Sequence[torch.Tensor], **kwargs: Any) -> ScoreKeys:
+        source = cls(lambda i, chunk, start: scores[i][start : start + chunk.numel()], **kwargs)
+        source.tensors = scores
+        return source
+
+    @property
+    def stored_smallest_first(self) -> bool:
+        """Whether the keys are exactly the bit patterns of stored float32 scores, smallest first and
+        nothing excluded: the form a faster backend can read straight from ``tensors``."""
+        return self.tensors is not None and not self.largest and self.excluded is None and type(self).keys is ScoreKeys.keys
+
+    def keys(self, index: int, chunk: torch.Tensor, start: int) -> torch.Tensor:
+        score = self._score(index, chunk, start).to(torch.float32).abs()
+        # NaN scores (e.g. 0/0) rank lowest, overflow ranks highest; neither may reach the cap.
+        score = torch.nan_to_num(score, nan=0.0, posinf=torch.finfo(torch.float32).max)
+        bits = score.view(torch.int32)
+        if self.largest:
+            bits = FLOAT32_MAX_BITS - bits
+        keep = torch.isfinite(chunk)
+        if self.excluded is not None and self.excluded[index] is not None:
+            keep &= ~self.excluded[index][start : start + chunk.numel()].to(chunk.device)
+        return torch.where(keep, bits, self.cap)
+
+    def key_to_value(self, index: int, key: int) -> float:
+        bits = FLOAT32_MAX_BITS - key if self.largest else key
+        return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
+
+
+@dataclass(frozen=True, eq=False)
+class StoredMask:
+    """A strategy's stored set of *kept* (updatable) entries, as :class:`MaskKeys` reads it: ``kept``
+    (flat bool, True = kept; a view of the strategy's tensor, not a copy) and, where a backend packed
+    it, the masked entries 64 to a word (``bits``, 1/8 of the bytes), which that backend's stored-mask
+    apply reads instead. Built by :func:`gmt_plugins.engine.dispatch.stored_mask`, which packs each set once."""
+
+    kept: torch.Tensor
+    bits: torch.Tensor | None
+
+    def numel(self) -> int:
+        return self.kept.numel()
+
+
+class MaskKeys:
+    """Keys for precomputed masks: per tensor a flat bool tensor (True = masked), a
+    :class:`StoredMask` (its ``kept`` entries are not masked) or a bool for the whole tensor.
+    ``Cut(1)`` then zeroes exactly the masked finite entries."""
+
+    key_bits = 16
+    cap = 2  # any cap is aligned for 16-bit keys
+
+    def __init__(self, masked: Sequence[torch.Tensor | StoredMask | bool]) -> None:
+        self.masked = list(masked)
+
+    @property
+    def exact_masks(self) -> bool:
+        """Whether the keys are exactly those of the stored masks (a subclass may override ``keys``)."""
+        return type(self).keys is MaskKeys.keys
+
+    def keys(self, index: int, chunk: torch.Tensor, start: int) -> torch.Tensor:
+        masked = self.masked[index]
+        if isinstance(masked, bool):
+            keys = torch.full(chunk.shape, 0 if masked else 1, dtype=torch.int32, device=chunk.device)
+        elif isinstance(masked, StoredMask):
+            keys = masked.kept[start : start + chunk.numel()].to(chunk.device).to(torch.int32)
+        else:
+            keys = (~masked[start : start + chunk.numel()].to(chunk.device)).to(torch.int32)
+        # Non-finite gradients get the excluded key: they stay visible to the optimizer/scaler.
+        return torch.where(torch.isfinite(chunk), keys, self.cap)
+
+    def key_to_value(self, index: int, key: int) -> None:
+        return None

@@ -1,4 +1,5 @@
-"""Exact selection of the k smallest keys, per tensor or over many tensors, without sorting.
+"""The engine's torch reference: exact selection of the k smallest keys, per tensor or over many
+tensors, without sorting, and the torch twins of every kernel operation.
 
 A strategy turns every gradient entry into a non-negative integer *key* (for GMT the bit pattern
 of ``|grad|``, which orders like the value). The engine finds, for a count ``k``, the threshold key
@@ -15,68 +16,35 @@ masked, so NaN and inf neither move the threshold nor disappear before the optim
 
 Histograms are plain sums, so when the flats are shards of larger tensors held by several
 processes (FSDP2), summing every rank's histogram gives the exact threshold of the full tensors:
-``rank`` all-reduces them through the active reducer (:mod:`gmt_plugins.distributed`). Without
+``rank`` all-reduces them through the reducer it is given (:mod:`gmt_plugins.distributed`). Without
 one (a single process, or DDP's whole gradients) no collective is made.
+
+Every function here runs on any device; :mod:`gmt_plugins.engine.dispatch` calls them when no faster
+backend serves a call, and the tests compare each faster backend against them.
 """
 
 from __future__ import annotations
 
-import ctypes
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
-
+from collections.abc import Callable, Sequence
 import torch
 
-from gmt_plugins import native, native_rank
-from gmt_plugins.distributed import ShardReducer, active_reducer
+from gmt_plugins.distributed import ShardReducer
+from gmt_plugins.engine.bits import all_set, pack_bits, popcount
+from gmt_plugins.engine.keys import FLOAT32_MAX_BITS, SCORE_CAP, ScoreKeys, count_nonzero_bits
+from gmt_plugins.engine.types import (
+    DEFAULT_CHUNK_NUMEL,
+    DIGIT_BITS,
+    NUM_BINS,
+    Applied,
+    Cut,
+    KeySource,
+    Ranked,
+    iter_chunks,
+)
 
-DIGIT_BITS = 16
-NUM_BINS = 1 << DIGIT_BITS
-DEFAULT_CHUNK_NUMEL = 1 << 18
-
-
-class KeySource(Protocol):
-    """Maps gradient chunks to integer keys; smaller keys are masked first."""
-
-    key_bits: int
-    """Width of the key space: 16, 32 or 64."""
-
-    cap: int
-    """Keys ``>= cap`` are excluded (non-finite gradients). A multiple of ``2 ** (key_bits - 16)``."""
-
-    def keys(self, index: int, chunk: torch.Tensor, start: int) -> torch.Tensor:
-        """Keys (int32 or int64, ``>= 0``) of the flat gradient ``chunk`` of tensor ``index``,
-        whose first entry sits at flat offset ``start`` of that tensor."""
-        ...
-
-    def key_to_value(self, index: int, key: int) -> float | None:
-        """The threshold as a number a person can read (``|grad|`` for GMT), or ``None``."""
-        ...
-
-
-@dataclass(frozen=True)
-class Cut:
-    """Zero the entries whose key is ``< threshold``, then up to ``ties`` entries whose key equals it.
-
-    ``threshold=None`` means "mask nothing".
-    """
-
-    threshold: int | None
-    ties: int = 0
-
-
-@dataclass
-class Ranked:
-    """What the first histogram pass learned about a group of tensors."""
-
-    rankable: int
-    nonfinite: list[int]
-
-
-def iter_chunks(flat: torch.Tensor, chunk_numel: int) -> Iterator[tuple[int, torch.Tensor]]:
-    for start in range(0, flat.numel(), chunk_numel):
-        yield start, flat[start : start + chunk_numel]
+KernelHistogram = Callable[[torch.Tensor, int, int, torch.Tensor], bool]
+"""``kernel(flat, base, shift, hist)`` adds ``flat``'s digit histogram to ``hist`` and returns True, or
+returns False for a flat it does not serve (see :func:`_histogram`)."""
 
 
 def _histogram(
@@ -88,7 +56,7 @@ def _histogram(
     chunk_numel: int,
     nonfinite: list[int] | None = None,
     gather: bool | None = None,
-    use_native: bool | None = None,
+    kernel: KernelHistogram | None = None,
 ) -> torch.Tensor:
     """Histogram of the 16-bit digit at ``shift``.
 
@@ -99,23 +67,17 @@ def _histogram(
     CUDA (or with ``gather=True``) the bucket is gathered instead; the two branches are twins.
     The spill bins of the clamp branch are only ever sliced off, so both return the same histogram.
 
-    For magnitude keys of CPU tensors the compiled kernel of :mod:`gmt_plugins.native` computes
-    the same histogram in one read (``use_native=None``: when it is available; ``False``: never;
-    ``True``: required). The torch chunks below are its reference twin.
+    ``kernel`` (from :mod:`gmt_plugins.engine.dispatch`) adds the histogram of the flats it serves in
+    one read of each; the torch chunks below are its twin.
     """
     device = flats[0][1].device
     cap_digit = source.cap >> shift
-    # resolved only when a flat can use it: CUDA-only groups never build the kernel nor warn about it
-    wanted = use_native or any(native.supports(flat, source.key_bits) for _, flat in flats)
-    kernel = _native_kernel(source, use_native) if wanted else None
     full = torch.zeros(NUM_BINS + 2, dtype=torch.int64, device=device)  # below, the digits, above
     digits_hist = full[1 : NUM_BINS + 1]
     ones = None
     excluded_before = 0
     for index, flat in flats:
-        if kernel is not None and native.supports(flat, source.key_bits):
-            native.add_histogram(kernel, flat, source.key_bits, base or 0, shift, full)
-        else:
+        if kernel is None or not kernel(flat, base or 0, shift, full):
             for start, chunk in iter_chunks(flat, chunk_numel):
                 keys = source.keys(index, chunk, start)
                 target = full
@@ -181,49 +143,6 @@ def histogram_across_devices(
     return total
 
 
-def _native_kernel(source: KeySource, use_native: bool | None) -> ctypes.CDLL | None:
-    """The compiled kernel when it may serve ``source`` (exact magnitude keys): ``use_native=None``
-    follows ``GMT_PLUGINS_NATIVE``, ``False`` declines it, ``True`` raises when it cannot serve."""
-    serves = getattr(source, "native_keys", False)
-    if use_native and not serves:
-        raise ValueError(f"the compiled histogram only computes magnitude keys, not those of {type(source).__name__}")
-    kernel = native.library() if serves and use_native is not False else None
-    if use_native and kernel is None:
-        raise native.NativeUnavailable(f"the compiled histogram is unavailable ({native.ENV}={native.mode()})")
-    return kernel
-
-
-def _kernel_keys(source: KeySource, flats: Sequence[tuple[int, torch.Tensor]]) -> list[native_rank.NativeKeys] | None:
-    """What the many-tensor kernel needs to compute every flat's keys itself, or ``None``."""
-    describe = getattr(source, "native_source", None)
-    if describe is None or not native_rank.usable([flat for _, flat in flats]):
-        return None
-    keys = [describe(index, flat) for index, flat in flats]
-    return None if any(k is None for k in keys) else keys
-
-
-def _rank_native(
-    source: KeySource,
-    flats: Sequence[tuple[int, torch.Tensor]],
-    ratio: float | None,
-    k: int | None,
-    warm: dict[str, int] | None,
-    group: str,
-) -> tuple[Cut, Ranked] | None:
-    keys = _kernel_keys(source, flats)
-    lib = native.library() if keys is not None else None
-    if lib is None:
-        return None
-    hint = warm.get(group) if warm is not None and native_rank.hint_helps(keys) else None
-    result = native_rank.rank_group(
-        lib, [flat for _, flat in flats], keys, key_bits=source.key_bits, cap=source.cap, ratio=ratio, k=k, hint=hint,
-    )
-    if warm is not None and result.boundary is not None:
-        warm[group] = result.boundary
-    ranked = Ranked(rankable=result.rankable, nonfinite=result.nonfinite)
-    return Cut(result.threshold, result.ties if result.threshold is not None else 0), ranked
-
-
 def _locate(hist: torch.Tensor, k: int) -> tuple[int, int]:
     """The bin holding the k-th smallest entry (1-based) and how many entries lie in lower bins."""
     cumulative = hist.cumsum(0)
@@ -240,39 +159,28 @@ def rank(
     k: int | None = None,
     chunk_numel: int = DEFAULT_CHUNK_NUMEL,
     reducer: ShardReducer | None = None,
-    warm: dict[str, int] | None = None,
-    group: str = "",
+    kernel: KernelHistogram | None = None,
 ) -> tuple[Cut, Ranked]:
     """Find the cut that masks ``k`` entries (default ``floor(ratio * rankable)``) over all of ``flats``.
 
     ``flats`` are ``(index, flat_gradient)`` pairs; call it with one pair for the per-tensor scope
     and with all pairs for the global scope. ``k`` larger than the rankable count is clipped to it.
 
-    ``reducer`` (default: the one :func:`gmt_plugins.distributed.active_reducer` returns, set by
-    the masker while gradients are sharded) sums every histogram and the non-finite counts over
+    ``reducer`` (set by the masker while gradients are sharded) sums every histogram and the non-finite counts over
     the processes holding the other shards; ``k``, ``rankable``, ``nonfinite`` and the cut are
     then those of the full tensors, identical on every rank (``ties`` still counts over the full
     tensors in flat order: the masker splits it between shards). Every rank must call ``rank``
     for the same groups in the same order.
 
-    Without a reducer, a group the compiled kernel can serve whole (:mod:`gmt_plugins.native_rank`)
-    is ranked by one call; the passes below are its twin. ``warm[group]`` then holds the boundary
-    bin of this group's previous call, which the kernel takes as a hint for random keys and scores (see
-    :mod:`gmt_plugins.native_rank`); it changes nothing but the time.
+    ``kernel`` computes the histograms of the flats it serves (see :func:`_histogram`).
     """
     if (ratio is None) == (k is None):
         raise TypeError("rank() takes exactly one of ratio and k")
-    if reducer is None:
-        reducer = active_reducer()
     top_shift = source.key_bits - DIGIT_BITS
     if not flats:
         return Cut(None), Ranked(rankable=0, nonfinite=[])
-    if reducer is None:
-        ranked_natively = _rank_native(source, flats, ratio, k, warm, group)
-        if ranked_natively is not None:
-            return ranked_natively
     nonfinite: list[int] = []
-    hist = histogram_across_devices(source, flats, shift=top_shift, base=None, chunk_numel=chunk_numel, nonfinite=nonfinite)
+    hist = histogram_across_devices(source, flats, shift=top_shift, base=None, chunk_numel=chunk_numel, nonfinite=nonfinite, kernel=kernel)
     if reducer is not None:
         hist, nonfinite = reducer.sum_histogram(hist, nonfinite)
     rankable = int(hist[: source.cap >> top_shift].sum().item())
@@ -284,7 +192,7 @@ def rank(
     prefix, remaining = digit, k - below
     for shift in range(top_shift - DIGIT_BITS, -1, -DIGIT_BITS):
         base = prefix << (shift + DIGIT_BITS)
-        hist = histogram_across_devices(source, flats, shift=shift, base=base, chunk_numel=chunk_numel)
+        hist = histogram_across_devices(source, flats, shift=shift, base=base, chunk_numel=chunk_numel, kernel=kernel)
         if reducer is not None:
             reducer.sum_(hist)
         digit, below = _locate(hist, remaining)
@@ -311,16 +219,7 @@ def select_chunk(keys: torch.Tensor, threshold: int, ties_left: int) -> tuple[to
     return mask | equal, n_equal
 
 
-class Applied(NamedTuple):
-    """What :func:`apply_cut_counted` did to one flat."""
-
-    masked: int
-    ties_used: int
-    masked_nonzero: int
-    """Masked entries whose gradient was nonzero (masked entries are always finite)."""
-
-
-def apply_cut_counted(
+def apply_cut(
     source: KeySource,
     index: int,
     flat: torch.Tensor,
@@ -333,7 +232,7 @@ def apply_cut_counted(
 
     Returns the counts (:class:`Applied`), ``masked_nonzero`` taken in the same pass. When
     ``record`` (a flat bool tensor shaped like ``flat``) is given, it receives the mask. Sources
-    whose ``has_zero_below`` is true offer a ``zero_below(index, chunk, threshold)`` fast path
+    whose ``exact_magnitude`` is true offer a ``zero_below(index, chunk, threshold)`` fast path
     (magnitude keys), taken for chunks that need no tie breaking; the generic path below is its twin.
     """
     if cut.threshold is None:
@@ -341,11 +240,7 @@ def apply_cut_counted(
             record.zero_()
         return Applied(0, 0, 0)
     threshold, ties_left = cut.threshold, cut.ties
-    keys = _kernel_keys(source, [(index, flat)]) if record is None or native_rank.usable([record], None) else None
-    lib = native.library() if keys is not None else None
-    if lib is not None:  # one C pass; the chunks below are its twin
-        return Applied(*native_rank.apply(lib, flat, keys[0], threshold, ties_left, record))
-    fast = source.zero_below if getattr(source, "has_zero_below", False) else None
+    fast = source.zero_below if getattr(source, "exact_magnitude", False) else None
     masked = torch.zeros((), dtype=torch.int64, device=flat.device)
     nonzero = torch.zeros((), dtype=torch.int64, device=flat.device)
     ties_used = 0
@@ -381,3 +276,134 @@ def count_equal(source: KeySource, index: int, flat: torch.Tensor, key: int, *, 
     for start, chunk in iter_chunks(flat, chunk_numel):
         total += (source.keys(index, chunk, start) == key).sum()
     return int(total.item())
+
+
+# --- torch twins of the kernel's other operations ---------------------------------------------
+
+
+def count_nonfinite(flat: torch.Tensor, chunk_numel: int) -> int:
+    """NaN/inf entries of ``flat``, counted chunk by chunk (no full-size scratch buffer)."""
+    total = 0
+    for _, chunk in iter_chunks(flat, chunk_numel):
+        total += int((~torch.isfinite(chunk)).sum().item())
+    return total
+
+
+def count_zeros(flat: torch.Tensor, chunk_numel: int) -> int:
+    """Entries of ``flat`` that are +0 or -0."""
+    zeros = torch.zeros((), dtype=torch.int64, device=flat.device)
+    for _, chunk in iter_chunks(flat, chunk_numel):
+        zeros += chunk.numel() - count_nonzero_bits(chunk)
+    return int(zeros.item())
+
+
+def ema_update(ema: torch.Tensor, grad: torch.Tensor, beta: float, *, first: bool) -> None:
+    """``ema = beta * ema + (1 - beta) * grad`` in place where ``grad`` is finite (``first``: the finite
+    gradient, 0 elsewhere); ``ema`` is a flat float32 tensor on ``grad``'s device."""
+    grad = grad.to(torch.float32)
+    finite = torch.isfinite(grad)
+    if first:
+        ema.copy_(torch.where(finite, grad, 0.0))
+    else:
+        ema.copy_(torch.where(finite, beta * ema + (1 - beta) * grad, ema))
+
+
+def accumulate_finite(acc: torch.Tensor | None, grad: torch.Tensor, *, square: bool = False) -> torch.Tensor:
+    """A finite copy of ``grad`` (squared with ``square``) as float32, added to ``acc`` in place
+    (a new tensor when ``acc`` is ``None``)."""
+    finite = torch.nan_to_num(grad.float(), nan=0.0, posinf=0.0, neginf=0.0)  # a copy: grad is not changed
+    if square:
+        finite.square_()
+    return finite if acc is None else acc.add_(finite)
+
+
+def key_scores(score: torch.Tensor, excluded: torch.Tensor | None, *, largest: bool) -> torch.Tensor:
+    """Float32 values whose bit patterns are the :class:`~gmt_plugins.engine.keys.ScoreKeys` keys of
+    ``score`` (``largest`` first), +inf where the score is not finite or ``excluded`` flags it."""
+    bits = score.float().reshape(-1).view(torch.int32) & 0x7FFF_FFFF
+    rankable = bits < SCORE_CAP
+    if excluded is not None:
+        rankable &= ~excluded.reshape(-1)
+    key = FLOAT32_MAX_BITS - bits if largest else bits
+    return torch.where(rankable, key, SCORE_CAP).view(torch.float32)
+
+
+def pack_mask_bits(mask: torch.Tensor, *, invert: bool) -> torch.Tensor:
+    """A flat bool mask packed 64 entries to an int64 word (entry ``i`` at bit ``i % 64`` of word
+    ``i // 64``, the bits past the end 0), inverted with ``invert``: the bits summed as powers of two."""
+    flags = (~mask if invert else mask).to(torch.int64).cpu()
+    padded = torch.zeros((mask.numel() + 63) // 64 * 64, dtype=torch.int64)
+    padded[: mask.numel()] = flags
+    words = padded.view(-1, 64)
+    weights = torch.tensor([1 << j for j in range(63)] + [-(1 << 63)], dtype=torch.int64)  # bit 63 is the sign
+    return (words * weights).sum(dim=1)
+
+
+def mark(source: KeySource, flats: Sequence[tuple[int, torch.Tensor]], cut: Cut, chunk_numel: int) -> list[torch.Tensor]:
+    """Flat bool masks of the entries ``cut`` selects, the ``ties`` budget spent over ``flats`` in order."""
+    out = [torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device) for _, flat in flats]
+    if cut.threshold is None:
+        return out
+    ties_left = cut.ties
+    for (index, flat), mask in zip(flats, out):
+        for start, chunk in iter_chunks(flat, chunk_numel):
+            selected, n_equal = select_chunk(source.keys(index, chunk, start), cut.threshold, ties_left)
+            ties_left -= n_equal
+            mask[start : start + chunk.numel()] = selected
+    return out
+
+
+def gather_masked(flat: torch.Tensor, mask: torch.Tensor, chunk_numel: int) -> list[torch.Tensor]:
+    """The entries of ``flat`` that the flat bool ``mask`` selects, one tensor per chunk."""
+    return [chunk[m] for (_, chunk), (_, m) in zip(iter_chunks(flat, chunk_numel), iter_chunks(mask, chunk_numel))]
+
+
+def scatter_masked(flat: torch.Tensor, mask: torch.Tensor, saved: list[torch.Tensor], chunk_numel: int) -> int:
+    """Write :func:`gather_masked`'s output back; returns the number of entries written."""
+    written = 0
+    for ((_, chunk), (_, m)), values in zip(zip(iter_chunks(flat, chunk_numel), iter_chunks(mask, chunk_numel)), saved):
+        chunk[m] = values
+        written += values.numel()
+    return written
+
+
+def observe_coverage(
+    mask: torch.Tensor | None, numel: int, updated: torch.Tensor | None, previous: torch.Tensor | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, int, int | None]:
+    """Fold one step's mask (flat bool, True = masked; ``None``: every entry masked) into the packed bit
+    sets ``updated`` (updated at least once) and ``previous`` (masked at the last step; ``None`` the first
+    time). Returns the new sets, the entries updated so far and the entries whose masked state changed."""
+    packed_mask = pack_bits(mask) if mask is not None else all_set(numel, device)
+    kept = all_set(numel, device) & ~packed_mask  # padding bits stay 0
+    updated = kept if updated is None else updated.to(device) | kept
+    changed = None if previous is None else popcount(previous.to(device) ^ packed_mask)
+    return updated, packed_mask, popcount(updated), changed
+
+
+def id3_grow(
+    grads: Sequence[torch.Tensor],
+    thetas: Sequence[torch.Tensor],
+    updatable: Sequence[torch.Tensor],
+    masked: Sequence[torch.Tensor],
+    *,
+    eps: float,
+    exponent: float,
+    k: int,
+    chunk_numel: int,
+) -> list[int]:
+    """Make the ``k`` still-masked entries with the largest ``|grad| / (eps + |theta|) ** exponent`` (float32)
+    updatable, over all tensors (ties in order): set in ``updatable`` and cleared in ``masked`` in place.
+    Returns how many entries each tensor gained."""
+    def score(index: int, chunk: torch.Tensor, start: int) -> torch.Tensor:
+        theta = thetas[index][start : start + chunk.numel()].to(torch.float32)
+        return chunk.to(torch.float32).abs() / (eps + theta.abs()).pow(exponent)
+
+    source = ScoreKeys(score, largest=True, excluded=updatable)
+    flats = list(enumerate(grads))
+    cut, _ = rank(source, flats, k=k, chunk_numel=chunk_numel)
+    added = []
+    for kept, still, new in zip(updatable, masked, mark(source, flats, cut, chunk_numel)):
+        kept |= new
+        still &= ~new
+        added.append(int(new.sum().item()))
+    return added

@@ -1,8 +1,8 @@
-"""id3's growth step in one call of the C kernel (``gmt_id3_grow`` in ``_native/histogram.c``).
+"""id3's growth step in one call of the C kernel (``gmt_id3_grow``).
 
 At each growth step id3 adds to its updatable set the ``k`` still-masked entries with the largest
 ``|grad| / (eps + |theta|) ** exponent`` over all tensors. Its torch path (``ScoreKeys`` chunks,
-``cut_for_count``, ``mark`` and bool algebra in :mod:`gmt_plugins.strategies.id3`) is the reference
+``rank``, ``mark`` and bool algebra in :func:`gmt_plugins.engine.reference.id3_grow`) is the reference
 twin; the kernel computes the same float32 scores and keys bit for bit, ranks them and writes the
 chosen entries straight into the strategy's two byte masks (``updatable`` and its negation
 ``masked``, which the engine's stored-mask apply reads), returning per tensor how many it added and
@@ -30,9 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gmt_plugins import native
 
-# exponent -> the kernel's denominator kind (ID3_DISPATCH in _native/histogram.c)
+# exponent -> the kernel's denominator kind (ID3_DISPATCH in the C sources)
 EXPONENT_KINDS = {0.0: 0, 1.0: 1, 2.0: 2, 3.0: 3}
 TABLES = 4
 BINS = 1 << 16
@@ -199,7 +198,3 @@ def _hist() -> torch.Tensor:
         hist = _scratch.hist = torch.zeros(TABLES * BINS, dtype=torch.int32)
     return hist
 
-
-def library() -> ctypes.CDLL | None:
-    """The kernel when ``GMT_PLUGINS_NATIVE`` allows it and it builds (``None`` otherwise)."""
-    return native.library()

@@ -1,13 +1,10 @@
-"""The many-tensor engine: a whole group ranked, and a tensor masked, by one call of the C kernel.
+"""The CPU kernel's ranking and apply: a whole group ranked, and a tensor masked, by one call.
 
-:func:`gmt_plugins.selection.rank` and :func:`~gmt_plugins.selection.apply_cut_counted` hand a group here
-when every flat is a contiguous CPU tensor whose key source describes its keys to the kernel
-(``native_source``): magnitude keys (:class:`~gmt_plugins.keys.MagnitudeKeys`), the random hash
-(:class:`~gmt_plugins.keys.RandomKeys`) and float32 scores
-(:class:`~gmt_plugins.strategies._masks.ScoreKeys`). The kernel (``gmt_rank_group`` and
-``gmt_apply`` in ``_native/histogram.c``) does in one call what the per-pass engine does with a
-loop of histogram calls and per-tensor torch bookkeeping, with the same result bit for bit: the
-per-pass engine (kernel histograms, and the torch passes) is its reference twin in the tests.
+:mod:`gmt_plugins.engine.dispatch` hands a group here when every flat is a contiguous CPU tensor whose
+key source :func:`describe` can describe to the kernel: magnitude keys, the random hash, stored float32
+scores and stored masks (:mod:`gmt_plugins.engine.keys`). The kernel (``gmt_rank_group`` and
+``gmt_apply``) does in one call what the per-pass ranking of :mod:`gmt_plugins.engine.reference` does
+with a loop of histogram passes, with the same result bit for bit: the reference is its twin in the tests.
 
 Window scan: when it knows a window of top digits that should hold the boundary, the kernel reads
 each tensor once, counting the keys below the window and copying those inside it, and finds the
@@ -28,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from gmt_plugins import native
+from gmt_plugins.engine.keys import MagnitudeKeys, MaskKeys, RandomKeys, ScoreKeys, StoredMask
 
-# kinds of key the kernel computes (enum in _native/histogram.c)
+# kinds of key the kernel computes (the enum of the C sources)
 KIND_F32, KIND_BF16_WIDE, KIND_16, KIND_RANDOM_32, KIND_RANDOM_16, KIND_RANDOM_64, KIND_SCORE, KIND_MASK = range(8)
 TABLES = 4
 BINS = 1 << 16
@@ -247,7 +244,7 @@ def usable(flats: Sequence[torch.Tensor], record: torch.Tensor | None = None) ->
 
 
 def splitmix64(x: int) -> int:
-    """The splitmix64 finaliser on a Python int (mod 2**64), as :func:`gmt_plugins.keys.splitmix64`."""
+    """The splitmix64 finaliser on a Python int (mod 2**64), as :func:`gmt_plugins.engine.keys.splitmix64`."""
     mask = 2**64 - 1
     x = (x * 0x9E3779B97F4A7C15) & mask
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
@@ -255,15 +252,12 @@ def splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def library() -> ctypes.CDLL | None:
-    """The kernel when ``GMT_PLUGINS_NATIVE`` allows it and it builds (``None`` otherwise)."""
-    return native.library()
 
 
 def ema_f32(lib: ctypes.CDLL, ema: torch.Tensor, grad: torch.Tensor, beta: float, *, first: bool) -> None:
     """gmt_momentum's EMA update of ``ema`` in place (``first``: set it to the finite gradient), bit for
     bit what ``torch.where(isfinite(g), beta * ema + (1 - beta) * g, ema)`` gives for fp32 tensors."""
-    if not (ema_usable(ema) and ema_usable(grad) and ema.numel() == grad.numel()):
+    if not (contiguous_cpu_f32(ema) and contiguous_cpu_f32(grad) and ema.numel() == grad.numel()):
         raise ValueError("ema_f32 takes contiguous CPU float32 tensors of one size")
     function = lib.gmt_ema_f32
     function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_int32]
@@ -271,7 +265,8 @@ def ema_f32(lib: ctypes.CDLL, ema: torch.Tensor, grad: torch.Tensor, beta: float
     function(ema.data_ptr(), grad.data_ptr(), grad.numel(), beta, 1 - beta, int(first))
 
 
-def ema_usable(t: torch.Tensor) -> bool:
+def contiguous_cpu_f32(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a contiguous CPU float32 tensor, the only kind the float32 kernels read."""
     return t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
 
 
@@ -288,7 +283,7 @@ def count_nonfinite_f32(lib: ctypes.CDLL, flat: torch.Tensor) -> int:
 
 @dataclass(frozen=True, eq=False)
 class Preselection:
-    """What :func:`random_rank_group` (or :func:`ema_rank_group`) learnt of a group's keys in the read
+    """What :func:`random_rank_group` (or :func:`ema_rank_groups`) learnt of a group's keys in the read
     that ranked them, for :func:`apply`: per entry one bit "finite and key < ``lo``" (``bits``, int64
     words, member ``t`` from word ``word_offsets[t]``), and the keys in ``[lo, hi)`` with their
     positions (``cand_key``, ``cand_pos``; member ``t``'s from ``cand_start[t]`` to
@@ -390,7 +385,7 @@ def random_rank_group(
 def apply_preselected(
     lib: ctypes.CDLL, flat: torch.Tensor, keys: NativeKeys, threshold: int, ties: int, record: torch.Tensor | None
 ) -> tuple[int, int, int]:
-    """:func:`apply` for a flat whose keys :func:`random_rank_group` or :func:`ema_rank_group` kept: one
+    """:func:`apply` for a flat whose keys :func:`random_rank_group` or :func:`ema_rank_groups` kept: one
     bit per entry and the window's keys are read, no key is computed. ``(masked, ties_used,
     masked_nonzero)`` as :func:`apply`."""
     selection = keys.selection
@@ -413,89 +408,6 @@ def apply_preselected(
         threshold, ties, None if record is None else record.data_ptr(), out,
     )
     return out[0], out[1], out[2]
-
-
-# --- gmt_momentum: the EMA update fused with the first ranking pass (gmt_ema_rank) -------------
-
-_ema_declared: set[int] = set()
-# ema_rank_group's first read histograms every 2**EMA_SAMPLE_SHIFT-th key: fewer counts, a wider window
-EMA_SAMPLE_SHIFT = 3
-EMA_SAMPLE_FROM = 1 << 16
-
-
-def ema_rank_group(
-    lib: ctypes.CDLL,
-    grads: Sequence[torch.Tensor],
-    emas: Sequence[torch.Tensor],
-    first: Sequence[bool],
-    *,
-    beta: float,
-    ratio: float | None,
-    k: int | None,
-    sample_shift: int | None = None,
-) -> tuple[GroupResult | None, Preselection | None]:
-    """Update every EMA in place as :func:`ema_f32` does (``first[t]``: set it to the finite gradient)
-    and rank the group by the score keys of the updated EMAs (:class:`~gmt_plugins.strategies._masks.ScoreKeys`)
-    in one call: one read of gradient and EMA and one write of the EMA, which also histograms every
-    ``2**sample_shift``-th key, then one read of the EMA (and of the gradient where it holds NaN/inf)
-    that counts the keys below a window the sample chose and keeps those inside it, as
-    :func:`random_rank_group` does (``sample_shift`` 0: every key counted, the window is the boundary
-    bin). ``(None, None)`` when the k-th key fell outside the window or its keys overflowed the
-    buffer: the EMAs are updated all the same; rank them with :func:`rank_group`. :func:`ema_f32` then
-    :func:`rank_group` is the twin."""
-    if len(grads) != len(emas) or len(grads) != len(first) or not grads:
-        raise ValueError("ema_rank_group takes as many gradients, EMAs and first flags, at least one")
-    for g, e in zip(grads, emas):
-        if not (ema_usable(g) and ema_usable(e) and g.numel() == e.numel()):
-            raise ValueError("ema_rank_group takes contiguous CPU float32 gradients and EMAs of equal sizes")
-    total = sum(g.numel() for g in grads)
-    if sample_shift is None:  # a small group's sample would be too small to place a narrow window
-        sample_shift = EMA_SAMPLE_SHIFT if total >= EMA_SAMPLE_FROM else 0
-    if not 0 <= sample_shift <= 10:
-        raise ValueError(f"sample_shift must be in [0, 10], got {sample_shift}")
-    if id(lib) not in _ema_declared:
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.gmt_ema_rank.argtypes = [
-            ctypes.POINTER(_Source), i64, ctypes.c_float, ctypes.c_float, p, ctypes.c_double, i64, ctypes.c_uint32,
-            p, p, p, p, p, p, i64, p, p,
-        ]
-        lib.gmt_ema_rank.restype = ctypes.c_int32
-        _ema_declared.add(id(lib))
-    count = len(grads)
-    sizes = [g.numel() for g in grads]
-    total = sum(sizes)
-    if total > MAX_GROUP:
-        raise ValueError(f"ema_rank_group takes at most {MAX_GROUP} entries in one group, got {total}")
-    offsets = [0]
-    for n in sizes:
-        offsets.append(offsets[-1] + (n + 63) // 64)
-    # the window's keys: its expected share is about 12 / sqrt(sampled keys) plus two bins
-    cand_cap = min(total, BINS + total // 16, MAX_CANDIDATES)
-    hist, _ = _buffers(0)
-    bits = torch.empty(max(offsets[-1], 1), dtype=torch.int64)
-    cand_key = torch.empty(max(cand_cap, 1), dtype=torch.int32)
-    cand_pos = torch.empty(max(cand_cap, 1), dtype=torch.int64)
-    sources = (_Source * count)(
-        *[_Source(g.data_ptr(), e.data_ptr(), g.numel(), 0, 0, KIND_SCORE) for g, e in zip(grads, emas)]
-    )
-    firsts = (ctypes.c_int32 * count)(*[int(bool(f)) for f in first])
-    word_offsets = (ctypes.c_int64 * count)(*offsets[:-1])
-    cand_start = (ctypes.c_int64 * (count + 1))()
-    nonfinite = (ctypes.c_int64 * count)()
-    out = (ctypes.c_int64 * 5)()
-    ranked = lib.gmt_ema_rank(
-        sources, count, beta, 1 - beta, firsts, 0.0 if ratio is None else float(ratio), -1 if k is None else max(int(k), 0),
-        sample_shift, hist.data_ptr(), bits.data_ptr(), word_offsets, cand_key.data_ptr(), cand_pos.data_ptr(), cand_start,
-        cand_cap, nonfinite, out,
-    )
-    if not ranked:
-        return None, None
-    threshold, ties, rankable, lo, hi = out
-    result = GroupResult(
-        threshold=None if threshold < 0 else threshold, ties=ties, rankable=rankable, nonfinite=nonfinite[:count],
-        boundary=None, second_pass=True,
-    )
-    return result, Preselection(bits, offsets[:-1], cand_key, cand_pos, cand_start[: count + 1], lo, hi)
 
 
 # --- stored masks read as bits, gradient sums (the stored-mask section of _native/histogram.c) ---
@@ -545,7 +457,7 @@ def apply_mask_bits(lib: ctypes.CDLL, flat: torch.Tensor, bits: torch.Tensor, re
     """The stored-mask step from packed bits: zero the finite entries of the fp32 ``flat`` whose bit is
     set; ``(masked, 0, masked_nonzero)`` as :func:`apply` gives for ``KIND_MASK`` at threshold 1, no ties
     (its twin in the tests)."""
-    if not ema_usable(flat) or bits.dtype != torch.int64 or bits.device.type != "cpu" or not bits.is_contiguous():
+    if not contiguous_cpu_f32(flat) or bits.dtype != torch.int64 or bits.device.type != "cpu" or not bits.is_contiguous():
         raise ValueError("apply_mask_bits takes a contiguous CPU float32 gradient and contiguous CPU int64 bits")
     if bits.numel() < (flat.numel() + 63) // 64:
         raise ValueError(f"apply_mask_bits: {bits.numel()} words cannot hold {flat.numel()} entries")
@@ -560,7 +472,7 @@ def accumulate_finite_f32(lib: ctypes.CDLL, acc: torch.Tensor, grad: torch.Tenso
     """``acc`` (+)= the finite entries of ``grad`` (squared with ``square``), NaN/inf counting as +0, in
     place and in one read of ``grad``; ``first``: ``acc`` is overwritten. Bit for bit the torch twin
     :func:`gmt_plugins.strategies._masks.reference_accumulate_finite` (``nan_to_num``, ``square_``, ``add_``)."""
-    if not (ema_usable(acc) and ema_usable(grad) and acc.numel() == grad.numel()):
+    if not (contiguous_cpu_f32(acc) and contiguous_cpu_f32(grad) and acc.numel() == grad.numel()):
         raise ValueError("accumulate_finite_f32 takes contiguous CPU float32 tensors of one size")
     _declare_stored(lib)
     if grad.numel():
@@ -573,7 +485,7 @@ def score_keys_f32(lib: ctypes.CDLL, score: torch.Tensor, excluded: torch.Tensor
     flags_ok = excluded is None or (
         excluded.dtype == torch.bool and excluded.device.type == "cpu" and excluded.is_contiguous() and excluded.numel() == score.numel()
     )
-    if not ema_usable(score) or not flags_ok:
+    if not contiguous_cpu_f32(score) or not flags_ok:
         raise ValueError("score_keys_f32 takes a contiguous CPU float32 score and, optionally, contiguous CPU bool flags of its size")
     _declare_stored(lib)
     out = torch.empty(score.numel(), dtype=torch.float32)
@@ -583,6 +495,11 @@ def score_keys_f32(lib: ctypes.CDLL, score: torch.Tensor, excluded: torch.Tensor
 
 
 # --- gmt_momentum in one read per tensor, many groups per call (gmt_ema_rank_groups) ---------------
+
+# the first read histograms every 2**EMA_SAMPLE_SHIFT-th key of groups of EMA_SAMPLE_FROM entries or
+# more (fewer counts, a wider window); a smaller group's sample would be too small to place a narrow window
+EMA_SAMPLE_SHIFT = 3
+EMA_SAMPLE_FROM = 1 << 16
 
 _groups_declared: set[int] = set()
 
@@ -599,7 +516,7 @@ def ema_rank_groups(
     k: int | None,
 ) -> list[tuple[GroupResult | None, Preselection | None]]:
     """Update every EMA in place as :func:`ema_f32` does and rank each group by the score keys of its
-    updated EMAs exactly as :func:`ema_rank_group` does (same sampling, windows and cuts), for many
+    updated EMAs (sampled windows, then the cuts), for many
     groups in one kernel call: ``groups[g]`` is the number of tensors of group ``g``, in order (tensor
     scope: ``[1] * len(grads)``; global scope: ``[len(grads)]``). One call per step instead of one per
     tensor: per call, Python, ctypes and fresh buffers cost about as much as ranking a 100k-entry
@@ -611,7 +528,7 @@ def ema_rank_groups(
     if any(int(c) < 1 for c in groups) or sum(groups) != len(grads):
         raise ValueError(f"groups must be positive tensor counts adding up to {len(grads)}, got {list(groups)[:8]}...")
     for g, e in zip(grads, emas):
-        if not (ema_usable(g) and ema_usable(e) and g.numel() == e.numel()):
+        if not (contiguous_cpu_f32(g) and contiguous_cpu_f32(e) and g.numel() == e.numel()):
             raise ValueError("ema_rank_groups takes contiguous CPU float32 gradients and EMAs of equal sizes")
     count = len(grads)
     sizes = [g.numel() for g in grads]
@@ -696,3 +613,63 @@ def _reused_buffers(words: int, candidates: int) -> _ReusedBuffers:
         held.cand_pos = torch.empty(candidates, dtype=torch.int64)
     held.generation += 1
     return held
+
+
+# --- key sources as the kernel computes them ----------------------------------------------------
+
+_MAGNITUDE = {
+    (torch.float32, 32): KIND_F32,
+    (torch.bfloat16, 32): KIND_BF16_WIDE,
+    (torch.bfloat16, 16): KIND_16,
+    (torch.float16, 16): KIND_16,
+}
+_RANDOM = {2: KIND_RANDOM_16, 4: KIND_RANDOM_32, 8: KIND_RANDOM_64}
+
+
+def describe(source: object, index: int, flat: torch.Tensor) -> NativeKeys | None:
+    """How the kernel computes the keys of ``source`` for its tensor ``index`` (``flat``), or ``None``
+    when it cannot compute exactly the keys ``source.keys`` gives."""
+    if isinstance(source, MagnitudeKeys):
+        kind = _MAGNITUDE.get((flat.dtype, source.key_bits)) if source.exact_magnitude else None
+        return None if kind is None else NativeKeys(kind)
+    if isinstance(source, RandomKeys):
+        if not source.exact_hash or not flat.is_floating_point() or flat.element_size() not in _RANDOM:
+            return None
+        return NativeKeys(_RANDOM[flat.element_size()], seed=splitmix64(source.salt(index) & (2**64 - 1)))
+    if isinstance(source, ScoreKeys):
+        if not source.stored_smallest_first:
+            return None
+        score = source.tensors[index]
+        usable = flat.dtype == torch.float32 and score.dtype == torch.float32 and score.device.type == "cpu"
+        if not usable or not score.is_contiguous() or score.numel() != flat.numel():
+            return None
+        return NativeKeys(KIND_SCORE, score=score)
+    if isinstance(source, MaskKeys):
+        return _describe_mask(source, index, flat)
+    return None
+
+
+def _describe_mask(source: MaskKeys, index: int, flat: torch.Tensor) -> NativeKeys | None:
+    """Stored masks of fp32 CPU gradients: a bool for the whole tensor, a flat bool mask (True =
+    masked) or a :class:`StoredMask` of kept entries (with its packed bits, when they were packed)."""
+    masked = source.masked[index]
+    if not source.exact_masks or not contiguous_cpu_f32(flat) or masked is False:
+        return None
+    if masked is True:
+        return NativeKeys(KIND_MASK)
+    stored = isinstance(masked, StoredMask)
+    flags = masked.kept if stored else masked
+    usable = flags.dtype == torch.bool and flags.device.type == "cpu" and flags.is_contiguous()
+    if not usable or flags.numel() != flat.numel():
+        return None
+    if stored:
+        return NativeKeys(KIND_MASK, score=flags, kept=True, bits=masked.bits)
+    return NativeKeys(KIND_MASK, score=flags)
+
+
+def coverage_observe(lib: ctypes.CDLL, mask: torch.Tensor | None, numel: int, updated: torch.Tensor, previous: torch.Tensor, first: bool) -> tuple[int, int]:
+    """Fold one step's mask (``None``: every entry masked) into the packed bit sets ``updated`` and
+    ``previous`` in place (``gmt_coverage_observe``); ``(updated entries, changed entries)``."""
+    out = torch.zeros(2, dtype=torch.int64)
+    lib.gmt_coverage_observe(None if mask is None else mask.data_ptr(), numel, updated.data_ptr(), previous.data_ptr(), int(first), out.data_ptr())
+    return int(out[0]), int(out[1])

@@ -1,7 +1,6 @@
-"""The ``gmt`` mask without host synchronisation: one readback per step, for CUDA tensors.
+"""The CUDA backend: the ``gmt`` mask without host synchronisation, one readback per step.
 
-:func:`gmt_plugins.selection.rank` and :func:`~gmt_plugins.selection.apply_cut_counted` decide on
-the host: every tensor's non-finite count, every located bin and every tie count is read back with
+The reference ranking and apply (:mod:`gmt_plugins.engine.reference`) decide on the host: every tensor's non-finite count, every located bin and every tie count is read back with
 ``.item()``, and on CUDA ``torch.bincount`` and ``nonzero`` synchronise too, so a step costs hundreds
 of host synchronisations. Here the same radix selection runs with operations whose output shapes
 never depend on data, and every decision stays on the device:
@@ -27,18 +26,10 @@ none of them synchronising; small tensors are not yet packed together, so the la
 with the number of tensors (``benchmarks/device_path.py`` compares both paths).
 
 The masks, statistics and thresholds are exactly those of the host path (the tests compare both, and
-both against :mod:`tests.reference`). :class:`DevicePlan` is what :class:`~gmt_plugins.strategies.gmt.GMTStrategy`
-returns when :func:`takes` says so: :class:`~gmt_plugins.masker.GradientMasker` executes it here,
-and any other reader of its ``tensors`` gets today's :class:`~gmt_plugins.strategies.base.TensorPlan`
-list (after one readback).
-
-Which path is taken (:data:`MODE`): ``"auto"`` (default) takes this path for whole gradients that all
-sit on one CUDA device; CPU tensors keep the compiled kernel, which is faster there. ``"always"``
-takes it on CPU too (tests and benchmarks), ``"never"`` never. Not taken, whatever the mode:
-``ratio_of="nonzero"``, sharded gradients (FSDP2/FSDP1 shards, DeepSpeed partitions: their
-histograms are all-reduced by the host path), gradients spread over several devices, and key sources
-other than exact :class:`~gmt_plugins.keys.MagnitudeKeys` (a subclass of ``GMTStrategy`` with its own
-keys). Strategies other than ``gmt`` keep the host path.
+both against :mod:`tests.reference`). :mod:`gmt_plugins.engine.dispatch` decides when this path
+serves a step (see its ``DEVICE_MODE``): whole gradients that all sit on one CUDA device, ranked by
+exact magnitude keys with a ratio (``gmt``); the rankings it returns are :class:`DeviceRanking`, and
+their apply masks the whole step here.
 
 Scratch memory: each pass reads chunks of ``max(config.chunk_numel, CHUNK_NUMEL)`` entries on a GPU
 (``config.chunk_numel`` on CPU), with about 12 bytes of temporaries per entry at the apply pass; a
@@ -55,17 +46,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gmt_plugins.distributed import active_reducer
-from gmt_plugins.keys import MagnitudeKeys
-from gmt_plugins.selection import DIGIT_BITS, NUM_BINS, Cut, iter_chunks
-from gmt_plugins.strategies.base import MaskPlan, TensorPlan
-
-if TYPE_CHECKING:
-    from gmt_plugins.strategies.base import GradEntry
-
-MODES = ("auto", "always", "never")
-MODE = "auto"
-"""``"auto"``: CUDA tensors only; ``"always"``: CPU tensors too; ``"never"``: the host path everywhere."""
+from gmt_plugins.engine.keys import MagnitudeKeys
+from gmt_plugins.engine.types import CUDA, DIGIT_BITS, NUM_BINS, Cut, Ranking, iter_chunks
 
 CHUNK_NUMEL = 1 << 24
 """Entries per launch on a GPU (at least ``config.chunk_numel``): large, since every chunk costs launches.
@@ -83,20 +65,6 @@ _LOW = NUM_BINS - 1
 _INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def takes(entries: Sequence[GradEntry], *, ratio_of: str, mode: str | None = None) -> bool:
-    """Whether the device path masks ``entries`` (see the module docstring for the conditions)."""
-    mode = MODE if mode is None else mode
-    if mode not in MODES:
-        raise ValueError(f"gmt_plugins.device_rank.MODE must be one of {MODES}, got {mode!r}")
-    if mode == "never" or not entries or ratio_of != "all":
-        return False
-    if active_reducer() is not None or any(e.shard is not None for e in entries):
-        return False
-    devices = {e.flat.device for e in entries}
-    if len(devices) != 1:
-        return False
-    return mode == "always" or next(iter(devices)).type == "cuda"
-
 
 def exact_magnitude_keys(source: object) -> bool:
     """Only the exact magnitude keys are what this module ranks (it reads ``key_bits`` and ``cap`` and
@@ -111,7 +79,7 @@ class PendingCuts:
     Row ``row_of[i]`` of ``threshold``/``ties``/``has_cut`` is tensor ``i``'s cut, in the keys of
     ``sources[i]`` (one row per tensor in the tensor scope, one shared row and source in the global
     scope). A row without a cut (``k == 0``) masks nothing. The cut is that of
-    :class:`~gmt_plugins.selection.Cut`: every key below ``threshold``, then the first ``ties`` keys
+    :class:`~gmt_plugins.engine.types.Cut`: every key below ``threshold``, then the first ``ties`` keys
     equal to it.
     """
 
@@ -126,8 +94,44 @@ class PendingCuts:
     """Per tensor (global scope) or per row (tensor scope): :meth:`nonfinite_at` says where."""
     chunk_numel: int
 
+    _host: tuple[list[Cut], list[int]] | None = None
+
     def nonfinite_at(self, index: int) -> int:
         return index if self.shared else self.row_of[index]
+
+    def host(self) -> tuple[list[Cut], list[int]]:
+        """Every tensor's cut and non-finite count, read back once (one synchronisation) and kept."""
+        if self._host is None:
+            values = torch.cat([self.threshold, self.ties, self.has_cut.to(torch.int64), self.nonfinite]).tolist()
+            rows = self.threshold.numel()
+            threshold, ties, has_cut = values[:rows], values[rows : 2 * rows], values[2 * rows : 3 * rows]
+            nonfinite = values[3 * rows :]
+            cuts = [Cut(threshold[r], ties[r]) if has_cut[r] else Cut(None) for r in self.row_of]
+            self._host = (cuts, [nonfinite[self.nonfinite_at(i)] for i in range(len(self.flats))])
+        return self._host
+
+
+class DeviceRanking(Ranking):
+    """The ranking of tensor ``position`` of a step ranked on the device: its cut and counts stay there
+    until read (one readback for the whole step), and the apply masks every tensor of the step at once
+    (:func:`apply_on_device`)."""
+
+    def __init__(self, pending: PendingCuts, position: int) -> None:  # not Ranking's fields: they are read back
+        self.pending, self.position = pending, position
+        self.backend, self.state, self.boundary = CUDA, pending, None
+
+    @property  # type: ignore[override]
+    def cut(self) -> Cut:
+        return self.pending.host()[0][self.position]
+
+    @property  # type: ignore[override]
+    def nonfinite(self) -> list[int]:
+        counts = self.pending.host()[1]
+        return counts if self.pending.shared else [counts[self.position]]
+
+    @property  # type: ignore[override]
+    def rankable(self) -> int:
+        raise AttributeError("a device ranking does not read back its rankable count")
 
 
 
@@ -340,54 +344,3 @@ def key_value(source: MagnitudeKeys, key: int) -> float:
         return struct.unpack("<e", struct.pack("<H", key))[0]
     pack, unpack = _UNPACK[source.key_bits]
     return struct.unpack(unpack, struct.pack(pack, key))[0]
-
-
-class DevicePlan(MaskPlan):
-    """A :class:`~gmt_plugins.strategies.base.MaskPlan` whose cuts are still on the device.
-
-    ``GradientMasker`` executes it with :func:`apply_on_device` (one readback per step). Reading
-    ``tensors`` or ``threshold_values()`` reads the cuts back (one synchronisation) and gives exactly
-    the ``TensorPlan`` list the host path plans; ``len(plan.tensors)`` reads nothing.
-    """
-
-    def __init__(self, cuts: PendingCuts) -> None:  # not the dataclass __init__: ``tensors`` is computed
-        self.cuts = cuts
-        self.shared_ties = cuts.shared
-        self._resolved: list[TensorPlan] | None = None
-
-    @property  # type: ignore[override] # MaskPlan's field, read-only here: it is read back from the device
-    def tensors(self) -> _Plans:
-        return _Plans(self)
-
-    def resolve(self) -> list[TensorPlan]:
-        if self._resolved is None:
-            c = self.cuts
-            values = torch.cat([c.threshold, c.ties, c.has_cut.to(torch.int64), c.nonfinite]).tolist()  # one readback
-            rows = c.threshold.numel()
-            threshold, ties, has_cut = values[:rows], values[rows : 2 * rows], values[2 * rows : 3 * rows]
-            nonfinite = values[3 * rows :]
-            self._resolved = []
-            for i, (r, source) in enumerate(zip(c.row_of, c.sources)):
-                cut = Cut(threshold[r], ties[r]) if has_cut[r] else Cut(None)
-                # the host path's indices: the tensor's place in its source's group
-                self._resolved.append(TensorPlan(source, i if c.shared else 0, cut, nonfinite[c.nonfinite_at(i)]))
-        return self._resolved
-
-    def threshold_values(self) -> list[float | None]:
-        return [None if p.cut.threshold is None else key_value(p.source, p.cut.threshold) for p in self.resolve()]
-
-
-class _Plans(Sequence["TensorPlan"]):
-    """``DevicePlan.tensors``: its length without a readback, its items after one."""
-
-    def __init__(self, plan: DevicePlan) -> None:
-        self._plan = plan
-
-    def __len__(self) -> int:
-        return len(self._plan.cuts.flats)
-
-    def __getitem__(self, index):  # type: ignore[no-untyped-def] # Sequence's int/slice overloads
-        return self._plan.resolve()[index]
-
-    def __iter__(self) -> Iterator[TensorPlan]:
-        return iter(self._plan.resolve())
