@@ -5,7 +5,7 @@ checkout's root as working directory and as the first entry of ``sys.path``; the
 run unless ``gmt_plugins`` was imported from under that root. It uses the public API only
 (``GradientMasker`` and ``GMTConfig``'s fields) on strategy_cost.py's tensor set (SmolLM2-135M's
 shapes: 272 tensors, 134.5M fp32 entries, parameters from a seeded generator, no weights needed;
-``--model tiny`` is a 2-layer set for a quick check) and its rows (every strategy and scope). Rows
+``--model tiny`` is a 4-layer set for a quick check) and its rows (every strategy and scope). Rows
 run one at a time, each on freshly built parameters that are freed afterwards. Each row takes
 ``--steps`` steps of ``begin_step()``, seeded gradients (the same bytes in both checkouts), and
 ``apply()`` with ``track_coverage``, ``log_per_tensor`` and ``log_layers``. The gradients hold, by
@@ -53,7 +53,8 @@ sys.path.insert(1, str(Path(__file__).resolve().parent))  # strategy_cost.py, af
 
 import strategy_cost  # noqa: E402 - from this file's folder, so both checkouts get the same set and rows
 
-# strategy_cost.shapes() reads its own table: a small 2-layer set for a quick run
+# strategy_cost.shapes() reads its own table: a small set for a quick run (4 layers, so that lisa and ist,
+# which update 2 layers at a time, freeze some)
 strategy_cost.MODELS.setdefault(
     "tiny", dict(hidden=64, intermediate=160, layers=4, heads=4, kv_heads=2, vocab=512, tied=False)
 )
