@@ -1,4 +1,4 @@
-"""The package's modules import each other without cycles (issue 13 item 10).
+"""The package's modules import each other without cycles, and the engine's backends stay behind its dispatcher.
 
 Module-level imports count, those under ``if TYPE_CHECKING:`` too (a type-only cycle is still two
 modules that each need the other); imports inside functions are deliberate deferrals and do not.
@@ -88,3 +88,45 @@ def test_no_import_cycles_between_modules():
 def test_the_checker_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+BACKENDS = ("gmt_plugins.engine.cpu", "gmt_plugins.engine.cuda", "ctypes")
+
+
+def all_imports(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (functions included)."""
+    name = module_name(path)
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = name.split(".")[: -node.level] if path.name != "__init__.py" else name.split(".")[: len(name.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_no_strategy_or_integration_reaches_past_the_dispatcher():
+    """Strategies, the masker and the integrations say what to mask; which backend does it is the
+    engine's business: none of them imports the CPU kernel, the CUDA path or ctypes."""
+    offenders = {}
+    for path in PACKAGE.rglob("*.py"):
+        if path.is_relative_to(PACKAGE / "engine"):
+            continue
+        bad = sorted(m for m in all_imports(path) if m.startswith(BACKENDS))
+        if bad:
+            offenders[module_name(path)] = bad
+    assert offenders == {}
+
+
+def test_only_the_dispatcher_calls_the_loader():
+    callers = sorted(
+        module_name(p) for p in PACKAGE.rglob("*.py")
+        if "loader.library(" in p.read_text() and module_name(p) != "gmt_plugins.engine.cpu.loader"
+    )
+    assert callers == ["gmt_plugins.engine.dispatch"]
+
