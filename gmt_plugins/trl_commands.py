@@ -158,8 +158,8 @@ def trainer_with_callback(name: str, callback: Any) -> Iterator[list[Any]]:
             setattr(module, class_name, trainer_class)
 
 
-def train(name: str, argv: Sequence[str], *, launched: bool = True) -> None:
-    """Run TRL's ``trl.scripts.<name>.main`` in this process with a ``GMTCallback`` in its trainer.
+def train(name: str, argv: Sequence[str], *, launched: bool = True) -> Any:
+    """Run TRL's ``trl.scripts.<name>.main`` in this process with a ``GMTCallback`` in its trainer; return the trainer.
 
     ``launched``: started by :func:`launch`, whose ``accelerate launch`` used the leftover keys and flags; otherwise
     they are reported as unused.
@@ -176,6 +176,7 @@ def train(name: str, argv: Sequence[str], *, launched: bool = True) -> None:
         trl_script(name).main(*trl_args)
     if len(built) != 1:
         raise RuntimeError(f"trl.scripts.{name}.main built {len(built)} trainers; expected one, with GMT")
+    return built[0]
 
 
 def launch(name: str, argv: Sequence[str]) -> int:
