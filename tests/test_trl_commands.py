@@ -75,14 +75,16 @@ def expected_masked(model_dir: Path, ratio: float) -> int:
         return sum(math.floor(ratio * math.prod(f.get_slice(k).get_shape())) for k in f.keys())
 
 
-def assert_trained_with_gmt(output_dir: Path, *, steps: int, ratio: float, scope: str = "tensor") -> None:
+def assert_trained_with_gmt(output_dir: Path, *, steps: int, ratio: float, scope: str = "tensor", world_size: int = 1) -> None:
     assert (output_dir / "model.safetensors").is_file()  # saved by TRL's script after training
     state = trainer_state(output_dir, steps)
     entries = gmt_entries(state)
     assert [e["step"] for e in entries] == list(range(1, steps + 1))
     assert all(e["gmt/masked_fraction"] == pytest.approx(ratio, abs=2e-3) for e in entries)
-    saved = state["stateful_callbacks"]["GMTCallback"]["args"]
-    assert (saved["mask_ratio"], saved["scope"]) == (ratio, scope)
+    saved = state["stateful_callbacks"]["GMTCallback"]
+    assert (saved["args"]["mask_ratio"], saved["args"]["scope"]) == (ratio, scope)
+    record = saved["attributes"]["resume_state"]
+    assert (record["step"], record["world_size"]) == (steps, world_size)
     if scope == "tensor":
         assert all(e["gmt/masked"] == expected_masked(output_dir, ratio) for e in entries)
 
@@ -278,6 +280,7 @@ def launch(cwd: Path, *argv: str) -> subprocess.CompletedProcess:
 def test_gmt_plugins_sft_launches_through_accelerate(workdir, tmp_path):
     """`gmt-plugins sft --config sft.yaml --mask_ratio 0.3`: accelerate launch starts the worker, which trains."""
     out = launch(workdir, "-m", "gmt_plugins.cli", "sft", "--config", str(CONFIGS / "sft.yaml"), "--mask_ratio", "0.3", *checkpointing(tmp_path, 2))
+    assert "were not passed to `accelerate launch`" in out.stderr  # accelerate's own note on its defaults: it ran
     assert "Model saved to" in out.stdout
     assert_trained_with_gmt(tmp_path, steps=2, ratio=0.3)
 
@@ -296,8 +299,8 @@ def test_accelerate_launch_of_the_cli_module(workdir, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_on_cpu(workdir, tmp_path):
-    """`num_processes: 2` goes to accelerate launch (gloo on CPU); both ranks mask the all-reduced gradient."""
+    """`--multi_gpu --num_processes 2` go to accelerate launch, which starts 2 ranks through torchrun (gloo on CPU;
+    without --multi_gpu its simple launcher starts one process whatever num_processes says)."""
     launch(workdir, "-m", "gmt_plugins.cli", "sft", "--config", str(CONFIGS / "sft.yaml"), "--mask_ratio", "0.3",
-           "--num_processes", "2", *checkpointing(tmp_path, 2))
-    assert_trained_with_gmt(tmp_path, steps=2, ratio=0.3)
-    assert trainer_state(tmp_path, 2)["stateful_callbacks"]["GMTCallback"]["attributes"]  # the GMT record was saved
+           "--multi_gpu", "--num_processes", "2", *checkpointing(tmp_path, 2))
+    assert_trained_with_gmt(tmp_path, steps=2, ratio=0.3, world_size=2)
