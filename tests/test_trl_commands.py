@@ -220,14 +220,18 @@ def under_launcher(in_workdir, monkeypatch):
     return in_workdir
 
 
-def test_sft_in_process_restores_trl(capsys, under_launcher, tmp_path):
+def test_sft_in_process_restores_trl_and_names_unused_launch_flags(capsys, caplog, under_launcher, tmp_path):
     import trl
 
     trainer_class = trl.SFTTrainer
-    status, err = run(capsys, "sft", "--config", CONFIGS / "sft.yaml", "--mask_ratio", "0.3", *checkpointing(tmp_path, 2))
+    status, err = run(
+        capsys, "sft", "--config", CONFIGS / "sft.yaml", "--mask_ratio", "0.3", "--num_processes", "1", *checkpointing(tmp_path, 2)
+    )
     assert status == 0, err
     assert_trained_with_gmt(tmp_path, steps=2, ratio=0.3)
     assert trl.SFTTrainer is trainer_class
+    # Already under a launcher, accelerate's flags are too late: said, not silently dropped.
+    assert "['--num_processes', '1'] are no field of TRL's sft script nor of GMTConfig" in caplog.text
 
 
 @pytest.mark.parametrize(("name", "ratio", "scope"), [("dpo", 0.2, "global"), ("grpo", 0.5, "tensor")])
