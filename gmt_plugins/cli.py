@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from gmt_plugins.plugins import get_plugin_manager, strategy_registry
 
 PROG_ERROR_STATUS = 2
+TRL_COMMANDS = ("sft", "dpo", "grpo", "kto", "rloo", "reward")  # gmt_plugins.trl_commands.TRAINERS, without importing trl
 
 
 def one_line_error(self: argparse.ArgumentParser, message: str) -> None:
@@ -37,6 +38,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gmt_plugins.finetune.cli import main as finetune_main
 
         return finetune_main(args[1:])
+    if args[:1] and args[0] in TRL_COMMANDS:
+        # TRL's own script for that command, with GMTConfig's fields on its parser; imported only here.
+        from gmt_plugins.trl_commands import main as trl_command_main
+
+        return trl_command_main(args[0], args[1:])
     parser = argparse.ArgumentParser(prog="gmt-plugins", description="Gradient-Mask Tuning for the Hugging Face stack")
     parser.error = types.MethodType(one_line_error, parser)  # one line on stderr, exit 2, like the subcommands
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="plain SFT vs Gradient-Mask Tuning side by side (default: SmolLM2-135M on GSM8K, CPU, minutes); "
         "see gmt-plugins finetune --help",
     )
+    for name in TRL_COMMANDS:
+        sub.add_parser(name, add_help=False, help=f"`trl {name}` with GMTConfig's flags and YAML keys; see gmt-plugins {name} --help")
     parsed = parser.parse_args(args)
     if parsed.command == "list":
         print(list_plugins())

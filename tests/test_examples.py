@@ -33,6 +33,7 @@ def test_plain_loop(tmp_path):
         ("sft_gmt.py", r"step 2: loss [\d.]+, masked fraction 0\.200"),
         ("lora_8bit_gmt.py", r"optimizer: bitsandbytes\.AdamW \(quantized state: True\)\nmasked 8 adapter tensors; last step masked fraction 0\.2\d\d"),
         ("dpo_gmt.py", r"step 2: loss [\d.]+, masked fraction 0\.200"),
+        ("grpo_gmt.py", r"step 2: reward -[\d.]+, masked fraction 0\.500 \(59872/119744 entries\)"),
     ],
 )
 def test_trainer_examples_tiny(name, pattern, tmp_path):
