@@ -69,8 +69,10 @@ install_axolotl() {
 install_llamafactory() {
     # --isolated ignores the user's and environment's pip configuration (a local CPU wheel or index), so
     # torch is PyPI's default build, the one PyPI's torchvision and torchaudio are linked against.
+    # llamafactory leaves torch unpinned: naming torch==2.13.0 again keeps it, and picks the torchvision
+    # built for it (the newest torchvision would replace torch).
     "$1" -m pip install --isolated torch==2.13.0
-    "$1" -m pip install --isolated llamafactory==0.9.5
+    "$1" -m pip install --isolated llamafactory==0.9.5 torch==2.13.0
     install_checkout "$1" --isolated
 }
 

@@ -44,6 +44,10 @@ class StepReport:
     unchanged: int = 0
     total: int = 0
     expected: int = 0
+    tensors: int = 0
+    held: int = 0
+    dense: int = 0
+    exact: int = 0
     problems: list[str] = field(default_factory=list)
 
 
@@ -72,10 +76,13 @@ def compare_step(step: int, before: dict[str, torch.Tensor], after: dict[str, to
         n = new.numel()
         unchanged = int((old == new).sum())
         masked = math.floor(ratio * n)
+        dense = not any(part in name for part in SPARSE_GRADIENT)
         report.unchanged, report.total, report.expected = report.unchanged + unchanged, report.total + n, report.expected + masked
+        report.tensors, report.held = report.tensors + 1, report.held + (unchanged >= masked)
+        report.dense, report.exact = report.dense + dense, report.exact + (dense and unchanged == masked)
         if unchanged < masked:
             report.problems.append(f"step {step}: {name}: {unchanged} of {n} entries unchanged, fewer than the {masked} masked")
-        elif unchanged > masked and not any(part in name for part in SPARSE_GRADIENT):
+        elif unchanged > masked and dense:
             report.problems.append(f"step {step}: {name}: {unchanged} of {n} entries unchanged, more than the {masked} masked")
     return report
 
@@ -137,10 +144,13 @@ def check(output: Path, initial: Path, ratio: float, steps: int) -> tuple[str, l
         for step, f in enumerate(fractions, 1) if abs(f - expected) > 1e-6
     ]
     logged = ", ".join(f"{f:.4f}" for f in fractions)
+    held = sum(r.held for r in reports), sum(r.tensors for r in reports)
+    exact = sum(r.exact for r in reports), sum(r.dense for r in reports)
     figures = (
         f"{steps} steps, gmt/masked_fraction logged at {len(fractions)}/{steps} steps ({logged}); "
         f"entries unchanged by the last step {last.unchanged / max(last.total, 1):.4f} "
-        f"(masked floor(ratio*n): {expected:.4f})"
+        f"(masked floor(ratio*n): {expected:.4f}); over all steps masked entries held in {held[0]}/{held[1]} tensors, "
+        f"all others moved in {exact[0]}/{exact[1]} dense tensors"
     )
     return figures, problems
 
