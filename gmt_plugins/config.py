@@ -133,6 +133,7 @@ class GMTConfig:
             raise ValueError(f"ratio_of must be one of {RATIO_OF}, got {self.ratio_of!r}")
         if isinstance(self.chunk_numel, bool) or not isinstance(self.chunk_numel, int) or self.chunk_numel < 1024:
             raise ValueError(f"chunk_numel must be an integer >= 1024, got {self.chunk_numel!r}")
+        _check_against_strategy(self)
 
     def given(self, name: str) -> bool:
         """Whether field ``name`` holds a value given explicitly rather than its default.
@@ -150,6 +151,17 @@ class GMTConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _check_against_strategy(config: GMTConfig) -> None:
+    """``strategy_options`` (names and values) and ``ratio_of`` checked by the registered strategy, so a bad
+    option fails here rather than when training starts. A name the process-wide registry does not know is
+    left to the plugin manager that will build the strategy (``GMTCallback``/``GradientMasker`` check it)."""
+    from gmt_plugins.plugins import strategy_registry
+
+    registry = strategy_registry()
+    if config.strategy in registry:
+        registry.check_config(config)
 
 
 def _patterns(field_name: str, value: Any) -> list[str] | None:

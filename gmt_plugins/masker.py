@@ -11,6 +11,7 @@ import pluggy
 import torch
 
 from gmt_plugins import device_rank, fsdp1, native, native_rank
+from gmt_plugins._checks import named_parameters_source, warn_if_no_gradient
 from gmt_plugins.config import UNSET, GMTConfig, resolve_config
 from gmt_plugins.coverage import CoverageTracker
 from gmt_plugins.distributed import ShardReducer, is_dtensor, local_shard, reducing
@@ -85,6 +86,7 @@ class GradientMasker:
             include=include, exclude=exclude, strict=strict, log_per_tensor=log_per_tensor,
             log_layers=log_layers, track_coverage=track_coverage, ratio_of=ratio_of, chunk_numel=chunk_numel,
         ))
+        model_or_named_params = named_parameters_source(model_or_named_params)  # a TypeError saying what is accepted
         self.plugin_manager = plugin_manager or get_plugin_manager()
         self.strategy = strategy_registry(self.plugin_manager).create(self.config)
         self.parameters = self._select(model_or_named_params)
@@ -257,6 +259,7 @@ class GradientMasker:
                 "apply() could run); read the statistics from the attached hook instead of calling apply()"
             )
         entries, without_grad, reducer = self._entries()
+        warn_if_no_gradient(self, len(entries), without_grad)
         return self._apply(entries, without_grad, reducer)
 
     @torch.no_grad()

@@ -12,6 +12,7 @@ job's defaults where they differ from the dataclasses' own (a short CPU run in f
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,6 +203,13 @@ def validate(script: FinetuneArguments, training: Any, gmt: Any, model: Any) -> 
     for strategy in sorted(wanted):
         if strategy not in names:
             raise FinetuneError(f"strategy: unknown strategy {strategy!r}; registered strategies: {', '.join(names)}")
+    for method in script.methods:  # each method's own GMTConfig (its overrides applied), checked before any training
+        overrides = METHODS[method][0]
+        try:
+            if overrides:
+                dataclasses.replace(gmt, **overrides)
+        except ValueError as err:
+            raise FinetuneError(f"method {method!r}: {' '.join(str(err).split())}") from None
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(training, name) < 1:
             raise FinetuneError(f"{name} must be at least 1, got {getattr(training, name)}")

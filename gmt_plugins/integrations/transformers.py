@@ -27,7 +27,6 @@ from gmt_plugins.plugins import get_plugin_manager, inspect_optimizer, strategy_
 from gmt_plugins.state_check import check_loaded_state
 from gmt_plugins.state_io import STEM, has_state, load_state, save_state
 from gmt_plugins.stats import MaskStats
-from gmt_plugins.strategies.base import check_ratio_of
 
 logger = logging.getLogger(__name__)
 
@@ -160,8 +159,8 @@ class GMTCallback(TrainerCallback, ExportableState):
             log_layers=log_layers, track_coverage=track_coverage, ratio_of=ratio_of, chunk_numel=chunk_numel,
         ))
         self.plugin_manager = plugin_manager or get_plugin_manager()
-        strategy_class = strategy_registry(self.plugin_manager).get(self.config.strategy)  # unknown names fail here, not at train time
-        check_ratio_of(strategy_class, self.config)
+        # unknown names and bad options fail here, not at train time (the plugin manager may not be the process-wide one)
+        strategy_registry(self.plugin_manager).check_config(self.config)
         self.masker: GradientMasker | None = None
         self.optimizer_info: OptimizerInfo | None = None
         self.last_stats = None
