@@ -6,7 +6,7 @@ import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from gmt_plugins.selection import DEFAULT_CHUNK_NUMEL
 
@@ -35,6 +35,8 @@ class GMTConfig:
     ``HfArgumentParser((TrainingArguments, GMTConfig))`` parses both from one command line.
     """
 
+    _argument_group_name: ClassVar[str] = "Gradient-Mask Tuning (GMTConfig)"  # HfArgumentParser's help group
+
     mask_ratio: float = field(
         default=_DefaultFloat(0.2),
         metadata={"help": "Fraction of the selected gradient entries zeroed at each optimizer step, 0 <= r < 1."},
@@ -48,13 +50,17 @@ class GMTConfig:
     )
     strategy: str = field(
         default="gmt",
-        metadata={"help": "Name of a registered mask strategy ('gmt', 'random', or one from a plugin)."},
+        metadata={
+            "help": "Name of a registered mask strategy: 'gmt' (the paper's), 'random', or another one "
+            "`gmt-plugins list` shows (built-in or from a plugin)."
+        },
     )
     strategy_options: dict | str | None = field(
         default=None,
         metadata={
-            "help": "Options of the chosen strategy, as a dict or a JSON object string (e.g. '{\"interval\": 50}'). "
-            "Each strategy validates its own options; unknown keys are an error."
+            "help": "Options of the chosen strategy, as a dict or a JSON object string (e.g. '{\"interval\": 50}'), "
+            "checked by the strategy when the config is built: unknown names and bad values are an error. "
+            "`gmt-plugins list` shows each strategy's options and defaults."
         },
     )
     mask_seed: int = field(
