@@ -29,7 +29,7 @@ def list_plugins(width: int | None = None) -> str:
     pm = get_plugin_manager()
     lines = ["strategies:"]
     for name, cls in strategy_registry(pm):
-        lines.append(f"  {name}  ({cls.__module__}.{cls.__qualname__})")
+        lines.append(f"  {name}  {cls.__module__}.{cls.__qualname__}")
         lines += _wrapped(_summary(cls), width, "      ")
         lines += _wrapped(f"strategy_options (defaults): {_options_line(cls)}", width, "      ", "        ")
     lines.append("plugins:")

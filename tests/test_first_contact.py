@@ -182,3 +182,91 @@ def test_the_callback_adds_no_optional_stack_of_its_own():
     ours = run_fresh(probe.format("from gmt_plugins import GMTCallback; GMTCallback(strategy='hft', mask_ratio=0.2)"))
     assert baseline.returncode == 0 and ours.returncode == 0, ours.stderr
     assert ours.stdout == baseline.stdout and ours.stderr == baseline.stderr
+
+
+# -- finding flags and strategies ------------------------------------------------------------
+
+
+def cli(*argv: str) -> subprocess.CompletedProcess:
+    return run_fresh(f"import sys; from gmt_plugins.cli import main; sys.exit(main({list(argv)!r}))")
+
+
+def flag_lines(text: str) -> list[str]:
+    return [line.split()[0].rstrip(",") for line in text.splitlines() if line.startswith("  -")]
+
+
+def test_finetune_help_lists_the_job_and_gmt_flags_first_without_importing_trl():
+    pytest.importorskip("transformers")
+    import dataclasses
+
+    from gmt_plugins.finetune.arguments import FinetuneArguments
+
+    probe = run_fresh(
+        "import sys; from gmt_plugins.cli import main; main(['finetune', '--help']); "
+        "print('imported:', sorted(m for m in ('trl', 'peft', 'bitsandbytes', 'deepspeed') if m in sys.modules))"
+    )
+    assert probe.returncode == 0 and probe.stderr == "", probe.stderr
+    text = probe.stdout
+    assert text.rstrip().endswith("imported: []")
+    flags = flag_lines(text)
+    own = [f"--{f.name}" for cls in (FinetuneArguments, GMTConfig) for f in dataclasses.fields(cls)]
+    assert set(own) <= set(flags) and flags[:3] == ["-h", "--help-all", "--config"]
+    assert flags.index("--plot") < flags.index("--mask_ratio")  # the job's group, then GMT's
+    assert "--learning_rate 3e-05" in " ".join(text.split()) and "--help-all lists them all" in " ".join(text.split())
+    assert len(text.splitlines()) < 150
+
+
+def test_finetune_help_all_puts_the_job_and_gmt_before_the_training_flags(capsys):
+    pytest.importorskip("trl")
+    from gmt_plugins.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["finetune", "--help-all"])
+    assert done.value.code == 0
+    flags = flag_lines(capsys.readouterr().out)
+    assert flags.index("--plot") < flags.index("--mask_ratio") < flags.index("--chunk_numel") < flags.index("--output_dir")
+    assert flags.index("--chunk_numel") < flags.index("--model_name_or_path")
+
+
+def test_negative_flags_have_their_own_help_and_strategy_lists_every_strategy(pm):
+    pytest.importorskip("transformers")
+    from gmt_plugins.finetune.arguments import make_help_parser
+    from gmt_plugins.plugins import strategy_registry
+
+    text = " ".join(make_help_parser().format_help().split())
+    assert "--no_baseline, --no-baseline Turn --baseline off." in text
+    assert "--no_plot, --no-plot Turn --plot off." in text
+    assert "Also evaluate the untrained model. (default: True) --no_baseline" in text
+    names = strategy_registry(pm).names()
+    assert f"Mask strategy, one of: {', '.join(names)}." in text and len(names) > 2
+
+
+def test_list_shows_options_with_defaults_and_wraps_at_word_boundaries():
+    from gmt_plugins.cli import list_plugins
+
+    text = list_plugins(width=72)
+    lines = text.splitlines()
+    assert all(len(line) <= 72 for line in lines if "://" not in line)
+    hft = lines.index("  hft  gmt_plugins.strategies.hft.HFTStrategy")
+    assert lines[hft + 1] == "      Half Fine-Tuning (Hui et al., https://arxiv.org/abs/2404.18466)."
+    assert lines[hft + 2] == '      strategy_options (defaults): {"interval": 100}'
+    assert '      strategy_options (defaults): none' in lines
+    # every wrapped line ends on a whole word: joining the lines gives back the docstring's first paragraph
+    from gmt_plugins.strategies.ist import ISTStrategy
+
+    ist = lines.index("  ist  gmt_plugins.strategies.ist.ISTStrategy")
+    end = next(i for i in range(ist + 1, len(lines)) if "strategy_options" in lines[i])
+    paragraph = " ".join(ISTStrategy.__doc__.split("\n\n")[0].split())
+    assert " ".join(line.strip() for line in lines[ist + 1 : end]) == paragraph
+
+
+def test_cli_errors_come_before_any_work():
+    pytest.importorskip("trl")
+    for options, needle in [
+        ('{"bad": 1}', "strategy_options ['bad'] are not options of strategy 'hft'"),
+        ('{"interval": 0}', "option 'interval' must be an integer >= 1, got 0"),
+    ]:
+        done = cli("finetune", "--strategy", "hft", "--strategy_options", options, "--output_dir", "/nonexistent/gmt-out")
+        lines = [line for line in done.stderr.splitlines() if line.startswith("gmt-plugins finetune")]
+        assert done.returncode == 2 and len(lines) == 1 and needle in lines[0], done.stderr
+        assert "Traceback" not in done.stderr and done.stdout == ""
