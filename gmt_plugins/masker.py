@@ -11,7 +11,7 @@ import pluggy
 import torch
 
 from gmt_plugins import device_rank, fsdp1, native, native_rank
-from gmt_plugins._checks import named_parameters_source, warn_if_no_gradient
+from gmt_plugins._checks import named_parameters_source, user_stacklevel, warn_if_no_gradient
 from gmt_plugins.config import UNSET, GMTConfig, resolve_config
 from gmt_plugins.coverage import CoverageTracker
 from gmt_plugins.distributed import ShardReducer, is_dtensor, local_shard, reducing
@@ -469,7 +469,7 @@ class GradientMasker:
                     f"track_coverage=True, but the state of step {self.step} holds no coverage (it was saved without "
                     "track_coverage): coverage and churn count from this step on",
                     UserWarning,
-                    stacklevel=2,
+                    stacklevel=user_stacklevel(),  # the user's line: load_state_dict() or trainer.train()
                 )
 
 

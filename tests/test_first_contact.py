@@ -270,3 +270,19 @@ def test_cli_errors_come_before_any_work():
         lines = [line for line in done.stderr.splitlines() if line.startswith("gmt-plugins finetune")]
         assert done.returncode == 2 and len(lines) == 1 and needle in lines[0], done.stderr
         assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_the_coverage_warning_of_a_resume_points_at_the_users_train_call(tmp_path):
+    """Saved without track_coverage, resumed with it: the warning names the line that called trainer.train()."""
+    pytest.importorskip("transformers")
+    from tiny_trainer import tiny_trainer
+
+    from gmt_plugins import GMTCallback
+
+    tiny_trainer(tmp_path / "run", GMTCallback(mask_ratio=0.3), max_steps=2).train()
+    resumed = tiny_trainer(tmp_path / "run", GMTCallback(mask_ratio=0.3, track_coverage=True), max_steps=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed.train(resume_from_checkpoint=True); line = sys._getframe().f_lineno  # noqa: E702 - the warning must name this line
+    (found,) = [w for w in caught if "holds no coverage" in str(w.message)]
+    assert (found.filename, found.lineno) == (__file__, line)
