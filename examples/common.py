@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402 - after OMP_NUM_THREADS
+
+if not torch.cuda.is_available():
+    # accelerate imports DeepSpeed whenever it is installed; told the device, DeepSpeed does not warn that it
+    # "was unable to detect" a GPU in examples that never use it
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# peft imports bitsandbytes whenever it is installed, whose CPU backend warns that the `kernels` package for 4-bit
+# matmuls is missing; these examples use no 4-bit layer (lora_8bit_gmt.py uses its 8-bit optimizer)
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -66,8 +77,6 @@ def preference_dataset(tiny: bool, n: int = 32):
 
 
 def cpu_training_args(args: argparse.Namespace) -> dict:
-    import torch
-
     return dict(
         output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=2, gradient_accumulation_steps=2,
         learning_rate=1e-5 if not args.tiny else 1e-3, logging_steps=1, save_strategy="no", report_to="none",

@@ -33,6 +33,9 @@ config = {
     "zero_optimization": {"stage": args.stage},
     "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
 }
+if not torch.cuda.is_available() and os.environ.get("RANK", "0") == "0":
+    # DeepSpeed compiles its CPU communication op on its first CPU run (about 90 s on 2 cores; cached afterwards)
+    print("deepspeed.initialize on CPU: the first run compiles DeepSpeed's CPU communication op (a minute or two, once)", flush=True)
 engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
 masker = GradientMasker(engine, mask_ratio=0.2)  # the engine is unwrapped; its module's parameters are masked
 hook = attach_deepspeed(masker, engine)

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
+import json
+import shutil
 import sys
+import textwrap
 import types
 from collections.abc import Sequence
 
 from gmt_plugins.plugins import get_plugin_manager, strategy_registry
+from gmt_plugins.registry import option_defaults
 
 PROG_ERROR_STATUS = 2
 TRL_COMMANDS = ("sft", "dpo", "grpo", "kto", "rloo", "reward")  # gmt_plugins.trl_commands.TRAINERS, without importing trl
@@ -17,18 +23,43 @@ def one_line_error(self: argparse.ArgumentParser, message: str) -> None:
     self.exit(PROG_ERROR_STATUS, f"{self.prog}: error: {message}\n")
 
 
-def list_plugins() -> str:
+def list_plugins(width: int | None = None) -> str:
+    """Registered strategies (class, summary, options with defaults) and loaded plugins with their hooks,
+    wrapped at word boundaries to ``width`` columns (default: the terminal's, at most 100)."""
+    width = width or min(shutil.get_terminal_size((100, 24)).columns, 100)
     pm = get_plugin_manager()
     lines = ["strategies:"]
     for name, cls in strategy_registry(pm):
-        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        lines.append(f"  {name:<12} {cls.__module__}.{cls.__qualname__}  {summary}")
+        lines.append(f"  {name}  {cls.__module__}.{cls.__qualname__}")
+        lines += _wrapped(_summary(cls), width, "      ")
+        lines += _wrapped(f"strategy_options (defaults): {_options_line(cls)}", width, "      ", "        ")
     lines.append("plugins:")
     for plugin_name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0]):
         hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or [])
         lines.append(f"  {plugin_name}")
-        lines.append(f"    hooks: {', '.join(hooks) if hooks else '(none)'}")
+        lines += _wrapped(f"hooks: {', '.join(hooks) if hooks else '(none)'}", width, "    ", "           ")
     return "\n".join(lines)
+
+
+def _summary(cls: type) -> str:
+    """The first paragraph of ``cls``'s docstring as one line (docstrings wrap mid-sentence)."""
+    doc = inspect.cleandoc(cls.__doc__ or "")
+    return " ".join(doc.split("\n\n", 1)[0].split()) or "(no description)"
+
+
+def _options_line(cls: type) -> str:
+    """The options with their defaults as the JSON object ``--strategy_options`` takes."""
+    defaults = option_defaults(cls)
+    if not defaults:
+        return "none"
+    return json.dumps({k: "<required>" if v is dataclasses.MISSING else v for k, v in defaults.items()}, default=str)
+
+
+def _wrapped(text: str, width: int, indent: str, subsequent: str | None = None) -> list[str]:
+    return textwrap.wrap(
+        text, width=width, initial_indent=indent, subsequent_indent=subsequent or indent, break_long_words=False,
+        break_on_hyphens=False,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gmt-plugins", description="Gradient-Mask Tuning for the Hugging Face stack")
     parser.error = types.MethodType(one_line_error, parser)  # one line on stderr, exit 2, like the subcommands
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="registered strategies, loaded plugins and the hooks each implements")
+    sub.add_parser("list", help="registered strategies with their options and defaults, loaded plugins and the hooks each implements")
     sub.add_parser(
         "finetune", add_help=False,
         help="plain SFT vs Gradient-Mask Tuning side by side (default: SmolLM2-135M on GSM8K, CPU, minutes); "

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from gmt_plugins.engine.types import DEFAULT_CHUNK_NUMEL
 
@@ -35,6 +35,8 @@ class GMTConfig:
     ``HfArgumentParser((TrainingArguments, GMTConfig))`` parses both from one command line.
     """
 
+    _argument_group_name: ClassVar[str] = "Gradient-Mask Tuning (GMTConfig)"  # HfArgumentParser's help group
+
     mask_ratio: float = field(
         default=_DefaultFloat(0.2),
         metadata={"help": "Fraction of the selected gradient entries zeroed at each optimizer step, 0 <= r < 1."},
@@ -48,13 +50,17 @@ class GMTConfig:
     )
     strategy: str = field(
         default="gmt",
-        metadata={"help": "Name of a registered mask strategy ('gmt', 'random', or one from a plugin)."},
+        metadata={
+            "help": "Name of a registered mask strategy: 'gmt' (the paper's), 'random', or another one "
+            "`gmt-plugins list` shows (built-in or from a plugin)."
+        },
     )
     strategy_options: dict | str | None = field(
         default=None,
         metadata={
-            "help": "Options of the chosen strategy, as a dict or a JSON object string (e.g. '{\"interval\": 50}'). "
-            "Each strategy validates its own options; unknown keys are an error."
+            "help": "Options of the chosen strategy, as a dict or a JSON object string (e.g. '{\"interval\": 50}'), "
+            "checked by the strategy when the config is built: unknown names and bad values are an error. "
+            "`gmt-plugins list` shows each strategy's options and defaults."
         },
     )
     mask_seed: int = field(
@@ -133,6 +139,7 @@ class GMTConfig:
             raise ValueError(f"ratio_of must be one of {RATIO_OF}, got {self.ratio_of!r}")
         if isinstance(self.chunk_numel, bool) or not isinstance(self.chunk_numel, int) or self.chunk_numel < 1024:
             raise ValueError(f"chunk_numel must be an integer >= 1024, got {self.chunk_numel!r}")
+        _check_against_strategy(self)
 
     def given(self, name: str) -> bool:
         """Whether field ``name`` holds a value given explicitly rather than its default.
@@ -150,6 +157,17 @@ class GMTConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _check_against_strategy(config: GMTConfig) -> None:
+    """``strategy_options`` (names and values) and ``ratio_of`` checked by the registered strategy, so a bad
+    option fails here rather than when training starts. A name the process-wide registry does not know is
+    left to the plugin manager that will build the strategy (``GMTCallback``/``GradientMasker`` check it)."""
+    from gmt_plugins.plugins import strategy_registry
+
+    registry = strategy_registry()
+    if config.strategy in registry:
+        registry.check_config(config)
 
 
 def _patterns(field_name: str, value: Any) -> list[str] | None:

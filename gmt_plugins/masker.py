@@ -11,6 +11,7 @@ import pluggy
 import torch
 
 from gmt_plugins import fsdp1
+from gmt_plugins._checks import named_parameters_source, user_stacklevel, warn_if_no_gradient
 from gmt_plugins.config import UNSET, GMTConfig, resolve_config
 from gmt_plugins.coverage import CoverageTracker
 from gmt_plugins.distributed import ShardReducer, is_dtensor, local_shard, reducing
@@ -87,6 +88,7 @@ class GradientMasker:
             include=include, exclude=exclude, strict=strict, log_per_tensor=log_per_tensor,
             log_layers=log_layers, track_coverage=track_coverage, ratio_of=ratio_of, chunk_numel=chunk_numel,
         ))
+        model_or_named_params = named_parameters_source(model_or_named_params)  # a TypeError saying what is accepted
         self.plugin_manager = plugin_manager or get_plugin_manager()
         self.strategy = strategy_registry(self.plugin_manager).create(self.config)
         self.parameters = self._select(model_or_named_params)
@@ -259,6 +261,7 @@ class GradientMasker:
                 "apply() could run); read the statistics from the attached hook instead of calling apply()"
             )
         entries, without_grad, reducer = self._entries()
+        warn_if_no_gradient(self, len(entries), without_grad)
         return self._apply(entries, without_grad, reducer)
 
     @torch.no_grad()
@@ -457,7 +460,7 @@ class GradientMasker:
                     f"track_coverage=True, but the state of step {self.step} holds no coverage (it was saved without "
                     "track_coverage): coverage and churn count from this step on",
                     UserWarning,
-                    stacklevel=2,
+                    stacklevel=user_stacklevel(),  # the user's line: load_state_dict() or trainer.train()
                 )
 
 

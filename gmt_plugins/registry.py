@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import dataclasses
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from gmt_plugins.config import GMTConfig
@@ -42,6 +43,15 @@ class StrategyRegistry:
         except KeyError:
             raise ValueError(f"strategy must be one of {self.names()}, got {name!r}") from None
 
+    def check_config(self, config: GMTConfig) -> None:
+        """A ``ValueError`` naming the field when ``config`` does not suit its strategy (unknown name, an unknown
+        or invalid ``strategy_options`` entry, a ``ratio_of`` it does not implement); builds no strategy."""
+        strategy = self.get(config.strategy)
+        check_options(strategy, config.strategy_options)
+        from gmt_plugins.strategies.base import check_ratio_of
+
+        check_ratio_of(strategy, config)
+
     def create(self, config: GMTConfig) -> MaskStrategy:
         return self.get(config.strategy)(config)
 
@@ -50,3 +60,35 @@ class StrategyRegistry:
 
     def __iter__(self):  # noqa: ANN204 - a plain iterator over (name, class) pairs
         return iter(sorted(self._strategies.items()))
+
+
+def check_options(strategy: type[MaskStrategy], options: dict[str, Any]) -> Any:
+    """``options`` as ``strategy``'s options object (its ``options_class``, which validates values), or a
+    ``ValueError`` naming the option, the strategy and what it takes."""
+    from gmt_plugins.strategies.base import parse_options
+
+    if strategy.options_class is None:
+        if options:
+            raise ValueError(f"strategy_options: strategy {strategy.name!r} takes no options, got {sorted(options)}")
+        return None
+    try:
+        return parse_options(strategy.name, strategy.options_class, options)
+    except (TypeError, ValueError) as err:  # TypeError: a wrong value type the options class did not check itself
+        if "strategy_options" in str(err):
+            raise ValueError(str(err)) from None
+        raise ValueError(f"strategy_options of strategy {strategy.name!r}: {err}") from None
+
+
+def option_defaults(strategy: type[MaskStrategy]) -> dict[str, Any]:
+    """``strategy``'s options and their defaults (empty when it takes none), for listings and help."""
+    if strategy.options_class is None:
+        return {}
+    defaults = {}
+    for f in dataclasses.fields(strategy.options_class):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+        else:
+            defaults[f.name] = dataclasses.MISSING
+    return defaults

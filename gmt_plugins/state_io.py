@@ -4,19 +4,24 @@ Nothing is pickled, so loading a checkpoint never executes code from it.
 
 Layout (format 2): ``<stem>.safetensors`` holds the tensors under the names ``"0"``, ``"1"``, ... in the order
 they occur in the state, and a random ``gmt_state_id`` in its metadata. ``<stem>.json`` holds
-``{"format": 2, "state": <skeleton>, "tensors": {"file", "bytes", "id"}}`` where each tensor in the skeleton is
-``{"__tensor__": "<name>"}``. Tensors are numbered, never named after their path, so keys may contain any
-character (a ``"a.b"`` key and an ``{"a": {"b": ...}}`` nest cannot collide), and the key ``"__tensor__"`` is
-reserved.
+``{"format": 2, "state": <skeleton>, "tensors": {"file", "bytes", "id", "sha256"}}`` where each tensor in the
+skeleton is ``{"__tensor__": "<name>"}`` and ``sha256`` maps each tensor's name to the hash of its bytes.
+Tensors are numbered, never named after their path, so keys may contain any character (a ``"a.b"`` key and
+an ``{"a": {"b": ...}}`` nest cannot collide), and the key ``"__tensor__"`` is reserved.
 
 Crash safety: each file is written to a temporary name and moved into place with ``os.replace``, tensors
 first and the JSON that names them last. A save interrupted before the JSON is in place leaves no state
 (:func:`has_state` is false); one interrupted later leaves files whose size or id disagree with the JSON,
 which :func:`load_state` reports as an error naming the file.
+
+Integrity: the size and id say which save a tensor file belongs to; the per-tensor ``sha256`` says its data is
+the data that save wrote, so bytes damaged in place (size and header kept) are refused with the file and the
+tensor named. Records written before the hashes existed are read without that check.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -79,6 +84,23 @@ def encode(state: dict[str, Any]) -> tuple[Any, dict[str, torch.Tensor]]:
     return _split(state, "", tensors), tensors
 
 
+def tensor_paths(skeleton: Any, path: str = "") -> dict[str, str]:
+    """Where each tensor of ``skeleton`` sits in the state (``"['strategy_state']['ema']['w']"``), by tensor name."""
+    if isinstance(skeleton, dict):
+        if set(skeleton) == {_TENSOR_REF}:
+            return {str(skeleton[_TENSOR_REF]): path or "<root>"}
+        return {name: where for k, v in skeleton.items() for name, where in tensor_paths(v, f"{path}[{k!r}]").items()}
+    if isinstance(skeleton, list):
+        return {name: where for i, v in enumerate(skeleton) for name, where in tensor_paths(v, f"{path}[{i}]").items()}
+    return {}
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """The SHA-256 of ``tensor``'s bytes (CPU, contiguous), as hex."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy().data).hexdigest()
+
+
 def decode(skeleton: Any, tensors: dict[str, torch.Tensor], *, source: str = "GMT state") -> Any:
     """The inverse of :func:`encode`; ``source`` names the file in errors."""
     return _join(skeleton, tensors, source)
@@ -126,7 +148,8 @@ def write_tensors(tensors: dict[str, torch.Tensor], directory: str, *, stem: str
     path = os.path.join(directory, file)
     state_id = uuid.uuid4().hex
     _replace_atomically(path, lambda tmp: save_file(tensors, tmp, metadata={_ID_KEY: state_id}))
-    return {"file": file, "bytes": os.path.getsize(path), "id": state_id}
+    digests = {name: tensor_digest(tensor) for name, tensor in tensors.items()}
+    return {"file": file, "bytes": os.path.getsize(path), "id": state_id, "sha256": digests}
 
 
 def tensors_match(directory: str, record: dict[str, Any]) -> bool:
@@ -153,8 +176,11 @@ def _metadata(path: str) -> dict[str, str]:
         ) from None
 
 
-def read_tensors(directory: str, record: dict[str, Any], *, named_by: str) -> dict[str, torch.Tensor]:
-    """Read the tensor file ``record`` (from the JSON ``named_by``) describes, checking size and id."""
+def read_tensors(
+    directory: str, record: dict[str, Any], *, named_by: str, paths: dict[str, str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Read the tensor file ``record`` (from the JSON ``named_by``) describes, checking size, id and, where the
+    record holds them, each tensor's hash; ``paths`` (from :func:`tensor_paths`) names the tensors in errors."""
     from safetensors.torch import load_file
 
     path = os.path.join(directory, record["file"])
@@ -171,9 +197,31 @@ def read_tensors(directory: str, record: dict[str, Any], *, named_by: str) -> di
     if _metadata(path).get(_ID_KEY) != record.get("id"):
         raise StateFileError(f"{path} was written by a different save than {named_by} (its id differs); resume from another checkpoint")
     try:
-        return load_file(path)
+        tensors = load_file(path)
     except Exception as err:
         raise StateFileError(f"{path} could not be read ({err}); resume from another checkpoint") from None
+    check_digests(tensors, record.get("sha256"), path=path, named_by=named_by, paths=paths or {})
+    return tensors
+
+
+def check_digests(
+    tensors: dict[str, torch.Tensor], digests: Any, *, path: str, named_by: str, paths: dict[str, str]
+) -> None:
+    """A :class:`StateFileError` naming the file and the tensor whose bytes differ from the hash ``named_by`` recorded."""
+    if digests is None:  # written before the hashes were recorded
+        return
+    if not isinstance(digests, dict) or set(digests) != set(tensors):
+        raise StateFileError(
+            f"{path} holds tensors {sorted(tensors)} but {named_by} recorded hashes for {sorted(digests) if isinstance(digests, dict) else digests!r}; "
+            "the checkpoint is inconsistent, resume from another checkpoint"
+        )
+    for name in sorted(tensors, key=lambda n: (len(n), n)):
+        if tensor_digest(tensors[name]) != digests[name]:
+            where = f" ({paths[name]})" if name in paths else ""
+            raise StateFileError(
+                f"{path}: tensor {name!r}{where} does not hold the data that was saved (its SHA-256 differs from the one "
+                f"{named_by} recorded): the file was damaged or changed after the save; resume from another checkpoint"
+            )
 
 
 def read_json(path: str) -> Any:
@@ -215,7 +263,7 @@ def load_state(directory: str, *, stem: str = STEM) -> dict[str, Any]:
     if document["format"] != FORMAT or "state" not in document:
         raise StateFileError(f"{json_path} has GMT state format {document.get('format')!r}; this gmt_plugins reads format {FORMAT}")
     record = document.get("tensors")
-    tensors = read_tensors(directory, record, named_by=json_path) if record else {}
+    tensors = read_tensors(directory, record, named_by=json_path, paths=tensor_paths(document["state"])) if record else {}
     return decode(document["state"], tensors, source=json_path)
 
 

@@ -31,7 +31,7 @@ def test_bad_values_name_the_field(kwargs, message):
 
 
 def test_defaults_and_normalisation():
-    config = GMTConfig(include="layers", strategy_options='{"interval": 3}', mask_ratio=0)
+    config = GMTConfig(include="layers", strategy="hft", strategy_options='{"interval": 3}', mask_ratio=0)
     assert config.include == ["layers"] and config.strategy_options == {"interval": 3} and config.mask_ratio == 0.0
     assert GMTConfig().strategy_options == {}
 
@@ -58,7 +58,7 @@ def test_hf_argument_parser_with_training_arguments():
     parser = transformers.HfArgumentParser((transformers.TrainingArguments, GMTConfig))
     args, gmt = parser.parse_args_into_dataclasses(
         ["--output_dir", "out", "--use_cpu", "true", "--seed", "7", "--mask_ratio", "0.3", "--scope", "global",
-         "--exclude", "norm", "embed", "--strict", "true", "--strategy_options", '{"beta": 0.9}']
+         "--exclude", "norm", "embed", "--strict", "true", "--strategy", "gmt_momentum", "--strategy_options", '{"beta": 0.9}']
     )
     assert args.seed == 7 and gmt.mask_ratio == 0.3 and gmt.scope == "global" and gmt.strict
     assert gmt.exclude == ["norm", "embed"] and gmt.strategy_options == {"beta": 0.9}

@@ -231,13 +231,13 @@ def test_bad_yaml_values_name_the_field(capsys, tmp_path, yaml_text, needle):
     assert not (tmp_path / "out").exists()
 
 
-def test_help_lists_every_field_and_config(capsys):
+def test_help_all_lists_every_field_and_config(capsys):
     from trl import ModelConfig, SFTConfig
 
     from gmt_plugins.config import GMTConfig
     from gmt_plugins.finetune.arguments import FinetuneArguments
 
-    status, _ = run_cli(capsys, "--help")
+    status, _ = run_cli(capsys, "--help-all")
     text = run_cli.out
     assert status == 0 and "--config FILE.yaml" in text
     for cls in (GMTConfig, SFTConfig, ModelConfig, FinetuneArguments):

@@ -12,8 +12,10 @@ job's defaults where they differ from the dataclasses' own (a short CPU run in f
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from gmt_plugins.finetune import FinetuneError
 
@@ -76,6 +78,8 @@ UNSUPPORTED_MODEL_FIELDS = ("model_revision",)
 class FinetuneArguments:
     """Script arguments of ``gmt-plugins finetune`` (the model folder is ``--model_name_or_path``)."""
 
+    _argument_group_name: ClassVar[str] = "the job"  # HfArgumentParser's help group
+
     dataset_path: str | None = field(
         default=None,
         metadata={"help": "Local JSONL with question/answer, prompt/completion or text columns "
@@ -121,10 +125,21 @@ class FinetuneArguments:
             raise ValueError(f"lora_learning_rate must be positive, got {self.lora_learning_rate}")
 
 
-def make_parser(prog: str = "gmt-plugins finetune") -> Any:
-    """The ``TrlParser`` over the four dataclasses, with :data:`JOB_DEFAULTS`; errors raise :class:`FinetuneError`."""
-    import argparse
+USAGE = "%(prog)s [--config FILE.yaml] [--FLAG VALUE ...]"
+DESCRIPTION = (
+    "Plain SFT vs Gradient-Mask Tuning side by side with the Hugging Face Trainer. With no arguments: the embedded "
+    "SmolLM2-135M-Instruct on the embedded GSM8K split, on CPU, in minutes. Every flag is also a key of the --config "
+    "YAML file; flags override the file."
+)
+JOB_GROUP = FinetuneArguments._argument_group_name
+GMT_GROUP = "Gradient-Mask Tuning (GMTConfig)"  # GMTConfig._argument_group_name
+REST_GROUP = "training (trl.SFTConfig, TrainingArguments) and model (trl.ModelConfig)"
 
+
+def make_parser(prog: str = "gmt-plugins finetune") -> Any:
+    """The ``TrlParser`` over the four dataclasses, with :data:`JOB_DEFAULTS`; errors raise :class:`FinetuneError`.
+
+    Its help lists the job's flags, then GMT's, then the training and model flags."""
     from trl import ModelConfig, SFTConfig, TrlParser
 
     from gmt_plugins.config import GMTConfig
@@ -134,17 +149,74 @@ def make_parser(prog: str = "gmt-plugins finetune") -> Any:
             raise FinetuneError(message)
 
     parser = FinetuneParser(
-        (FinetuneArguments, SFTConfig, GMTConfig, ModelConfig),
-        prog=prog,
-        description="Plain SFT vs Gradient-Mask Tuning side by side with the Hugging Face Trainer. With no "
-        "arguments: the embedded SmolLM2-135M-Instruct on the embedded GSM8K split, on CPU, in minutes. Every "
-        "flag is also a key of the --config YAML file; flags override the file.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        (FinetuneArguments, SFTConfig, GMTConfig, ModelConfig), prog=prog, usage=USAGE, description=DESCRIPTION,
+        formatter_class=HelpFormatter, add_help=False,
     )
-    # TrlParser reads --config itself before argparse runs; declared here so that --help shows it.
-    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file whose keys are any of the flags below")
     parser.set_defaults(**JOB_DEFAULTS)
+    _arrange_help(parser, full=True)
     return parser
+
+
+def make_help_parser(prog: str = "gmt-plugins finetune") -> Any:
+    """A parser over the job's and GMT's flags only, for ``--help``: it needs no trl (whose import takes
+    seconds), and its epilog names the training and model flags the job sets and ``--help-all``."""
+    from transformers import HfArgumentParser
+
+    from gmt_plugins.config import GMTConfig
+
+    own = _own_fields()
+    defaults = ", ".join(f"--{k} {' '.join(v) if isinstance(v, list) else v}" for k, v in JOB_DEFAULTS.items() if k not in own)
+    parser = HfArgumentParser(
+        (FinetuneArguments, GMTConfig), prog=prog, usage=USAGE, description=DESCRIPTION, formatter_class=HelpFormatter,
+        add_help=False,
+        epilog=f"Every trl.SFTConfig (TrainingArguments) and trl.ModelConfig field is a flag too; --help-all lists them "
+        f"all. This job's defaults for them: {defaults}.",
+    )
+    parser.set_defaults(**{k: v for k, v in JOB_DEFAULTS.items() if k in own})
+    _arrange_help(parser, full=False)
+    return parser
+
+
+def _arrange_help(parser: Any, *, full: bool) -> None:
+    """The job's group first (with -h, --help-all and --config), then GMT's, then the rest; each ``--no_X`` flag
+    with its own help; ``--strategy`` listing the registered strategies."""
+    from gmt_plugins.plugins import strategy_registry
+
+    groups = {g.title: g for g in parser._action_groups}
+    job, gmt = groups[JOB_GROUP], groups[GMT_GROUP]
+    job.add_argument("-h", "--help", action="help", help="Show the job's and GMT's flags and exit.")
+    job.add_argument("--help-all", action="help", help="Show every flag, the training and model ones too, and exit (imports trl).")
+    job.add_argument("--config", metavar="FILE.yaml", help="YAML file whose keys are any of the flags")  # TrlParser reads it before argparse
+    job._group_actions[:] = job._group_actions[-3:] + job._group_actions[:-3]  # these three first
+    rest = parser._optionals
+    rest.title = REST_GROUP
+    parser._action_groups[:] = [job, gmt] + ([rest] if full else [])
+    for action in parser._actions:
+        if action.option_strings and action.option_strings[0].startswith("--no_"):
+            action.help = f"Turn --{action.dest} off."
+        elif action.dest == "strategy":
+            names = strategy_registry().names()
+            action.help = (
+                f"Mask strategy, one of: {', '.join(names)}. `gmt-plugins list` shows each one with its strategy_options "
+                "and their defaults."
+            )
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown, except for ``--no_X`` switches (the False they store is not a setting) and flags
+    without a default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if (action.option_strings and action.option_strings[0].startswith("--no_")) or action.default in (None, argparse.SUPPRESS):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _own_fields() -> set[str]:
+    """The fields of the job's and GMT's dataclasses (the ones :func:`make_help_parser` parses)."""
+    from gmt_plugins.config import GMTConfig
+
+    return {f.name for f in dataclasses.fields(FinetuneArguments)} | {f.name for f in dataclasses.fields(GMTConfig)}
 
 
 def parse_args(argv: list[str]) -> tuple[Any, Any, Any, Any]:
@@ -202,6 +274,13 @@ def validate(script: FinetuneArguments, training: Any, gmt: Any, model: Any) -> 
     for strategy in sorted(wanted):
         if strategy not in names:
             raise FinetuneError(f"strategy: unknown strategy {strategy!r}; registered strategies: {', '.join(names)}")
+    for method in script.methods:  # each method's own GMTConfig (its overrides applied), checked before any training
+        overrides = METHODS[method][0]
+        try:
+            if overrides:
+                dataclasses.replace(gmt, **overrides)
+        except ValueError as err:
+            raise FinetuneError(f"method {method!r}: {' '.join(str(err).split())}") from None
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(training, name) < 1:
             raise FinetuneError(f"{name} must be at least 1, got {getattr(training, name)}")

@@ -6,7 +6,8 @@ and writes ``results.json`` and ``loss_curves.png`` to ``--output_dir``. The fla
 ``trl.SFTConfig``, ``GMTConfig``, ``trl.ModelConfig`` and the job's own
 :class:`~gmt_plugins.finetune.arguments.FinetuneArguments`; ``--config FILE.yaml`` sets any of them.
 
-Bad input is one line on stderr and exit status 2.
+Bad input is one line on stderr and exit status 2, before anything is loaded or trained. ``--help`` lists the
+job's and GMT's flags without importing trl; ``--help-all`` lists every flag.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ EXTRA_MODULES = {"transformers", "accelerate", "matplotlib", "gguf", "peft", "sa
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the job; bad input prints one line on stderr and returns 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if _asks_short_help(argv):
+        from gmt_plugins.finetune.arguments import make_help_parser
+
+        make_help_parser(PROG).print_help()
+        return 0
     try:
         from gmt_plugins.finetune.run import Job, run
 
@@ -36,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f'{PROG}: error: {err}; install the extra: pip install "gmt-plugins[finetune]"', file=sys.stderr)
         return PROG_ERROR_STATUS
     return 0
+
+
+def _asks_short_help(argv: list[str]) -> bool:
+    """``-h``/``--help`` (not ``--help-all``) before any ``--``: answered without importing trl."""
+    flags = argv[: argv.index("--")] if "--" in argv else argv
+    return any(a in ("-h", "--help") for a in flags) and "--help-all" not in flags
 
 
 if __name__ == "__main__":

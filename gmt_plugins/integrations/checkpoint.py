@@ -18,7 +18,17 @@ import os
 from typing import Any
 
 from gmt_plugins.config import GMTConfig
-from gmt_plugins.state_io import FORMAT, STEM, StateFileError, decode, encode, read_tensors, tensors_match, write_tensors
+from gmt_plugins.state_io import (
+    FORMAT,
+    STEM,
+    StateFileError,
+    decode,
+    encode,
+    read_tensors,
+    tensor_paths,
+    tensors_match,
+    write_tensors,
+)
 
 CHECKPOINT_PREFIX = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
 RECORD_KEY = "resume_state"
@@ -111,24 +121,27 @@ def check_record(record: dict[str, Any], *, config: GMTConfig, names: list[str],
         )
 
 
-def load_record(record: dict[str, Any], candidates: list[str]) -> dict[str, Any]:
-    """The masker state the record describes, with its tensors from the first candidate folder that holds them."""
+def load_record(record: dict[str, Any], candidates: list[str]) -> tuple[dict[str, Any], str]:
+    """The masker state the record describes, with its tensors from the first candidate folder that holds them,
+    and the file it came from (for errors about its content)."""
     tensor_record = record.get("tensors")
-    tensors = {}
+    tensors, source = {}, "trainer_state.json"
+    paths = tensor_paths(record["state"])
     if tensor_record:
         folders = list(dict.fromkeys(c for c in [*candidates, record.get("folder")] if c))
         found = next((f for f in folders if tensors_match(f, tensor_record)), None)
         if found is None:
             damaged = next((f for f in folders if os.path.isfile(os.path.join(f, tensor_record["file"]))), None)
             if damaged is not None:  # say what is wrong with it (size, id, unreadable) rather than only "not found"
-                read_tensors(damaged, tensor_record, named_by=os.path.join(damaged, "trainer_state.json"))
+                read_tensors(damaged, tensor_record, named_by=os.path.join(damaged, "trainer_state.json"), paths=paths)
             raise FileNotFoundError(
                 f"the GMT state in trainer_state.json names {tensor_record['file']} (id {tensor_record['id']}), but none of "
                 f"{folders} holds it. Keep {tensor_record['file']} beside trainer_state.json, or name the checkpoint folder "
                 "in TrainingArguments(resume_from_checkpoint=...)"
             )
-        tensors = read_tensors(found, tensor_record, named_by=os.path.join(found, "trainer_state.json"))
-    return decode(record["state"], tensors, source="trainer_state.json")
+        tensors = read_tensors(found, tensor_record, named_by=os.path.join(found, "trainer_state.json"), paths=paths)
+        source = os.path.join(found, tensor_record["file"])
+    return decode(record["state"], tensors, source="trainer_state.json"), source
 
 
 def rank_stem(rank: int) -> str:

@@ -24,9 +24,9 @@ from gmt_plugins.integrations.checkpoint import (
 from gmt_plugins.masker import GradientMasker
 from gmt_plugins.optimizers import OptimizerInfo
 from gmt_plugins.plugins import get_plugin_manager, inspect_optimizer, strategy_registry
+from gmt_plugins.state_check import check_loaded_state
 from gmt_plugins.state_io import STEM, has_state, load_state, save_state
 from gmt_plugins.stats import MaskStats
-from gmt_plugins.strategies.base import check_ratio_of
 
 logger = logging.getLogger(__name__)
 
@@ -160,8 +160,8 @@ class GMTCallback(TrainerCallback, ExportableState):
             log_layers=log_layers, track_coverage=track_coverage, ratio_of=ratio_of, chunk_numel=chunk_numel,
         ))
         self.plugin_manager = plugin_manager or get_plugin_manager()
-        strategy_class = strategy_registry(self.plugin_manager).get(self.config.strategy)  # unknown names fail here, not at train time
-        check_ratio_of(strategy_class, self.config)
+        # unknown names and bad options fail here, not at train time (the plugin manager may not be the process-wide one)
+        strategy_registry(self.plugin_manager).check_config(self.config)
         self.masker: GradientMasker | None = None
         self.optimizer_info: OptimizerInfo | None = None
         self.last_stats = None
@@ -329,10 +329,10 @@ class GMTCallback(TrainerCallback, ExportableState):
         candidates = self._resume_candidates(args, state)
         record = self._saved_record(state)
         if record is None:
-            saved = self._legacy_state(candidates)
+            saved, source = self._legacy_state(candidates)
         else:
             check_record(record, config=self.config, names=self.masker.names, world_size=args.world_size, global_step=state.global_step)
-            saved = self._sharded_state(record, candidates) if record["sharded"] else load_record(record, candidates)
+            saved, source = self._sharded_state(record, candidates) if record["sharded"] else load_record(record, candidates)
         if saved is None:
             if self.masker.strategy.state_dict():
                 raise FileNotFoundError(
@@ -344,13 +344,15 @@ class GMTCallback(TrainerCallback, ExportableState):
                 "GMT: no saved state found; strategy %r is stateless, resuming at step %d", self.config.strategy, state.global_step
             )
             return
+        whole = not (record or {}).get("sharded") and self.masker.partitioned_by is None
+        check_loaded_state(saved, self.masker.parameters, source=source, whole=whole)
         self.masker.load_state_dict(saved)
         if self.masker.step != state.global_step:
             raise ValueError(
                 f"GMT state is for step {self.masker.step}, the Trainer resumes at {state.global_step}; the checkpoint is inconsistent"
             )
 
-    def _sharded_state(self, record: dict[str, Any], candidates: list[str]) -> dict[str, Any]:
+    def _sharded_state(self, record: dict[str, Any], candidates: list[str]) -> tuple[dict[str, Any], str]:
         import torch.distributed as dist
 
         stem = rank_stem(dist.get_rank())
@@ -365,13 +367,13 @@ class GMTCallback(TrainerCallback, ExportableState):
             raise ValueError(
                 f"{os.path.join(folder, stem)}.json is not from the same save as trainer_state.json (its step or world size differ)"
             )
-        return saved
+        return saved, os.path.join(folder, f"{stem}.safetensors")
 
-    def _legacy_state(self, candidates: list[str]) -> dict[str, Any] | None:
+    def _legacy_state(self, candidates: list[str]) -> tuple[dict[str, Any] | None, str]:
         """Checkpoints written before the state moved into trainer_state.json: ``gmt_state.json`` beside it."""
         folder = next((c for c in candidates if has_state(c)), None)
         if folder is None:
-            return None
+            return None, ""
         saved = load_state(folder)
         strategy = saved.pop("config", {}).get("strategy")
         if strategy not in (None, self.config.strategy):
@@ -380,7 +382,7 @@ class GMTCallback(TrainerCallback, ExportableState):
                 "resume with the same strategy"
             )
         saved.pop("sharded", None)
-        return saved
+        return saved, os.path.join(folder, f"{STEM}.safetensors")
 
 
 def run_checkpoint(args: TrainingArguments, state: TrainerState) -> str:
