@@ -38,7 +38,7 @@ import torch
 ENV = "GMT_PLUGINS_NATIVE"
 MODES = ("auto", "0", "1")
 CFLAGS = ("-O3", "-ffp-contract=off", "-shared", "-fPIC")
-SOURCE = Path(__file__).with_name("_native") / "histogram.c"
+SOURCE = Path(__file__).parent / "engine" / "csrc" / "id3_grow.c"
 HIST_BINS = (1 << 16) + 2
 
 # (dtype, key width) -> C function: which flats the kernel computes keys for itself, exactly as
