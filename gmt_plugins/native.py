@@ -38,7 +38,7 @@ import torch
 ENV = "GMT_PLUGINS_NATIVE"
 MODES = ("auto", "0", "1")
 CFLAGS = ("-O3", "-ffp-contract=off", "-shared", "-fPIC")
-SOURCE = Path(__file__).parent / "engine" / "csrc" / "id3_grow.c"
+SOURCE = Path(__file__).parent / "engine" / "csrc" / "gmt_kernels.c"
 HIST_BINS = (1 << 16) + 2
 
 # (dtype, key width) -> C function: which flats the kernel computes keys for itself, exactly as
@@ -126,7 +126,8 @@ def _build(compiler: str) -> ctypes.CDLL:
     path = shutil.which(compiler)
     if path is None:
         raise NativeUnavailable(f"no C compiler found (tried {compiler!r}; set CC to choose one)")
-    digest = hashlib.sha256(SOURCE.read_bytes() + "\0".join((path, *CFLAGS)).encode()).hexdigest()[:16]
+    sources = b"".join(p.read_bytes() for p in sorted(SOURCE.parent.glob("*.[ch]")))
+    digest = hashlib.sha256(sources + "\0".join((path, *CFLAGS)).encode()).hexdigest()[:16]
     target = _private_dir(cache_dir()) / f"histogram-{digest}-{platform.machine()}.so"
     if not target.exists():
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
