@@ -1,0 +1,1 @@
+"""The selection engine: key sources, ranking and masking, on CPU and CUDA."""
