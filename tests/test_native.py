@@ -1,13 +1,9 @@
-"""The compiled histogram kernel against its twin, the pure-torch passes, and how it is built and chosen."""
+"""The compiled histogram kernel against its twin, the pure-torch passes, and how it is chosen (how it is
+built, cached and loaded: test_kernel_cache.py)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import stat
-import subprocess
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -148,31 +144,6 @@ def test_missing_compiler_required_raises_auto_warns_once_and_falls_back(monkeyp
     assert dispatch.kernel() is None
 
 
-def test_a_compiler_run_past_the_time_limit_is_unavailable_not_a_crash(monkeypatch, tmp_path):
-    monkeypatch.setenv("GMT_PLUGINS_CACHE", str(tmp_path))
-
-    def too_slow(command, **kwargs):
-        raise subprocess.TimeoutExpired(command, kwargs["timeout"])
-
-    monkeypatch.setattr(loader.subprocess, "run", too_slow)
-    with pytest.raises(loader.NativeUnavailable, match=f"took longer than {loader.BUILD_TIMEOUT_S} s"):
-        loader._build("cc")
-    assert list((tmp_path / "native").iterdir()) == []  # the temporary file is gone
-
-
-def test_builds_once_into_the_cache(monkeypatch, tmp_path):
-    monkeypatch.setenv("GMT_PLUGINS_CACHE", str(tmp_path))
-    loader._build("cc")
-    built = list((tmp_path / "native").glob("histogram-*.so"))
-    assert len(built) == 1
-    stamp = built[0].stat().st_mtime_ns
-    calls = []
-    monkeypatch.setattr(loader.subprocess, "run", lambda *a, **k: calls.append(a))
-    lib = loader._build("cc")
-    assert calls == [] and built[0].stat().st_mtime_ns == stamp and hasattr(lib, "gmt_hist_f32")
-    assert list((tmp_path / "native").iterdir()) == built  # no temporary file left behind
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 def test_masked_moves_equal_boolean_indexing(dtype):
     flat = awkward(9999, dtype, seed=3)
@@ -201,69 +172,3 @@ def test_masked_moves_refuse_a_wrong_count_without_overrunning():
     with pytest.raises(ValueError, match="mask must be"):
         cpu_moves.gather_masked(lib, flat, mask[:50], 1)
     assert not cpu_moves.supports_moves(flat[::2])
-
-
-# --- the cache folder: loaded code must be this user's alone (issue 13 item 9) -------------------------
-
-
-@pytest.fixture(scope="module")
-def built_once(tmp_path_factory):
-    """One build of the kernel into a private cache, copied by the tests below (a build takes seconds)."""
-    root = tmp_path_factory.mktemp("built")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GMT_PLUGINS_CACHE", str(root))
-        mp.setenv(loader.ENV, "auto")
-        mp.setattr(loader, "_libraries", {})
-        mp.setattr(loader, "_warned", set())
-        dispatch.kernel()
-    return root / "native"
-
-
-@pytest.fixture
-def fresh_cache(tmp_path, monkeypatch, built_once):
-    monkeypatch.setenv("GMT_PLUGINS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(loader, "_libraries", {})
-    monkeypatch.setattr(loader, "_warned", set())
-    return tmp_path / "cache" / "native"
-
-
-def copy_build(built: Path, folder: Path) -> Path:
-    folder.mkdir(mode=0o700, parents=True)
-    for library in built.glob("*.so"):
-        shutil.copy2(library, folder / library.name)
-    return next(folder.glob("*.so"))
-
-
-@pytest.mark.skipif(not hasattr(os, "getuid") or shutil.which("cc") is None, reason="needs POSIX owners and a C compiler")
-def test_cache_folder_is_created_private(built_once):
-    assert stat.S_IMODE(built_once.stat().st_mode) == 0o700 and list(built_once.glob("*.so"))
-
-
-@pytest.mark.skipif(not hasattr(os, "getuid") or shutil.which("cc") is None, reason="needs POSIX owners and a C compiler")
-def test_a_cache_folder_others_can_write_is_refused(fresh_cache, monkeypatch):
-    fresh_cache.mkdir(parents=True)
-    fresh_cache.chmod(0o777)
-    monkeypatch.setenv(loader.ENV, "1")
-    with pytest.raises(loader.NativeUnavailable, match="writable by other users"):
-        dispatch.kernel()
-    monkeypatch.setattr(loader, "_libraries", {})
-    monkeypatch.setenv(loader.ENV, "auto")
-    with pytest.warns(RuntimeWarning, match="writable by other users"):
-        assert dispatch.kernel() is None  # auto: one warning, then the torch passes
-
-
-@pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0 or shutil.which("cc") is None, reason="needs root to give the folder away")
-def test_a_library_another_user_owns_is_refused(fresh_cache, built_once, monkeypatch):
-    os.chown(copy_build(built_once, fresh_cache), 65534, 65534)
-    monkeypatch.setenv(loader.ENV, "1")
-    with pytest.raises(loader.NativeUnavailable, match="belongs to uid 65534"):
-        dispatch.kernel()
-
-
-@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
-def test_a_library_missing_a_symbol_is_a_load_failure(fresh_cache, built_once, monkeypatch):
-    copy_build(built_once, fresh_cache)
-    monkeypatch.setattr(loader, "REQUIRED_SYMBOLS", (*loader.REQUIRED_SYMBOLS, "gmt_no_such_kernel"))
-    monkeypatch.setenv(loader.ENV, "1")
-    with pytest.raises(loader.NativeUnavailable, match="lacks gmt_no_such_kernel"):
-        dispatch.kernel()

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gmt_plugins.engine.cpu.signatures import Id3Source
 
 # exponent -> the kernel's denominator kind (ID3_DISPATCH in the C sources)
 EXPONENT_KINDS = {0.0: 0, 1.0: 1, 2.0: 2, 3.0: 3}
@@ -44,14 +45,6 @@ MAX_CANDIDATES = 1 << 24
 # its reach above the boundary when only one step is known
 WINDOW_MIN, WINDOW_FIRST = 6, 64
 
-class _Source(ctypes.Structure):
-    _fields_ = [
-        ("g", ctypes.c_void_p),
-        ("theta", ctypes.c_void_p),
-        ("updatable", ctypes.c_void_p),
-        ("masked", ctypes.c_void_p),
-        ("n", ctypes.c_int64),
-    ]
 
 
 @dataclass
@@ -73,19 +66,8 @@ class GrowResult:
 
 
 _scratch = threading.local()
-_declared: set[int] = set()
 
 
-def _declare(lib: ctypes.CDLL) -> None:
-    if id(lib) in _declared:
-        return
-    p = ctypes.c_void_p
-    lib.gmt_id3_grow.argtypes = [
-        ctypes.POINTER(_Source), ctypes.c_int64, ctypes.c_float, ctypes.c_int32, ctypes.c_int64, ctypes.c_int64,
-        ctypes.c_int64, p, p, ctypes.c_int64, p, p, ctypes.c_int64, p, p, p,
-    ]
-    lib.gmt_id3_grow.restype = None
-    _declared.add(id(lib))
 
 
 def exponent_kind(exponent: float) -> int | None:
@@ -146,10 +128,9 @@ def grow(
         u.numel() == g.numel() and m.numel() == g.numel() for g, u, m in zip(grads, updatable, masked)
     ):
         raise ValueError("grow takes contiguous CPU float32 gradients and parameters and bool masks, one size per tensor")
-    _declare(lib)
     count = len(grads)
-    sources = (_Source * max(count, 1))(
-        *[_Source(g.data_ptr(), t.data_ptr(), u.data_ptr(), m.data_ptr(), g.numel()) for g, t, u, m in zip(grads, thetas, updatable, masked)]
+    sources = (Id3Source * max(count, 1))(
+        *[Id3Source(g.data_ptr(), t.data_ptr(), u.data_ptr(), m.data_ptr(), g.numel()) for g, t, u, m in zip(grads, thetas, updatable, masked)]
     )
     total = sum(g.numel() for g in grads)
     wlo, whi = window(boundaries)

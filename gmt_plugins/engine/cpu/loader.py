@@ -1,16 +1,25 @@
-"""The loader of the compiled CPU kernel: the one place that builds, caches and loads it with ``ctypes``.
+"""The compiled CPU kernel: built once per machine, verified, and loaded with ``ctypes``.
 
-On CPU the engine's cost is its histogram passes. In torch ops each pass is a chain of
-elementwise ops and an ``index_add_``, about 1.5-2.5 ns per entry; the C loop in
-``gmt_plugins/_native/histogram.c`` computes the key and counts it in one read, about 0.6 ns.
+On CPU the engine's cost is its passes over the keys. In torch ops each pass is a chain of
+elementwise ops and an ``index_add_``, about 1.5-2.5 ns per entry; the C loops in
+``gmt_plugins/engine/csrc`` compute the key and count it in one read, about 0.6 ns.
 
-The C source ships with the package and is compiled on first use by the system C compiler
-(``$CC``, else ``cc``) into ``$GMT_PLUGINS_CACHE/native`` (default ``~/.cache/gmt_plugins/native``),
-under a name that hashes the source, the compiler and its flags, so each machine builds it once
-(in well under a second; no torch headers, no ninja). The folder is created private (0700); a
-folder or library owned by another user or writable by others is refused, and so is a library
-missing a symbol: in ``auto`` mode with one warning, then the torch passes run. The pure-torch passes in
-:mod:`gmt_plugins.selection` are its reference twin and give identical histograms.
+The C sources ship with the package and are compiled on first use by the system C compiler
+(``$CC``, split as a shell would, so ``CC="gcc -O2"`` works; else ``cc``) into
+``$GMT_PLUGINS_CACHE/native`` (default ``~/.cache/gmt_plugins/native``), under a name that hashes
+the sources, the compiler and its flags, so each machine builds it once (a few seconds; no torch
+headers, no ninja). Beside the library a small sidecar records its size and SHA-256; a library
+whose sidecar is missing or disagrees (a truncated file would crash the process inside ``dlopen``)
+is rebuilt, never loaded. Builds are atomic: each process compiles into its own temporary file
+and renames it into place, so concurrent builds race harmlessly; temporary files that a killed
+process left behind are swept after an hour.
+
+The folder is created private (0700); a folder or library owned by another user or writable by
+others is refused, and so is a library missing a symbol: in ``auto`` mode with one warning, then
+the torch passes run. A compiler that rejects the AVX2 clones gets one portable build (cached
+under its own name, announced once: masking is then slower); a compiler that fails otherwise, is
+killed or runs out of time gives no library at all. The pure-torch passes in
+:mod:`gmt_plugins.selection` are the kernel's reference twin and give identical results.
 
 ``GMT_PLUGINS_NATIVE`` chooses:
 
@@ -25,36 +34,43 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
+import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 
-import torch
+from gmt_plugins.engine.cpu import signatures
 
 ENV = "GMT_PLUGINS_NATIVE"
 MODES = ("auto", "0", "1")
 CFLAGS = ("-O3", "-ffp-contract=off", "-shared", "-fPIC")
-SOURCE = Path(__file__).parents[2] / "_native" / "histogram.c"
-HIST_BINS = (1 << 16) + 2
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+SOURCE = CSRC / "gmt_kernels.c"
+"""The one translation unit: it includes every other file of :data:`CSRC`."""
+REQUIRED_SYMBOLS = signatures.REQUIRED_SYMBOLS
 
-# (dtype, key width) -> C function: which flats the kernel computes keys for itself, exactly as
-# MagnitudeKeys.keys does. fp16 widened to 32 bits goes through fp32 in torch, so it stays there.
-_FUNCTIONS = {
-    (torch.float32, 32): "gmt_hist_f32",
-    (torch.bfloat16, 32): "gmt_hist_bf16_wide",
-    (torch.bfloat16, 16): "gmt_hist_16",
-    (torch.float16, 16): "gmt_hist_16",
-}
+BUILD_TIMEOUT_S = 600
+"""Wall-clock limit of one compiler run: about 15 s of CPU, far longer on a loaded machine."""
+STALE_TEMP_S = 3600
+"""A temporary build file older than this belongs to a process that died mid-build: it is removed."""
+TEMP_PREFIX = ".build-"
+SIDECAR_SUFFIX = ".sha256"
 
-# element size in bytes -> (gather, scatter) of strict mode's masked entries
-_MOVES = {2: ("gmt_gather_masked_16", "gmt_scatter_masked_16"), 4: ("gmt_gather_masked_32", "gmt_scatter_masked_32"),
-          8: ("gmt_gather_masked_64", "gmt_scatter_masked_64")}
+# A failed build whose message names one of these rejected the AVX2 clones or intrinsics (no ifunc
+# on this platform, no AVX2 support in this compiler): the portable build (-DGMT_NO_CLONES) serves.
+# Any other failure (a syntax error, a compiler killed for memory, which gcc reports as a positive
+# status) is no reason to cache a slower kernel.
+_CLONES_REJECTED = re.compile(r"ifunc|target_clones|multiversion|avx2|immintrin|__m256|target specific option", re.IGNORECASE)
+_PACKAGE_DIR = str(Path(__file__).resolve().parents[2]) + os.sep
 
 _lock = threading.Lock()
-_libraries: dict[str, ctypes.CDLL | str] = {}  # compiler -> library, or the reason it failed
+_libraries: dict[str, ctypes.CDLL | str] = {}  # CC as set -> library, or the reason it failed
 _warned: set[str] = set()
 
 
@@ -78,16 +94,6 @@ def _compiler() -> str:
     return os.environ.get("CC") or "cc"
 
 
-# Every symbol any module looks up: one missing is a load failure here, not an AttributeError mid-step.
-REQUIRED_SYMBOLS = (
-    *sorted(set(_FUNCTIONS.values())), *(n for pair in _MOVES.values() for n in pair),
-    "gmt_rank_group", "gmt_apply", "gmt_ema_f32", "gmt_count_nonfinite_f32",
-    "gmt_id3_grow", "gmt_coverage_observe", "gmt_apply_tracked",
-    "gmt_random_rank", "gmt_apply_preselected", "gmt_ema_rank", "gmt_ema_rank_groups",
-    "gmt_pack_mask_bits", "gmt_apply_mask_bits", "gmt_accumulate_finite_f32", "gmt_score_keys_f32",
-)
-
-
 def _private_dir(folder: Path) -> Path:
     """``folder``, created 0700 if missing. The library in it is loaded into this process, so a folder
     (or library) that another user owns or can write is refused: it would let them run code here."""
@@ -109,53 +115,160 @@ def _check_private(path: Path) -> None:
         )
 
 
-BUILD_TIMEOUT_S = 600
-"""Wall-clock limit of one compiler run: about 15 s of CPU, far longer on a loaded machine."""
+# --- verified libraries: a sidecar with the size and SHA-256 of what was built -----------------
 
 
-def _compile(command: list[str], compiler: str) -> subprocess.CompletedProcess:
+def _sidecar(library: Path) -> Path:
+    return library.with_name(library.name + SIDECAR_SUFFIX)
+
+
+def _fingerprint(path: Path) -> str:
+    data = path.read_bytes()
+    return f"{len(data)} {hashlib.sha256(data).hexdigest()}"
+
+
+def _verified(library: Path) -> bool:
+    """Whether ``library`` is whole: its size and hash are those its sidecar recorded at build time.
+    Checked before ``dlopen``, which crashes the process (SIGBUS) on a truncated library."""
     try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        raise NativeUnavailable(f"{compiler} took longer than {BUILD_TIMEOUT_S} s to build {SOURCE.name}") from None
+        return _sidecar(library).read_text().strip() == _fingerprint(library)
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
-def _build(compiler: str) -> ctypes.CDLL:
-    """Compile (once per machine; concurrent processes race harmlessly) and load the kernel."""
-    path = shutil.which(compiler)
+def _write_atomically(target: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=SIDECAR_SUFFIX, dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text + "\n")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _sweep_stale_temps(folder: Path) -> None:
+    """Remove temporary build files that a process killed mid-build left behind (a live build's are
+    younger than :data:`STALE_TEMP_S`: a compiler run is limited to :data:`BUILD_TIMEOUT_S`)."""
+    now = time.time()
+    for leftover in folder.glob(TEMP_PREFIX + "*"):
+        try:
+            if now - leftover.stat().st_mtime > STALE_TEMP_S:
+                leftover.unlink()
+        except OSError:  # another process swept it first
+            pass
+
+
+# --- building -------------------------------------------------------------------------------------
+
+
+def _command(compiler: str) -> list[str]:
+    """``$CC`` as a shell splits it, its program resolved on ``PATH``."""
+    try:
+        words = shlex.split(compiler)
+    except ValueError as error:
+        raise NativeUnavailable(f"CC={compiler!r} cannot be split into words: {error}") from None
+    path = shutil.which(words[0]) if words else None
     if path is None:
         raise NativeUnavailable(f"no C compiler found (tried {compiler!r}; set CC to choose one)")
-    digest = hashlib.sha256(SOURCE.read_bytes() + "\0".join((path, *CFLAGS)).encode()).hexdigest()[:16]
-    target = _private_dir(cache_dir()) / f"histogram-{digest}-{platform.machine()}.so"
-    if not target.exists():
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        try:
-            done = _compile([path, *CFLAGS, "-o", tmp, str(SOURCE)], compiler)
-            if done.returncode != 0:  # e.g. no ifunc support for the AVX2 clones: one portable build
-                done = _compile([path, *CFLAGS, "-DGMT_NO_CLONES", "-o", tmp, str(SOURCE)], compiler)
-            if done.returncode != 0:
-                raise NativeUnavailable(f"{compiler} failed to build {SOURCE.name}: {done.stderr.strip()[-500:]}")
+    return [path, *words[1:]]
+
+
+def _library_names(command: list[str]) -> tuple[Path, Path]:
+    """The cached library's path with the AVX2 clones, and the portable build's."""
+    hasher = hashlib.sha256()
+    for source in sorted(CSRC.glob("*.[ch]")):
+        hasher.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    hasher.update("\0".join((*command, *CFLAGS)).encode())
+    stem = f"gmt_kernels-{hasher.hexdigest()[:16]}-{platform.machine()}"
+    folder = _private_dir(cache_dir())
+    return folder / f"{stem}.so", folder / f"{stem}-portable.so"
+
+
+def _compile(command: list[str], flags: tuple[str, ...], output: str) -> subprocess.CompletedProcess:
+    full = [*command, *CFLAGS, *flags, "-o", output, str(SOURCE)]
+    try:
+        return subprocess.run(full, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise NativeUnavailable(f"{shlex.join(command)} took longer than {BUILD_TIMEOUT_S} s to build {SOURCE.name}") from None
+
+
+def _failure(command: list[str], done: subprocess.CompletedProcess) -> NativeUnavailable:
+    status = f"was killed by signal {-done.returncode}" if done.returncode < 0 else f"exited with status {done.returncode}"
+    message = (done.stderr or done.stdout or "").strip()[-500:] or "(no message)"
+    return NativeUnavailable(f"failed to build {SOURCE.name}: `{shlex.join(done.args)}` {status}: {message}")
+
+
+def _build_into(target: Path, command: list[str], flags: tuple[str, ...]) -> subprocess.CompletedProcess:
+    """Compile into a temporary file of this process and, when it succeeds, rename it to ``target``
+    and record its sidecar. The temporary file goes on every exit path Python sees."""
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = _compile(command, flags, tmp)
+        if done.returncode == 0:
+            fingerprint = _fingerprint(Path(tmp))
             os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    _check_private(target)
-    library = ctypes.CDLL(str(target))
-    missing = [name for name in REQUIRED_SYMBOLS if not hasattr(library, name)]
+            _write_atomically(_sidecar(target), fingerprint)
+        return done
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _build(compiler: str) -> tuple[Path, bool]:
+    """The verified library for ``compiler`` (``$CC``), built if needed, and whether it is the
+    portable build."""
+    command = _command(compiler)
+    target, portable = _library_names(command)
+    if target.exists():
+        _check_private(target)
+        if _verified(target):
+            return target, False
+    elif portable.exists():  # this compiler rejected the clones before: they are not tried again
+        _check_private(portable)
+        if _verified(portable):
+            return portable, True
+    _sweep_stale_temps(target.parent)
+    done = _build_into(target, command, ())
+    if done.returncode == 0:
+        return target, False
+    if done.returncode > 0 and _CLONES_REJECTED.search(done.stderr or ""):
+        retry = _build_into(portable, command, ("-DGMT_NO_CLONES",))
+        if retry.returncode == 0:
+            return portable, True
+    raise _failure(command, done)
+
+
+def _load(library: Path) -> ctypes.CDLL:
+    _check_private(library)
+    loaded = ctypes.CDLL(str(library))
+    missing = [name for name in REQUIRED_SYMBOLS if not hasattr(loaded, name)]
     if missing:
-        raise NativeUnavailable(f"{target} lacks {', '.join(missing)} (a stale or foreign build); delete it to rebuild")
-    for name in set(_FUNCTIONS.values()):
-        function = getattr(library, name)
-        function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p]
-        function.restype = None
-    for name in (n for pair in _MOVES.values() for n in pair):
-        function = getattr(library, name)
-        function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-        function.restype = ctypes.c_int64
-    library.gmt_coverage_observe.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p]
-    library.gmt_coverage_observe.restype = None
-    return library
+        raise NativeUnavailable(f"{library} lacks {', '.join(missing)} (a stale or foreign build); delete it to rebuild")
+    signatures.declare(loaded)
+    return loaded
+
+
+# decorators' wrapper frames between a gmt_plugins function and its caller (torch.no_grad and the like)
+_WRAPPER_MODULES = frozenset({"contextlib", "functools", "torch.utils._contextlib"})
+
+
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` of the nearest caller outside gmt_plugins (and the decorators wrapping its
+    functions), so that a warning names the user's line, not the library's."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(_PACKAGE_DIR) or frame.f_globals.get("__name__") in _WRAPPER_MODULES
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=_outside_stacklevel())
 
 
 # (GMT_PLUGINS_NATIVE, CC) as they were when library() last returned the loaded kernel, and the kernel:
@@ -177,21 +290,26 @@ def library() -> ctypes.CDLL | None:
     with _lock:
         if compiler not in _libraries:
             try:
-                _libraries[compiler] = _build(compiler)
+                path, portable = _build(compiler)
+                _libraries[compiler] = _load(path)
+                if portable:
+                    _warn_once(
+                        f"portable:{compiler}",
+                        f"gmt_plugins: {compiler} rejected the AVX2 clones of the compiled kernel, so it runs its "
+                        f"portable build ({path.name}): masking is slower than with the clones.",
+                    )
             except (OSError, subprocess.SubprocessError, NativeUnavailable) as error:
                 _libraries[compiler] = str(error)
         loaded = _libraries[compiler]
         if isinstance(loaded, str):
             if chosen == "1":
-                raise NativeUnavailable(f"{ENV}=1 but the compiled histogram is unavailable: {loaded}")
-            if compiler not in _warned:
-                _warned.add(compiler)
-                warnings.warn(
-                    f"gmt_plugins: compiled histogram unavailable ({loaded}); masking uses the pure-torch "
-                    f"passes, about 3x slower on CPU. Set {ENV}=0 to silence this.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+                raise NativeUnavailable(f"{ENV}=1 but the compiled kernel is unavailable: {loaded}")
+            _warn_once(
+                compiler,
+                f"gmt_plugins: compiled kernel unavailable ({loaded}); masking uses the pure-torch passes, "
+                f"several times slower on CPU (benchmarks/strategy_cost.py --rows gmt:tensor, with "
+                f"{ENV}=0 and =1, measures it). Set {ENV}=0 to silence this.",
+            )
             return None
         _last_loaded = (env, cc, loaded)
         return loaded

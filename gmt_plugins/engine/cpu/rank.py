@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gmt_plugins.engine.cpu.signatures import Source
 from gmt_plugins.engine.keys import MagnitudeKeys, MaskKeys, RandomKeys, ScoreKeys, StoredMask
 
 # kinds of key the kernel computes (the enum of the C sources)
@@ -59,45 +60,20 @@ class NativeKeys:
     reads instead of ``score`` for the stored-mask step (threshold 1, no ties)."""
 
 
-class _Source(ctypes.Structure):
-    _fields_ = [
-        ("x", ctypes.c_void_p),
-        ("s", ctypes.c_void_p),
-        ("n", ctypes.c_int64),
-        ("start", ctypes.c_int64),
-        ("seed", ctypes.c_uint64),
-        ("kind", ctypes.c_int32),
-    ]
 
 
 _scratch = threading.local()
-_declared: set[int] = set()
 
 
-def _declare(lib: ctypes.CDLL) -> None:
-    if id(lib) in _declared:
-        return
-    lib.gmt_rank_group.argtypes = [
-        ctypes.POINTER(_Source), ctypes.c_int64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_double, ctypes.c_int64,
-        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-    ]
-    lib.gmt_rank_group.restype = None
-    lib.gmt_apply.argtypes = [ctypes.POINTER(_Source), ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-    lib.gmt_apply.restype = None
-    lib.gmt_apply_tracked.argtypes = [
-        ctypes.POINTER(_Source), ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p,
-    ]
-    lib.gmt_apply_tracked.restype = ctypes.c_int32
-    _declared.add(id(lib))
 
 
-def _source(flat: torch.Tensor, keys: NativeKeys) -> _Source:
+def _source(flat: torch.Tensor, keys: NativeKeys) -> Source:
     score = keys.score
     # KIND_RANDOM_16 tells fp16 from bf16 by a non-null second pointer
     s = score.data_ptr() if score is not None else (1 if keys.kind == KIND_RANDOM_16 and flat.dtype == torch.float16 else 0)
     # masks use no seed: its bit 0 says the bytes are the kept entries (histogram.c, SETUP_MASK)
     seed = int(keys.kept) if keys.kind == KIND_MASK else keys.seed & (2**64 - 1)
-    return _Source(flat.data_ptr(), s or None, flat.numel(), keys.start, seed, keys.kind)
+    return Source(flat.data_ptr(), s or None, flat.numel(), keys.start, seed, keys.kind)
 
 
 def _buffers(candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,9 +109,8 @@ def rank_group(
     hint: int | None = None,
 ) -> GroupResult:
     """Rank one group in one call (see the module doc). ``hint``: the previous boundary top digit."""
-    _declare(lib)
     count = len(flats)
-    sources = (_Source * max(count, 1))(*[_source(f, kk) for f, kk in zip(flats, keys)])
+    sources = (Source * max(count, 1))(*[_source(f, kk) for f, kk in zip(flats, keys)])
     total = sum(f.numel() for f in flats)
     window = _window(keys, total, ratio, k, hint) if key_bits > 16 else (-1, -2)
     cand_cap = _candidate_room(total) if window[0] <= window[1] or window[0] == SAMPLE_WINDOW else 0
@@ -199,7 +174,6 @@ def apply(
 ) -> tuple[int, int, int]:
     """Zero the entries below ``threshold`` and the first ``ties`` equal to it; ``(masked, ties_used,
     masked_nonzero)``, the last counted in the same pass: masked entries that were nonzero before."""
-    _declare(lib)
     if keys.selection is not None and keys.selection.covers(threshold, ties):
         return apply_preselected(lib, flat, keys, threshold, ties, record)
     if keys.bits is not None and keys.kind == KIND_MASK and threshold == 1 and ties == 0:
@@ -221,7 +195,6 @@ def apply_tracked(
     gradient magnitudes (fp32, bf16, fp16), which it does not serve."""
     if keys.kind not in _MAGNITUDE_KINDS or keys.selection is not None:
         return None
-    _declare(lib)
     out = (ctypes.c_int64 * 5)()
     source = _source(flat, keys)
     if not lib.gmt_apply_tracked(ctypes.byref(source), threshold, ties, updated.data_ptr(), previous.data_ptr(), int(first), out):
@@ -232,7 +205,6 @@ def apply_tracked(
 
 def avx2_scan(lib: ctypes.CDLL) -> bool:
     """Whether the kernel scans fp32 windows with AVX2 (and so samples windows for them)."""
-    lib.gmt_avx2_scan.restype = ctypes.c_int32
     return bool(lib.gmt_avx2_scan())
 
 
@@ -259,10 +231,7 @@ def ema_f32(lib: ctypes.CDLL, ema: torch.Tensor, grad: torch.Tensor, beta: float
     bit what ``torch.where(isfinite(g), beta * ema + (1 - beta) * g, ema)`` gives for fp32 tensors."""
     if not (contiguous_cpu_f32(ema) and contiguous_cpu_f32(grad) and ema.numel() == grad.numel()):
         raise ValueError("ema_f32 takes contiguous CPU float32 tensors of one size")
-    function = lib.gmt_ema_f32
-    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_int32]
-    function.restype = None
-    function(ema.data_ptr(), grad.data_ptr(), grad.numel(), beta, 1 - beta, int(first))
+    lib.gmt_ema_f32(ema.data_ptr(), grad.data_ptr(), grad.numel(), beta, 1 - beta, int(first))
 
 
 def contiguous_cpu_f32(t: torch.Tensor) -> bool:
@@ -272,10 +241,7 @@ def contiguous_cpu_f32(t: torch.Tensor) -> bool:
 
 def count_nonfinite_f32(lib: ctypes.CDLL, flat: torch.Tensor) -> int:
     """NaN and inf entries of a contiguous CPU fp32 tensor, in one C read."""
-    function = lib.gmt_count_nonfinite_f32
-    function.argtypes = [ctypes.c_void_p, ctypes.c_int64]
-    function.restype = ctypes.c_int64
-    return int(function(flat.data_ptr(), flat.numel())) if flat.numel() else 0
+    return int(lib.gmt_count_nonfinite_f32(flat.data_ptr(), flat.numel())) if flat.numel() else 0
 
 
 # --- random keys hashed once (gmt_random_rank / gmt_apply_preselected in _native/histogram.c) ----
@@ -310,25 +276,12 @@ class Preselection:
         return self.lo <= threshold < self.hi or (threshold == self.hi and ties == 0)
 
 
-_random_declared: set[int] = set()
 # Half-width of random_rank_group's window in standard deviations of the count below it: the k-th key
 # falls outside it for about one group in 16,000 (then the histogram passes rank it); a wider window
 # holds more candidates, and every block of 64 entries holding one costs a second look.
 RANDOM_SIGMAS = 4.0
 
 
-def _declare_random(lib: ctypes.CDLL) -> None:
-    if id(lib) in _random_declared:
-        return
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.gmt_random_rank.argtypes = [
-        ctypes.POINTER(_Source), i64, ctypes.c_double, i64, ctypes.c_uint32, ctypes.c_uint32,
-        p, p, p, p, p, i64, p, p, p,
-    ]
-    lib.gmt_random_rank.restype = ctypes.c_int32
-    lib.gmt_apply_preselected.argtypes = [ctypes.POINTER(_Source), p, p, p, i64, ctypes.c_uint32, i64, p, p]
-    lib.gmt_apply_preselected.restype = None
-    _random_declared.add(id(lib))
 
 
 def random_rank_group(
@@ -344,7 +297,6 @@ def random_rank_group(
     the expected window (about one group in 10**9): then rank with :func:`rank_group`."""
     if not flats or any(kk.kind not in _RANDOM_KINDS for kk in keys):
         raise ValueError(f"random_rank_group takes random-key flats only, got kinds {sorted({kk.kind for kk in keys})}")
-    _declare_random(lib)
     count = len(flats)
     sizes = [f.numel() for f in flats]
     total = sum(sizes)
@@ -361,7 +313,7 @@ def random_rank_group(
     cand_key = torch.empty(max(cand_cap, 1), dtype=torch.int32)
     cand_pos = torch.empty(max(cand_cap, 1), dtype=torch.int64)
     hist, _ = _buffers(0)
-    sources = (_Source * count)(*[_source(f, kk) for f, kk in zip(flats, keys)])
+    sources = (Source * count)(*[_source(f, kk) for f, kk in zip(flats, keys)])
     word_offsets = (ctypes.c_int64 * count)(*offsets[:-1])
     cand_start = (ctypes.c_int64 * (count + 1))()
     nonfinite = (ctypes.c_int64 * count)()
@@ -397,7 +349,6 @@ def apply_preselected(
             "this selection's buffers were reused by a later ema_rank_groups call on this thread: apply a step's "
             "plan before planning the next one"
         )
-    _declare_random(lib)
     t = keys.member
     first, last = selection.cand_start[t], selection.cand_start[t + 1]
     out = (ctypes.c_int64 * 3)()
@@ -412,22 +363,8 @@ def apply_preselected(
 
 # --- stored masks read as bits, gradient sums (the stored-mask section of _native/histogram.c) ---
 
-_stored_declared: set[int] = set()
 
 
-def _declare_stored(lib: ctypes.CDLL) -> None:
-    if id(lib) in _stored_declared:
-        return
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
-    lib.gmt_pack_mask_bits.argtypes = [p, i64, i32, p]
-    lib.gmt_pack_mask_bits.restype = None
-    lib.gmt_apply_mask_bits.argtypes = [p, p, i64, p, p]
-    lib.gmt_apply_mask_bits.restype = None
-    lib.gmt_accumulate_finite_f32.argtypes = [p, p, i64, i32, i32]
-    lib.gmt_accumulate_finite_f32.restype = None
-    lib.gmt_score_keys_f32.argtypes = [p, p, i64, i32, p]
-    lib.gmt_score_keys_f32.restype = None
-    _stored_declared.add(id(lib))
 
 
 def pack_mask_bits(lib: ctypes.CDLL, mask: torch.Tensor, *, invert: bool) -> torch.Tensor:
@@ -436,7 +373,6 @@ def pack_mask_bits(lib: ctypes.CDLL, mask: torch.Tensor, *, invert: bool) -> tor
     :func:`reference_pack_mask_bits` is its twin."""
     if mask.dtype != torch.bool or mask.device.type != "cpu" or not mask.is_contiguous() or mask.dim() != 1:
         raise ValueError(f"pack_mask_bits takes a flat contiguous CPU bool tensor, got {mask.dtype} {tuple(mask.shape)} on {mask.device}")
-    _declare_stored(lib)
     bits = torch.empty((mask.numel() + 63) // 64, dtype=torch.int64)
     if mask.numel():
         lib.gmt_pack_mask_bits(mask.data_ptr(), mask.numel(), int(invert), bits.data_ptr())
@@ -461,7 +397,6 @@ def apply_mask_bits(lib: ctypes.CDLL, flat: torch.Tensor, bits: torch.Tensor, re
         raise ValueError("apply_mask_bits takes a contiguous CPU float32 gradient and contiguous CPU int64 bits")
     if bits.numel() < (flat.numel() + 63) // 64:
         raise ValueError(f"apply_mask_bits: {bits.numel()} words cannot hold {flat.numel()} entries")
-    _declare_stored(lib)
     out = (ctypes.c_int64 * 3)()
     if flat.numel():
         lib.gmt_apply_mask_bits(flat.data_ptr(), bits.data_ptr(), flat.numel(), None if record is None else record.data_ptr(), out)
@@ -474,7 +409,6 @@ def accumulate_finite_f32(lib: ctypes.CDLL, acc: torch.Tensor, grad: torch.Tenso
     :func:`gmt_plugins.strategies._masks.reference_accumulate_finite` (``nan_to_num``, ``square_``, ``add_``)."""
     if not (contiguous_cpu_f32(acc) and contiguous_cpu_f32(grad) and acc.numel() == grad.numel()):
         raise ValueError("accumulate_finite_f32 takes contiguous CPU float32 tensors of one size")
-    _declare_stored(lib)
     if grad.numel():
         lib.gmt_accumulate_finite_f32(acc.data_ptr(), grad.data_ptr(), grad.numel(), int(first), int(square))
 
@@ -487,7 +421,6 @@ def score_keys_f32(lib: ctypes.CDLL, score: torch.Tensor, excluded: torch.Tensor
     )
     if not contiguous_cpu_f32(score) or not flags_ok:
         raise ValueError("score_keys_f32 takes a contiguous CPU float32 score and, optionally, contiguous CPU bool flags of its size")
-    _declare_stored(lib)
     out = torch.empty(score.numel(), dtype=torch.float32)
     if score.numel():
         lib.gmt_score_keys_f32(score.data_ptr(), None if excluded is None else excluded.data_ptr(), score.numel(), int(largest), out.data_ptr())
@@ -501,7 +434,6 @@ def score_keys_f32(lib: ctypes.CDLL, score: torch.Tensor, excluded: torch.Tensor
 EMA_SAMPLE_SHIFT = 3
 EMA_SAMPLE_FROM = 1 << 16
 
-_groups_declared: set[int] = set()
 
 
 def ema_rank_groups(
@@ -539,14 +471,6 @@ def ema_rank_groups(
     starts = [0, *ends[:-1]]
     if max(sum(sizes[s:e]) for s, e in zip(starts, ends)) > MAX_GROUP:
         raise ValueError(f"ema_rank_groups takes at most {MAX_GROUP} entries in one group")
-    if id(lib) not in _groups_declared:
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.gmt_ema_rank_groups.argtypes = [
-            ctypes.POINTER(_Source), ctypes.c_float, ctypes.c_float, p, p, i64, ctypes.c_double, i64, i64, ctypes.c_uint32,
-            p, p, p, p, p, p, p, i64, p, p,
-        ]
-        lib.gmt_ema_rank_groups.restype = None
-        _groups_declared.add(id(lib))
     offsets = [0]
     for n in sizes:
         offsets.append(offsets[-1] + (n + 63) // 64)
@@ -556,7 +480,7 @@ def ema_rank_groups(
     hist, _ = _buffers(0)
     scratch = _reused_buffers(offsets[-1], cand_cap)
     bits, cand_key, cand_pos = scratch.bits, scratch.cand_key, scratch.cand_pos
-    sources = (_Source * count)(*[_Source(g.data_ptr(), e.data_ptr(), g.numel(), 0, 0, KIND_SCORE) for g, e in zip(grads, emas)])
+    sources = (Source * count)(*[Source(g.data_ptr(), e.data_ptr(), g.numel(), 0, 0, KIND_SCORE) for g, e in zip(grads, emas)])
     firsts = (ctypes.c_int32 * count)(*[int(bool(f)) for f in first])
     group_end = (ctypes.c_int64 * len(ends))(*ends)
     word_offsets = (ctypes.c_int64 * count)(*offsets[:-1])
