@@ -113,7 +113,8 @@ def main() -> None:
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="clock of the ratio column on CPU")
     args = parser.parse_args()
 
-    from gmt_plugins import GradientMasker, native
+    from gmt_plugins import GradientMasker
+    from gmt_plugins.engine import dispatch
 
     torch.set_num_threads(args.threads)
     device, dtype = args.device, getattr(torch, args.dtype)
@@ -157,7 +158,7 @@ def main() -> None:
             adam.append(timed(optimizer.step))
 
     entries = sum(p.numel() for p in params)
-    lib = native.library() if device == "cpu" else None
+    lib = dispatch.kernel() if device == "cpu" else None
     print(f"torch {torch.__version__}, device {device}, dtype {args.dtype}, threads {torch.get_num_threads()}, "
           f"compiled kernel {'on' if lib is not None else 'off'}, mask_ratio {args.mask_ratio}")
     name = "wall" if wall_clock else "CPU"

@@ -48,7 +48,7 @@ def named_parameters_source(source: Any) -> torch.nn.Module | list[tuple[str, An
     pairs = list(source)
     for i, item in enumerate(pairs):
         if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], torch.Tensor)):
-            raise TypeError(f"{accepted}; item {i} is {_describe(item)}, not a (str, Parameter) pair")
+            raise TypeError(f"{accepted}; entry {i} is {_describe(item)}, not a (str, Parameter) pair")
     return pairs
 
 

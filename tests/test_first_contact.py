@@ -93,11 +93,11 @@ def model() -> torch.nn.Module:
 @pytest.mark.parametrize(
     ("source", "match"),
     [
-        (lambda m: [p for p in m.parameters()], r"item 0 is a bare Parameter of shape \(4, 4\), not a \(str, Parameter\) pair"),
+        (lambda m: [p for p in m.parameters()], r"entry 0 is a bare Parameter of shape \(4, 4\), not a \(str, Parameter\) pair"),
         (lambda m: [next(m.parameters())][0], r"got Parameter"),
         (lambda m: dict(m.named_parameters()), r"got dict \(for a dict, pass dict.items\(\)\)"),
         (lambda m: "model", r"got str"),
-        (lambda m: [("0.weight",)], r"item 0 is a tuple of 1 \(str\)"),
+        (lambda m: [("0.weight",)], r"entry 0 is a tuple of 1 \(str\)"),
     ],
 )
 def test_wrong_argument_types_get_a_type_error_saying_what_is_accepted(source, match):

@@ -311,7 +311,7 @@ def test_stored_masks_in_c_equal_torch(monkeypatch, record):
     assert results["1"][-1] == results["0"][-1]
 
 
-# --- random keys hashed once, gmt_momentum's fused EMA ranking (issue 14 part 2) ----------------
+# --- random keys hashed once, gmt_momentum's fused EMA ranking ----------------
 
 
 def random_group(dtypes, sizes, seed=0):

@@ -13,7 +13,7 @@ On CPU accelerate drops the FSDP plugin (its distributed type is MULTI_CPU) and 
 silently trains with DDP. Each case therefore sets ``PartialState``'s distributed type to
 MULTI_GPU before building the Trainer, so accelerate takes its FSDP path; FSDP1 also needs the
 state's device to be the CPU (FSDP1's ``device_id``) and ``sync_module_states=False`` (both found
-necessary when issue 12 was filed). The worker asserts the model really is sharded (FSDP2: gradients are
+necessary when this test was written). The worker asserts the model really is sharded (FSDP2: gradients are
 ``DTensor``s; FSDP1: the wrapped model is ``FullyShardedDataParallel`` holding ``FlatParameter``s),
 so a case cannot pass under DDP.
 

@@ -19,7 +19,7 @@ others is refused, and so is a library missing a symbol: in ``auto`` mode with o
 the torch passes run. A compiler that rejects the AVX2 clones gets one portable build (cached
 under its own name, announced once: masking is then slower); a compiler that fails otherwise, is
 killed or runs out of time gives no library at all. The pure-torch passes in
-:mod:`gmt_plugins.selection` are the kernel's reference twin and give identical results.
+:mod:`gmt_plugins.engine.reference` are the kernel's reference twin and give identical results.
 
 ``GMT_PLUGINS_NATIVE`` chooses:
 
