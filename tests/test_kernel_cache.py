@@ -306,7 +306,7 @@ def test_the_fallback_warning_names_the_callers_line(fresh_loader, monkeypatch):
         GradientMasker([("w", p)], mask_ratio=0.25).apply()
     (warning,) = [w for w in caught if w.category is RuntimeWarning]
     assert warning.filename == __file__, warning.filename
-    assert "several times slower" in str(warning.message) and "3x" not in str(warning.message)
+    assert "many times slower" in str(warning.message) and "3x" not in str(warning.message)
 
 
 # --- the cache folder: loaded code must be this user's alone -----------------------------------------

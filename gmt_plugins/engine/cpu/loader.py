@@ -307,8 +307,8 @@ def library() -> ctypes.CDLL | None:
             _warn_once(
                 compiler,
                 f"gmt_plugins: compiled kernel unavailable ({loaded}); masking uses the pure-torch passes, "
-                f"several times slower on CPU (benchmarks/strategy_cost.py --rows gmt:tensor, with "
-                f"{ENV}=0 and =1, measures it). Set {ENV}=0 to silence this.",
+                f"many times slower on CPU (benchmarks/strategy_cost.py --rows gmt:tensor run with {ENV}=0 "
+                f"and with {ENV}=1 measures it). Set {ENV}=0 to silence this.",
             )
             return None
         _last_loaded = (env, cc, loaded)
