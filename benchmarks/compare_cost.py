@@ -64,7 +64,8 @@ def measure(root: Path, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     command = [sys.executable, str(STRATEGY_COST), "--json", str(out), "--model", args.model, "--repeats", str(args.repeats)]
     if args.rows:
         command += ["--rows", *args.rows]
-    env = dict(os.environ, PYTHONPATH=str(root))
+    # strategies warn about settings they ignore (lisa: mask_ratio), in every run alike; errors still show
+    env = dict(os.environ, PYTHONPATH=str(root), PYTHONWARNINGS="ignore::UserWarning")
     # strategy_cost.py prints its table; only its record is read, so the table goes nowhere
     if subprocess.run(command, cwd=root, env=env, stdout=subprocess.DEVNULL).returncode:
         raise SystemExit(f"strategy_cost.py on {root} failed (its error is above)")
@@ -101,7 +102,8 @@ def report(records: dict[str, list[dict[str, Any]]]) -> None:
         ratios = {side: [r["rows"][row]["ratio"] for r in records[side]] for side in ("old", "new")}
         o, n = statistics.median(ratios["old"]), statistics.median(ratios["new"])
         spread = "  ".join(f"{side} {min(v):.3f}-{max(v):.3f}" for side, v in ratios.items())
-        print(f"{row:<{width}}  old {o:.3f}  new {n:.3f}  new/old {n / o:.2f}    (range over rounds: {spread})")
+        spread = f"    (range over the rounds: {spread})" if len(new) > 1 else ""
+        print(f"{row:<{width}}  old {o:.3f}  new {n:.3f}  new/old {n / o:.2f}{spread}")
         if largest is None or n / o > largest[0]:
             largest = (n / o, row)
     adam = {side: statistics.median(r["adam_s"] for r in records[side]) for side in ("old", "new")}
@@ -122,7 +124,8 @@ def compare(args: argparse.Namespace) -> None:
     first = records["new"][0]
     kernel = {side: "on" if all(r["kernel"] for r in rs) else "off" for side, rs in records.items()}
     print(f"new: {ROOT} (compiled kernel {kernel['new']}); old: {args.against} (compiled kernel {kernel['old']})")
-    print(f"torch {first['torch']}, tensor set {first['model']}, {args.rounds} rounds of --repeats {args.repeats}; "
+    rounds = f"{args.rounds} round{'s' if args.rounds > 1 else ''}"
+    print(f"torch {first['torch']}, tensor set {first['model']}, {rounds} of --repeats {args.repeats}; "
           f"mask / AdamW step, CPU time, median over the rounds")
     report(records)
     print(f"load average at end {load_average()}")
