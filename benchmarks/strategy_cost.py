@@ -21,13 +21,18 @@ the CPU-time one unless ``--clock wall``; on CUDA it is always wall time after a
     OMP_NUM_THREADS=1 python benchmarks/strategy_cost.py                       # every strategy, both scopes
     OMP_NUM_THREADS=1 python benchmarks/strategy_cost.py --rows gmt:tensor gmt:global --repeats 5
     python benchmarks/strategy_cost.py --device cuda --model 1b                # on a GPU machine
+
+``--json FILE`` also writes the medians, the ratios unrounded and the imported ``gmt_plugins`` file,
+for scripts that compare runs (benchmarks/compare_cost.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -81,6 +86,18 @@ def shapes(model: str) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
+def kernel_loaded() -> bool:
+    """Whether the compiled CPU kernel loaded; the lookup also serves checkouts that predate
+    ``gmt_plugins.engine`` (``gmt_plugins.native.library``), so that one copy of this file measures both."""
+    try:
+        from gmt_plugins.engine.dispatch import kernel
+    except ModuleNotFoundError as err:
+        if err.name not in ("gmt_plugins.engine", "gmt_plugins.engine.dispatch"):
+            raise
+        from gmt_plugins.native import library as kernel
+    return kernel() is not None
+
+
 class Gradients:
     """Fresh gradients for every call: a window of one random buffer, rolled by a prime each time."""
 
@@ -111,10 +128,11 @@ def main() -> None:
     parser.add_argument("--mask-ratio", type=float, default=0.2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="clock of the ratio column on CPU")
+    parser.add_argument("--json", type=Path, help="also write the medians and ratios to this file")
     args = parser.parse_args()
 
+    import gmt_plugins
     from gmt_plugins import GradientMasker
-    from gmt_plugins.engine import dispatch
 
     torch.set_num_threads(args.threads)
     device, dtype = args.device, getattr(torch, args.dtype)
@@ -158,9 +176,9 @@ def main() -> None:
             adam.append(timed(optimizer.step))
 
     entries = sum(p.numel() for p in params)
-    lib = dispatch.kernel() if device == "cpu" else None
+    kernel = device == "cpu" and kernel_loaded()
     print(f"torch {torch.__version__}, device {device}, dtype {args.dtype}, threads {torch.get_num_threads()}, "
-          f"compiled kernel {'on' if lib is not None else 'off'}, mask_ratio {args.mask_ratio}")
+          f"compiled kernel {'on' if kernel else 'off'}, mask_ratio {args.mask_ratio}")
     name = "wall" if wall_clock else "CPU"
     step, step_wall = statistics.median(a for a, _ in adam), statistics.median(w for _, w in adam)
     print(f"tensor set {args.model}: {len(params)} tensors, {entries / 1e6:.1f}M entries; AdamW step median "
@@ -168,10 +186,18 @@ def main() -> None:
           f"n={len(adam)}), {step_wall:.3f} s wall")
     print(f"| strategy | scope | mask s ({name}, median) | mask / AdamW step ({name}) | mask / AdamW step (wall) | first call s ({name}) |")
     print("|---|---|---:|---:|---:|---:|")
+    rows = {}
     for row in args.rows:
         _, scope, _, strategy = parse_row(row)
         m, mw = statistics.median(a for a, _ in times[row]), statistics.median(w for _, w in times[row])
         print(f"| {strategy} | {scope} | {m:.3f} | {m / step:.2f} | {mw / step_wall:.2f} | {first[row]:.3f} |")
+        rows[row] = dict(mask_s=m, mask_wall_s=mw, ratio=m / step, ratio_wall=mw / step_wall, first_s=first[row])
+    if args.json:
+        args.json.write_text(json.dumps(dict(
+            gmt_plugins=gmt_plugins.__file__, torch=torch.__version__, device=device, dtype=args.dtype,
+            model=args.model, repeats=args.repeats, clock=name, kernel=kernel,
+            adam_s=step, adam_wall_s=step_wall, rows=rows,
+        ), indent=1))
 
 
 if __name__ == "__main__":
