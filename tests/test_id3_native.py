@@ -51,7 +51,7 @@ def make_grads(params, kind: str, step: int) -> list[torch.Tensor]:
 
 def run(monkeypatch, mode: str, params, options: dict, steps: int, kind: str, *, ratio: float = 0.3, calls: list | None = None):
     """Every step's updatable masks, zeroed gradients and statistics, with the kernel on (``"1"``) or off."""
-    monkeypatch.setenv(loader.ENV, mode)
+    monkeypatch.setenv(dispatch.ENV, mode)
     if calls is not None:
         original = cpu_id3.grow
 
@@ -150,14 +150,14 @@ def test_running_counts_and_masks_follow_a_loaded_state(monkeypatch):
     slow = run(monkeypatch, "0", make_params(SHAPES, "random"), opts, 7, "random")
     for first, second in (("1", "1"), ("0", "1"), ("1", "0")):
         params = make_params(SHAPES, "random")
-        monkeypatch.setenv(loader.ENV, first)
+        monkeypatch.setenv(dispatch.ENV, first)
         masker = GradientMasker(params, strategy="id3", mask_ratio=0.3, strategy_options=opts)
         before = [observe(masker, params, make_grads(params, "random", s)) for s in range(3)]
         state = masker.state_dict()
         assert set(state["strategy_state"]) == {"updatable", "growth_steps"}
         assert all(v.dtype == torch.bool for v in state["strategy_state"]["updatable"].values())
         state = {**state, "strategy_state": {**state["strategy_state"], "updatable": {n: t.clone() for n, t in state["strategy_state"]["updatable"].items()}}}
-        monkeypatch.setenv(loader.ENV, second)
+        monkeypatch.setenv(dispatch.ENV, second)
         resumed = GradientMasker(params, strategy="id3", mask_ratio=0.3, strategy_options=opts)
         resumed.load_state_dict(state)
         after = [observe(resumed, params, make_grads(params, "random", s)) for s in range(3, 7)]
@@ -192,7 +192,7 @@ def test_exponents_the_kernel_cannot_reproduce_take_the_torch_path(monkeypatch, 
 def test_bfloat16_parameters_take_the_torch_path(monkeypatch):
     params = [(n, torch.nn.Parameter(p.detach().to(torch.bfloat16))) for n, p in make_params(SHAPES, "random")]
     calls: list = []
-    monkeypatch.setenv(loader.ENV, "1")
+    monkeypatch.setenv(dispatch.ENV, "1")
     monkeypatch.setattr(cpu_id3, "grow", lambda *a, **k: calls.append(1))
     masker = GradientMasker(params, strategy="id3", mask_ratio=0.3, strategy_options={"steps_to_budget": 2})
     for (_, p), g in zip(params, make_grads(params, "random", 0)):

@@ -26,6 +26,7 @@ import torch
 
 import gmt_plugins
 from gmt_plugins import GradientMasker
+from gmt_plugins.engine import dispatch
 from gmt_plugins.engine.cpu import loader, signatures
 
 ROOT = Path(gmt_plugins.__file__).resolve().parents[1]
@@ -39,8 +40,8 @@ pytestmark = pytest.mark.skipif(
 LOAD_AND_MASK = """
 import torch
 from gmt_plugins import GradientMasker
-from gmt_plugins.engine.cpu import loader as native
-lib = native.library()
+from gmt_plugins.engine import dispatch
+lib = dispatch.kernel()
 p = torch.nn.Parameter(torch.zeros(10_000))
 p.grad = torch.randn(10_000, generator=torch.Generator().manual_seed(0))
 GradientMasker([("w", p)], mask_ratio=0.3).apply()
@@ -142,34 +143,34 @@ def test_a_library_changed_in_place_or_without_sidecar_fails_verification(built_
 def test_a_library_without_sidecar_is_rebuilt(built_kernel, fresh_loader, monkeypatch, tmp_path):
     cc, log = fake_compiler(tmp_path, built_kernel)
     monkeypatch.setenv("CC", str(cc))
-    monkeypatch.setenv(loader.ENV, "1")
-    loader.library()
+    monkeypatch.setenv(dispatch.ENV, "1")
+    dispatch.kernel()
     folder = fresh_loader / "native"
     (library,) = folder.glob("*.so")
     loader._sidecar(library).unlink()
     monkeypatch.setattr(loader, "_libraries", {})
-    loader.library()
+    dispatch.kernel()
     assert len(log.read_text().splitlines()) == 2 and loader._verified(library)
 
 
 def test_builds_once_into_the_cache(built_kernel, fresh_loader, monkeypatch, tmp_path):
     cc, log = fake_compiler(tmp_path, built_kernel)
     monkeypatch.setenv("CC", str(cc))
-    monkeypatch.setenv(loader.ENV, "1")
-    assert hasattr(loader.library(), "gmt_hist_f32")
+    monkeypatch.setenv(dispatch.ENV, "1")
+    assert hasattr(dispatch.kernel(), "gmt_hist_f32")
     folder = fresh_loader / "native"
     (library,) = folder.glob("*.so")
     stamp = library.stat().st_mtime_ns
     monkeypatch.setattr(loader, "_libraries", {})
-    loader.library()
+    dispatch.kernel()
     assert len(log.read_text().splitlines()) == 1 and library.stat().st_mtime_ns == stamp
     assert sorted(p.name for p in folder.iterdir()) == [library.name, library.name + ".sha256"]  # no temporary file
 
 
 def test_every_function_is_declared_from_the_table_at_load(built_kernel, fresh_loader, monkeypatch):
     copy_build(built_kernel, fresh_loader)
-    monkeypatch.setenv(loader.ENV, "1")
-    lib = loader.library()
+    monkeypatch.setenv(dispatch.ENV, "1")
+    lib = dispatch.kernel()
     for name, signature in signatures.SIGNATURES.items():
         function = getattr(lib, name)
         assert tuple(function.argtypes) == signature.argtypes and function.restype is signature.restype, name
@@ -180,7 +181,7 @@ def test_concurrent_builds_race_harmlessly(built_kernel, tmp_path):
     cc, log = fake_compiler(tmp_path, built_kernel, first="sleep 1")
     environment = {**os.environ, "GMT_PLUGINS_CACHE": str(tmp_path / "cache"), "GMT_PLUGINS_NATIVE": "1", "CC": str(cc),
                    "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    code = "from gmt_plugins.engine.cpu import loader\nprint(loader.library()._name)"
+    code = "from gmt_plugins.engine import dispatch\nprint(dispatch.kernel()._name)"
     runs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
             for _ in range(3)]
     results = [run.communicate(timeout=300) + (run.returncode,) for run in runs]
@@ -216,10 +217,10 @@ def test_a_compiler_that_rejects_the_clones_gets_a_portable_build_announced_once
         tmp_path, built_kernel, first="echo \"error: the call requires 'ifunc', which is not supported by this target\" >&2; exit 1"
     )
     code = (
-        "import json, warnings\nfrom gmt_plugins.engine.cpu import loader as native\n"
+        "import json, warnings\nfrom gmt_plugins.engine import dispatch\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"
-        "    libs = {native.library()._name for _ in range(3)}\n"
+        "    libs = {dispatch.kernel()._name for _ in range(3)}\n"
         "print(json.dumps([len(libs), [str(w.message) for w in caught if w.category is RuntimeWarning]]))\n"
     )
     first = run_python(code, tmp_path / "cache", CC=str(cc), GMT_PLUGINS_NATIVE="auto")
@@ -237,22 +238,22 @@ def test_a_compiler_that_rejects_the_clones_gets_a_portable_build_announced_once
 def test_a_failing_compiler_is_named_with_its_status_and_message(fresh_loader, monkeypatch, tmp_path):
     false = shutil.which("false")
     monkeypatch.setenv("CC", false)
-    monkeypatch.setenv(loader.ENV, "1")
+    monkeypatch.setenv(dispatch.ENV, "1")
     with pytest.raises(loader.NativeUnavailable, match=re.escape(false) + r" .*exited with status 1: \(no message\)"):
-        loader.library()
+        dispatch.kernel()
     noisy = tmp_path / "noisy-cc"
     noisy.write_text("#!/bin/sh\necho 'gmt_kernels.c:1: error: something is wrong' >&2\nexit 3\n")
     noisy.chmod(0o755)
     monkeypatch.setenv("CC", str(noisy))
     with pytest.raises(loader.NativeUnavailable, match="exited with status 3: gmt_kernels.c:1: error: something is wrong"):
-        loader.library()
+        dispatch.kernel()
 
 
 def test_flags_in_cc_are_split_as_a_shell_would(built_kernel, fresh_loader, monkeypatch, tmp_path):
     cc, log = fake_compiler(tmp_path, built_kernel)
     monkeypatch.setenv("CC", f"{cc} -O2 '-DNAME=two words'")
-    monkeypatch.setenv(loader.ENV, "1")
-    assert loader.library() is not None
+    monkeypatch.setenv(dispatch.ENV, "1")
+    assert dispatch.kernel() is not None
     assert log.read_text().startswith("-O2 -DNAME=two words -O3")
 
 
@@ -273,7 +274,7 @@ def test_an_interrupted_build_leaves_no_temporary_file(fresh_loader, monkeypatch
 
     monkeypatch.setattr(loader.subprocess, "run", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        loader.library()
+        dispatch.kernel()
     assert list((fresh_loader / "native").iterdir()) == []
 
 
@@ -298,7 +299,7 @@ def test_stale_temporary_files_are_swept_at_build_time(built_kernel, tmp_path):
 
 def test_the_fallback_warning_names_the_callers_line(fresh_loader, monkeypatch):
     monkeypatch.setenv("CC", "/nonexistent/gmt-cc")
-    monkeypatch.setenv(loader.ENV, "auto")
+    monkeypatch.setenv(dispatch.ENV, "auto")
     p = torch.nn.Parameter(torch.zeros(3000))
     p.grad = torch.randn(3000)
     with warnings.catch_warnings(record=True) as caught:
@@ -320,29 +321,29 @@ def test_a_cache_folder_others_can_write_is_refused(fresh_loader, monkeypatch):
     folder = fresh_loader / "native"
     folder.mkdir(parents=True)
     folder.chmod(0o777)
-    monkeypatch.setenv(loader.ENV, "1")
+    monkeypatch.setenv(dispatch.ENV, "1")
     with pytest.raises(loader.NativeUnavailable, match="writable by other users"):
-        loader.library()
+        dispatch.kernel()
     monkeypatch.setattr(loader, "_libraries", {})
-    monkeypatch.setenv(loader.ENV, "auto")
+    monkeypatch.setenv(dispatch.ENV, "auto")
     with pytest.warns(RuntimeWarning, match="writable by other users"):
-        assert loader.library() is None  # auto: one warning, then the torch passes
+        assert dispatch.kernel() is None  # auto: one warning, then the torch passes
 
 
 @pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0, reason="needs root to give the file away")
 def test_a_library_another_user_owns_is_refused(built_kernel, fresh_loader, monkeypatch):
     os.chown(copy_build(built_kernel, fresh_loader), 65534, 65534)
-    monkeypatch.setenv(loader.ENV, "1")
+    monkeypatch.setenv(dispatch.ENV, "1")
     with pytest.raises(loader.NativeUnavailable, match="belongs to uid 65534"):
-        loader.library()
+        dispatch.kernel()
 
 
 def test_a_library_missing_a_symbol_is_a_load_failure(built_kernel, fresh_loader, monkeypatch):
     copy_build(built_kernel, fresh_loader)
     monkeypatch.setattr(loader, "REQUIRED_SYMBOLS", (*loader.REQUIRED_SYMBOLS, "gmt_no_such_kernel"))
-    monkeypatch.setenv(loader.ENV, "1")
+    monkeypatch.setenv(dispatch.ENV, "1")
     with pytest.raises(loader.NativeUnavailable, match="lacks gmt_no_such_kernel"):
-        loader.library()
+        dispatch.kernel()
 
 
 # --- the signature table against the C sources ------------------------------------------------------

@@ -52,7 +52,7 @@ def torch_histogram(flat: torch.Tensor, key_bits: int, base: int, shift: int) ->
 
 @pytest.fixture(autouse=True)
 def require_kernel(monkeypatch):
-    monkeypatch.setenv(loader.ENV, "1")
+    monkeypatch.setenv(dispatch.ENV, "1")
 
 
 @pytest.mark.parametrize("dtype,key_bits", SUPPORTED, ids=str)
@@ -116,7 +116,7 @@ def test_kernel_is_not_used_for_other_keys_or_devices():
 
 
 def test_invalid_mode_names_the_variable_and_the_values(monkeypatch):
-    monkeypatch.setenv(loader.ENV, "yes")
+    monkeypatch.setenv(dispatch.ENV, "yes")
     with pytest.raises(ValueError, match=r"GMT_PLUGINS_NATIVE='yes' is not valid; allowed values: auto, 0, 1"):
         rank(MagnitudeKeys([torch.float32]), [(0, torch.randn(10))], 0.5)
 
@@ -125,7 +125,7 @@ def test_missing_compiler_required_raises_auto_warns_once_and_falls_back(monkeyp
     monkeypatch.setenv("CC", "/nonexistent/gmt-cc")
     with pytest.raises(loader.NativeUnavailable, match="no C compiler found"):
         dispatch.kernel()
-    monkeypatch.setenv(loader.ENV, "auto")
+    monkeypatch.setenv(dispatch.ENV, "auto")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a group the kernel cannot serve (fp64) never asks for it
         _histogram(MagnitudeKeys([torch.float64]), [(0, torch.randn(100, dtype=torch.float64))], shift=48, base=None, chunk_numel=64)
@@ -140,7 +140,7 @@ def test_missing_compiler_required_raises_auto_warns_once_and_falls_back(monkeyp
             assert torch.equal(p.grad, want)
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "pure-torch" in messages[0] and "GMT_PLUGINS_NATIVE=0" in messages[0]
-    monkeypatch.setenv(loader.ENV, "0")
+    monkeypatch.setenv(dispatch.ENV, "0")
     assert dispatch.kernel() is None
 
 

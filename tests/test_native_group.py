@@ -27,9 +27,9 @@ RATIOS = [0.0, 0.001, 0.2, 0.5, 0.999, 1.0]
 
 def ranked_both_ways(monkeypatch, source, flats, **kwargs):
     """``rank`` through the group kernel and through the torch passes, its twin."""
-    monkeypatch.setenv(loader.ENV, "1")
+    monkeypatch.setenv(dispatch.ENV, "1")
     fast = rank(source, flats, **kwargs)
-    monkeypatch.setenv(loader.ENV, "0")
+    monkeypatch.setenv(dispatch.ENV, "0")
     slow = rank(source, flats, **{k: v for k, v in kwargs.items() if k != "warm"})
     return fast, slow
 
@@ -66,7 +66,7 @@ def test_warm_start_gives_the_same_cut_whatever_the_hint(monkeypatch, make, n):
     source = MagnitudeKeys([torch.float32])
     flats = [(0, make(n, torch.float32, seed=5))]
     _, slow = ranked_both_ways(monkeypatch, source, flats, ratio=0.3)
-    monkeypatch.setenv(loader.ENV, "1")
+    monkeypatch.setenv(dispatch.ENV, "1")
     warm: dict[str, int] = {}
     first = rank(source, flats, 0.3, warm=warm, group="g")
     assert first == slow and "g" in warm
@@ -216,13 +216,13 @@ def test_fused_apply_equals_the_chunked_apply(monkeypatch, name, record):
     source = make_source()
     flat = awkward(6000, dtype, seed=12)
     flat[9:] = (torch.randint(-3, 4, (6000 - 9,), generator=torch.Generator().manual_seed(1)) * 0.5).to(dtype)
-    monkeypatch.setenv(loader.ENV, "0")
+    monkeypatch.setenv(dispatch.ENV, "0")
     cut, _ = rank(source, [(0, flat)], 0.4)
     assert cut.ties > 0 or name.startswith("random")  # the repeated values straddle the cut
     for c in [cut, Cut(cut.threshold, 0), Cut(cut.threshold, 10**9), Cut(0), Cut(None)]:
         results = {}
         for mode in ("1", "0"):
-            monkeypatch.setenv(loader.ENV, mode)
+            monkeypatch.setenv(dispatch.ENV, mode)
             y = flat.clone()
             rec = torch.ones(y.numel(), dtype=torch.bool) if record else None
             counts = apply_cut_counted(source, 0, y, c, chunk_numel=1000, record=rec)
@@ -236,7 +236,7 @@ def test_fused_apply_equals_the_chunked_apply(monkeypatch, name, record):
 @pytest.mark.parametrize("strategy", ["gmt", "random", "gmt_momentum"])
 def test_strategies_on_the_group_kernel_equal_the_torch_engine(monkeypatch, scope, strategy):
     def run(mode):
-        monkeypatch.setenv(loader.ENV, mode)
+        monkeypatch.setenv(dispatch.ENV, mode)
         gen = torch.Generator().manual_seed(3)
         params = []
         for i, shape in enumerate([(300, 70), (17,), (5000,), (600, 600)]):
@@ -257,7 +257,7 @@ def test_strategies_on_the_group_kernel_equal_the_torch_engine(monkeypatch, scop
 
 
 def test_gmt_with_group_kernel_matches_reference_with_ties(monkeypatch):
-    monkeypatch.setenv(loader.ENV, "1")
+    monkeypatch.setenv(dispatch.ENV, "1")
     for scope in ("tensor", "global"):
         gen = torch.Generator().manual_seed(0)
         params = []
@@ -296,7 +296,7 @@ def test_stored_masks_in_c_equal_torch(monkeypatch, record):
     assert cpu_rank.describe(source, 0, flats[0]) is not None and cpu_rank.describe(source, 1, flats[1]) is not None
     results = {}
     for mode in ("1", "0"):
-        monkeypatch.setenv(loader.ENV, mode)
+        monkeypatch.setenv(dispatch.ENV, mode)
         out = []
         for i, flat in enumerate(flats):
             y = flat.clone()
@@ -322,7 +322,7 @@ def random_group(dtypes, sizes, seed=0):
 
 def torch_cut_and_masks(monkeypatch, source, flats, *, ratio=None, k=None, record=False):
     """The twin: the torch passes rank, the chunked torch apply masks (shared ties in order)."""
-    monkeypatch.setenv(loader.ENV, "0")
+    monkeypatch.setenv(dispatch.ENV, "0")
     cut, ranked = rank(source, list(enumerate(flats)), ratio, k=k, chunk_numel=1000)
     out, ties = [], cut.ties
     for i, flat in enumerate(flats):
@@ -363,7 +363,7 @@ def same_masks(a, b):
 def test_random_keys_hashed_once_equal_the_torch_hash(monkeypatch, dtypes, ratio, record):
     source, flats = random_group(dtypes, [70_001, 9, 129, 5000][: len(dtypes)])
     cut, ranked, want = torch_cut_and_masks(monkeypatch, source, flats, ratio=ratio, record=record)
-    monkeypatch.setenv(loader.ENV, "1")
+    monkeypatch.setenv(dispatch.ENV, "1")
     lib = dispatch.kernel()
     keys = [cpu_rank.describe(source, i, f) for i, f in enumerate(flats)]
     result, selection = cpu_rank.random_rank_group(lib, flats, keys, ratio=ratio, k=None)
@@ -375,7 +375,7 @@ def test_random_keys_hashed_once_equal_the_torch_hash(monkeypatch, dtypes, ratio
 def test_random_keys_hashed_once_break_hash_collisions_in_position_order(monkeypatch):
     # 31-bit keys of 300,000 entries collide about 21 times: put the k-th key on a collision
     source, flats = random_group([torch.float32, torch.float32], [200_000, 100_000], seed=4)
-    monkeypatch.setenv(loader.ENV, "0")
+    monkeypatch.setenv(dispatch.ENV, "0")
     keys_all = torch.cat([source.keys(i, f, 0) for i, f in enumerate(flats)])
     values, counts = torch.unique(keys_all[keys_all < source.cap], return_counts=True)
     assert (counts > 1).any(), "no collision in this draw"
@@ -383,7 +383,7 @@ def test_random_keys_hashed_once_break_hash_collisions_in_position_order(monkeyp
     k = int((keys_all < collided).sum()) + 1  # takes the first of the equal keys only
     cut, _, want = torch_cut_and_masks(monkeypatch, source, flats, k=k)
     assert cut == Cut(collided, 1)
-    monkeypatch.setenv(loader.ENV, "1")
+    monkeypatch.setenv(dispatch.ENV, "1")
     lib = dispatch.kernel()
     keys = [cpu_rank.describe(source, i, f) for i, f in enumerate(flats)]
     result, selection = cpu_rank.random_rank_group(lib, flats, keys, ratio=None, k=k)
@@ -393,7 +393,7 @@ def test_random_keys_hashed_once_break_hash_collisions_in_position_order(monkeyp
 
 def test_random_window_miss_falls_back_to_the_histograms(monkeypatch):
     source, flats = random_group([torch.float32], [50_000])
-    monkeypatch.setenv(loader.ENV, "1")
+    monkeypatch.setenv(dispatch.ENV, "1")
     lib = dispatch.kernel()
     keys = [cpu_rank.describe(source, 0, flats[0])]
     monkeypatch.setattr(cpu_rank, "_window", lambda *a, **kw: (20000, 20001))  # far above the 30% key
@@ -407,7 +407,7 @@ def test_random_window_miss_falls_back_to_the_histograms(monkeypatch):
 def masker_steps(monkeypatch, mode, strategy, scope, *, steps=4, grads=None, shapes=((300, 70), (17,), (5000,), (600, 600)),
                  state=None, start=0, strict=False):
     """Masks, counts and state of ``steps`` masker calls; step 2 holds a NaN and an inf."""
-    monkeypatch.setenv(loader.ENV, mode)
+    monkeypatch.setenv(dispatch.ENV, mode)
     gen = torch.Generator().manual_seed(3)
     params = [(f"w{i}", torch.nn.Parameter(torch.zeros(shape))) for i, shape in enumerate(shapes)]
     masker = GradientMasker(params, GMTConfig(mask_ratio=0.3, scope=scope, strategy=strategy, mask_seed=11, strict=strict))
@@ -509,7 +509,7 @@ def test_ema_rank_groups_equals_the_torch_twin_group_by_group(monkeypatch, layou
     counts and masks (through the shared bits and window keys) the torch passes' on its own updated
     EMAs; a group whose window overflows (ties_heavy's 300k tensor) gives (None, None) while the
     groups after it still rank from the buffer it did not use."""
-    monkeypatch.setenv(loader.ENV, "1")
+    monkeypatch.setenv(dispatch.ENV, "1")
     lib = dispatch.kernel()
     sizes, groups = EMA_GROUPS[layout]
     fused = [torch.empty(n) for n in sizes]
@@ -528,7 +528,7 @@ def test_ema_rank_groups_equals_the_torch_twin_group_by_group(monkeypatch, layou
             members = list(range(start, end))
             source = ScoreKeys.from_tensors([twin[i] for i in members])
             cut, ranked, want = torch_cut_and_masks(monkeypatch, source, [grads[i] for i in members], ratio=ratio, record=True)
-            monkeypatch.setenv(loader.ENV, "1")
+            monkeypatch.setenv(dispatch.ENV, "1")
             if result is None:
                 assert make is ties_heavy and selection is None and sum(sizes[i] for i in members) >= 65_536
                 continue

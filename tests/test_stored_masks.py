@@ -91,7 +91,7 @@ def test_kept_flag_and_bits_equal_the_torch_keys(monkeypatch, record):
     assert cpu_rank.describe(source, 0, grads[0]).bits is not None and cpu_rank.describe(source, 0, grads[0]).kept
     results = {}
     for mode in ("1", "0"):
-        monkeypatch.setenv(loader.ENV, mode)
+        monkeypatch.setenv(dispatch.ENV, mode)
         out = []
         for i, grad in enumerate(grads):
             for cut in (Cut(1), Cut(1, 5), Cut(2), Cut(0, 7)):  # the stored-mask step, then the byte kernel
@@ -107,7 +107,7 @@ def test_kept_flag_and_bits_equal_the_torch_keys(monkeypatch, record):
     assert results["1"][-1] == results["0"][-1]
     # the stored-mask step zeroed exactly the finite entries outside the kept set
     y = grads[0].clone()
-    monkeypatch.setenv(loader.ENV, "1")
+    monkeypatch.setenv(dispatch.ENV, "1")
     apply_cut_counted(source, 0, y, Cut(1))
     hit = ~kepts[0] & torch.isfinite(grads[0])
     assert torch.equal(y.view(torch.int32), torch.where(hit, 0.0, grads[0]).view(torch.int32))
@@ -139,7 +139,7 @@ def test_stored_mask_of_an_inference_tensor_is_packed_every_time():
 
 
 def test_stored_mask_without_the_kernel_has_no_bits(monkeypatch):
-    monkeypatch.setenv(loader.ENV, "0")
+    monkeypatch.setenv(dispatch.ENV, "0")
     kept = kept_set(300, 0.5, seed=1)
     stored = stored_mask(kept)
     assert stored.bits is None
@@ -171,7 +171,7 @@ def test_accumulate_finite_equals_its_torch_twin_bit_for_bit(monkeypatch, square
     originals = [g.clone() for g in grads]
     sums = {}
     for mode in ("1", "0"):
-        monkeypatch.setenv(loader.ENV, mode)
+        monkeypatch.setenv(dispatch.ENV, mode)
         acc = None
         for g in grads:
             acc = accumulate_finite(acc, g, square=square)
@@ -218,7 +218,7 @@ def strategy_run(monkeypatch, strategy: str, mode: str, scope: str):
     per step the gradients after masking (bits) and the masked counts, then the final state."""
     from test_strategies_common import CONFIG, OPTIONS, SPARSE_OPTIONS, grads_for, make_model, masker_for
 
-    monkeypatch.setenv(loader.ENV, mode)
+    monkeypatch.setenv(dispatch.ENV, mode)
     params = make_model()
     options = {**OPTIONS, **SPARSE_OPTIONS, "spiel": {"density": 0.3, "update_interval": 3, "drop_fraction": 0.5}}[strategy]
     masker = masker_for(params, strategy, options, **{**CONFIG, "scope": scope})
@@ -276,10 +276,10 @@ def test_mark_in_c_equals_the_torch_loop_with_ties_shared_in_order(monkeypatch, 
     sources = [MagnitudeKeys([torch.float32] * 3), ScoreKeys.from_tensors([f.abs() for f in flats])]
     for source in sources:
         pairs = list(enumerate(flats))
-        monkeypatch.setenv(loader.ENV, "0")
+        monkeypatch.setenv(dispatch.ENV, "0")
         cut, _ = rank(source, pairs, ratio, chunk_numel=1000)
         slow = mark(source, pairs, cut, 1000)
-        monkeypatch.setenv(loader.ENV, "1")
+        monkeypatch.setenv(dispatch.ENV, "1")
         assert dispatch._described(source, pairs) is not None  # the C marks below
         before = [f.clone() for f in flats]
         fast = mark(source, pairs, cut, 1000)
@@ -301,14 +301,14 @@ def test_top_count_over_in_c_equals_the_torch_passes_and_the_sorting_reference(m
     excluded = [torch.rand(s.numel(), generator=gen) < 0.3 for s in scores] if with_excluded else None
     assert key_scores(scores, largest=largest, excluded=excluded) is not None
     for k in (0, 1, 37, 1500, 10_000):
-        monkeypatch.setenv(loader.ENV, "1")
+        monkeypatch.setenv(dispatch.ENV, "1")
         fast = top_count_over(scores, k, 256, largest=largest, excluded=excluded)
-        monkeypatch.setenv(loader.ENV, "0")
+        monkeypatch.setenv(dispatch.ENV, "0")
         assert key_scores(scores, largest=largest, excluded=excluded) is None
         slow = top_count_over(scores, k, 256, largest=largest, excluded=excluded)
         assert all(torch.equal(a, b) for a, b in zip(fast, slow)), k
     # one tensor against the stable sort
-    monkeypatch.setenv(loader.ENV, "1")
+    monkeypatch.setenv(dispatch.ENV, "1")
     for k in (0, 5, 400, 5000):
         flag = None if excluded is None else excluded[0]
         got = top_count(scores[0], k, 256, largest=largest, excluded=flag)

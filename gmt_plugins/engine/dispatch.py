@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import os
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,14 +48,28 @@ DEVICE_MODE = "auto"
 # --- the choice ------------------------------------------------------------------------------
 
 
+ENV = "GMT_PLUGINS_NATIVE"
+NATIVE_MODES = ("auto", "0", "1")
+
+
 def native_mode() -> str:
     """``GMT_PLUGINS_NATIVE``: ``auto`` (the kernel where it builds), ``0`` (never) or ``1`` (required)."""
-    return loader.mode()
+    value = os.environ.get(ENV, "auto")
+    if value in NATIVE_MODES:  # the hot path: several calls per tensor per step
+        return value
+    value = value.strip().lower() or "auto"
+    if value not in NATIVE_MODES:
+        raise ValueError(f"{ENV}={value!r} is not valid; allowed values: {', '.join(NATIVE_MODES)}")
+    return value
 
 
 def kernel() -> ctypes.CDLL | None:
-    """The loaded CPU kernel, or ``None`` when ``GMT_PLUGINS_NATIVE`` or the machine rules it out."""
-    return loader.library()
+    """The loaded CPU kernel, or ``None`` when ``GMT_PLUGINS_NATIVE`` or the machine rules it out
+    (``GMT_PLUGINS_NATIVE=1``: :class:`~gmt_plugins.engine.cpu.loader.NativeUnavailable` instead)."""
+    chosen = native_mode()
+    if chosen == "0":
+        return None
+    return loader.library(required=chosen == "1")
 
 
 def serves_on_device(flats: Sequence[torch.Tensor], sources: Sequence[KeySource], *, ratio: float | None, reducer: ShardReducer | None) -> bool:

@@ -301,13 +301,15 @@ def warn_ignored_settings(strategy: str, settings: Sequence[str], config: GMTCon
     strategy does not use: an explicit value is never ignored silently."""
     import warnings
 
+    from gmt_plugins._checks import user_stacklevel
+
     for setting in settings:
         if config.given(setting) and (strategy, setting) not in _warned:
             _warned.add((strategy, setting))
             warnings.warn(
                 f"strategy {strategy!r} does not use {setting}={getattr(config, setting)!r}; the value is ignored",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=user_stacklevel(),  # the user's line that built the callback or masker
             )
 
 

@@ -15,17 +15,14 @@ and renames it into place, so concurrent builds race harmlessly; temporary files
 process left behind are swept after an hour.
 
 The folder is created private (0700); a folder or library owned by another user or writable by
-others is refused, and so is a library missing a symbol: in ``auto`` mode with one warning, then
-the torch passes run. A compiler that rejects the AVX2 clones gets one portable build (cached
+others is refused, and so is a library missing a symbol: :func:`library` then warns once and
+returns ``None`` (the torch passes run), or raises when the kernel is required. A compiler that rejects the AVX2 clones gets one portable build (cached
 under its own name, announced once: masking is then slower); a compiler that fails otherwise, is
 killed or runs out of time gives no library at all. The pure-torch passes in
 :mod:`gmt_plugins.engine.reference` are the kernel's reference twin and give identical results.
 
-``GMT_PLUGINS_NATIVE`` chooses:
-
-- ``auto`` (default): use the kernel when it builds, else warn once and run the torch passes;
-- ``0``: never use it;
-- ``1``: require it, and raise when it cannot be built.
+Whether the kernel may be used at all (``GMT_PLUGINS_NATIVE``: ``auto``, ``0``, ``1``) is decided in
+:mod:`gmt_plugins.engine.dispatch`, the only caller of :func:`library`.
 """
 
 from __future__ import annotations
@@ -47,8 +44,6 @@ from pathlib import Path
 
 from gmt_plugins.engine.cpu import signatures
 
-ENV = "GMT_PLUGINS_NATIVE"
-MODES = ("auto", "0", "1")
 CFLAGS = ("-O3", "-ffp-contract=off", "-shared", "-fPIC")
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCE = CSRC / "gmt_kernels.c"
@@ -76,13 +71,6 @@ _warned: set[str] = set()
 
 class NativeUnavailable(RuntimeError):
     """The kernel was required (``GMT_PLUGINS_NATIVE=1``) but could not be built or loaded."""
-
-
-def mode() -> str:
-    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if value not in MODES:
-        raise ValueError(f"{ENV}={value!r} is not valid; allowed values: {', '.join(MODES)}")
-    return value
 
 
 def cache_dir() -> Path:
@@ -271,21 +259,19 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=_outside_stacklevel())
 
 
-# (GMT_PLUGINS_NATIVE, CC) as they were when library() last returned the loaded kernel, and the kernel:
-# the hot path (several calls per tensor per step) compares two environment reads and one dict entry
-# instead of parsing the mode and taking the lock
-_last_loaded: tuple[str | None, str | None, ctypes.CDLL] | None = None
+# CC as it was when library() last returned the loaded kernel, and the kernel: the hot path (several
+# calls per tensor per step) compares one environment read and one dict entry instead of taking the lock
+_last_loaded: tuple[str | None, ctypes.CDLL] | None = None
 
 
-def library() -> ctypes.CDLL | None:
-    """The loaded kernel, or ``None`` when the mode or the machine rules it out (see the module doc)."""
+def library(*, required: bool = False) -> ctypes.CDLL | None:
+    """The loaded kernel, built on first use; ``None`` (with one warning) when this machine cannot build
+    or load it, or :class:`NativeUnavailable` when it is ``required``. Whether it may be used at all
+    (``GMT_PLUGINS_NATIVE``) is :mod:`gmt_plugins.engine.dispatch`'s decision."""
     global _last_loaded
-    last, env, cc = _last_loaded, os.environ.get(ENV), os.environ.get("CC")
-    if last is not None and last[0] == env and last[1] == cc and _libraries.get(cc or "cc") is last[2]:
-        return last[2]
-    chosen = mode()
-    if chosen == "0":
-        return None
+    last, cc = _last_loaded, os.environ.get("CC")
+    if last is not None and last[0] == cc and _libraries.get(cc or "cc") is last[1]:
+        return last[1]
     compiler = _compiler()
     with _lock:
         if compiler not in _libraries:
@@ -302,14 +288,14 @@ def library() -> ctypes.CDLL | None:
                 _libraries[compiler] = str(error)
         loaded = _libraries[compiler]
         if isinstance(loaded, str):
-            if chosen == "1":
-                raise NativeUnavailable(f"{ENV}=1 but the compiled kernel is unavailable: {loaded}")
+            if required:
+                raise NativeUnavailable(f"GMT_PLUGINS_NATIVE=1 but the compiled kernel is unavailable: {loaded}")
             _warn_once(
                 compiler,
                 f"gmt_plugins: compiled kernel unavailable ({loaded}); masking uses the pure-torch passes, "
-                f"many times slower on CPU (benchmarks/strategy_cost.py --rows gmt:tensor run with {ENV}=0 "
-                f"and with {ENV}=1 measures it). Set {ENV}=0 to silence this.",
+                "many times slower on CPU (benchmarks/strategy_cost.py --rows gmt:tensor run with GMT_PLUGINS_NATIVE=0 "
+                "and with GMT_PLUGINS_NATIVE=1 measures it). Set GMT_PLUGINS_NATIVE=0 to silence this.",
             )
             return None
-        _last_loaded = (env, cc, loaded)
+        _last_loaded = (cc, loaded)
         return loaded
