@@ -1,15 +1,18 @@
 """What counting ``masked_nonzero`` in the apply pass costs: the kernel's ``gmt_apply`` with and without it.
 
-Builds two copies of ``gmt_plugins/_native/histogram.c`` with the flags :mod:`gmt_plugins.native` uses:
-this tree's (which counts) and a baseline source without the count (by default the one of the commit
-before it, read with ``git show``). Both mask the same gradients (SmolLM2-135M's tensor set: 272 tensors,
-134.5M fp32 entries, refilled by a copy before every call) at the same per-tensor cuts
-(``mask_ratio``'s threshold, with ties to break); calls alternate build by build, tensor by tensor, and
-this process's CPU time (``time.process_time``) is summed per build. Printed: the median over the
-repetitions of each build's time for the whole set, and their ratio with its spread.
+Builds two copies of the CPU kernel with the flags of :mod:`gmt_plugins.engine.cpu.loader`: this tree's
+(``gmt_plugins/engine/csrc/gmt_kernels.c``, which counts) and a baseline without the count, by default
+the kernel of commit ``BASELINE_COMMIT`` built from that commit's own sources, read with ``git show``
+(``gmt_plugins/engine/csrc/`` where the commit has it, else its single ``gmt_plugins/_native/histogram.c``).
+Both mask the same gradients (SmolLM2-135M's tensor set: 272 tensors, 134.5M fp32 entries, refilled by a
+copy before every call) at the same per-tensor cuts (``mask_ratio``'s threshold, with ties to break);
+calls alternate build by build, tensor by tensor, and this process's CPU time (``time.process_time``) is
+summed per build. Printed: the median over the repetitions of each build's time for the whole set, and
+their ratio with its spread. A baseline must share this tree's ``source_t`` and ``gmt_apply`` prototype.
 
     OMP_NUM_THREADS=1 python benchmarks/apply_count_cost.py --repeats 7
-    OMP_NUM_THREADS=1 python benchmarks/apply_count_cost.py --baseline /tmp/old_histogram.c
+    OMP_NUM_THREADS=1 python benchmarks/apply_count_cost.py --against abb3a32 --repeats 1
+    OMP_NUM_THREADS=1 python benchmarks/apply_count_cost.py --baseline /tmp/old_kernel.c
     OMP_NUM_THREADS=1 python benchmarks/apply_count_cost.py --coverage   # also the cost of track_coverage
 """
 
@@ -27,20 +30,47 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from gmt_plugins import native, native_rank  # noqa: E402 - this tree's package, not an installed one
-from gmt_plugins.keys import MagnitudeKeys  # noqa: E402
-from gmt_plugins.selection import rank  # noqa: E402
+from gmt_plugins.engine import dispatch  # noqa: E402 - this tree's package, not an installed one
+from gmt_plugins.engine.cpu import loader  # noqa: E402
+from gmt_plugins.engine.cpu.rank import KIND_F32  # noqa: E402
+from gmt_plugins.engine.cpu.signatures import Source  # noqa: E402
+from gmt_plugins.engine.keys import MagnitudeKeys  # noqa: E402
 
-BASELINE_COMMIT = "abb3a32"  # the last commit whose histogram.c does not count masked_nonzero
+BASELINE_COMMIT = "abb3a32"  # the last commit whose kernel does not count masked_nonzero
+# where a commit keeps its kernel's sources: the folder of C files and the one it compiles, newest first
+LAYOUTS = (("gmt_plugins/engine/csrc", "gmt_kernels.c"), ("gmt_plugins/_native", "histogram.c"))
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+
+
+def commit_sources(commit: str, folder: Path) -> Path:
+    """Write ``commit``'s kernel sources (every file of its source folder, so includes resolve) into
+    ``folder``; the path of the file to compile."""
+    for directory, main in LAYOUTS:
+        tree = f"{commit}:{directory}"
+        listed = subprocess.run(["git", "ls-tree", "--name-only", tree], cwd=ROOT, capture_output=True, text=True)
+        names = listed.stdout.split() if listed.returncode == 0 else []
+        if main in names:
+            for name in names:
+                (folder / name).write_text(git("show", f"{commit}:{directory}/{name}"))
+            return folder / main
+    wanted = " nor ".join(f"{directory}/{main}" for directory, main in LAYOUTS)
+    raise SystemExit(f"--against {commit!r}: no such commit here, or it has neither {wanted}")
 
 
 def build(source: Path, folder: str, name: str) -> ctypes.CDLL:
     target = os.path.join(folder, f"{name}.so")
-    subprocess.run([os.environ.get("CC") or "cc", *native.CFLAGS, "-o", target, str(source)], check=True, capture_output=True)
+    compiler = (os.environ.get("CC") or "cc").split()
+    done = subprocess.run([*compiler, *loader.CFLAGS, "-o", target, str(source)], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"building {source} failed:\n{done.stderr[-2000:]}")
     lib = ctypes.CDLL(target)
-    lib.gmt_apply.argtypes = [ctypes.POINTER(native_rank._Source), ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    lib.gmt_apply.argtypes = [ctypes.POINTER(Source), ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     lib.gmt_apply.restype = None
     return lib
 
@@ -50,26 +80,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--mask-ratio", type=float, default=0.2)
     parser.add_argument("--coverage", action="store_true", help="also time GradientMasker.apply() with and without track_coverage")
-    parser.add_argument("--baseline", type=Path, help="histogram.c without the count (default: git show %s:...)" % BASELINE_COMMIT)
+    parser.add_argument("--against", default=BASELINE_COMMIT, help="the baseline's commit (default %(default)s)")
+    parser.add_argument("--baseline", type=Path, help="a C file to build as the baseline instead of --against's kernel")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from strategy_cost import shapes
 
-    root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as folder:
-        baseline = args.baseline
-        if baseline is None:
-            text = subprocess.run(["git", "show", f"{BASELINE_COMMIT}:gmt_plugins/_native/histogram.c"], cwd=root, check=True,
-                                  capture_output=True, text=True).stdout
-            baseline = Path(folder) / "baseline.c"
-            baseline.write_text(text)
-        libs = {"without count": build(baseline, folder, "baseline"), "with count": build(native.SOURCE, folder, "counting")}
+        baseline = args.baseline or commit_sources(args.against, Path(folder))
+        libs = {"without count": build(baseline, folder, "baseline"), "with count": build(loader.SOURCE, folder, "counting")}
         gen = torch.Generator().manual_seed(0)
         grads = [torch.randn(shape, generator=gen).mul_(1e-3).view(-1) for _, shape in shapes("135m")]
         source = MagnitudeKeys([torch.float32])
-        cuts = [rank(source, [(0, g)], args.mask_ratio)[0] for g in grads]
+        cuts = [dispatch.rank(source, [(0, g)], args.mask_ratio).cut for g in grads]
         work = [torch.empty_like(g) for g in grads]
-        keys = native_rank.NativeKeys(native_rank.KIND_F32)
         totals: dict[str, list[float]] = {name: [] for name in libs}
         out = (ctypes.c_int64 * 3)()
         for _ in range(args.repeats):
@@ -77,7 +101,7 @@ def main() -> None:
             for g, w, cut in zip(grads, work, cuts):
                 for name, lib in libs.items():
                     w.copy_(g)
-                    src = native_rank._source(w, keys)
+                    src = Source(w.data_ptr(), None, w.numel(), 0, 0, KIND_F32)
                     start = time.process_time()
                     lib.gmt_apply(ctypes.byref(src), cut.threshold if cut.threshold is not None else 0, cut.ties, None, out)
                     spent[name] += time.process_time() - start

@@ -1,4 +1,4 @@
-"""The gmt device path (``gmt_plugins.device_rank``, one readback per step) against the host path's
+"""The gmt device path (``gmt_plugins.engine.cuda``, one readback per step) against the host path's
 torch passes, which CUDA tensors took before it, on the same tensors in one process.
 
 The tensor set is SmolLM2-135M's (shapes from its config, ``benchmarks/strategy_cost.py``), cut to
@@ -8,9 +8,9 @@ a shared machine hits them alike. Per repetition the ratio ``device / host[torch
 repetition is kept; the table prints ns per entry (median) and the median and spread of that ratio.
 CPU time (``time.process_time``) by default: a descheduled process accrues none.
 
-Rows: ``device`` (``device_rank.MODE="always"``), ``host[torch]`` (``MODE="never"``,
-``GMT_PLUGINS_NATIVE=0``: the torch passes of ``gmt_plugins.selection``), ``host[native]``
-(``MODE="never"``, the compiled kernel: what CPU tensors take by default, for reference).
+Rows: ``device`` (``dispatch.DEVICE_MODE="always"``), ``host[torch]`` (``DEVICE_MODE="never"``,
+``GMT_PLUGINS_NATIVE=0``: the torch passes of ``gmt_plugins.engine.reference``), ``host[native]``
+(``DEVICE_MODE="never"``, the compiled kernel: what CPU tensors take by default, for reference).
 
     OMP_NUM_THREADS=1 python benchmarks/device_path.py                        # 3 layers, fp32 and bf16, both scopes
     OMP_NUM_THREADS=1 python benchmarks/device_path.py --layers 6 --repeats 7 --dtypes bfloat16
@@ -44,7 +44,8 @@ def tensor_set(layers: int, embeddings: bool) -> list[tuple[str, tuple[int, ...]
 
 
 def main() -> None:
-    from gmt_plugins import GMTConfig, GradientMasker, device_rank
+    from gmt_plugins import GMTConfig, GradientMasker
+    from gmt_plugins.engine import dispatch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=3)
@@ -77,7 +78,7 @@ def main() -> None:
             times: dict[str, list[float]] = {r: [] for r in rows}
             for repeat in range(args.repeats + 1):  # the first round warms up
                 for row in rows:
-                    device_rank.MODE, os.environ["GMT_PLUGINS_NATIVE"] = ROWS[row]
+                    dispatch.DEVICE_MODE, os.environ["GMT_PLUGINS_NATIVE"] = ROWS[row]
                     grads.refill()
                     sync()
                     start = clock()

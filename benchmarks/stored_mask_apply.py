@@ -5,7 +5,7 @@ Per repetition and mask share, on one fp32 gradient of ``--numel`` entries (fres
 * ``bytes``: the kernel's KIND_MASK apply reading a bool mask of masked entries (what sift, spt,
   lift, sara, dsee, spiel and lt_sft read before, after building that complement each step);
 * ``bits``: ``gmt_apply_mask_bits`` reading the same mask packed 64 entries to a word
-  (:class:`~gmt_plugins.strategies._masks.StoredMask`);
+  (:class:`~gmt_plugins.engine.keys.StoredMask`);
 * ``complement + bytes``: sift, spt and lift's former step, ``~kept`` (a new bool tensor) then ``bytes``;
 * ``torch sum``: spiel's former gradient sum, ``acc.add_(nan_to_num(g))``;
 * ``C sum``: ``gmt_accumulate_finite_f32``, one read of ``g`` and one read and write of ``acc``.
@@ -32,9 +32,10 @@ def main() -> None:
     parser.add_argument("--masked", type=float, nargs="+", default=[0.2, 0.99], help="shares of masked entries")
     args = parser.parse_args()
 
-    from gmt_plugins import native, native_rank
+    from gmt_plugins.engine import dispatch
+    from gmt_plugins.engine.cpu import rank as cpu_rank
 
-    lib = native.library()
+    lib = dispatch.kernel()
     if lib is None:
         raise SystemExit("the compiled kernel is unavailable here")
     torch.set_num_threads(1)
@@ -53,16 +54,16 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     for share in args.masked:
         masked = torch.rand(args.numel, generator=gen) < share
-        bits = native_rank.pack_mask_bits(lib, ~masked, invert=True)
-        keys = native_rank.NativeKeys(native_rank.KIND_MASK, score=masked)
+        bits = cpu_rank.pack_mask_bits(lib, ~masked, invert=True)
+        keys = cpu_rank.NativeKeys(cpu_rank.KIND_MASK, score=masked)
         kept = ~masked
         rows, fresh = [], []
         for _ in range(args.repeats):
-            old = timed(lambda: native_rank.apply(lib, work, keys, 1, 0, None))
-            new = timed(lambda: native_rank.apply_mask_bits(lib, work, bits, None))
+            old = timed(lambda: cpu_rank.apply(lib, work, keys, 1, 0, None))
+            new = timed(lambda: cpu_rank.apply_mask_bits(lib, work, bits, None))
             rows.append((old, new))
             # sift, spt and lift built the complement of their kept set at every step
-            with_complement = timed(lambda: native_rank.apply(lib, work, native_rank.NativeKeys(native_rank.KIND_MASK, score=~kept), 1, 0, None))
+            with_complement = timed(lambda: cpu_rank.apply(lib, work, cpu_rank.NativeKeys(cpu_rank.KIND_MASK, score=~kept), 1, 0, None))
             fresh.append((with_complement, new))
         report("stored-mask apply, bytes -> bits", share, rows)
         report("complement + bytes -> bits", share, fresh)
@@ -70,7 +71,7 @@ def main() -> None:
     rows = []
     for _ in range(args.repeats):
         old = timed(lambda: acc_old.add_(torch.nan_to_num(work, nan=0.0, posinf=0.0, neginf=0.0)))
-        new = timed(lambda: native_rank.accumulate_finite_f32(lib, acc_new, work, first=False, square=False))
+        new = timed(lambda: cpu_rank.accumulate_finite_f32(lib, acc_new, work, first=False, square=False))
         rows.append((old, new))
     assert torch.equal(acc_old.view(torch.int32), acc_new.view(torch.int32))
     report("gradient sum, torch -> C", None, rows)

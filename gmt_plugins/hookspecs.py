@@ -60,7 +60,7 @@ def gmt_inspect_optimizer(optimizer: Any, config: GMTConfig) -> OptimizerInfo | 
     :param config: the active configuration.
 
     Called once at train begin by :class:`~gmt_plugins.GMTCallback` (and by
-    :func:`gmt_plugins.optimizers.inspect_optimizer`). Return ``None`` for an optimizer this plugin
+    :func:`gmt_plugins.plugins.inspect_optimizer`). Return ``None`` for an optimizer this plugin
     does not know. The first non-None result wins; the built-in fallback describes any
     ``torch.optim.Optimizer`` from its hyperparameters.
     """

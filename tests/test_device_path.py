@@ -2,9 +2,9 @@
 
 It is what CUDA gradients take; here ``dispatch.DEVICE_MODE = "always"`` forces it on CPU. Its masks are
 compared bit for bit with :mod:`reference` (sorting Python lists), its statistics and plans with the
-host path of :mod:`gmt_plugins.selection`, and its host synchronisations are counted by a dispatch
-mode that records every operation which reads a device tensor back on CUDA (a CPU proxy of
-``torch.cuda.set_sync_debug_mode``, which only works with a GPU).
+host backends (``DEVICE_MODE = "never"``: the CPU kernel or :mod:`gmt_plugins.engine.reference`), and its
+host synchronisations are counted by a dispatch mode that records every operation which reads a device
+tensor back on CUDA (a CPU proxy of ``torch.cuda.set_sync_debug_mode``, which only works with a GPU).
 """
 
 from __future__ import annotations

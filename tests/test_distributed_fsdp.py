@@ -155,12 +155,18 @@ def test_histogram_across_device_groups_equals_one_device(shift, base):
 
 
 def test_global_scope_over_device_groups_equals_reference(monkeypatch):
-    import functools
+    from gmt_plugins.engine import reference
 
-    import gmt_plugins.selection as selection
+    per_device = reference.histogram_across_devices
+    calls = []
 
-    grouped = functools.partial(selection.histogram_across_devices, device_of=lambda flat: flat.numel() % 2)
-    monkeypatch.setattr(selection, "histogram_across_devices", grouped)
+    def grouped(*args, **kwargs):
+        calls.append(len(args[1]))
+        return per_device(*args, **kwargs, device_of=lambda flat: flat.numel() % 2)
+
+    monkeypatch.setattr(reference, "histogram_across_devices", grouped)
+    # the CPU kernel would rank the whole group itself; only the reference passes group by device
+    monkeypatch.setenv("GMT_PLUGINS_NATIVE", "0")
     grads = spread_gradients()
     params = [(n, torch.nn.Parameter(torch.zeros_like(g))) for n, g in grads.items()]
     for n, p in params:
@@ -169,6 +175,7 @@ def test_global_scope_over_device_groups_equals_reference(monkeypatch):
     expected = reference_apply(list(grads.values()), reference_masks(list(grads.values()), 0.4, "global"))
     assert_same({n: p.grad for n, p in params}, dict(zip(grads, expected)), "grouped global scope")
     assert stats.nonfinite == 3 and stats.masked > 0
+    assert calls and set(calls) == {len(grads)}  # every pass histogrammed the whole global group
 
 
 @pytest.mark.gpu

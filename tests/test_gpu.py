@@ -116,7 +116,7 @@ def test_at_most_one_host_sync_per_step(scope, dtype):
 @pytest.mark.parametrize("kind", ["normal", "ties"])
 def test_device_path_on_cuda_matches_host_path(dtype, scope, kind, monkeypatch):
     """Small chunks and groups (carries across chunks and groups on the GPU): the same gradients and
-    the same statistics as the host path of gmt_plugins.selection on the same CUDA tensors."""
+    the same statistics as the reference passes (gmt_plugins.engine.reference) on the same CUDA tensors."""
     from gmt_plugins.engine import cuda
     from gmt_plugins.engine import dispatch
 

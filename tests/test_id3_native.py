@@ -1,4 +1,4 @@
-"""id3's C growth step (gmt_plugins/cpu_id3.py) against its torch twin (ScoreKeys chunks,
+"""id3's C growth step (gmt_plugins/engine/cpu/id3.py) against its torch twin (ScoreKeys chunks,
 cut_for_count, mark): the same updatable sets, zeroed gradients and statistics at every step, over
 growth and after it, with ties, non-finite gradients, several exponents and eps, warm windows that
 hold the answer or miss it, and across a save/resume."""

@@ -49,7 +49,7 @@ def graph() -> dict[str, set[str]]:
     edges = {}
     for name, path in modules.items():
         imported = top_level_imports(ast.parse(path.read_text()), name, path.name == "__init__.py")
-        # "from gmt_plugins import native" names the module gmt_plugins.native, not the package's __init__
+        # "from gmt_plugins import hookspecs" names the module gmt_plugins.hookspecs, not the package's __init__
         edges[name] = {m for m in imported if m in modules and m != name and not (m == "gmt_plugins" and f"{m}." in str(imported))}
     return edges
 

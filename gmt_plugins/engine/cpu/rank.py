@@ -34,7 +34,7 @@ TABLES = 4
 BINS = 1 << 16
 MAX_GROUP = (1 << 32) - 1  # counts are uint32 per table
 MAX_CANDIDATES = 1 << 24
-SAMPLE_WINDOW = -3  # wlo: the kernel samples the keys to choose the window (histogram.c)
+SAMPLE_WINDOW = -3  # wlo: the kernel samples the keys to choose the window (csrc/rank_group.c)
 _RANDOM_KINDS = (KIND_RANDOM_32, KIND_RANDOM_16, KIND_RANDOM_64)
 _MAGNITUDE_KINDS = (KIND_F32, KIND_BF16_WIDE, KIND_16)
 
@@ -71,7 +71,7 @@ def _source(flat: torch.Tensor, keys: NativeKeys) -> Source:
     score = keys.score
     # KIND_RANDOM_16 tells fp16 from bf16 by a non-null second pointer
     s = score.data_ptr() if score is not None else (1 if keys.kind == KIND_RANDOM_16 and flat.dtype == torch.float16 else 0)
-    # masks use no seed: its bit 0 says the bytes are the kept entries (histogram.c, SETUP_MASK)
+    # masks use no seed: its bit 0 says the bytes are the kept entries (csrc/gmt.h, SETUP_MASK)
     seed = int(keys.kept) if keys.kind == KIND_MASK else keys.seed & (2**64 - 1)
     return Source(flat.data_ptr(), s or None, flat.numel(), keys.start, seed, keys.kind)
 
@@ -244,7 +244,7 @@ def count_nonfinite_f32(lib: ctypes.CDLL, flat: torch.Tensor) -> int:
     return int(lib.gmt_count_nonfinite_f32(flat.data_ptr(), flat.numel())) if flat.numel() else 0
 
 
-# --- random keys hashed once (gmt_random_rank / gmt_apply_preselected in _native/histogram.c) ----
+# --- random keys hashed once (gmt_random_rank / gmt_apply_preselected in csrc/random_rank.c) -----
 
 
 @dataclass(frozen=True, eq=False)
@@ -361,7 +361,7 @@ def apply_preselected(
     return out[0], out[1], out[2]
 
 
-# --- stored masks read as bits, gradient sums (the stored-mask section of _native/histogram.c) ---
+# --- stored masks read as bits, gradient sums (csrc/mask_bits.c and csrc/finite_f32.c) ----------
 
 
 
