@@ -90,10 +90,11 @@ def test_an_optimizer_that_moves_masked_entries_fails(checker, tmp_path):
 @pytest.mark.clients
 @pytest.mark.skipif(
     os.environ.get("GMT_PLUGINS_CLIENTS") != "1",
-    reason="installs Axolotl and LLaMA-Factory (several GB, minutes): set GMT_PLUGINS_CLIENTS=1 to run scripts/clients.sh",
+    reason="installs Axolotl and LLaMA-Factory (several GB, minutes): GMT_PLUGINS_CLIENTS=1 runs scripts/clients.sh",
 )
 def test_axolotl_and_llamafactory_train_with_gmt():
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "clients.sh"), "all"], capture_output=True, text=True, cwd=ROOT)
+    script = ROOT / "scripts" / "clients.sh"
+    result = subprocess.run(["bash", str(script), "all"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     summary = result.stdout.split("== GMT in real clients", 1)[1].splitlines()[1:]
     assert len(summary) == 3, summary

@@ -46,7 +46,7 @@ def test_bad_gmt_keys_fail_before_llamafactory_runs(recipe, config, needle):
 
 
 def test_the_example_config_names_a_dataset_shipped_beside_it(recipe):
-    """The pip wheel of LLaMA-Factory carries no data/ folder: dataset_dir must hold the dataset and its dataset_info.json."""
+    """LLaMA-Factory's pip wheel has no data/ folder: dataset_dir holds the dataset and its dataset_info.json."""
     args, _ = recipe.split_config(recipe.read_config(str(EXAMPLES / "llamafactory_gmt.yaml"), []))
     folder = EXAMPLES.parent / args["dataset_dir"]  # relative to the repository root, where the recipe runs
     info = json.loads((folder / "dataset_info.json").read_text())
