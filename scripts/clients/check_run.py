@@ -179,7 +179,8 @@ def main(argv: list[str]) -> int:
     for problem in problems[:20]:
         print(f"  {args.label}: {problem}", file=sys.stderr)
     verdict = "FAIL" if problems else "PASS"
-    print(f"{args.label}: {figures}: {verdict}" + (f" ({len(problems)} problems)" if problems else ""))
+    counted = f" ({len(problems)} problems)" if problems else ""
+    print(": ".join(part for part in (args.label, figures, verdict + counted) if part))
     return 1 if problems else 0
 
 
