@@ -10,9 +10,25 @@ config, takes the ``gmt_*`` keys out (LLaMA-Factory rejects keys it does not kno
     python examples/llamafactory_gmt.py examples/llamafactory_gmt.yaml
     python examples/llamafactory_gmt.py my_config.yaml gmt_mask_ratio=0.3 learning_rate=1.0e-5   # key=value overrides
 
-Needs ``pip install llamafactory`` in an environment whose transformers/trl/peft versions LLaMA-Factory
-supports (0.9.5 pins transformers<=5.6.0, trl<=0.24.0, peft<=0.18.1, and imports torchaudio); see the
-README's LLaMA-Factory section for what was checked. Not run against LLaMA-Factory in this project.
+``llamafactory-cli train`` cannot take the ``gmt_*`` keys (its HfArgumentParser refuses them: "Some keys
+are not used by the HfArgumentParser") and LLaMA-Factory has no config key for extra callbacks, so this
+script is the way in. The config's ``dataset_dir: examples/llamafactory`` holds a 16-record alpaca-format
+dataset and its ``dataset_info.json`` (the pip wheel does not carry LLaMA-Factory's ``data/`` folder);
+run from the repository root.
+
+Checked with llamafactory 0.9.5 and its own pins (transformers 5.6.0, trl 0.24.0, peft 0.18.1,
+accelerate 1.11.0, datasets 4.0.0) over PyPI's default build of torch 2.13.0 with torchvision 0.28.0:
+PyPI's torchvision and torchaudio are linked against that build, and with the CPU wheel (``+cpu``)
+``import transformers.modeling_utils`` fails (``operator torchvision::nms does not exist``). The default
+build runs on a machine without a GPU too. ``scripts/clients.sh llamafactory`` installs that in a
+virtualenv of its own and runs this script on a tiny Llama with the model and optimizer overridden::
+
+    python -m venv VENV
+    VENV/bin/pip install --isolated torch==2.13.0                      # --isolated: PyPI's build, not a local CPU wheel
+    VENV/bin/pip install --isolated llamafactory==0.9.5 torch==2.13.0  # torch named again: the newest torchvision would replace it
+    VENV/bin/pip install --isolated --no-deps -e . && VENV/bin/pip install --isolated "pluggy>=1.5"
+    VENV/bin/python examples/llamafactory_gmt.py examples/llamafactory_gmt.yaml model_name_or_path=TINY_MODEL \
+        template=default output_dir=OUT bf16=false optim=sgd learning_rate=0.1 max_steps=4 save_steps=1 ...
 """
 
 from __future__ import annotations

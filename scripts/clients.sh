@@ -12,8 +12,8 @@
 #               examples/llamafactory_gmt.py with examples/llamafactory_gmt.yaml and its dataset folder.
 #
 # The virtualenvs live in .cache/clients/<client> (GMT_CLIENTS_CACHE to move them) and are reused once
-# complete; delete the folder for a fresh install. This checkout's gmt-plugins (and gmt-axolotl) are
-# installed editable with --no-deps, so the client's pins stay as the client resolved them.
+# complete; delete the folder for a fresh install. This checkout's gmt-plugins (and, for Axolotl,
+# gmt-axolotl) are installed editable with --no-deps, so the client's pins stay as it resolved them.
 # Prints one line per run; exits non-zero if any install, run or check fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,11 +50,14 @@ venv() {
     touch "$dir/.complete"
 }
 
-# The checkout's packages: editable and --no-deps, plus pluggy (gmt-plugins' one dependency a client may lack).
+# install_checkout PYTHON "PIP_OPTIONS" PACKAGE...: this checkout's packages, --no-deps, plus pluggy
+# (gmt-plugins' one dependency a client may lack); then pip check.
 install_checkout() {
-    local py=$1; shift
-    "$py" -m pip install "$@" --no-deps -e "$ROOT" -e "$ROOT/integrations/axolotl"
-    "$py" -m pip install "$@" "pluggy>=1.5"
+    local py=$1 options=$2; shift 2
+    # shellcheck disable=SC2086 # PIP_OPTIONS is empty or one word
+    "$py" -m pip install $options --no-deps "$@"
+    # shellcheck disable=SC2086
+    "$py" -m pip install $options "pluggy>=1.5"
     "$py" -m pip check
 }
 
@@ -63,7 +66,7 @@ install_axolotl() {
     # then axolotl with every pin of its own.
     "$1" -m pip install torch==2.13.0
     "$1" -m pip install axolotl==0.19.0
-    install_checkout "$1"
+    install_checkout "$1" "" -e "$ROOT" -e "$ROOT/integrations/axolotl"
 }
 
 install_llamafactory() {
@@ -73,7 +76,7 @@ install_llamafactory() {
     # built for it (the newest torchvision would replace torch).
     "$1" -m pip install --isolated torch==2.13.0
     "$1" -m pip install --isolated llamafactory==0.9.5 torch==2.13.0
-    install_checkout "$1" --isolated
+    install_checkout "$1" --isolated -e "$ROOT"
 }
 
 version() { "$CACHE/$1/bin/python" -c "import importlib.metadata as m; print(m.version('$2'))"; }

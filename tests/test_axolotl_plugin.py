@@ -1,6 +1,7 @@
 """The Axolotl plugin (integrations/axolotl, package ``gmt_axolotl``) against Axolotl's real ``PluginManager``
 and config schema: loading by dotted path, the merged ``gmt_*`` keys, pydantic errors naming the key, and
-a tiny Trainer that receives a ``GMTCallback`` configured from YAML values and masks with them."""
+a tiny Trainer that receives a ``GMTCallback`` configured from YAML values and masks with them. ``axolotl train``
+itself runs in a full Axolotl install of its own: scripts/clients.sh (tests/test_clients.py, GMT_PLUGINS_CLIENTS=1)."""
 
 from __future__ import annotations
 

@@ -52,8 +52,13 @@ def train(tmp_path: Path, callback, **args) -> tuple[Path, Path]:
     return initial, tmp_path / "out"
 
 
-def test_a_gmt_run_with_plain_sgd_passes(checker, tmp_path):
-    initial, out = train(tmp_path, GMTCallback(mask_ratio=RATIO))
+@pytest.fixture(scope="module")
+def gmt_run(tmp_path_factory) -> tuple[Path, Path]:
+    return train(tmp_path_factory.mktemp("gmt"), GMTCallback(mask_ratio=RATIO))
+
+
+def test_a_gmt_run_with_plain_sgd_passes(checker, gmt_run):
+    initial, out = gmt_run
     figures, problems = checker.check(out, initial, RATIO, STEPS)
     assert problems == []
     # TinyNet's 225 parameters in tensor scope: floor(0.5 * n) of 64, 8, 64, 8, 64, 8, 8, 1 entries.
@@ -61,10 +66,11 @@ def test_a_gmt_run_with_plain_sgd_passes(checker, tmp_path):
     assert "entries unchanged by the last step 0.4978 (masked floor(ratio*n): 0.4978)" in figures
 
 
-def test_a_smaller_claimed_ratio_is_caught_as_entries_that_did_not_move(checker, tmp_path):
-    initial, out = train(tmp_path, GMTCallback(mask_ratio=RATIO))
+def test_a_smaller_claimed_ratio_is_caught_as_entries_that_did_not_move(checker, gmt_run):
+    initial, out = gmt_run
     _, problems = checker.check(out, initial, 0.25, STEPS)
-    assert problems and all("more than the" in p for p in problems)
+    moved_too_little = [p for p in problems if "more than the" in p]
+    assert moved_too_little and all(p in moved_too_little or "gmt/masked_fraction 0.4977" in p for p in problems)
 
 
 def test_a_run_without_gmt_fails(checker, tmp_path):
@@ -84,10 +90,11 @@ def test_an_optimizer_that_moves_masked_entries_fails(checker, tmp_path):
 @pytest.mark.clients
 @pytest.mark.skipif(
     os.environ.get("GMT_PLUGINS_CLIENTS") != "1",
-    reason="installs Axolotl and LLaMA-Factory (several GB, minutes): set GMT_PLUGINS_CLIENTS=1 to run scripts/clients.sh",
+    reason="installs Axolotl and LLaMA-Factory (several GB, minutes): GMT_PLUGINS_CLIENTS=1 runs scripts/clients.sh",
 )
 def test_axolotl_and_llamafactory_train_with_gmt():
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "clients.sh"), "all"], capture_output=True, text=True, cwd=ROOT)
+    script = ROOT / "scripts" / "clients.sh"
+    result = subprocess.run(["bash", str(script), "all"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     summary = result.stdout.split("== GMT in real clients", 1)[1].splitlines()[1:]
     assert len(summary) == 3, summary

@@ -62,7 +62,10 @@ def load_weights(folder: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def compare_step(step: int, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], ratio: float) -> StepReport:
+Weights = dict[str, torch.Tensor]
+
+
+def compare_step(step: int, before: Weights, after: Weights, ratio: float) -> StepReport:
     """The per-tensor claims of the module docstring for one step (``before`` -> ``after``)."""
     report = StepReport(step)
     if set(before) != set(after):
@@ -71,20 +74,28 @@ def compare_step(step: int, before: dict[str, torch.Tensor], after: dict[str, to
     for name in sorted(after):
         old, new = before[name], after[name]
         if old.shape != new.shape or old.dtype != new.dtype:
-            report.problems.append(f"step {step}: {name} changed shape or dtype ({old.shape}/{old.dtype} -> {new.shape}/{new.dtype})")
+            report.problems.append(f"step {step}: {name}: {old.shape}/{old.dtype} became {new.shape}/{new.dtype}")
             continue
-        n = new.numel()
-        unchanged = int((old == new).sum())
-        masked = math.floor(ratio * n)
-        dense = not any(part in name for part in SPARSE_GRADIENT)
-        report.unchanged, report.total, report.expected = report.unchanged + unchanged, report.total + n, report.expected + masked
-        report.tensors, report.held = report.tensors + 1, report.held + (unchanged >= masked)
-        report.dense, report.exact = report.dense + dense, report.exact + (dense and unchanged == masked)
-        if unchanged < masked:
-            report.problems.append(f"step {step}: {name}: {unchanged} of {n} entries unchanged, fewer than the {masked} masked")
-        elif unchanged > masked and dense:
-            report.problems.append(f"step {step}: {name}: {unchanged} of {n} entries unchanged, more than the {masked} masked")
+        compare_tensor(report, name, old, new, ratio)
     return report
+
+
+def compare_tensor(report: StepReport, name: str, old: torch.Tensor, new: torch.Tensor, ratio: float) -> None:
+    n, unchanged = new.numel(), int((old == new).sum())
+    masked = math.floor(ratio * n)
+    dense = not any(part in name for part in SPARSE_GRADIENT)
+    report.unchanged += unchanged
+    report.total += n
+    report.expected += masked
+    report.tensors += 1
+    report.held += unchanged >= masked
+    report.dense += dense
+    report.exact += dense and unchanged == masked
+    where = f"step {report.step}: {name}: {unchanged} of {n} entries unchanged"
+    if unchanged < masked:
+        report.problems.append(f"{where}, fewer than the {masked} masked")
+    elif unchanged > masked and dense:
+        report.problems.append(f"{where}, more than the {masked} masked")
 
 
 def check_optimizer(checkpoint: Path) -> list[str]:
@@ -98,7 +109,8 @@ def check_optimizer(checkpoint: Path) -> list[str]:
         if "momentum" not in group or "dampening" not in group:
             problems.append(f"optimizer param group {i} is not SGD's (keys {sorted(group)})")
         elif group["momentum"] != 0 or group["weight_decay"] != 0:
-            problems.append(f"optimizer param group {i}: momentum={group['momentum']} weight_decay={group['weight_decay']}, need 0 and 0")
+            momentum, decay = group["momentum"], group["weight_decay"]
+            problems.append(f"optimizer param group {i}: momentum={momentum} weight_decay={decay}, need 0 and 0")
     return problems
 
 
@@ -158,7 +170,7 @@ def check(output: Path, initial: Path, ratio: float, steps: int) -> tuple[str, l
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--label", required=True, help="client, version and launcher, for the summary line")
-    parser.add_argument("--output", type=Path, required=True, help="the run's output_dir (holds checkpoint-1 .. checkpoint-N)")
+    parser.add_argument("--output", type=Path, required=True, help="the run's output_dir, with checkpoint-1 .. -N")
     parser.add_argument("--initial", type=Path, required=True, help="the model folder the run started from")
     parser.add_argument("--ratio", type=float, required=True, help="gmt_mask_ratio of the run")
     parser.add_argument("--steps", type=int, required=True, help="optimizer steps of the run")
@@ -167,7 +179,8 @@ def main(argv: list[str]) -> int:
     for problem in problems[:20]:
         print(f"  {args.label}: {problem}", file=sys.stderr)
     verdict = "FAIL" if problems else "PASS"
-    print(f"{args.label}: {figures}: {verdict}" + (f" ({len(problems)} problems)" if problems else ""))
+    counted = f" ({len(problems)} problems)" if problems else ""
+    print(": ".join(part for part in (args.label, figures, verdict + counted) if part))
     return 1 if problems else 0
 
 
