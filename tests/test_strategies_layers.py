@@ -123,7 +123,7 @@ def test_ist_first_draw_is_uniform_and_state_is_plain_json():
 
 def test_whole_tensor_plan_counts_nonfinite_like_the_chunked_count():
     from gmt_plugins.strategies._layers import nonfinite
-    from gmt_plugins.strategies._masks import count_nonfinite
+    from gmt_plugins.strategies.base import count_nonfinite
 
     big = torch.full((4096,), 3e38)  # finite entries whose float32 sum overflows: the exact count decides
     for flat in (torch.randn(5000), torch.tensor([1.0, float("nan"), float("inf"), -float("inf")]), big):
