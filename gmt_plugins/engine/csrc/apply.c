@@ -5,60 +5,70 @@
  * key equals it (in position order); +0.0 replaces them. record (or NULL) receives the mask as
  * bytes. out: masked count, ties used, and how many masked entries were nonzero before (the
  * masked_nonzero statistic, counted before zeroing; -0.0 counts as zero, and masked entries are
- * always finite: the cut never reaches the excluded keys). While ties remain, blocks of 64 are
- * first tested (vectorised) for a key equal to the threshold, and only such blocks run the loop that
- * spends ties; the global scope's budget may wait for its ties in a late tensor, so this phase can
+ * always finite: the cut never reaches the excluded keys). energy[0] and energy[1] are added the
+ * sums of g^2 over the finite entries and over the masked ones (energy.c), taken before zeroing:
+ * each block's hits are written first (to the stack), then its energy is taken, then it is masked.
+ * While ties remain, blocks of 64 are first tested (vectorised) for a key equal to the threshold,
+ * and only such blocks run the loop that spends ties; the global scope's budget may wait for its ties in a late tensor, so this phase can
  * span whole tensors. */
-#define APPLY_BLOCK(i0, i1, TIES)                                                                   \
+#define APPLY_BLOCK 4096 /* entries whose hits are held at once (on the stack, in L1 cache) */
+/* The hits of entries i0..i1 to hb (spending ties in position order with TIES) */
+#define APPLY_HITS(i0, i1, TIES)                                                                    \
     for (int64_t j = (i0); j < (i1); ++j) {                                                         \
         uint32_t key = KEY_AT(j);                                                                   \
         int tie = TIES ? ((key == threshold) & (ties > 0)) : 0;                                     \
-        int hit = (key < threshold) | tie;                                                          \
+        hb[j - (i0)] = (uint8_t)((key < threshold) | tie);                                          \
         ties -= tie;                                                                                \
         used += tie;                                                                                \
-        nonzero += hit & ((y[j] & magnitude) != 0);                                                 \
-        y[j] = hit ? 0 : y[j];                                                                         \
-        masked += hit;                                                                              \
-        if (record) record[j] = (uint8_t)hit;                                                       \
     }
-#define APPLY_LOOP(T, ZERO)                                                                         \
+/* The energy of entries i0..i1 (energy.c), then zero the hits; 32-bit counts per block, added up per
+ * block: 64-bit accumulators would halve the vector lanes */
+#define APPLY_ZERO(T, i0, i1)                                                                       \
+    {                                                                                               \
+        energy_block(y + (i0), value, hb, (i1) - (i0), &energy_sums);                               \
+        uint32_t hits = 0, nonzero_hits = 0;                                                        \
+        for (int64_t j = (i0); j < (i1); ++j) {                                                     \
+            uint32_t hit = hb[j - (i0)];                                                            \
+            nonzero_hits += hit & ((y[j] & magnitude) != 0);                                        \
+            y[j] = hit ? (T)0 : y[j];                                                               \
+            hits += hit;                                                                            \
+        }                                                                                           \
+        if (record) memcpy(record + (i0), hb, (size_t)((i1) - (i0)));                               \
+        masked += hits;                                                                             \
+        nonzero += nonzero_hits;                                                                    \
+    }
+#define APPLY_LOOP(T)                                                                               \
     {                                                                                               \
         T *y = (T *)src->x;                                                                         \
         const T magnitude = (T)((T)~(T)0 >> 1); /* every bit but the sign: -0.0 counts as zero */  \
         const int64_t n = src->n;                                                                   \
+        uint8_t hb[APPLY_BLOCK];                                                                    \
         int64_t i = 0;                                                                              \
         while (i < n && ties > 0) {                                                                 \
             int64_t end = n - i > 64 ? i + 64 : n;                                                  \
             uint32_t eq = 0;                                                                        \
             for (int64_t j = i; j < end; ++j) eq |= KEY_AT(j) == threshold;                         \
             if (eq) {                                                                               \
-                APPLY_BLOCK(i, end, 1)                                                              \
+                APPLY_HITS(i, end, 1)                                                               \
             } else {                                                                                \
-                APPLY_BLOCK(i, end, 0)                                                              \
+                APPLY_HITS(i, end, 0)                                                               \
             }                                                                                       \
+            APPLY_ZERO(T, i, end)                                                                   \
             i = end;                                                                                \
         }                                                                                           \
-        /* 32-bit counts per block of 4096, added up per block: 64-bit accumulators would halve \
-         * the vector lanes (the counting loops run faster than one 64-bit count did) */            \
         while (i < n) {                                                                             \
-            const int64_t end = n - i > 4096 ? i + 4096 : n;                                        \
-            uint32_t hits = 0, nonzero_hits = 0;                                                    \
-            if (record) {                                                                           \
-                for (; i < end; ++i) { uint32_t key = KEY_AT(i); uint32_t hit = key < threshold;    \
-                    nonzero_hits += hit & ((y[i] & magnitude) != 0);                                \
-                    y[i] = hit ? (T)ZERO : y[i]; hits += hit; record[i] = (uint8_t)hit; }           \
-            } else {                                                                                \
-                for (; i < end; ++i) { uint32_t key = KEY_AT(i); uint32_t hit = key < threshold;    \
-                    nonzero_hits += hit & ((y[i] & magnitude) != 0);                                \
-                    y[i] = hit ? (T)ZERO : y[i]; hits += hit; }                                     \
-            }                                                                                       \
-            masked += hits;                                                                         \
-            nonzero += nonzero_hits;                                                                \
+            const int64_t end = n - i > APPLY_BLOCK ? i + APPLY_BLOCK : n;                          \
+            APPLY_HITS(i, end, 0)                                                                   \
+            APPLY_ZERO(T, i, end)                                                                   \
+            i = end;                                                                                \
         }                                                                                           \
     }
 
-VECTOR_CLONES void gmt_apply(const source_t *src, uint64_t threshold_in, int64_t ties, uint8_t *record, int64_t *out) {
+VECTOR_CLONES void gmt_apply(const source_t *src, uint64_t threshold_in, int64_t ties, uint8_t *record, int64_t *out,
+                             double *energy) {
     int64_t masked = 0, used = 0, nonzero = 0;
+    energy_t energy_sums = {0.0, 0.0};
+    const int32_t value = energy_value_kind(src);
     /* a threshold beyond 32 bits masks every key (none is that large) */
     uint32_t threshold = threshold_in > 0xFFFFFFFFull ? 0xFFFFFFFFu : (uint32_t)threshold_in;
     if (threshold_in > 0xFFFFFFFFull) ties = 0;
@@ -66,60 +76,70 @@ VECTOR_CLONES void gmt_apply(const source_t *src, uint64_t threshold_in, int64_t
     switch (src->kind) {
     case KIND_F32: { const uint32_t *x = (const uint32_t *)src->x;
 #define KEY_AT(i) (x[i] & 0x7FFFFFFFu)
-        APPLY_LOOP(uint32_t, 0u)
+        APPLY_LOOP(uint32_t)
 #undef KEY_AT
         break; }
     case KIND_BF16_WIDE: { const uint16_t *x = (const uint16_t *)src->x;
 #define KEY_AT(i) ((uint32_t)(x[i] & 0x7FFFu) << 16)
-        APPLY_LOOP(uint16_t, 0u)
+        APPLY_LOOP(uint16_t)
 #undef KEY_AT
         break; }
     case KIND_16: { const uint16_t *x = (const uint16_t *)src->x;
 #define KEY_AT(i) ((uint32_t)(x[i] & 0x7FFFu))
-        APPLY_LOOP(uint16_t, 0u)
+        APPLY_LOOP(uint16_t)
 #undef KEY_AT
         break; }
     case KIND_RANDOM_32: { const uint32_t *x = (const uint32_t *)src->x;
 #define KEY_AT(i) ((x[i] & 0x7F800000u) == 0x7F800000u ? RANDOM_CAP : (uint32_t)(mix64(p0 + (uint64_t)(i)) >> 33))
-        APPLY_LOOP(uint32_t, 0u)
+        APPLY_LOOP(uint32_t)
 #undef KEY_AT
         break; }
     case KIND_RANDOM_16: { const uint16_t *x = (const uint16_t *)src->x; uint16_t e = src->s ? 0x7C00u : 0x7F80u;
 #define KEY_AT(i) ((x[i] & e) == e ? RANDOM_CAP : (uint32_t)(mix64(p0 + (uint64_t)(i)) >> 33))
-        APPLY_LOOP(uint16_t, 0u)
+        APPLY_LOOP(uint16_t)
 #undef KEY_AT
         break; }
     case KIND_RANDOM_64: { const uint64_t *x = (const uint64_t *)src->x;
 #define KEY_AT(i) ((x[i] & 0x7FF0000000000000ull) == 0x7FF0000000000000ull ? RANDOM_CAP : (uint32_t)(mix64(p0 + (uint64_t)(i)) >> 33))
-        APPLY_LOOP(uint64_t, 0u)
+        APPLY_LOOP(uint64_t)
 #undef KEY_AT
         break; }
     case KIND_SCORE: { const uint32_t *x = (const uint32_t *)src->x; const uint32_t *sc = src->s;
 #define KEY_AT(i) score_key(sc[i], x[i])
-        APPLY_LOOP(uint32_t, 0u)
+        APPLY_LOOP(uint32_t)
 #undef KEY_AT
         break; }
     case KIND_MASK: { SETUP_MASK
         if (mk && threshold == 1 && ties == 0) { /* the stored-mask step: masked and finite go */
             uint32_t *y = (uint32_t *)src->x;
-            /* and-masks rather than selects, so that the byte and word lanes vectorise together */
-            for (int64_t i = 0; i < src->n; ++i) {
-                uint32_t hit = ((uint32_t)(mk[i] != 0) ^ kept) & (uint32_t)((x[i] & 0x7F800000u) != 0x7F800000u);
-                nonzero += hit & (uint32_t)((y[i] & 0x7FFFFFFFu) != 0);
-                y[i] &= hit - 1u;
-                masked += hit;
+            uint8_t hb[APPLY_BLOCK];
+            for (int64_t b = 0; b < src->n; b += APPLY_BLOCK) {
+                const int64_t count = src->n - b < APPLY_BLOCK ? src->n - b : APPLY_BLOCK;
+                for (int64_t j = 0; j < count; ++j)
+                    hb[j] = (uint8_t)(((uint32_t)(mk[b + j] != 0) ^ kept) & (uint32_t)((x[b + j] & 0x7F800000u) != 0x7F800000u));
+                energy_block(y + b, VALUE_F32, hb, count, &energy_sums);
+                uint32_t hits = 0, nonzero_hits = 0;
+                /* and-masks rather than selects, so that the byte and word lanes vectorise together */
+                for (int64_t j = 0; j < count; ++j) {
+                    uint32_t hit = hb[j];
+                    nonzero_hits += hit & (uint32_t)((y[b + j] & 0x7FFFFFFFu) != 0);
+                    y[b + j] &= hit - 1u;
+                    hits += hit;
+                }
+                if (record) memcpy(record + b, hb, (size_t)count);
+                masked += hits;
+                nonzero += nonzero_hits;
             }
-            if (record)
-                for (int64_t i = 0; i < src->n; ++i)
-                    record[i] = (uint8_t)(((uint32_t)(mk[i] != 0) ^ kept) & ((x[i] & 0x7F800000u) != 0x7F800000u));  /* zeroed entries stay finite */
             break;
         }
 #define KEY_AT(i) KEY_MASK(i)
-        APPLY_LOOP(uint32_t, 0u)
+        APPLY_LOOP(uint32_t)
 #undef KEY_AT
         break; }
     }
     out[0] = masked;
     out[1] = used;
     out[2] = nonzero;
+    energy[0] += energy_sums.all;
+    energy[1] += energy_sums.masked;
 }
