@@ -21,9 +21,9 @@ never depend on data, and every decision stays on the device:
   device tensors, and :func:`apply_on_device` reads them back, with the thresholds, in one
   ``tolist()``; ``masked_nonzero`` follows on the host (a cut above key 0 masks every ±0).
 
-On the 135M tensor set (272 tensors, bf16) an apply dispatches about 17 torch operations per tensor,
-none of them synchronising; small tensors are not yet packed together, so the launches still grow
-with the number of tensors (``benchmarks/device_path.py`` compares both paths).
+On the 135M tensor set (272 tensors, bf16) an apply dispatches about 22 torch operations per tensor
+(5 of them for the sums of squares), none of them synchronising; small tensors are not yet packed
+together, so the launches still grow with the number of tensors (``benchmarks/device_path.py`` compares both paths).
 
 The masks, statistics and thresholds are exactly those of the host path (the tests compare both, and
 both against :mod:`tests.reference`). :mod:`gmt_plugins.engine.dispatch` decides when this path
@@ -300,8 +300,9 @@ def apply_on_device(cuts: PendingCuts, records: Sequence[torch.Tensor | None] | 
             mask = (keys < at).logical_or_(equal.logical_and_(order <= budget.clamp(-1, 2**31 - 1)))
             budget.sub_(order[-1])
             counts += [torch.count_nonzero(mask), torch.count_nonzero(keys)]  # a bool sum would convert first
-            squares = chunk.double().square().masked_fill_(~torch.isfinite(chunk), 0)  # before zeroing
-            sums += [squares.sum(), squares.mul_(mask).sum()]
+            # before zeroing: the finite values in float64 (NaN and inf -> 0), their squares summed by dots
+            values = torch.nan_to_num(chunk.to(torch.float64), 0.0, 0.0, 0.0)
+            sums += [torch.dot(values, values), torch.dot(values, values * mask)]
             owners.append(i)
             if record is not None:
                 record[start : start + chunk.numel()].copy_(mask)
@@ -311,7 +312,7 @@ def apply_on_device(cuts: PendingCuts, records: Sequence[torch.Tensor | None] | 
     parts = ([torch.stack(counts), torch.stack(sums).view(torch.int64)] if counts else []) + [cuts.nonfinite, shown]
     values = torch.cat(parts).tolist()  # the one readback
     n_counts, n = len(counts), len(flats)
-    squares = torch.tensor(values[n_counts : 2 * n_counts], dtype=torch.int64).view(torch.float64).tolist()
+    squares = struct.unpack(f"<{n_counts}d", struct.pack(f"<{n_counts}q", *values[n_counts : 2 * n_counts]))
     masked, nonzero = [0] * n, [0] * n
     energy, masked_energy = [0.0] * n, [0.0] * n
     for owner, m, z, e, me in zip(owners, values[0:n_counts:2], values[1:n_counts:2], squares[0::2], squares[1::2]):
