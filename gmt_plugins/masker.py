@@ -462,7 +462,7 @@ class GradientMasker:
                 )
 
 
-Coverage = tuple[int, "int | None", "int | None"]
+Coverage = tuple[int, int | None, int | None]
 """With ``track_coverage``, a tensor's ``(updated, changed, previous_masked)`` at one step."""
 
 

@@ -156,6 +156,36 @@ def test_stored_mask_bits_energy_equals_the_byte_apply_bit_for_bit(n):
         expected_from_record(flat, masked, applied)
 
 
+def test_avx2_and_portable_energy_loops_agree_bit_for_bit(tmp_path):
+    """``GMT_PLUGINS_NO_AVX2_SCAN=1`` makes the kernel sum the squares with the portable loop: in fresh
+    processes both give the same sums, to the last bit, for fp32 and bf16 (with and without NaN/inf in a
+    block), and the same masks."""
+    from fresh_process import outputs_with_and_without_avx2
+
+    body = (
+        "import hashlib, torch\n"
+        "from gmt_plugins.engine import dispatch\n"
+        "from gmt_plugins.engine.keys import MagnitudeKeys\n"
+        "from gmt_plugins.engine.cpu import rank as cpu_rank\n"
+        "from test_energy_stats import awkward\n"
+        "for dtype in (torch.float32, torch.bfloat16):\n"
+        "    for n in (15, 16, 4097, 70_001):\n"
+        "        for clean in (False, True):\n"
+        "            flat = awkward(n, dtype, seed=n)\n"
+        "            if clean:\n"
+        "                flat = torch.nan_to_num(flat, 0.0, 0.0, 0.0)\n"
+        "            source = MagnitudeKeys([dtype])\n"
+        "            ranking = dispatch.rank(source, [(0, flat)], 0.3)\n"
+        "            record = torch.zeros(n, dtype=torch.bool)\n"
+        "            a = dispatch.apply(source, 0, flat, ranking.cut, ranking=ranking, record=record)\n"
+        "            print(dtype, n, clean, tuple(a), a.energy.hex(), a.masked_energy.hex(), hashlib.sha256(record.numpy().tobytes()).hexdigest())\n"
+        "print('avx2', cpu_rank.avx2_scan(dispatch.kernel()))\n"
+    )
+    with_avx2, portable = outputs_with_and_without_avx2(tmp_path, body)
+    assert portable[-1] == "avx2 False" and len(with_avx2) == 17
+    assert with_avx2[:-1] == portable[:-1]
+
+
 # --- through the masker -------------------------------------------------------------------------
 
 

@@ -6,9 +6,10 @@
  * cache), then the block's energy is taken here from the values before they are zeroed, then the
  * block is masked: the gradient is read from memory once. Each entry's square is exact in double
  * (fp32, bf16 and fp16 values carry at most 24 significant bits; fp64 squares round once); the
- * squares go to 8 lanes (entry j of a block to lane j % 8) written as vectors, so that the sums
- * vectorise without reassociating anything, and each block's lanes are added up in one fixed order:
- * a given tensor and cut give the same sums on every run and in both clones (VECTOR_CLONES).
+ * squares go to 16 lanes (entry j of a block to lane j % 16), so that the sums vectorise without
+ * reassociating anything, and each block's lanes are added up in one fixed order: a given tensor and
+ * cut give the same sums on every run. fp32 and bf16 blocks take a hand-written AVX2 loop where the
+ * CPU has it (cpu_features.c); the portable loop is its twin, bit for bit (the tests run both).
  * Non-finite entries (never masked) count in neither sum. The torch twin is
  * gmt_plugins/engine/reference.py apply_cut. */
 
@@ -16,14 +17,6 @@ typedef struct {
     double all;    /* sum of g^2 over the finite entries */
     double masked; /* sum of g^2 over the masked entries (always finite) */
 } energy_t;
-
-typedef double energy_v4d __attribute__((vector_size(32)));
-typedef int64_t energy_v4l __attribute__((vector_size(32)));
-typedef float energy_v4f __attribute__((vector_size(16)));
-typedef int32_t energy_v4i __attribute__((vector_size(16)));
-typedef uint32_t energy_v4u __attribute__((vector_size(16)));
-typedef uint16_t energy_v4s __attribute__((vector_size(8)));
-typedef uint8_t energy_v4b __attribute__((vector_size(4)));
 
 /* What kind of number a source's gradient holds, for its energy */
 enum { VALUE_F32 = 0, VALUE_BF16 = 1, VALUE_F16 = 2, VALUE_F64 = 3 };
@@ -48,120 +41,118 @@ static inline uint32_t energy_half_bits(uint16_t h) {
     return sign | (e << 23) | ((m & 0x3FFu) << 13);
 }
 
-/* the lanes of four fp32 values (as bits) whose hits are hit (0/1 bytes) */
-static inline void energy_add4_f32(energy_v4u bits, energy_v4b hit, energy_v4d *all, energy_v4d *masked) {
-    const energy_v4l finite = __builtin_convertvector((bits & 0x7F800000u) != 0x7F800000u, energy_v4l);
-    const energy_v4l taken = -__builtin_convertvector(hit, energy_v4l);
-    energy_v4d d = __builtin_convertvector((energy_v4f)bits, energy_v4d);
-    d = (energy_v4d)((energy_v4l)(d * d) & finite);
-    *all += d;
-    *masked += (energy_v4d)((energy_v4l)d & taken);
+/* Entry i of x as a double, 0.0 where it is not finite */
+static inline double energy_value(const void *x, int32_t value, int64_t i) {
+    if (value == VALUE_F64) {
+        uint64_t bits;
+        double v;
+        memcpy(&bits, (const uint64_t *)x + i, 8);
+        memcpy(&v, &bits, 8);
+        return (bits & 0x7FF0000000000000ull) == 0x7FF0000000000000ull ? 0.0 : v;
+    }
+    uint32_t bits;
+    if (value == VALUE_F32) bits = ((const uint32_t *)x)[i];
+    else if (value == VALUE_BF16) bits = (uint32_t)((const uint16_t *)x)[i] << 16;
+    else bits = energy_half_bits(((const uint16_t *)x)[i]);
+    float f;
+    memcpy(&f, &bits, 4);
+    return (bits & 0x7F800000u) == 0x7F800000u ? 0.0 : (double)f;
 }
 
-static inline void energy_add4_f64(const energy_v4l *value, energy_v4b hit, energy_v4d *all, energy_v4d *masked) {
-    const energy_v4l bits = *value; /* by address: a 32-byte vector argument draws a note from GCC on ABI history */
-    const energy_v4l finite = (bits & 0x7FF0000000000000ll) != 0x7FF0000000000000ll;
-    const energy_v4l taken = -__builtin_convertvector(hit, energy_v4l);
-    energy_v4d d = (energy_v4d)bits;
-    d = (energy_v4d)((energy_v4l)(d * d) & finite);
-    *all += d;
-    *masked += (energy_v4d)((energy_v4l)d & taken);
+#define ENERGY_LANES 16
+
+/* the lanes added pairwise, in one order */
+static inline double energy_lanes_sum(const double *lane) {
+    double half[8];
+    for (int l = 0; l < 8; ++l) half[l] = lane[l] + lane[l + 8];
+    return ((half[0] + half[4]) + (half[1] + half[5])) + ((half[2] + half[6]) + (half[3] + half[7]));
 }
 
-static inline double energy_lanes_sum(const energy_v4d *a, const energy_v4d *b) {
-    return (((*a)[0] + (*b)[0]) + ((*a)[1] + (*b)[1])) + (((*a)[2] + (*b)[2]) + ((*a)[3] + (*b)[3]));
+/* The entries from `from` on, one at a time into their lanes (the portable loop, and the tails) */
+static inline void energy_scalar(const void *x, int32_t value, const uint8_t *hit, int64_t from, int64_t n, double *all,
+                                 double *masked) {
+    for (int64_t j = from; j < n; ++j) {
+        const double v = energy_value(x, value, j), square = v * v;
+        all[j & (ENERGY_LANES - 1)] += square;
+        masked[j & (ENERGY_LANES - 1)] += hit[j] ? square : 0.0;
+    }
 }
+
+#if GMT_HAVE_AVX2_SCAN
+/* Eight fp32 values (as bits) in v, with their hits (0/1 bytes) at hit: squared once in double
+ * (lanes 0..3 widened from the low half), added to all, and-ed with the hits widened to 64-bit masks
+ * and added to masked. FILTER: non-finite values are zeroed as bits (+0.0) first; without it a
+ * non-finite value makes its lane of all non-finite (masked entries are always finite). */
+#define ENERGY_ADD8_AVX2(v, hit, all, masked, FILTER)                                                \
+    {                                                                                               \
+        __m256i bits = (v);                                                                         \
+        if (FILTER) bits = _mm256_andnot_si256(_mm256_cmpeq_epi32(_mm256_and_si256(bits, exponent), exponent), bits); \
+        const __m256 k = _mm256_castsi256_ps(bits);                                                 \
+        const __m256d k_lo = _mm256_cvtps_pd(_mm256_castps256_ps128(k)), k_hi = _mm256_cvtps_pd(_mm256_extractf128_ps(k, 1)); \
+        const __m256d s_lo = _mm256_mul_pd(k_lo, k_lo), s_hi = _mm256_mul_pd(k_hi, k_hi);          \
+        const __m128i h = _mm_loadl_epi64((const __m128i *)(hit));                                  \
+        const __m256i t_lo = _mm256_sub_epi64(_mm256_setzero_si256(), _mm256_cvtepu8_epi64(h));     \
+        const __m256i t_hi = _mm256_sub_epi64(_mm256_setzero_si256(), _mm256_cvtepu8_epi64(_mm_srli_si128(h, 4))); \
+        (all)[0] = _mm256_add_pd((all)[0], s_lo);                                                   \
+        (all)[1] = _mm256_add_pd((all)[1], s_hi);                                                   \
+        (masked)[0] = _mm256_add_pd((masked)[0], _mm256_and_pd(s_lo, _mm256_castsi256_pd(t_lo)));  \
+        (masked)[1] = _mm256_add_pd((masked)[1], _mm256_and_pd(s_hi, _mm256_castsi256_pd(t_hi)));  \
+    }
+
+__attribute__((target("avx2"))) static inline __m256i energy_load8_avx2(const void *x, int32_t value, int64_t j) {
+    if (value == VALUE_F32) return _mm256_loadu_si256((const __m256i *)((const uint32_t *)x + j));
+    return _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)x + j))), 16);
+}
+
+/* The whole groups of ENERGY_LANES fp32 or bf16 entries, lane by lane as energy_scalar adds them
+ * (two groups of 8 per step: four accumulators per sum, whose additions do not wait on each other).
+ * A block is first summed without the finite test; where that leaves a non-finite lane (the block
+ * holds NaN or inf) it is summed again with it, which gives what the test everywhere would. Returns
+ * how many entries it took. */
+__attribute__((target("avx2"))) static int64_t energy_groups_avx2(const void *x, int32_t value, const uint8_t *hit, int64_t n,
+                                                                   double *all, double *masked) {
+    const __m256i exponent = _mm256_set1_epi32(0x7F800000);
+    const int64_t groups = n & ~(int64_t)(ENERGY_LANES - 1);
+    __m256d a[4], m[4];
+    for (int filter = 0; filter < 2; ++filter) {
+        for (int q = 0; q < 4; ++q) a[q] = m[q] = _mm256_setzero_pd();
+        if (filter) {
+            for (int64_t j = 0; j < groups; j += ENERGY_LANES) {
+                ENERGY_ADD8_AVX2(energy_load8_avx2(x, value, j), hit + j, a, m, 1)
+                ENERGY_ADD8_AVX2(energy_load8_avx2(x, value, j + 8), hit + j + 8, a + 2, m + 2, 1)
+            }
+        } else {
+            for (int64_t j = 0; j < groups; j += ENERGY_LANES) {
+                ENERGY_ADD8_AVX2(energy_load8_avx2(x, value, j), hit + j, a, m, 0)
+                ENERGY_ADD8_AVX2(energy_load8_avx2(x, value, j + 8), hit + j + 8, a + 2, m + 2, 0)
+            }
+        }
+        /* x - x is 0 for a finite lane, NaN for an infinite or NaN one */
+        __m256d bad = _mm256_setzero_pd();
+        for (int q = 0; q < 4; ++q) bad = _mm256_or_pd(bad, _mm256_cmp_pd(_mm256_sub_pd(a[q], a[q]), _mm256_setzero_pd(), _CMP_NEQ_UQ));
+        if (_mm256_movemask_pd(bad) == 0) break;
+    }
+    for (int q = 0; q < 4; ++q) { _mm256_storeu_pd(all + 4 * q, a[q]); _mm256_storeu_pd(masked + 4 * q, m[q]); }
+    return groups;
+}
+#endif
 
 /* Adds to e the energy of the n (<= 4096) entries of x (values of `value` kind) and of those whose
  * hit byte is 1. */
-static inline __attribute__((always_inline)) void energy_block(const void *x, int32_t value, const uint8_t *hit, int64_t n,
-                                                              energy_t *e) {
-    energy_v4d all0 = {0, 0, 0, 0}, all1 = all0, masked0 = all0, masked1 = all0;
-    int64_t j = 0;
-    switch (value) {
-    case VALUE_F32: {
-        const uint32_t *v = (const uint32_t *)x;
-        for (; j + 8 <= n; j += 8) {
-            energy_v4u a, b;
-            energy_v4b ha, hb;
-            memcpy(&a, v + j, 16); memcpy(&b, v + j + 4, 16);
-            memcpy(&ha, hit + j, 4); memcpy(&hb, hit + j + 4, 4);
-            energy_add4_f32(a, ha, &all0, &masked0);
-            energy_add4_f32(b, hb, &all1, &masked1);
-        }
-        break; }
-    case VALUE_BF16: {
-        const uint16_t *v = (const uint16_t *)x;
-        for (; j + 8 <= n; j += 8) {
-            energy_v4s a, b;
-            energy_v4b ha, hb;
-            memcpy(&a, v + j, 8); memcpy(&b, v + j + 4, 8);
-            memcpy(&ha, hit + j, 4); memcpy(&hb, hit + j + 4, 4);
-            energy_add4_f32(__builtin_convertvector(a, energy_v4u) << 16, ha, &all0, &masked0);
-            energy_add4_f32(__builtin_convertvector(b, energy_v4u) << 16, hb, &all1, &masked1);
-        }
-        break; }
-    case VALUE_F16: {
-        const uint16_t *v = (const uint16_t *)x;
-        for (; j + 8 <= n; j += 8) {
-            energy_v4u a, b;
-            energy_v4b ha, hb;
-            for (int l = 0; l < 4; ++l) { a[l] = energy_half_bits(v[j + l]); b[l] = energy_half_bits(v[j + 4 + l]); }
-            memcpy(&ha, hit + j, 4); memcpy(&hb, hit + j + 4, 4);
-            energy_add4_f32(a, ha, &all0, &masked0);
-            energy_add4_f32(b, hb, &all1, &masked1);
-        }
-        break; }
-    default: {
-        const uint64_t *v = (const uint64_t *)x;
-        for (; j + 8 <= n; j += 8) {
-            energy_v4l a, b;
-            energy_v4b ha, hb;
-            memcpy(&a, v + j, 32); memcpy(&b, v + j + 4, 32);
-            memcpy(&ha, hit + j, 4); memcpy(&hb, hit + j + 4, 4);
-            energy_add4_f64(&a, ha, &all0, &masked0);
-            energy_add4_f64(&b, hb, &all1, &masked1);
-        }
-        break; }
-    }
-    if (j < n) { /* the last (up to 7) entries, padded with zeros that add nothing */
-        uint8_t hits[8] = {0};
-        memcpy(hits, hit + j, (size_t)(n - j));
-        energy_v4b ha, hb;
-        memcpy(&ha, hits, 4); memcpy(&hb, hits + 4, 4);
-        if (value == VALUE_F64) {
-            uint64_t pad[8] = {0};
-            memcpy(pad, (const uint64_t *)x + j, (size_t)(n - j) * 8);
-            energy_v4l a, b;
-            memcpy(&a, pad, 32); memcpy(&b, pad + 4, 32);
-            energy_add4_f64(&a, ha, &all0, &masked0);
-            energy_add4_f64(&b, hb, &all1, &masked1);
-        } else {
-            uint32_t pad[8] = {0};
-            for (int64_t l = 0; l < n - j; ++l) {
-                if (value == VALUE_F32) pad[l] = ((const uint32_t *)x)[j + l];
-                else if (value == VALUE_BF16) pad[l] = (uint32_t)((const uint16_t *)x)[j + l] << 16;
-                else pad[l] = energy_half_bits(((const uint16_t *)x)[j + l]);
-            }
-            energy_v4u a, b;
-            memcpy(&a, pad, 16); memcpy(&b, pad + 4, 16);
-            energy_add4_f32(a, ha, &all0, &masked0);
-            energy_add4_f32(b, hb, &all1, &masked1);
-        }
-    }
-    e->all += energy_lanes_sum(&all0, &all1);
-    e->masked += energy_lanes_sum(&masked0, &masked1);
+static inline void energy_block(const void *x, int32_t value, const uint8_t *hit, int64_t n, energy_t *e) {
+    double all[ENERGY_LANES] = {0}, masked[ENERGY_LANES] = {0};
+    int64_t done = 0;
+#if GMT_HAVE_AVX2_SCAN
+    if (has_avx2() && (value == VALUE_F32 || value == VALUE_BF16)) done = energy_groups_avx2(x, value, hit, n, all, masked);
+#endif
+    energy_scalar(x, value, hit, done, n, all, masked);
+    e->all += energy_lanes_sum(all);
+    e->masked += energy_lanes_sum(masked);
 }
 
 /* One masked entry's square (the candidates that gmt_apply_preselected takes after its blocks) */
 static inline double energy_one(const void *x, int32_t value, int64_t i) {
-    double v;
-    switch (value) {
-    case VALUE_F32: { float f; memcpy(&f, (const uint32_t *)x + i, 4); v = f; break; }
-    case VALUE_BF16: { uint32_t b = (uint32_t)((const uint16_t *)x)[i] << 16; float f; memcpy(&f, &b, 4); v = f; break; }
-    case VALUE_F16: { uint32_t b = energy_half_bits(((const uint16_t *)x)[i]); float f; memcpy(&f, &b, 4); v = f; break; }
-    default: memcpy(&v, (const uint64_t *)x + i, 8); break;
-    }
+    const double v = energy_value(x, value, i);
     return v * v;
 }
 
