@@ -157,9 +157,9 @@ def test_stored_mask_bits_energy_equals_the_byte_apply_bit_for_bit(n):
 
 
 def test_avx2_and_portable_energy_loops_agree_bit_for_bit(tmp_path):
-    """``GMT_PLUGINS_NO_AVX2_SCAN=1`` makes the kernel sum the squares with the portable loop: in fresh
-    processes both give the same sums, to the last bit, for fp32 and bf16 (with and without NaN/inf in a
-    block), and the same masks."""
+    """``GMT_PLUGINS_NO_AVX2_SCAN=1`` makes the kernel mask fp32 and sum the squares with the portable
+    loops instead of the AVX2 ones: in fresh processes both give the same sums, to the last bit, for fp32
+    and bf16 (with and without NaN/inf in a block, with a record or without), and the same masks."""
     from fresh_process import outputs_with_and_without_avx2
 
     body = (
@@ -177,7 +177,9 @@ def test_avx2_and_portable_energy_loops_agree_bit_for_bit(tmp_path):
         "            source = MagnitudeKeys([dtype])\n"
         "            ranking = dispatch.rank(source, [(0, flat)], 0.3)\n"
         "            record = torch.zeros(n, dtype=torch.bool)\n"
+        "            b = dispatch.apply(source, 0, flat.clone(), ranking.cut, ranking=ranking)\n"
         "            a = dispatch.apply(source, 0, flat, ranking.cut, ranking=ranking, record=record)\n"
+        "            assert (a.energy, a.masked_energy) == (b.energy, b.masked_energy)\n"
         "            print(dtype, n, clean, tuple(a), a.energy.hex(), a.masked_energy.hex(), hashlib.sha256(record.numpy().tobytes()).hexdigest())\n"
         "print('avx2', cpu_rank.avx2_scan(dispatch.kernel()))\n"
     )
