@@ -9,8 +9,9 @@
  * sums of g^2 over the finite entries and over the masked ones (energy.c), taken before zeroing:
  * each block's hits are written first (to the stack), then its energy is taken, then it is masked.
  * While ties remain, blocks of 64 are first tested (vectorised) for a key equal to the threshold,
- * and only such blocks run the loop that spends ties; the global scope's budget may wait for its ties in a late tensor, so this phase can
- * span whole tensors. */
+ * and only such blocks run the loop that spends ties (the others are masked as the main phase is);
+ * the global scope's budget may wait for its ties in a late tensor, so this phase can span whole
+ * tensors. */
 #define APPLY_BLOCK 4096 /* entries whose hits are held at once (on the stack, in L1 cache) */
 /* The hits of entries i0..i1 to hb (spending ties in position order with TIES) */
 #define APPLY_HITS(i0, i1, TIES)                                                                    \
@@ -105,6 +106,21 @@ static inline void apply_f32_block_avx2(uint32_t *y, int64_t count, uint32_t thr
 }
 #endif
 
+/* Entries from..to, which hold no tie to spend, block by block (FAST: apply_f32_block_avx2) */
+#define APPLY_RUN(T, FAST, from, to)                                                                \
+    while (i < (to)) {                                                                              \
+        const int64_t end = (to) - i > APPLY_BLOCK ? i + APPLY_BLOCK : (to);                        \
+        if (FAST) {                                                                                 \
+            apply_f32_block_avx2((uint32_t *)(y + i), end - i, threshold, record ? record + i : NULL, \
+                                 &masked, &nonzero, &energy_sums);                                  \
+        } else {                                                                                    \
+            APPLY_HITS(i, end, 0)                                                                   \
+            APPLY_ZERO(T, i, end)                                                                   \
+        }                                                                                           \
+        i = end;                                                                                    \
+    }
+/* While ties remain, the next block of 64 holding a key equal to the threshold is found first; the
+ * entries before it are masked as in the main phase, then it spends ties entry by entry. */
 #define APPLY_LOOP(T, FAST)                                                                         \
     {                                                                                               \
         T *y = (T *)src->x;                                                                         \
@@ -113,29 +129,20 @@ static inline void apply_f32_block_avx2(uint32_t *y, int64_t count, uint32_t thr
         uint8_t hb[APPLY_BLOCK];                                                                    \
         int64_t i = 0;                                                                              \
         while (i < n && ties > 0) {                                                                 \
-            int64_t end = n - i > 64 ? i + 64 : n;                                                  \
-            uint32_t eq = 0;                                                                        \
-            for (int64_t j = i; j < end; ++j) eq |= KEY_AT(j) == threshold;                         \
-            if (eq) {                                                                               \
-                APPLY_HITS(i, end, 1)                                                               \
-            } else {                                                                                \
-                APPLY_HITS(i, end, 0)                                                               \
+            int64_t k = i, tied_end = n;                                                            \
+            for (; k < n; k = tied_end) {                                                           \
+                tied_end = n - k > 64 ? k + 64 : n;                                                 \
+                uint32_t eq = 0;                                                                    \
+                for (int64_t j = k; j < tied_end; ++j) eq |= KEY_AT(j) == threshold;                \
+                if (eq) break;                                                                      \
             }                                                                                       \
-            APPLY_ZERO(T, i, end)                                                                   \
-            i = end;                                                                                \
+            APPLY_RUN(T, FAST, i, k)                                                                \
+            if (k >= n) break;                                                                      \
+            APPLY_HITS(k, tied_end, 1)                                                              \
+            APPLY_ZERO(T, k, tied_end)                                                              \
+            i = tied_end;                                                                           \
         }                                                                                           \
-        while (i < n) {                                                                             \
-            const int64_t end = n - i > APPLY_BLOCK ? i + APPLY_BLOCK : n;                          \
-            if (FAST) { /* KIND_F32 on AVX2 (apply_f32_block_avx2) */                               \
-                apply_f32_block_avx2((uint32_t *)(y + i), end - i, threshold, record ? record + i : NULL, \
-                                     &masked, &nonzero, &energy_sums);                              \
-                i = end;                                                                            \
-                continue;                                                                           \
-            }                                                                                       \
-            APPLY_HITS(i, end, 0)                                                                   \
-            APPLY_ZERO(T, i, end)                                                                   \
-            i = end;                                                                                \
-        }                                                                                           \
+        APPLY_RUN(T, FAST, i, n)                                                                    \
     }
 
 VECTOR_CLONES void gmt_apply(const source_t *src, uint64_t threshold_in, int64_t ties, uint8_t *record, int64_t *out,
