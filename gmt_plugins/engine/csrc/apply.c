@@ -119,8 +119,9 @@ static inline void apply_f32_block_avx2(uint32_t *y, int64_t count, uint32_t thr
         }                                                                                           \
         i = end;                                                                                    \
     }
-/* While ties remain, the next block of 64 holding a key equal to the threshold is found first; the
- * entries before it are masked as in the main phase, then it spends ties entry by entry. */
+/* While ties remain, the next block of 64 holding a key equal to the threshold is looked for (up to a
+ * block ahead); the entries before it are masked as in the main phase, then it spends ties entry by
+ * entry. */
 #define APPLY_LOOP(T, FAST)                                                                         \
     {                                                                                               \
         T *y = (T *)src->x;                                                                         \
@@ -129,15 +130,18 @@ static inline void apply_f32_block_avx2(uint32_t *y, int64_t count, uint32_t thr
         uint8_t hb[APPLY_BLOCK];                                                                    \
         int64_t i = 0;                                                                              \
         while (i < n && ties > 0) {                                                                 \
+            /* at most a block ahead, so that the entries scanned are still in cache when masked */ \
+            const int64_t stop = n - i > APPLY_BLOCK ? i + APPLY_BLOCK : n;                         \
             int64_t k = i, tied_end = n;                                                            \
-            for (; k < n; k = tied_end) {                                                           \
+            int found = 0;                                                                          \
+            for (; k < stop; k = tied_end) {                                                        \
                 tied_end = n - k > 64 ? k + 64 : n;                                                 \
                 uint32_t eq = 0;                                                                    \
                 for (int64_t j = k; j < tied_end; ++j) eq |= KEY_AT(j) == threshold;                \
-                if (eq) break;                                                                      \
+                if (eq) { found = 1; break; }                                                       \
             }                                                                                       \
             APPLY_RUN(T, FAST, i, k)                                                                \
-            if (k >= n) break;                                                                      \
+            if (!found) continue;                                                                   \
             APPLY_HITS(k, tied_end, 1)                                                              \
             APPLY_ZERO(T, k, tied_end)                                                              \
             i = tied_end;                                                                           \
