@@ -92,8 +92,9 @@ class Applied(AppliedCounts):
     A tuple of the three counts (it unpacks, indexes and compares as ``(masked, ties_used,
     masked_nonzero)``), with the two sums of ``g ** 2`` as attributes: ``energy`` over the finite
     entries before masking, ``masked_energy`` over the masked entries (float64; NaN and inf count in
-    neither). The backends add the squares in different orders, so their sums agree to about 1e-12
-    relative, not bit for bit (each backend gives the same sums at every run); equality leaves them out.
+    neither). The backends add the squares in different orders, so their sums agree to well within
+    1e-9 relative, not bit for bit (each backend gives the same sums at every run); equality leaves
+    them out.
     """
 
     energy: float

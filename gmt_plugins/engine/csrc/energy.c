@@ -4,7 +4,8 @@
  *
  * An apply first writes its block's hits (0/1 bytes, the block being at most 4096 entries and in L1
  * cache), then the block's energy is taken here from the values before they are zeroed, then the
- * block is masked: the gradient is read from memory once. Each entry's square is exact in double
+ * block is masked: the gradient is read from memory once (gmt_apply's fp32 blocks without ties do
+ * all three in one AVX2 pass, apply_f32_block_avx2 in apply.c, with the same lanes). Each entry's square is exact in double
  * (fp32, bf16 and fp16 values carry at most 24 significant bits; fp64 squares round once); the
  * squares go to 16 lanes (entry j of a block to lane j % 16), so that the sums vectorise without
  * reassociating anything, and each block's lanes are added up in one fixed order: a given tensor and
