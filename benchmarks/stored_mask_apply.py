@@ -55,7 +55,7 @@ def main() -> None:
     for share in args.masked:
         masked = torch.rand(args.numel, generator=gen) < share
         bits = cpu_rank.pack_mask_bits(lib, ~masked, invert=True)
-        keys = cpu_rank.NativeKeys(cpu_rank.KIND_MASK, score=masked)
+        keys = cpu_rank.NativeKeys(cpu_rank.KIND_MASK, mask=masked)
         kept = ~masked
         rows, fresh = [], []
         for _ in range(args.repeats):
@@ -63,7 +63,7 @@ def main() -> None:
             new = timed(lambda: cpu_rank.apply_mask_bits(lib, work, bits, None))
             rows.append((old, new))
             # sift, spt and lift built the complement of their kept set at every step
-            with_complement = timed(lambda: cpu_rank.apply(lib, work, cpu_rank.NativeKeys(cpu_rank.KIND_MASK, score=~kept), 1, 0, None))
+            with_complement = timed(lambda: cpu_rank.apply(lib, work, cpu_rank.NativeKeys(cpu_rank.KIND_MASK, mask=~kept), 1, 0, None))
             fresh.append((with_complement, new))
         report("stored-mask apply, bytes -> bits", share, rows)
         report("complement + bytes -> bits", share, fresh)

@@ -145,7 +145,7 @@ def test_stored_mask_bits_energy_equals_the_byte_apply_bit_for_bit(n):
     bits = cpu_rank.pack_mask_bits(lib, kept, invert=True)
     fast, slow, ref = flat.clone(), flat.clone(), flat.clone()
     got = cpu_rank.apply_mask_bits(lib, fast, bits, None)
-    want = cpu_rank.apply(lib, slow, cpu_rank.NativeKeys(cpu_rank.KIND_MASK, score=~kept), 1, 0, None)
+    want = cpu_rank.apply(lib, slow, cpu_rank.NativeKeys(cpu_rank.KIND_MASK, mask=~kept), 1, 0, None)
     assert got == want and (got.energy, got.masked_energy) == (want.energy, want.masked_energy)
     masked = ~kept & torch.isfinite(flat)
     expected_from_record(flat, masked, got)

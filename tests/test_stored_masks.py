@@ -64,7 +64,7 @@ def test_apply_mask_bits_equals_the_byte_kernel_and_zeroes_exactly_the_masked_fi
     rec_fast = torch.ones(n, dtype=torch.bool) if record else None  # every byte must be written
     rec_slow = torch.zeros(n, dtype=torch.bool) if record else None
     got = cpu_rank.apply_mask_bits(lib, fast, bits, rec_fast)
-    want = cpu_rank.apply(lib, slow, cpu_rank.NativeKeys(cpu_rank.KIND_MASK, score=masked), 1, 0, rec_slow)
+    want = cpu_rank.apply(lib, slow, cpu_rank.NativeKeys(cpu_rank.KIND_MASK, mask=masked), 1, 0, rec_slow)
     assert got == want
     assert torch.equal(fast.view(torch.int32), slow.view(torch.int32))
     # against the definition: masked finite entries become +0.0, everything else keeps its bits

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gmt_plugins.engine.cpu.signatures import Source
+from gmt_plugins.engine.cpu.signatures import SOURCE_FP16, SOURCE_KEPT, Source
 from gmt_plugins.engine.keys import MagnitudeKeys, MaskKeys, RandomKeys, ScoreKeys, StoredMask
 from gmt_plugins.engine.types import Applied
 
@@ -43,24 +43,23 @@ _MAGNITUDE_KINDS = (KIND_F32, KIND_BF16_WIDE, KIND_16)
 @dataclass(frozen=True)
 class NativeKeys:
     """How the kernel computes the keys of one flat: its kind, the hash seed (``splitmix64(salt)``,
-    random keys), the flat offset of its first entry (random keys) and the score tensor (scores; for
-    stored masks the bool mask, ``None`` when every entry is masked)."""
+    random keys), the flat offset of its first entry (random keys), the float32 score (``KIND_SCORE``)
+    or the bool mask (``KIND_MASK``; ``None`` when every entry is masked)."""
 
     kind: int
     seed: int = 0
     start: int = 0
     score: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
     selection: Preselection | None = None
     """Random keys already hashed by :func:`random_rank_group`: :func:`apply` then reads its bits."""
     member: int = 0
     """This flat's place in ``selection``'s group."""
     kept: bool = False
-    """KIND_MASK: ``score`` flags the kept entries (a strategy's stored set), not the masked ones."""
+    """KIND_MASK: ``mask`` flags the kept entries (a strategy's stored set), not the masked ones."""
     bits: torch.Tensor | None = None
     """KIND_MASK: the masked entries packed 64 to a word (:func:`pack_mask_bits`), which :func:`apply`
-    reads instead of ``score`` for the stored-mask step (threshold 1, no ties)."""
-
-
+    reads instead of ``mask`` for the stored-mask step (threshold 1, no ties)."""
 
 
 _scratch = threading.local()
@@ -69,14 +68,13 @@ _scratch = threading.local()
 
 
 def _source(flat: torch.Tensor, keys: NativeKeys) -> Source:
-    score = keys.score
-    # KIND_RANDOM_16 and KIND_16 tell fp16 from bf16 by a non-null second pointer (the keys of KIND_16
-    # do not depend on it; the energy of the apply passes does, csrc/energy.c)
+    """The kernel's view of one flat: the score or mask bytes as the second pointer, and the flags that
+    say how 16-bit values and mask bytes read (``SOURCE_FP16``, ``SOURCE_KEPT``)."""
     fp16 = keys.kind in (KIND_RANDOM_16, KIND_16) and flat.dtype == torch.float16
-    s = score.data_ptr() if score is not None else (1 if fp16 else 0)
-    # masks use no seed: its bit 0 says the bytes are the kept entries (csrc/gmt.h, SETUP_MASK)
-    seed = int(keys.kept) if keys.kind == KIND_MASK else keys.seed & (2**64 - 1)
-    return Source(flat.data_ptr(), s or None, flat.numel(), keys.start, seed, keys.kind)
+    flags = (SOURCE_FP16 if fp16 else 0) | (SOURCE_KEPT if keys.kind == KIND_MASK and keys.kept else 0)
+    second = keys.mask if keys.kind == KIND_MASK else keys.score
+    score = None if second is None else second.data_ptr()
+    return Source(flat.data_ptr(), score, flat.numel(), keys.start, keys.seed & (2**64 - 1), keys.kind, flags)
 
 
 def _buffers(candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -595,8 +593,8 @@ def _describe_mask(source: MaskKeys, index: int, flat: torch.Tensor) -> NativeKe
     if not usable or flags.numel() != flat.numel():
         return None
     if stored:
-        return NativeKeys(KIND_MASK, score=flags, kept=True, bits=masked.bits)
-    return NativeKeys(KIND_MASK, score=flags)
+        return NativeKeys(KIND_MASK, mask=flags, kept=True, bits=masked.bits)
+    return NativeKeys(KIND_MASK, mask=flags)
 
 
 def coverage_observe(lib: ctypes.CDLL, mask: torch.Tensor | None, numel: int, updated: torch.Tensor, previous: torch.Tensor, first: bool) -> tuple[int, int]:

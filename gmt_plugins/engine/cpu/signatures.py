@@ -22,7 +22,14 @@ class Source(ctypes.Structure):
         ("start", ctypes.c_int64),
         ("seed", ctypes.c_uint64),
         ("kind", ctypes.c_int32),
+        ("flags", ctypes.c_uint32),
     ]
+
+
+SOURCE_FP16 = 1
+"""``Source.flags``: the 16-bit values are fp16, not bf16 (``KIND_16``, ``KIND_RANDOM_16``)."""
+SOURCE_KEPT = 2
+"""``Source.flags``: a ``KIND_MASK`` source's bytes flag the kept entries, not the masked ones."""
 
 
 class Id3Source(ctypes.Structure):

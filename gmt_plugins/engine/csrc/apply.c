@@ -180,7 +180,7 @@ VECTOR_CLONES void gmt_apply(const source_t *src, uint64_t threshold_in, int64_t
         APPLY_LOOP(uint32_t, 0)
 #undef KEY_AT
         break; }
-    case KIND_RANDOM_16: { const uint16_t *x = (const uint16_t *)src->x; uint16_t e = src->s ? 0x7C00u : 0x7F80u;
+    case KIND_RANDOM_16: { const uint16_t *x = (const uint16_t *)src->x; uint16_t e = (src->flags & SOURCE_FP16) ? 0x7C00u : 0x7F80u;
 #define KEY_AT(i) ((x[i] & e) == e ? RANDOM_CAP : (uint32_t)(mix64(p0 + (uint64_t)(i)) >> 33))
         APPLY_LOOP(uint16_t, 0)
 #undef KEY_AT

@@ -25,7 +25,7 @@ enum { VALUE_F32 = 0, VALUE_BF16 = 1, VALUE_F16 = 2, VALUE_F64 = 3 };
 static inline int32_t energy_value_kind(const source_t *src) {
     switch (src->kind) {
     case KIND_BF16_WIDE: return VALUE_BF16;
-    case KIND_16: case KIND_RANDOM_16: return src->s ? VALUE_F16 : VALUE_BF16; /* s non-NULL: fp16 (signatures.py) */
+    case KIND_16: case KIND_RANDOM_16: return (src->flags & SOURCE_FP16) ? VALUE_F16 : VALUE_BF16;
     case KIND_RANDOM_64: return VALUE_F64;
     default: return VALUE_F32;
     }

@@ -17,8 +17,10 @@
  *     the gradient (second pointer, fp32) is not finite;
  *   KIND_MASK: MaskKeys of a stored bool mask (second pointer, bytes; NULL = every entry masked) over
  *     an fp32 gradient: 0 = masked, 1 = kept, 2 = non-finite gradient (16-bit keys); the bytes flag
- *     the masked entries, or the kept ones when bit 0 of seed is set (a strategy's stored set, read
- *     without building its complement).
+ *     the masked entries, or the kept ones with SOURCE_KEPT (a strategy's stored set, read without
+ *     building its complement).
+ * source_t.flags: SOURCE_FP16 says 16-bit values (KIND_16, KIND_RANDOM_16) are fp16, not bf16;
+ * SOURCE_KEPT says KIND_MASK bytes flag the kept entries.
  */
 #ifndef GMT_H
 #define GMT_H
@@ -79,12 +81,15 @@ static inline uint32_t score_key(uint32_t s, uint32_t g) {
 /* One member of a group (ctypes: gmt_plugins/engine/cpu/signatures.py, Source). */
 typedef struct {
     const void *x;       /* the gradient */
-    const uint32_t *s;   /* KIND_SCORE: the score; KIND_MASK: the mask bytes; KIND_RANDOM_16: non-NULL for fp16 */
+    const uint32_t *s;   /* KIND_SCORE: the score; KIND_MASK: the mask bytes; else unused */
     int64_t n;
     int64_t start;       /* flat position of x[0] (random keys) */
-    uint64_t seed;       /* splitmix64(salt) (random keys); KIND_MASK: bit 0 = the bytes flag the kept entries */
+    uint64_t seed;       /* splitmix64(salt) (random keys) */
     int32_t kind;
+    uint32_t flags;      /* SOURCE_FP16, SOURCE_KEPT */
 } source_t;
+
+enum { SOURCE_FP16 = 1u, SOURCE_KEPT = 2u };
 
 /* SETUP_<kind> declares what KEY_<kind>(i) reads from `src`; KEY_<kind>(i) is entry i's key. */
 #define SETUP_32 const uint32_t *x = (const uint32_t *)src->x;
@@ -99,9 +104,9 @@ typedef struct {
 #define KEY_16(i) ((uint32_t)(x[i] & 0x7FFFu))
 #define KEY_RANDOM(i) ((x[i] & e) == e ? RANDOM_CAP : (uint32_t)(mix64(p0 + (uint64_t)(i)) >> 33))
 #define KEY_SCORE(i) score_key(sc[i], x[i])
-/* seed bit 0 (unused by masks otherwise): the bytes flag the kept entries, not the masked ones */
+/* kept: the bytes flag the kept entries, not the masked ones */
 #define SETUP_MASK const uint32_t *x = (const uint32_t *)src->x; const uint8_t *mk = (const uint8_t *)src->s; \
-    const uint32_t kept = (uint32_t)(src->seed & 1u); (void)kept;
+    const uint32_t kept = (src->flags & SOURCE_KEPT) ? 1u : 0u; (void)kept;
 #define KEY_MASK(i) ((x[i] & 0x7F800000u) == 0x7F800000u ? 2u : (mk ? (uint32_t)(mk[i] == 0) ^ kept : 0u))
 
 #endif

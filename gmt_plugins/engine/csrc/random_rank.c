@@ -88,7 +88,7 @@ static inline __attribute__((always_inline)) int64_t random_scan_one(const sourc
     for (int j = 0; j < 64; ++j) golden_steps[j] = (uint64_t)j * GOLDEN;
     switch (s->kind) {
     case KIND_RANDOM_32: RANDOM_SCAN_BODY(uint32_t, 0x7F800000u) break;
-    case KIND_RANDOM_16: RANDOM_SCAN_BODY(uint16_t, s->s ? 0x7C00u : 0x7F80u) break;
+    case KIND_RANDOM_16: RANDOM_SCAN_BODY(uint16_t, (s->flags & SOURCE_FP16) ? 0x7C00u : 0x7F80u) break;
     case KIND_RANDOM_64: RANDOM_SCAN_BODY(uint64_t, 0x7FF0000000000000ull) break;
     default: break;
     }
