@@ -207,8 +207,7 @@ class GradientMasker:
         if self.coverage is None:
             return stats
         updated, changed = self.coverage.observe(stats.name, stats.numel, None, device)
-        before = self.coverage.note_masked(stats.name, stats.masked)
-        return dataclasses.replace(stats, updated=updated, changed=changed, previous_masked=before)
+        return dataclasses.replace(stats, updated=updated, changed=changed)
 
     def _entries(self) -> tuple[list[GradEntry], list[str], ShardReducer | None]:
         """The gradients to mask, and the reducer over the shards when they are FSDP2 or FSDP1 shards."""
@@ -328,17 +327,16 @@ class GradientMasker:
         state = self.strategy.state_dict()
         return _cloned(state) if state else None
 
-    def _mask(self, entry: GradEntry, tensor_plan: TensorPlan, cut: Cut) -> tuple[Applied, Coverage | None]:
+    def _mask(self, entry: GradEntry, tensor_plan: TensorPlan, cut: Cut) -> tuple[Applied, tuple[int, int | None] | None]:
         """The one place where gradients are changed: zero what ``cut`` selects of ``entry``, in place
         (and, in strict mode, keep the masked parameter entries). Returns the counts of the apply pass
-        and, with ``track_coverage``, this shard's ``(updated, changed, previous_masked)``."""
+        and, with ``track_coverage``, this shard's ``(updated, changed)``."""
         source, index, ranking = tensor_plan.source, tensor_plan.local_index, tensor_plan.ranking
         if self._guard is None and self.coverage is not None and cut.threshold is not None:
             # masked and folded into the coverage bits in one pass where the engine serves it
             fused = self.coverage.apply_and_observe(entry.name, source, index, entry.flat, cut, ranking)
             if fused is not None:
-                applied, (updated, changed) = fused
-                return applied, (updated, changed, self.coverage.note_masked(entry.name, applied.masked))
+                return fused
         if self._guard is not None:  # strict mode keeps each tensor's record until restore_masked()
             record = MaskedEntryGuard.new_mask(entry.flat)
         elif self.coverage is not None:  # folded in at once: one reused buffer, no fresh pages per tensor
@@ -350,8 +348,7 @@ class GradientMasker:
             self._guard.capture(entry.param, record, applied.masked)
         coverage = None
         if self.coverage is not None:
-            updated, changed = self.coverage.observe(entry.name, entry.flat.numel(), record, entry.flat.device)
-            coverage = (updated, changed, self.coverage.note_masked(entry.name, applied.masked))
+            coverage = self.coverage.observe(entry.name, entry.flat.numel(), record, entry.flat.device)
         return applied, coverage
 
     def _scratch_record(self, flat: torch.Tensor) -> torch.Tensor:
@@ -378,10 +375,9 @@ class GradientMasker:
             threshold = None if cut.threshold is None else tensor_plan.source.key_to_value(tensor_plan.local_index, cut.threshold)
             applied, coverage = self._mask(entry, tensor_plan, cut)
             shared_ties -= applied.ties_used
-            updated, changed, before = coverage if coverage is not None else (None, None, None)
+            updated, changed = coverage if coverage is not None else (None, None)
             tensors.append(TensorStats(
-                entry.name, entry.flat.numel(), applied.masked, tensor_plan.nonfinite, threshold, applied.masked_nonzero, updated, changed,
-                applied.energy, applied.masked_energy, before,
+                entry.name, entry.flat.numel(), applied.masked, tensor_plan.nonfinite, threshold, applied.masked_nonzero, updated, changed
             ))
         return tensors
 
@@ -394,13 +390,13 @@ class GradientMasker:
         for entry, applied, record in zip(entries, done, records):
             if self._guard is not None and applied.masked:
                 self._guard.capture(entry.param, record, applied.masked)
-            updated, changed, before = None, None, None
-            if self.coverage is not None:
-                updated, changed = self.coverage.observe(entry.name, entry.flat.numel(), record, entry.flat.device)
-                before = self.coverage.note_masked(entry.name, applied.masked)
+            updated, changed = (
+                self.coverage.observe(entry.name, entry.flat.numel(), record, entry.flat.device)
+                if self.coverage is not None else (None, None)
+            )
             tensors.append(TensorStats(
                 entry.name, entry.flat.numel(), applied.masked, applied.nonfinite, applied.threshold,
-                applied.masked_nonzero, updated, changed, applied.energy, applied.masked_energy, before,
+                applied.masked_nonzero, updated, changed,
             ))
         return tensors
 
@@ -421,14 +417,20 @@ class GradientMasker:
             budgets = reducer.tie_budgets(ties, plan.shared_ties, equal, [e.offset for e in entries], entries[0].flat.device)
             cuts = [Cut(c.threshold, b) if s else c for c, b, s in zip(cuts, budgets, straddling)]
         done = [self._mask(entry, tensor_plan, cut) for entry, tensor_plan, cut in zip(entries, plan.tensors, cuts)]
-        counts, energies = _summed_over_shards(done, self.coverage is not None, reducer, entries[0].flat.device)
+        # one all-reduce for every count: masked, masked_nonzero and (track_coverage) updated and changed
+        n = len(entries)
+        local = [a.masked for a, _ in done] + [a.masked_nonzero for a, _ in done]
+        if self.coverage is not None:
+            # every rank saw every tensor before or none did, so `changed` is None on all ranks or on none
+            local += [c[0] for _, c in done] + [-1 if c[1] is None else c[1] for _, c in done]
+        summed = reducer.sum_counts(local, entries[0].flat.device)
+        masked_all, nonzero_all = summed[:n], summed[n : 2 * n]
+        updated_all = summed[2 * n : 3 * n] if self.coverage is not None else [None] * n
+        changed_all = [None if c < 0 else c for c in summed[3 * n :]] if self.coverage is not None else [None] * n
         return [
-            TensorStats(
-                e.name, e.shard.full_numel, masked, p.nonfinite, t, nonzero, updated, changed,
-                energy=energy, masked_energy=masked_energy, previous_masked=before,
-            )
-            for e, p, t, (masked, nonzero, updated, changed, before), (energy, masked_energy) in zip(
-                entries, plan.tensors, plan.threshold_values(), counts, energies
+            TensorStats(e.name, e.shard.full_numel, m, p.nonfinite, t, z, u, c)
+            for e, p, m, t, z, u, c in zip(
+                entries, plan.tensors, masked_all, plan.threshold_values(), nonzero_all, updated_all, changed_all
             )
         ]
 
@@ -460,34 +462,6 @@ class GradientMasker:
                     UserWarning,
                     stacklevel=user_stacklevel(),  # the user's line: load_state_dict() or trainer.train()
                 )
-
-
-Coverage = tuple[int, int | None, int | None]
-"""With ``track_coverage``, a tensor's ``(updated, changed, previous_masked)`` at one step."""
-
-
-def _summed_over_shards(
-    done: list[tuple[Applied, Coverage | None]], tracked: bool, reducer: ShardReducer, device: torch.device
-) -> tuple[list[tuple[int, int, int | None, int | None, int | None]], list[tuple[float, float]]]:
-    """Every tensor's counts and energies summed over the shards in one all-reduce of float64 numbers
-    (the counts are integers below 2**53, which float64 sums exactly).
-
-    Per tensor, the counts ``(masked, masked_nonzero, updated, changed, previous_masked)`` (the last
-    three ``None`` without ``track_coverage``) and the energies ``(energy, masked_energy)``."""
-    if not done:
-        return [], []
-    # every rank saw every tensor before or none did, so `changed` and `previous_masked` are None on all
-    # ranks or on none: -1 stands for None, and a sum of -1s stays negative
-    rows = [
-        [a.masked, a.masked_nonzero, a.energy, a.masked_energy] + ([-1 if v is None else v for v in c] if tracked and c else [])
-        for a, c in done
-    ]
-    counts, energies = [], []
-    for masked, nonzero, energy, masked_energy, *coverage in reducer.sum_(torch.tensor(rows, dtype=torch.float64, device=device)).tolist():
-        seen = [None if v < 0 else int(v) for v in coverage] if tracked else [None, None, None]
-        counts.append((int(masked), int(nonzero), *seen))
-        energies.append((energy, masked_energy))
-    return counts, energies
 
 
 def _cloned(value: Any) -> Any:

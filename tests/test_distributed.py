@@ -79,24 +79,10 @@ def replay(names_values: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]
     return masker, {n: p.grad for n, p in params if p.grad is not None}, stats
 
 
-ENERGIES = ("energy", "masked_energy")
-"""Float sums whose last bits depend on the order the shards were added in: compared to 1e-9."""
-
-
 def comparable(stats: dict) -> dict:
     stats = {k: v for k, v in stats.items() if k != "restored"}
-    stats["tensors"] = [
-        {**{k: v for k, v in t.items() if k not in ENERGIES}, "threshold": None if t["threshold"] is None or math.isnan(t["threshold"]) else t["threshold"]}
-        for t in stats["tensors"]
-    ]
+    stats["tensors"] = [{**t, "threshold": None if t["threshold"] is None or math.isnan(t["threshold"]) else t["threshold"]} for t in stats["tensors"]]
     return stats
-
-
-def assert_energies_close(sharded: dict, whole: dict) -> None:
-    assert len(sharded["tensors"]) == len(whole["tensors"])
-    for a, b in zip(sharded["tensors"], whole["tensors"]):
-        for key in ENERGIES:
-            assert math.isclose(a[key], b[key], rel_tol=1e-9, abs_tol=0.0), (a["name"], key, a[key], b[key])
 
 
 # --- DDP: SFTTrainer + GMTCallback --------------------------------------------------------------
@@ -189,7 +175,6 @@ def test_fsdp2_synthetic_shards_equal_single_process_and_reference(fsdp_run, cas
     assert_same(dump["post"], post, case)
     for r in ranks:
         assert comparable(r["stats"]) == comparable(dataclasses.asdict(stats))
-        assert_energies_close(r["stats"], dataclasses.asdict(stats))
     assert stats.nonfinite == 3 and stats.masked > 0
     if overrides.get("strategy", "gmt") == "gmt":
         names = list(dump["pre"])
@@ -210,7 +195,6 @@ def test_fsdp2_model_masks_equal_single_process_and_reference(fsdp_run, case):
         assert_same(s["post"], post, f"{case} step {i} vs one process")
         for r in ranks:
             assert comparable(r[i]) == comparable(dataclasses.asdict(stats)), f"rank stats step {i}"
-            assert_energies_close(r[i], dataclasses.asdict(stats))
         names = list(s["pre"])
         grads = [s["pre"][n] for n in names]
         if i == 2:

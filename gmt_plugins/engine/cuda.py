@@ -21,9 +21,9 @@ never depend on data, and every decision stays on the device:
   device tensors, and :func:`apply_on_device` reads them back, with the thresholds, in one
   ``tolist()``; ``masked_nonzero`` follows on the host (a cut above key 0 masks every ±0).
 
-On the 135M tensor set (272 tensors, bf16) an apply dispatches about 22 torch operations per tensor
-(5 of them for the sums of squares), none of them synchronising; small tensors are not yet packed
-together, so the launches still grow with the number of tensors (``benchmarks/device_path.py`` compares both paths).
+On the 135M tensor set (272 tensors, bf16) an apply dispatches about 17 torch operations per tensor,
+none of them synchronising; small tensors are not yet packed together, so the launches still grow
+with the number of tensors (``benchmarks/device_path.py`` compares both paths).
 
 The masks, statistics and thresholds are exactly those of the host path (the tests compare both, and
 both against :mod:`tests.reference`). :mod:`gmt_plugins.engine.dispatch` decides when this path
@@ -268,24 +268,17 @@ class DeviceApplied:
     masked_nonzero: int
     nonfinite: int
     threshold: float | None
-    energy: float
-    """The sum of ``g ** 2`` over the finite entries (float64), as :class:`~gmt_plugins.engine.types.Applied`'s."""
-    masked_energy: float
-    """The sum of ``g ** 2`` over the masked entries (float64)."""
 
 
 def apply_on_device(cuts: PendingCuts, records: Sequence[torch.Tensor | None] | None = None) -> list[DeviceApplied]:
     """Zero, in place, what ``cuts`` selects in every flat; ``records[i]`` (a flat bool tensor, or
-    ``None``) receives tensor ``i``'s mask. Reads back once, at the end: the counts, and the sums of
-    ``g ** 2`` per chunk (float64, their bits read back as int64 with the counts), added up per tensor
-    on the host in chunk order."""
+    ``None``) receives tensor ``i``'s mask. Reads back once, at the end."""
     flats = cuts.flats
     device = flats[0].device
     threshold = torch.where(cuts.has_cut, cuts.threshold, 0)  # 0: no key is below it
     ties = torch.where(cuts.has_cut, cuts.ties, 0)
     # per chunk: masked entries and keys other than 0 (±0; NaN/inf included), summed per tensor on the host
     counts: list[torch.Tensor] = []
-    sums: list[torch.Tensor] = []  # per chunk: g ** 2 over the finite entries, over the masked ones
     owners: list[int] = []
     left = ties.clone()  # per row: ties at the threshold still to take, spent in flat order (negative: spent)
     for i, flat in enumerate(flats):
@@ -300,34 +293,26 @@ def apply_on_device(cuts: PendingCuts, records: Sequence[torch.Tensor | None] | 
             mask = (keys < at).logical_or_(equal.logical_and_(order <= budget.clamp(-1, 2**31 - 1)))
             budget.sub_(order[-1])
             counts += [torch.count_nonzero(mask), torch.count_nonzero(keys)]  # a bool sum would convert first
-            # before zeroing: the finite values in float64 (NaN and inf -> 0), their squares summed by dots
-            values = torch.nan_to_num(chunk.to(torch.float64), 0.0, 0.0, 0.0)
-            sums += [torch.dot(values, values), torch.dot(values, values * mask)]
             owners.append(i)
             if record is not None:
                 record[start : start + chunk.numel()].copy_(mask)
             # the bits times 0 or 1: +0.0 where masked (as masked_fill_, which branches per entry on CPU)
             chunk.view(_INT_OF_SIZE[chunk.element_size()]).mul_(mask.logical_not_())
     shown = torch.where(cuts.has_cut, cuts.threshold, -1)
-    parts = ([torch.stack(counts), torch.stack(sums).view(torch.int64)] if counts else []) + [cuts.nonfinite, shown]
+    parts = ([torch.stack(counts)] if counts else []) + [cuts.nonfinite, shown]
     values = torch.cat(parts).tolist()  # the one readback
     n_counts, n = len(counts), len(flats)
-    squares = struct.unpack(f"<{n_counts}d", struct.pack(f"<{n_counts}q", *values[n_counts : 2 * n_counts]))
     masked, nonzero = [0] * n, [0] * n
-    energy, masked_energy = [0.0] * n, [0.0] * n
-    for owner, m, z, e, me in zip(owners, values[0:n_counts:2], values[1:n_counts:2], squares[0::2], squares[1::2]):
+    for owner, m, z in zip(owners, values[0:n_counts:2], values[1:n_counts:2]):
         masked[owner] += m
         nonzero[owner] += z
-        energy[owner] += e
-        masked_energy[owner] += me
-    values = values[2 * n_counts :]
-    nonfinite, rows = values[:n], values[n:]
+    nonfinite, rows = values[n_counts : n_counts + n], values[n_counts + n :]
     done = []
     for i, flat in enumerate(flats):
         t = rows[cuts.row_of[i]]
         done.append(DeviceApplied(
             masked[i], _masked_nonzero(masked[i], flat.numel() - nonzero[i], t), nonfinite[cuts.nonfinite_at(i)],
-            None if t < 0 else key_value(cuts.sources[i], t), energy[i], masked_energy[i],
+            None if t < 0 else key_value(cuts.sources[i], t),
         ))
     return done
 

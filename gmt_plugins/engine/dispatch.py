@@ -311,7 +311,7 @@ def apply(
         keys = _keys_for_apply(source, index, flat, ranking)
         lib = kernel() if keys is not None else None
         if lib is not None:
-            return cpu.apply(lib, flat, keys, cut.threshold, cut.ties, record)
+            return Applied(*cpu.apply(lib, flat, keys, cut.threshold, cut.ties, record))
     return reference.apply_cut(source, index, flat, cut, chunk_numel=chunk_numel, record=record)
 
 
@@ -348,8 +348,8 @@ def apply_tracked(
     done = cpu.apply_tracked(lib, flat, keys, cut.threshold, cut.ties, bits.updated, bits.previous, bits.first)
     if done is None:
         return None
-    applied, (updated, changed) = done
-    return applied, updated, changed
+    masked, used, nonzero, updated, changed = done
+    return Applied(masked, used, nonzero), updated, changed
 
 
 def apply_on_device(rankings: Sequence[Ranking], records: Sequence[torch.Tensor | None]) -> list[cuda.DeviceApplied]:
@@ -375,7 +375,7 @@ def mark(source: KeySource, flats: Sequence[tuple[int, torch.Tensor]], cut: Cut,
     out = [torch.zeros(flat.numel(), dtype=torch.bool) for _, flat in flats]
     ties_left = cut.ties
     for (_, flat), kk, mask in zip(flats, keys, out):
-        used = cpu.apply(lib, flat.clone(), kk, cut.threshold, ties_left, mask).ties_used
+        _, used, _ = cpu.apply(lib, flat.clone(), kk, cut.threshold, ties_left, mask)
         ties_left -= used
     return out
 

@@ -230,28 +230,21 @@ def apply_cut(
 ) -> Applied:
     """Zero, in place, the entries of ``flat`` that ``cut`` selects.
 
-    Returns the counts (:class:`Applied`), ``masked_nonzero`` and the two sums of ``g ** 2`` (over
-    the finite entries, and over the masked ones; float64) taken in the same pass. When ``record``
-    (a flat bool tensor shaped like ``flat``) is given, it receives the mask. Sources whose
-    ``exact_magnitude`` is true offer a ``zero_below(index, chunk, threshold)`` fast path
+    Returns the counts (:class:`Applied`), ``masked_nonzero`` taken in the same pass. When
+    ``record`` (a flat bool tensor shaped like ``flat``) is given, it receives the mask. Sources
+    whose ``exact_magnitude`` is true offer a ``zero_below(index, chunk, threshold)`` fast path
     (magnitude keys), taken for chunks that need no tie breaking; the generic path below is its twin.
     """
-    energy = torch.zeros((), dtype=torch.float64, device=flat.device)
-    masked_energy = torch.zeros((), dtype=torch.float64, device=flat.device)
     if cut.threshold is None:
         if record is not None:
             record.zero_()
-        for _, chunk in iter_chunks(flat, chunk_numel):
-            energy += _squares(chunk).sum()
-        return Applied(0, 0, 0, float(energy.item()), 0.0)
+        return Applied(0, 0, 0)
     threshold, ties_left = cut.threshold, cut.ties
     fast = source.zero_below if getattr(source, "exact_magnitude", False) else None
     masked = torch.zeros((), dtype=torch.int64, device=flat.device)
     nonzero = torch.zeros((), dtype=torch.int64, device=flat.device)
     ties_used = 0
     for start, chunk in iter_chunks(flat, chunk_numel):
-        squares = _squares(chunk)
-        energy += squares.sum()
         if fast is not None and ties_left == 0:
             if threshold <= 0:  # masks nothing
                 if record is not None:
@@ -261,8 +254,6 @@ def apply_cut(
             zeroed = fast(index, chunk, threshold)  # the entries that are zero now
             masked += zeroed
             nonzero += nonzero_before - (chunk.numel() - zeroed)
-            # the entries zero now are the masked ones and the zeros before (whose squares add nothing)
-            masked_energy += squares.masked_fill_(chunk != 0, 0).sum()
             if record is not None:
                 # with no ties to break the cut is "key < threshold": for threshold > 0 exactly the
                 # entries that are zero now (every zero has key 0)
@@ -272,19 +263,11 @@ def apply_cut(
         ties_left -= n_equal
         ties_used += n_equal
         nonzero += (mask & (chunk != 0)).sum()
-        masked_energy += squares.masked_fill_(~mask, 0).sum()
         chunk.masked_fill_(mask, 0)
         masked += mask.sum()
         if record is not None:
             record[start : start + chunk.numel()] = mask
-    return Applied(int(masked.item()), ties_used, int(nonzero.item()), float(energy.item()), float(masked_energy.item()))
-
-
-def _squares(chunk: torch.Tensor) -> torch.Tensor:
-    """``g ** 2`` of every finite entry of ``chunk`` in float64 (exact for 32-bit and narrower
-    floats), 0 for NaN and inf."""
-    squares = chunk.double().square()
-    return squares.masked_fill_(~torch.isfinite(chunk), 0)
+    return Applied(int(masked.item()), ties_used, int(nonzero.item()))
 
 
 def count_equal(source: KeySource, index: int, flat: torch.Tensor, key: int, *, chunk_numel: int = DEFAULT_CHUNK_NUMEL) -> int:

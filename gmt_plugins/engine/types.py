@@ -77,39 +77,13 @@ class Ranking:
         return iter((self.cut, Ranked(self.rankable, self.nonfinite)))
 
 
-class AppliedCounts(NamedTuple):
-    """The counts of an apply: what :class:`Applied` unpacks to and compares by."""
+class Applied(NamedTuple):
+    """What an apply did to one flat."""
 
     masked: int
     ties_used: int
     masked_nonzero: int
     """Masked entries whose gradient was nonzero (masked entries are always finite)."""
-
-
-class Applied(AppliedCounts):
-    """What an apply did to one flat, every number taken in the pass that masks it.
-
-    A tuple of the three counts (it unpacks, indexes and compares as ``(masked, ties_used,
-    masked_nonzero)``), with the two sums of ``g ** 2`` as attributes: ``energy`` over the finite
-    entries before masking, ``masked_energy`` over the masked entries (float64; NaN and inf count in
-    neither). The backends add the squares in different orders, so their sums agree to well within
-    1e-9 relative, not bit for bit (each backend gives the same sums at every run); equality leaves
-    them out.
-    """
-
-    energy: float
-    masked_energy: float
-
-    def __new__(cls, masked: int, ties_used: int, masked_nonzero: int, energy: float, masked_energy: float) -> Applied:
-        applied = super().__new__(cls, masked, ties_used, masked_nonzero)
-        applied.energy, applied.masked_energy = float(energy), float(masked_energy)
-        return applied
-
-    def __repr__(self) -> str:
-        return (
-            f"Applied(masked={self.masked}, ties_used={self.ties_used}, masked_nonzero={self.masked_nonzero}, "
-            f"energy={self.energy!r}, masked_energy={self.masked_energy!r})"
-        )
 
 
 def iter_chunks(flat: torch.Tensor, chunk_numel: int) -> Iterator[tuple[int, torch.Tensor]]:

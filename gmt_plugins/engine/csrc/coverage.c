@@ -94,11 +94,11 @@ void gmt_coverage_observe(const uint8_t *mask, int64_t n, uint8_t *updated, uint
  * never exists as one byte per entry of the tensor (written, then read back from memory). The
  * result is the two calls' over the whole tensor (ties are spent block after block, in position
  * order; TRACK_BLOCK is a multiple of 64, so each block starts a packed word). out: masked, ties
- * used, masked nonzero, set bits of updated, changed (0 when first); energy: as gmt_apply's, added
- * block after block. Returns 0 (did nothing) for another kind of key. */
+ * used, masked nonzero, set bits of updated, changed (0 when first). Returns 0 (did nothing) for
+ * another kind of key. */
 #define TRACK_BLOCK 8192
 int32_t gmt_apply_tracked(const source_t *src, uint64_t threshold, int64_t ties, uint8_t *updated, uint8_t *previous,
-                          int32_t first, int64_t *out, double *energy) {
+                          int32_t first, int64_t *out) {
     size_t width;
     switch (src->kind) {
     case KIND_F32: width = 4; break;
@@ -111,7 +111,7 @@ int32_t gmt_apply_tracked(const source_t *src, uint64_t threshold, int64_t ties,
     for (int64_t i = 0; i < src->n; i += TRACK_BLOCK) {
         part.x = (const char *)src->x + (size_t)i * width;
         part.n = src->n - i < TRACK_BLOCK ? src->n - i : TRACK_BLOCK;
-        gmt_apply(&part, threshold, ties, record, part_out, energy);
+        gmt_apply(&part, threshold, ties, record, part_out);
         masked += part_out[0];
         used += part_out[1];
         ties -= part_out[1];

@@ -10,7 +10,6 @@
 #include "masked_moves.c"    /* strict mode's copy-out and write-back (gmt_gather_masked_*, gmt_scatter_masked_*) */
 #include "key_passes.c"      /* the per-kind passes that ranking a group is made of */
 #include "rank_group.c"      /* a group ranked in one call (gmt_rank_group) */
-#include "energy.c"          /* the sums of g^2 the apply passes take (energy_block) */
 #include "apply.c"           /* one tensor masked by a cut (gmt_apply) */
 #include "finite_f32.c"      /* fp32 passes: EMA, non-finite count, gradient sums, score keys */
 #include "random_rank.c"     /* random keys hashed once (gmt_random_rank, gmt_apply_preselected) */

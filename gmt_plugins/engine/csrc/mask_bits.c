@@ -28,9 +28,8 @@ void gmt_pack_mask_bits(const uint8_t *mask, int64_t n, int32_t invert, uint64_t
 
 /* The stored-mask step (MaskKeys' Cut(1)) from packed bits: zero, in place, the finite fp32 entries
  * whose bit is set, as gmt_apply does for KIND_MASK at threshold 1 with no ties; out: masked, 0 ties,
- * masked_nonzero (-0.0 counts as zero); record (or NULL) receives the zeroed entries as bytes;
- * energy: as gmt_apply's. Every entry is read for the energy of the finite ones, but a block of
- * 4096 entries with no bit set is not written. */
+ * masked_nonzero (-0.0 counts as zero); record (or NULL) receives the zeroed entries as bytes. A word
+ * with no bit set leaves its 64 entries unread. */
 static inline void stored_unpack(uint64_t w, uint8_t *set) {
     for (int j = 0; j < 8; ++j) {
         /* byte k of the product holds bit k of the byte when set (at most 0x80): adding 0x7F carries it to bit 7 */
@@ -42,9 +41,8 @@ static inline void stored_unpack(uint64_t w, uint8_t *set) {
 
 #define STORED_BLOCK 4096
 VECTOR_CLONES void gmt_apply_mask_bits(uint32_t *restrict y, const uint64_t *restrict bits, int64_t n,
-                                       uint8_t *restrict record, int64_t *out, double *energy) {
+                                       uint8_t *restrict record, int64_t *out) {
     int64_t masked = 0, nonzero = 0;
-    energy_t energy_sums = {0.0, 0.0};
     uint8_t set[STORED_BLOCK];
     for (int64_t base = 0; base < n; base += STORED_BLOCK) {
         const int64_t count = n - base < STORED_BLOCK ? n - base : STORED_BLOCK;
@@ -55,14 +53,12 @@ VECTOR_CLONES void gmt_apply_mask_bits(uint32_t *restrict y, const uint64_t *res
             any |= w;
             stored_unpack(w, set + 64 * q);
         }
-        uint32_t *restrict z = y + base;
-        /* a set bit of a non-finite entry is not a hit: energy_block counts only finite entries */
-        energy_block(z, VALUE_F32, set, count, &energy_sums);
-        if (any == 0) { /* nothing masked here: the block is not written */
+        if (any == 0) { /* nothing masked here: the block is not read */
             if (record) memset(record + base, 0, (size_t)count);
             continue;
         }
         uint32_t hits = 0, nonzero_hits = 0;
+        uint32_t *restrict z = y + base;
         for (int64_t j = 0; j < count; ++j) {
             const uint32_t hit = (uint32_t)set[j] & (uint32_t)((z[j] & 0x7F800000u) != 0x7F800000u);
             nonzero_hits += hit & (uint32_t)((z[j] & 0x7FFFFFFFu) != 0);
@@ -78,7 +74,5 @@ VECTOR_CLONES void gmt_apply_mask_bits(uint32_t *restrict y, const uint64_t *res
     out[0] = masked;
     out[1] = 0;
     out[2] = nonzero;
-    energy[0] += energy_sums.all;
-    energy[1] += energy_sums.masked;
 }
 #undef STORED_BLOCK

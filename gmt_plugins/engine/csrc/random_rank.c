@@ -163,37 +163,42 @@ VECTOR_CLONES int32_t gmt_random_rank(const source_t *src, int64_t count, double
  * is set, then the candidates (cand_key/cand_pos, nc of them, position order) below threshold and
  * the first `ties` equal to it. threshold must lie in [lo, lo + width] (the caller checks). record
  * (or NULL) receives the mask as bytes. out: masked count, ties used, and how many masked entries
- * were nonzero before (gmt_apply's masked_nonzero; -0.0 counts as zero); energy: as gmt_apply's (the
- * blocks' bits unpacked to bytes for energy_block, then each candidate taken, in order). The bits
- * past n of a tensor's last word are 0. */
+ * were nonzero before (gmt_apply's masked_nonzero; -0.0 counts as zero). */
 #define RANDOM_APPLY_BODY(T)                                                                        \
     {                                                                                               \
         T *y = (T *)s->x;                                                                           \
         const T magnitude = (T)((T)~(T)0 >> 1); /* every bit but the sign: -0.0 counts as zero */  \
-        uint8_t hb[APPLY_BLOCK];                                                                    \
-        for (int64_t i = 0; i < n; i += APPLY_BLOCK) {                                              \
-            const int64_t count = n - i < APPLY_BLOCK ? n - i : APPLY_BLOCK;                        \
-            uint32_t hits = 0, nz = 0;                                                              \
-            for (int64_t q = 0; q < (count + 63) / 64; ++q) {                                       \
-                const uint64_t w = bits[(i >> 6) + q];                                              \
-                energy_unpack64(w, hb + 64 * q);                                                    \
-                hits += (uint32_t)__builtin_popcountll(w);                                          \
-            }                                                                                       \
-            energy_block(y + i, value, hb, count, &energy_sums);                                    \
-            for (int64_t j = 0; j < count; ++j) {                                                   \
-                uint32_t hit = hb[j];                                                               \
+        int64_t i = 0;                                                                              \
+        for (; i + 64 <= n; i += 64) {                                                              \
+            uint64_t w = bits[i >> 6];                                                              \
+            uint32_t w0 = (uint32_t)w, w1 = (uint32_t)(w >> 32), nz = 0;                            \
+            for (int j = 0; j < 32; ++j) {                                                          \
+                uint32_t hit = (w0 >> j) & 1u;                                                      \
                 nz += hit & (uint32_t)((y[i + j] & magnitude) != 0);                                \
                 y[i + j] &= (T)((T)hit - 1u);                                                       \
             }                                                                                       \
-            masked += hits;                                                                         \
+            for (int j = 0; j < 32; ++j) {                                                          \
+                uint32_t hit = (w1 >> j) & 1u;                                                      \
+                nz += hit & (uint32_t)((y[i + 32 + j] & magnitude) != 0);                           \
+                y[i + 32 + j] &= (T)((T)hit - 1u);                                                  \
+            }                                                                                       \
+            masked += __builtin_popcountll(w);                                                      \
             nonzero += nz;                                                                          \
+        }                                                                                           \
+        if (i < n) {                                                                                \
+            uint64_t w = bits[i >> 6];                                                              \
+            for (; i < n; ++i) {                                                                    \
+                uint32_t hit = (uint32_t)((w >> (i & 63)) & 1u);                                    \
+                nonzero += hit & (uint32_t)((y[i] & magnitude) != 0);                               \
+                y[i] &= (T)((T)hit - 1u);                                                           \
+                masked += hit;                                                                      \
+            }                                                                                       \
         }                                                                                           \
         for (int64_t j = 0; j < nc; ++j) {                                                          \
             uint32_t key = cand_key[j];                                                             \
             int tie = (key == threshold) & (ties > 0);                                              \
             if ((key < threshold) | tie) {                                                          \
                 nonzero += (y[cand_pos[j]] & magnitude) != 0;                                       \
-                energy_sums.masked += energy_one(y, value, cand_pos[j]);                            \
                 y[cand_pos[j]] = 0;                                                                 \
                 masked += 1;                                                                        \
                 ties -= tie;                                                                        \
@@ -204,12 +209,9 @@ VECTOR_CLONES int32_t gmt_random_rank(const source_t *src, int64_t count, double
     }
 
 VECTOR_CLONES void gmt_apply_preselected(const source_t *s, const uint64_t *bits, const uint32_t *cand_key, const int64_t *cand_pos,
-                                    int64_t nc, uint32_t threshold, int64_t ties, uint8_t *record, int64_t *out,
-                                    double *energy) {
+                                    int64_t nc, uint32_t threshold, int64_t ties, uint8_t *record, int64_t *out) {
     const int64_t n = s->n;
     int64_t masked = 0, used = 0, nonzero = 0;
-    energy_t energy_sums = {0.0, 0.0};
-    const int32_t value = energy_value_kind(s);
     if (record)
         for (int64_t i = 0; i < n; ++i) record[i] = (uint8_t)((bits[i >> 6] >> (i & 63)) & 1u);
     switch (s->kind) {
@@ -222,6 +224,4 @@ VECTOR_CLONES void gmt_apply_preselected(const source_t *s, const uint64_t *bits
     out[0] = masked;
     out[1] = used;
     out[2] = nonzero;
-    energy[0] += energy_sums.all;
-    energy[1] += energy_sums.masked;
 }
