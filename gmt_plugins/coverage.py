@@ -13,8 +13,13 @@ one byte per entry of the tensor being masked (the record strict mode keeps), on
 tensor to tensor (strict mode keeps its own). Under FSDP2 and DeepSpeed ZeRO each rank keeps the bits of its own shard or
 partition, and the counts are summed over the ranks with the masked counts.
 
-The state is part of :meth:`GradientMasker.state_dict`, so a resumed run continues coverage and churn
-exactly where the checkpoint left them.
+Mask stability (the Jaccard similarity of consecutive masks) needs no further read: with ``changed``
+entries whose masked state differs, ``|prev AND cur| = (|prev| + |cur| - changed) / 2``. The tracker
+keeps each tensor's masked count of its last step (:meth:`CoverageTracker.note_masked`) for ``|prev|``;
+where that count is missing (a state saved before it was kept) it is the popcount of the previous bits.
+
+The state is part of :meth:`GradientMasker.state_dict`, so a resumed run continues coverage, churn
+and mask stability exactly where the checkpoint left them.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ class CoverageTracker:
         self.previous: dict[str, torch.Tensor] = {}
         """Bit set: masked at the last step the tensor was masked."""
         self.numel: dict[str, int] = {}
+        self.masked: dict[str, int] = {}
+        """Entries masked at the last step the tensor was masked (what ``previous`` holds, counted)."""
+        self._before: dict[str, int | None] = {}
 
     def observe(self, name: str, numel: int, mask: torch.Tensor | None, device: torch.device) -> tuple[int, int | None]:
         """Fold one step's mask of tensor ``name`` in: ``mask`` is a flat bool tensor of ``numel``
@@ -43,8 +51,10 @@ class CoverageTracker:
         state differs from the previous step's (``None`` the first time the tensor is seen).
         """
         self._check_numel(name, numel)
+        before = self._previous_count(name)
         updated, previous, count, changed = dispatch.observe_coverage(mask, numel, self.updated.get(name), self.previous.get(name), device)
         self.updated[name], self.previous[name], self.numel[name] = updated, previous, numel
+        self._folded(name, before)
         return count, changed
 
     def apply_and_observe(
@@ -56,13 +66,33 @@ class CoverageTracker:
         (nothing is changed then)."""
         numel = flat.numel()
         self._check_numel(name, numel)
+        before = self._previous_count(name)
         bits = dispatch.tracked_bits(self.updated.get(name), self.previous.get(name), numel)
         done = dispatch.apply_tracked(source, index, flat, cut, bits, ranking=ranking)
         if done is None:
             return None
         self.updated[name], self.previous[name], self.numel[name] = bits.updated, bits.previous, numel
+        self._folded(name, before)
         applied, set_bits, changed = done
         return applied, (set_bits, None if bits.first else changed)
+
+    def note_masked(self, name: str, masked: int) -> int | None:
+        """Record how many entries of ``name`` the step just folded in masked; returns the count of the
+        step before it (``|prev|`` of the Jaccard similarity), ``None`` the first time."""
+        self.masked[name] = int(masked)
+        return self._before.pop(name, None)
+
+    def _previous_count(self, name: str) -> int | None:
+        """Entries set in ``name``'s previous bits: the noted count, else counted from the bits."""
+        if name not in self.previous:
+            return None
+        noted = self.masked.get(name)
+        return noted if noted is not None else _popcount(self.previous[name])
+
+    def _folded(self, name: str, before: int | None) -> None:
+        # the noted count described the bits just replaced: the caller notes the new one
+        self._before[name] = before
+        self.masked.pop(name, None)
 
     def _check_numel(self, name: str, numel: int) -> None:
         known = self.numel.get(name)
@@ -75,6 +105,7 @@ class CoverageTracker:
             "updated": {name: bits.clone() for name, bits in self.updated.items()},
             "previous": {name: bits.clone() for name, bits in self.previous.items()},
             "numel": dict(self.numel),
+            "masked": dict(self.masked),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -90,10 +121,24 @@ class CoverageTracker:
         self.updated = {name: state["updated"][name].clone() for name in names}  # the kernel writes into them
         self.previous = {name: state["previous"][name].clone() for name in names}
         self.numel = {name: int(state["numel"][name]) for name in names}
+        # a state saved before the counts were kept has none: they are counted from the bits when needed
+        masked = state.get("masked", {})
+        if not set(masked) <= names or any(not 0 <= int(c) <= self.numel[name] for name, c in masked.items()):
+            raise ValueError("coverage state 'masked' must hold, for tensors of 'numel' only, counts within their sizes")
+        self.masked = {name: int(c) for name, c in masked.items()}
+        self._before = {}
 
     def memory_bytes(self) -> int:
         """Bytes the two bit sets take now."""
         return sum(t.numel() for t in self.updated.values()) + sum(t.numel() for t in self.previous.values())
+
+
+_BYTE_POPCOUNT = torch.tensor([bin(b).count("1") for b in range(256)], dtype=torch.int64)
+
+
+def _popcount(packed: torch.Tensor) -> int:
+    """Set bits of a packed uint8 bit set (the bits past its entries are 0)."""
+    return int(_BYTE_POPCOUNT.to(packed.device)[packed.long()].sum())
 
 
 def layer_of(name: str) -> str:

@@ -207,7 +207,8 @@ class GradientMasker:
         if self.coverage is None:
             return stats
         updated, changed = self.coverage.observe(stats.name, stats.numel, None, device)
-        return dataclasses.replace(stats, updated=updated, changed=changed)
+        before = self.coverage.note_masked(stats.name, stats.masked)
+        return dataclasses.replace(stats, updated=updated, changed=changed, previous_masked=before)
 
     def _entries(self) -> tuple[list[GradEntry], list[str], ShardReducer | None]:
         """The gradients to mask, and the reducer over the shards when they are FSDP2 or FSDP1 shards."""
@@ -327,16 +328,17 @@ class GradientMasker:
         state = self.strategy.state_dict()
         return _cloned(state) if state else None
 
-    def _mask(self, entry: GradEntry, tensor_plan: TensorPlan, cut: Cut) -> tuple[Applied, tuple[int, int | None] | None]:
+    def _mask(self, entry: GradEntry, tensor_plan: TensorPlan, cut: Cut) -> tuple[Applied, Coverage | None]:
         """The one place where gradients are changed: zero what ``cut`` selects of ``entry``, in place
         (and, in strict mode, keep the masked parameter entries). Returns the counts of the apply pass
-        and, with ``track_coverage``, this shard's ``(updated, changed)``."""
+        and, with ``track_coverage``, this shard's ``(updated, changed, previous_masked)``."""
         source, index, ranking = tensor_plan.source, tensor_plan.local_index, tensor_plan.ranking
         if self._guard is None and self.coverage is not None and cut.threshold is not None:
             # masked and folded into the coverage bits in one pass where the engine serves it
             fused = self.coverage.apply_and_observe(entry.name, source, index, entry.flat, cut, ranking)
             if fused is not None:
-                return fused
+                applied, (updated, changed) = fused
+                return applied, (updated, changed, self.coverage.note_masked(entry.name, applied.masked))
         if self._guard is not None:  # strict mode keeps each tensor's record until restore_masked()
             record = MaskedEntryGuard.new_mask(entry.flat)
         elif self.coverage is not None:  # folded in at once: one reused buffer, no fresh pages per tensor
@@ -348,7 +350,8 @@ class GradientMasker:
             self._guard.capture(entry.param, record, applied.masked)
         coverage = None
         if self.coverage is not None:
-            coverage = self.coverage.observe(entry.name, entry.flat.numel(), record, entry.flat.device)
+            updated, changed = self.coverage.observe(entry.name, entry.flat.numel(), record, entry.flat.device)
+            coverage = (updated, changed, self.coverage.note_masked(entry.name, applied.masked))
         return applied, coverage
 
     def _scratch_record(self, flat: torch.Tensor) -> torch.Tensor:
@@ -375,9 +378,10 @@ class GradientMasker:
             threshold = None if cut.threshold is None else tensor_plan.source.key_to_value(tensor_plan.local_index, cut.threshold)
             applied, coverage = self._mask(entry, tensor_plan, cut)
             shared_ties -= applied.ties_used
-            updated, changed = coverage if coverage is not None else (None, None)
+            updated, changed, before = coverage if coverage is not None else (None, None, None)
             tensors.append(TensorStats(
-                entry.name, entry.flat.numel(), applied.masked, tensor_plan.nonfinite, threshold, applied.masked_nonzero, updated, changed
+                entry.name, entry.flat.numel(), applied.masked, tensor_plan.nonfinite, threshold, applied.masked_nonzero, updated, changed,
+                before,
             ))
         return tensors
 
@@ -390,13 +394,13 @@ class GradientMasker:
         for entry, applied, record in zip(entries, done, records):
             if self._guard is not None and applied.masked:
                 self._guard.capture(entry.param, record, applied.masked)
-            updated, changed = (
-                self.coverage.observe(entry.name, entry.flat.numel(), record, entry.flat.device)
-                if self.coverage is not None else (None, None)
-            )
+            updated, changed, before = None, None, None
+            if self.coverage is not None:
+                updated, changed = self.coverage.observe(entry.name, entry.flat.numel(), record, entry.flat.device)
+                before = self.coverage.note_masked(entry.name, applied.masked)
             tensors.append(TensorStats(
                 entry.name, entry.flat.numel(), applied.masked, applied.nonfinite, applied.threshold,
-                applied.masked_nonzero, updated, changed,
+                applied.masked_nonzero, updated, changed, before,
             ))
         return tensors
 
@@ -417,20 +421,24 @@ class GradientMasker:
             budgets = reducer.tie_budgets(ties, plan.shared_ties, equal, [e.offset for e in entries], entries[0].flat.device)
             cuts = [Cut(c.threshold, b) if s else c for c, b, s in zip(cuts, budgets, straddling)]
         done = [self._mask(entry, tensor_plan, cut) for entry, tensor_plan, cut in zip(entries, plan.tensors, cuts)]
-        # one all-reduce for every count: masked, masked_nonzero and (track_coverage) updated and changed
+        # one all-reduce for every count: masked, masked_nonzero and (track_coverage) updated, changed
+        # and previous_masked
         n = len(entries)
         local = [a.masked for a, _ in done] + [a.masked_nonzero for a, _ in done]
         if self.coverage is not None:
-            # every rank saw every tensor before or none did, so `changed` is None on all ranks or on none
-            local += [c[0] for _, c in done] + [-1 if c[1] is None else c[1] for _, c in done]
+            # every rank saw every tensor before or none did, so `changed` and `previous_masked` are None on
+            # all ranks or on none: -1 stands for None, and a sum of -1s stays negative
+            local += [c[0] for _, c in done]
+            local += [-1 if c[1] is None else c[1] for _, c in done] + [-1 if c[2] is None else c[2] for _, c in done]
         summed = reducer.sum_counts(local, entries[0].flat.device)
         masked_all, nonzero_all = summed[:n], summed[n : 2 * n]
         updated_all = summed[2 * n : 3 * n] if self.coverage is not None else [None] * n
-        changed_all = [None if c < 0 else c for c in summed[3 * n :]] if self.coverage is not None else [None] * n
+        changed_all = [None if c < 0 else c for c in summed[3 * n : 4 * n]] if self.coverage is not None else [None] * n
+        before_all = [None if c < 0 else c for c in summed[4 * n :]] if self.coverage is not None else [None] * n
         return [
-            TensorStats(e.name, e.shard.full_numel, m, p.nonfinite, t, z, u, c)
-            for e, p, m, t, z, u, c in zip(
-                entries, plan.tensors, masked_all, plan.threshold_values(), nonzero_all, updated_all, changed_all
+            TensorStats(e.name, e.shard.full_numel, m, p.nonfinite, t, z, u, c, b)
+            for e, p, m, t, z, u, c, b in zip(
+                entries, plan.tensors, masked_all, plan.threshold_values(), nonzero_all, updated_all, changed_all, before_all
             )
         ]
 
@@ -462,6 +470,10 @@ class GradientMasker:
                     UserWarning,
                     stacklevel=user_stacklevel(),  # the user's line: load_state_dict() or trainer.train()
                 )
+
+
+Coverage = tuple[int, int | None, int | None]
+"""With ``track_coverage``, a tensor's ``(updated, changed, previous_masked)`` at one step."""
 
 
 def _cloned(value: Any) -> Any:

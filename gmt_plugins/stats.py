@@ -17,6 +17,8 @@ class TensorStats:
     frozen before the forward pass has no gradient: 0). ``updated`` (entries updated, i.e. not masked,
     at least once so far) and ``changed`` (entries whose masked state differs from the previous step's)
     are kept with ``track_coverage`` only; ``changed`` is ``None`` the first time a tensor is masked.
+    ``previous_masked`` (with ``track_coverage``) is the count masked at the previous step, ``None``
+    when ``changed`` is.
     """
 
     name: str
@@ -27,10 +29,16 @@ class TensorStats:
     masked_nonzero: int = 0
     updated: int | None = None
     changed: int | None = None
+    previous_masked: int | None = None
 
     @property
     def fraction(self) -> float:
         return self.masked / self.numel if self.numel else 0.0
+
+    @property
+    def mask_jaccard(self) -> float | None:
+        """The Jaccard similarity of this step's mask with the previous step's (``None`` without both)."""
+        return _jaccard([self])
 
 
 @dataclass(frozen=True)
@@ -40,7 +48,7 @@ class MaskStats:
     ``nonfinite`` counts NaN/inf gradient entries: they are never ranked and never zeroed, so the
     optimizer (and an AMP grad scaler) still sees them. ``masked_nonzero`` counts the masked entries
     whose gradient was finite and nonzero: ``masked - masked_nonzero`` entries were zero already, and
-    masking them changed nothing. ``coverage``, ``never_updated`` and ``churn`` need
+    masking them changed nothing. ``coverage``, ``never_updated``, ``churn`` and ``mask_jaccard`` need
     ``track_coverage=True`` (else ``None``).
     """
 
@@ -95,6 +103,13 @@ class MaskStats:
         that were masked at the previous step too (``None`` when none was)."""
         return _churn(self.tensors) if self.tracked else None
 
+    @property
+    def mask_jaccard(self) -> float | None:
+        """The Jaccard similarity ``|prev AND cur| / |prev OR cur|`` of this step's masks with the previous
+        step's, the tensors masked at both steps taken together (1.0 when both are empty; ``None``
+        when none was masked before)."""
+        return _jaccard(self.tensors) if self.tracked else None
+
     def thresholds(self) -> list[float]:
         return [t.threshold for t in self.tensors if t.threshold is not None and math.isfinite(t.threshold)]
 
@@ -106,8 +121,9 @@ class MaskStats:
         return grouped
 
     def to_log_dict(self, *, per_tensor: bool = False, per_layer: bool = False, prefix: str = "gmt/") -> dict[str, float]:
-        """Flat numbers for ``Trainer.log``: overall counts, threshold summary, coverage and churn (when
-        tracked), optional per-layer and per-tensor fractions."""
+        """Flat numbers for ``Trainer.log``: overall counts, threshold summary, coverage, churn and mask
+        stability (when tracked), optional per-layer numbers (with each layer's share of the entries
+        updated) and per-tensor fractions."""
         logs: dict[str, float] = {
             f"{prefix}masked_fraction": self.fraction,
             f"{prefix}masked": float(self.masked),
@@ -123,14 +139,18 @@ class MaskStats:
             churn = self.churn
             if churn is not None:
                 logs[f"{prefix}churn"] = churn
+            jaccard = self.mask_jaccard
+            if jaccard is not None:
+                logs[f"{prefix}mask_jaccard"] = jaccard
         thresholds = self.thresholds()
         if thresholds:
             logs[f"{prefix}threshold_min"] = min(thresholds)
             logs[f"{prefix}threshold_mean"] = sum(thresholds) / len(thresholds)
             logs[f"{prefix}threshold_max"] = max(thresholds)
         if per_layer:
+            updated = self.total - self.masked
             for layer, tensors in self.layers().items():
-                logs.update(_layer_logs(f"{prefix}layer/{layer}/", tensors))
+                logs.update(_layer_logs(f"{prefix}layer/{layer}/", tensors, updated))
         if per_tensor:
             for t in self.tensors:
                 logs[f"{prefix}masked_fraction/{t.name}"] = t.fraction
@@ -146,15 +166,31 @@ def _churn(tensors: list[TensorStats]) -> float | None:
     return _ratio(sum(t.changed for t in seen), sum(t.numel for t in seen)) if seen else None  # type: ignore[misc] # filtered
 
 
-def _layer_logs(prefix: str, tensors: list[TensorStats]) -> dict[str, float]:
+def _jaccard(tensors: list[TensorStats]) -> float | None:
+    """From counts alone: ``changed = |prev XOR cur|``, so ``|prev AND cur| = (|prev| + |cur| - changed) / 2``."""
+    seen = [t for t in tensors if t.changed is not None and t.previous_masked is not None]
+    if not seen:
+        return None
+    both = sum((t.previous_masked + t.masked - t.changed) // 2 for t in seen)  # type: ignore[operator] # filtered
+    either = sum(t.previous_masked + t.masked for t in seen) - both  # type: ignore[operator] # filtered
+    return both / either if either else 1.0
+
+
+def _layer_logs(prefix: str, tensors: list[TensorStats], updated: int) -> dict[str, float]:
+    """One layer's numbers; ``updated``: the entries updated (not masked) at this step, over all layers."""
     numel = sum(t.numel for t in tensors)
+    masked = sum(t.masked for t in tensors)
     logs = {
-        f"{prefix}masked_fraction": _ratio(sum(t.masked for t in tensors), numel),
+        f"{prefix}masked_fraction": _ratio(masked, numel),
         f"{prefix}masked_nonzero_fraction": _ratio(sum(t.masked_nonzero for t in tensors), numel),
+        f"{prefix}update_share": _ratio(numel - masked, updated),
     }
     if all(t.updated is not None for t in tensors):
         logs[f"{prefix}coverage"] = _ratio(sum(t.updated for t in tensors), numel)  # type: ignore[misc] # checked
         churn = _churn(tensors)
         if churn is not None:
             logs[f"{prefix}churn"] = churn
+        jaccard = _jaccard(tensors)
+        if jaccard is not None:
+            logs[f"{prefix}mask_jaccard"] = jaccard
     return logs

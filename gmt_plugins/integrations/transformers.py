@@ -34,12 +34,12 @@ logger = logging.getLogger(__name__)
 class LogWindow:
     """Running sums of the steps since the last log, so memory does not grow between logs.
 
-    Per-step fractions (``masked_fraction``, ``masked_nonzero_fraction``, ``churn``, overall and per
-    layer or tensor) are averaged over the steps that logged them; counts and cumulative numbers
+    Per-step fractions (``masked_fraction``, ``masked_nonzero_fraction``, ``churn``, ``mask_jaccard``,
+    ``update_share``, overall and per layer or tensor) are averaged over the steps that logged them; counts and cumulative numbers
     (``coverage``, ``never_updated``, thresholds) are the last step's; ``nonfinite`` is summed.
     """
 
-    AVERAGED = ("masked_fraction", "masked_nonzero_fraction", "churn")
+    AVERAGED = ("masked_fraction", "masked_nonzero_fraction", "churn", "mask_jaccard", "update_share")
 
     def __init__(self, *, per_tensor: bool, per_layer: bool = False) -> None:
         self.per_tensor = per_tensor
@@ -102,8 +102,8 @@ class GMTCallback(TrainerCallback, ExportableState):
     weight decay, and bitsandbytes' 8-bit state, otherwise still move an entry whose gradient is zero).
 
     Mask statistics (``gmt/masked_fraction``, ``gmt/masked_nonzero``, ``gmt/threshold_*``, ``gmt/nonfinite``, ...;
-    with ``track_coverage=True`` also ``gmt/coverage``, ``gmt/never_updated`` and ``gmt/churn``, with
-    ``log_layers=True`` per-layer ``gmt/layer/<layer>/...``; see docs/method.md) are added to the Trainer's logs,
+    with ``track_coverage=True`` also ``gmt/coverage``, ``gmt/never_updated``, ``gmt/churn`` and ``gmt/mask_jaccard``,
+    with ``log_layers=True`` per-layer ``gmt/layer/<layer>/...``; see docs/method.md) are added to the Trainer's logs,
     so they reach ``trainer.state.log_history``; they reach the ``report_to`` integrations once
     [`place_before_reporters`] has put the callback ahead of them.
 
