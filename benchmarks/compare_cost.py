@@ -31,28 +31,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checkout import ROOT, cpu_model, other_checkout  # noqa: E402 - this file's folder
+
 STRATEGY_COST = Path(__file__).resolve().with_name("strategy_cost.py")
 MODELS = ("135m", "1b")  # strategy_cost.py's --model choices; it rejects any other
-
-
-def checkout(against: str, folder: str) -> tuple[Path, bool]:
-    """(root, whether it is a temporary git worktree to remove afterwards), as compare_masks.py."""
-    if os.path.isdir(against):
-        return Path(against).resolve(), False
-    path = Path(folder) / "against"
-    added = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(path), against])
-    if added.returncode:
-        raise SystemExit(f"--against {against!r} is neither a folder nor a commit git can check out")
-    return path, True
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown CPU"
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "unknown CPU")
 
 
 def load_average() -> str:
@@ -115,12 +98,8 @@ def report(records: dict[str, list[dict[str, Any]]]) -> None:
 def compare(args: argparse.Namespace) -> None:
     print(f"CPU: {cpu_model()}; load average at start {load_average()}", flush=True)
     with tempfile.TemporaryDirectory() as folder:
-        other, temporary = checkout(args.against, folder)
-        try:
-            records = run_rounds({"new": ROOT, "old": other}, args, Path(folder))
-        finally:
-            if temporary:
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(other)], check=True)
+        other = other_checkout(args.against, folder)
+        records = run_rounds({"new": ROOT, "old": other}, args, Path(folder))
     first = records["new"][0]
     kernel = {side: "on" if all(r["kernel"] for r in rs) else "off" for side, rs in records.items()}
     print(f"new: {ROOT} (compiled kernel {kernel['new']}); old: {args.against} (compiled kernel {kernel['old']})")
@@ -133,7 +112,7 @@ def compare(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--against", required=True, help="a commit (checked out in a temporary git worktree) or a checkout's folder")
+    parser.add_argument("--against", required=True, help="a commit (its files exported to a temporary folder) or a checkout's folder")
     parser.add_argument("--rows", nargs="+", help="strategy:scope[:phase], as strategy_cost.py (default: all of its rows)")
     parser.add_argument("--rounds", type=int, default=3, help="runs per side; the order alternates round by round")
     parser.add_argument("--repeats", type=int, default=5, help="strategy_cost.py's --repeats in every run")

@@ -39,7 +39,6 @@ import inspect
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,10 +47,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(1, str(Path(__file__).resolve().parent))  # strategy_cost.py, after the checkout's root
 
 import strategy_cost  # noqa: E402 - from this file's folder, so both checkouts get the same set and rows
+from checkout import ROOT, cpu_model, other_checkout  # noqa: E402 - this file's folder
 
 # strategy_cost.shapes() reads its own table: a small set for a quick run (4 layers, so that lisa and ist,
 # which update 2 layers at a time, freeze some)
@@ -258,38 +257,15 @@ def run_driver(root: Path, args: argparse.Namespace, out: Path) -> float:
     return time.perf_counter() - start
 
 
-def checkout(against: str, folder: str) -> tuple[Path, bool]:
-    """(root, whether it is a temporary git worktree to remove afterwards)."""
-    if os.path.isdir(against):
-        return Path(against).resolve(), False
-    path = Path(folder) / "against"
-    added = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(path), against])
-    if added.returncode:
-        raise SystemExit(f"--against {against!r} is neither a folder nor a commit git can check out")
-    return path, True
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown CPU"
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "unknown CPU")
-
-
 def compare(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as folder:
-        other, temporary = checkout(args.against, folder)
-        try:
-            print(f"{cpu_model()}; tensor set {args.model}; {args.steps} steps; current {ROOT}, against {args.against} ({other})", flush=True)
-            dumps, seconds = {}, {}
-            for side, root in (("current", ROOT), ("against", other)):
-                print(f"{side}:", file=sys.stderr, flush=True)
-                seconds[side] = run_driver(root, args, Path(folder) / f"{side}.json")
-                dumps[side] = json.loads((Path(folder) / f"{side}.json").read_text())["rows"]
-        finally:
-            if temporary:
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(other)], check=True)
+        other = other_checkout(args.against, folder)
+        print(f"{cpu_model()}; tensor set {args.model}; {args.steps} steps; current {ROOT}, against {args.against} ({other})", flush=True)
+        dumps, seconds = {}, {}
+        for side, root in (("current", ROOT), ("against", other)):
+            print(f"{side}:", file=sys.stderr, flush=True)
+            seconds[side] = run_driver(root, args, Path(folder) / f"{side}.json")
+            dumps[side] = json.loads((Path(folder) / f"{side}.json").read_text())["rows"]
     print(f"wall time: current {seconds['current']:.1f} s, against {seconds['against']:.1f} s")
     notes: set[str] = set()
     same = 0
@@ -307,7 +283,7 @@ def compare(args: argparse.Namespace) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--against", help="a commit (checked out in a temporary git worktree) or a checkout's folder")
+    parser.add_argument("--against", help="a commit (its files exported to a temporary folder) or a checkout's folder")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--model", choices=sorted(strategy_cost.MODELS), default="135m")
     parser.add_argument("--rows", nargs="+", default=strategy_cost.ROWS, help="strategy:scope[:phase], as strategy_cost.py")

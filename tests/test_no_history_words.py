@@ -28,8 +28,7 @@ PATTERNS: dict[str, re.Pattern[str]] = {
     "agent": re.compile(r"\bagents?\b", re.I),
     "helper (a person)": re.compile(r"\bhelpers?(?:'s)?\s+(?:sessions?|agents?)\b|\(helpers?\)", re.I),
     "lead (a person)": re.compile(r"\b(?:the|a|our)\s+lead(?:'s)?\b(?!\s+(?:to|time|in|up|into)\b)", re.I),
-    # "git worktree" (and the word as a git argument) is the git command, not how the work was organised
-    "worktree": re.compile(r"(?<!git )(?<!\")\bwork[- ]?trees?\b", re.I),
+    "worktree": re.compile(r"\bwork[- ]?trees?\b", re.I),
     "lent or drawn machine": re.compile(
         rf"\b(?:lent|drawn)\b{_NEAR}\b{_MACHINE}\b|\b{_MACHINE}\b{_NEAR}\b(?:lent|drawn)\b", re.I
     ),

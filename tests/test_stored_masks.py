@@ -12,7 +12,7 @@ import torch
 from gmt_plugins.engine.cpu import loader
 from gmt_plugins.engine.cpu import histogram as cpu_histogram
 from gmt_plugins.engine.cpu import moves as cpu_moves
-from gmt_plugins.engine import dispatch
+from gmt_plugins.engine import dispatch, reference
 from gmt_plugins.engine.cpu import rank as cpu_rank
 from gmt_plugins.engine.dispatch import apply as apply_cut_counted, rank
 from gmt_plugins.engine.types import Cut
@@ -44,7 +44,7 @@ def kept_set(n: int, share: float, seed: int) -> torch.Tensor:
 def test_pack_mask_bits_equals_its_twin(n, invert):
     mask = kept_set(n, 0.3, seed=n)
     bits = cpu_rank.pack_mask_bits(dispatch.kernel(), mask, invert=invert)
-    assert torch.equal(bits, cpu_rank.reference_pack_mask_bits(mask, invert=invert))
+    assert torch.equal(bits, reference.pack_mask_bits(mask, invert=invert))
     # read back entry by entry: bit i % 64 of word i // 64, nothing set past the end
     unpacked = [(int(bits[i // 64]) >> (i % 64)) & 1 for i in range((n + 63) // 64 * 64)]
     expected = ((~mask) if invert else mask).tolist() + [False] * ((n + 63) // 64 * 64 - n)
@@ -123,7 +123,7 @@ def test_stored_mask_packs_once_per_set_and_again_after_an_in_place_change():
     kept[0, 0] = not bool(kept[0, 0])  # in place: the version moves, the bits are rebuilt
     changed = stored_mask(kept)
     assert changed.bits is not first.bits
-    assert torch.equal(changed.bits, cpu_rank.reference_pack_mask_bits(kept.view(-1), invert=True))
+    assert torch.equal(changed.bits, reference.pack_mask_bits(kept.view(-1), invert=True))
     key = id(kept)
     del kept, first, again, changed
     gc.collect()
@@ -176,17 +176,17 @@ def test_accumulate_finite_equals_its_torch_twin_bit_for_bit(monkeypatch, square
         for g in grads:
             acc = accumulate_finite(acc, g, square=square)
         sums[mode] = acc
-    reference = None
+    twin = None
     for g in grads:
-        reference = reference_accumulate_finite(reference, g, square=square)
-    assert torch.equal(sums["1"].view(torch.int32), reference.view(torch.int32))
-    assert torch.equal(sums["0"].view(torch.int32), reference.view(torch.int32))
+        twin = reference_accumulate_finite(twin, g, square=square)
+    assert torch.equal(sums["1"].view(torch.int32), twin.view(torch.int32))
+    assert torch.equal(sums["0"].view(torch.int32), twin.view(torch.int32))
     for g, o in zip(grads, originals):  # the gradients are read, never written
         assert torch.equal(g.view(torch.int32), o.view(torch.int32))
     # against the definition, in float64 (exact here for the finite small sums only: spot-check signs)
     finite = [torch.where(torch.isfinite(g), g, 0.0) for g in grads]
     expected = sum((f * f if square else f) for f in finite) if n else torch.zeros(0)
-    assert torch.allclose(reference.double(), expected.double(), rtol=1e-5, atol=0.0)
+    assert torch.allclose(twin.double(), expected.double(), rtol=1e-5, atol=0.0)
 
 
 def test_accumulate_finite_updates_in_place_and_takes_other_dtypes_through_the_twin():

@@ -370,23 +370,13 @@ def apply_preselected(
 def pack_mask_bits(lib: ctypes.CDLL, mask: torch.Tensor, *, invert: bool) -> torch.Tensor:
     """A flat CPU bool mask packed 64 entries to an int64 word (entry ``i`` at bit ``i % 64`` of word
     ``i // 64``, the bits past the end 0), inverted with ``invert`` (kept entries -> masked bits).
-    :func:`reference_pack_mask_bits` is its twin."""
+    :func:`gmt_plugins.engine.reference.pack_mask_bits` is its twin."""
     if mask.dtype != torch.bool or mask.device.type != "cpu" or not mask.is_contiguous() or mask.dim() != 1:
         raise ValueError(f"pack_mask_bits takes a flat contiguous CPU bool tensor, got {mask.dtype} {tuple(mask.shape)} on {mask.device}")
     bits = torch.empty((mask.numel() + 63) // 64, dtype=torch.int64)
     if mask.numel():
         lib.gmt_pack_mask_bits(mask.data_ptr(), mask.numel(), int(invert), bits.data_ptr())
     return bits
-
-
-def reference_pack_mask_bits(mask: torch.Tensor, *, invert: bool) -> torch.Tensor:
-    """Slow twin of :func:`pack_mask_bits`: the bits summed as powers of two, word by word."""
-    flags = (~mask if invert else mask).to(torch.int64).cpu()
-    padded = torch.zeros((mask.numel() + 63) // 64 * 64, dtype=torch.int64)
-    padded[: mask.numel()] = flags
-    words = padded.view(-1, 64)
-    weights = torch.tensor([1 << j for j in range(63)] + [-(1 << 63)], dtype=torch.int64)  # bit 63 is the sign
-    return (words * weights).sum(dim=1)
 
 
 def apply_mask_bits(lib: ctypes.CDLL, flat: torch.Tensor, bits: torch.Tensor, record: torch.Tensor | None) -> tuple[int, int, int]:
