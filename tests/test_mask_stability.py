@@ -15,7 +15,7 @@ from torch import nn
 from gmt_plugins import GMTConfig, GradientMasker
 from gmt_plugins.coverage import CoverageTracker
 from gmt_plugins.stats import MaskStats, TensorStats
-from test_mask_stats import LAYER, OPTIONS, EmbedNet, batch, masks_of
+from test_mask_stats import LAYER, batch, masks_of, tracked_model
 
 
 def jaccard(both: int, either: int) -> float:
@@ -48,14 +48,7 @@ def train(strategy: str, scope: str, steps: int = 4, *, resume_at: int | None = 
     """SGD steps of EmbedNet with a masker (tracked, per layer); per step the log dict and the expected
     numbers. ``resume_at``: a fresh masker loads the state there (``old_state``: the state without the
     masked counts, which then come from the previous-step bits)."""
-    torch.manual_seed(0)
-    model = EmbedNet()
-    if strategy != "gmt":  # every row looked up: dense gradients, no exact zeros
-        model.embed = nn.Embedding(12, 8)
-    cfg = GMTConfig(
-        mask_ratio=0.3, scope=scope, strategy=strategy, strategy_options=OPTIONS.get(strategy), chunk_numel=1024,
-        track_coverage=True, log_layers=True, mask_seed=3, **config,
-    )
+    model, cfg = tracked_model(strategy, scope, **config)
     masker = GradientMasker(model, cfg)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     expected = Expected()

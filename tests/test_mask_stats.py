@@ -131,8 +131,8 @@ CASES = [
 ]
 
 
-def run_steps(strategy: str, scope: str, steps: int = 4, **config):
-    """Train ``steps`` SGD steps with a masker; returns (stats, expected log values, masker) per step."""
+def tracked_model(strategy: str, scope: str, **config) -> tuple[nn.Module, GMTConfig]:
+    """EmbedNet (seeded) and the tracked, per-layer config the statistics tests train it with."""
     torch.manual_seed(0)
     model = EmbedNet()
     if strategy != "gmt":  # every row looked up: dense gradients, no exact zeros
@@ -141,6 +141,12 @@ def run_steps(strategy: str, scope: str, steps: int = 4, **config):
         mask_ratio=0.3, scope=scope, strategy=strategy, strategy_options=OPTIONS.get(strategy), chunk_numel=1024,
         track_coverage=True, log_layers=True, mask_seed=3, **config,
     )
+    return model, cfg
+
+
+def run_steps(strategy: str, scope: str, steps: int = 4, **config):
+    """Train ``steps`` SGD steps with a masker; returns (stats, expected log values, masker) per step."""
+    model, cfg = tracked_model(strategy, scope, **config)
     masker = GradientMasker(model, cfg)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     reference = Reference(LAYER)
