@@ -59,8 +59,6 @@ def make_parser(name: str) -> Any:
 
     The dataclasses are read from TRL's own ``make_parser``, so a field TRL adds to its script is a flag here too.
     """
-    import argparse
-
     from trl import TrlParser
 
     from gmt_plugins.config import GMTConfig

@@ -18,9 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from gmt_plugins import GMTConfig, GradientMasker
 from gmt_plugins.engine import cuda
 from gmt_plugins.engine import dispatch
-from gmt_plugins.distributed import ShardInfo
 from gmt_plugins.engine.keys import MagnitudeKeys, RandomKeys
-from gmt_plugins.strategies.base import GradEntry, KeyedStrategy, MaskPlan
+from gmt_plugins.strategies.base import MaskPlan
 from reference import reference_apply, reference_masks
 
 SHAPES = [(300, 70), (17,), (1, 1), (40, 70, 2), (0,), (2500,), (3, 5)]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from gmt_plugins import GMTConfig, GradientMasker
+from gmt_plugins import GradientMasker
 from gmt_plugins.coverage import CoverageTracker
 from gmt_plugins.stats import MaskStats, TensorStats
 from test_mask_stats import LAYER, batch, masks_of, tracked_model

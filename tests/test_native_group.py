@@ -9,9 +9,6 @@ import pytest
 import torch
 
 from gmt_plugins import GMTConfig, GradientMasker
-from gmt_plugins.engine.cpu import loader
-from gmt_plugins.engine.cpu import histogram as cpu_histogram
-from gmt_plugins.engine.cpu import moves as cpu_moves
 from gmt_plugins.engine import dispatch
 from gmt_plugins.engine.cpu import rank as cpu_rank
 from gmt_plugins.engine.keys import MagnitudeKeys, RandomKeys, stable_salt

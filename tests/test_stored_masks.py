@@ -9,9 +9,6 @@ import gc
 import pytest
 import torch
 
-from gmt_plugins.engine.cpu import loader
-from gmt_plugins.engine.cpu import histogram as cpu_histogram
-from gmt_plugins.engine.cpu import moves as cpu_moves
 from gmt_plugins.engine import dispatch, reference
 from gmt_plugins.engine.cpu import rank as cpu_rank
 from gmt_plugins.engine.dispatch import apply as apply_cut_counted, rank

@@ -40,9 +40,8 @@ sums on CUDA, half that on CPU.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -274,7 +273,6 @@ def apply_on_device(cuts: PendingCuts, records: Sequence[torch.Tensor | None] | 
     """Zero, in place, what ``cuts`` selects in every flat; ``records[i]`` (a flat bool tensor, or
     ``None``) receives tensor ``i``'s mask. Reads back once, at the end."""
     flats = cuts.flats
-    device = flats[0].device
     threshold = torch.where(cuts.has_cut, cuts.threshold, 0)  # 0: no key is below it
     ties = torch.where(cuts.has_cut, cuts.ties, 0)
     # per chunk: masked entries and keys other than 0 (±0; NaN/inf included), summed per tensor on the host

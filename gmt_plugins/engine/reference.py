@@ -26,6 +26,7 @@ backend serves a call, and the tests compare each faster backend against them.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 import torch
 
 from gmt_plugins.distributed import ShardReducer
