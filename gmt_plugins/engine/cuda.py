@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from gmt_plugins.engine.keys import MagnitudeKeys
-from gmt_plugins.engine.types import CUDA, DIGIT_BITS, NUM_BINS, Cut, Ranking, iter_chunks
+from gmt_plugins.engine.types import CUDA, DIGIT_BITS, NUM_BINS, Cut, Energy, Ranking, iter_chunks
 
 CHUNK_NUMEL = 1 << 24
 """Entries per launch on a GPU (at least ``config.chunk_numel``): large, since every chunk costs launches.
@@ -269,14 +269,19 @@ class DeviceApplied:
     threshold: float | None
 
 
-def apply_on_device(cuts: PendingCuts, records: Sequence[torch.Tensor | None] | None = None) -> list[DeviceApplied]:
+def apply_on_device(
+    cuts: PendingCuts, records: Sequence[torch.Tensor | None] | None = None, energies: Sequence[Energy] | None = None
+) -> list[DeviceApplied]:
     """Zero, in place, what ``cuts`` selects in every flat; ``records[i]`` (a flat bool tensor, or
-    ``None``) receives tensor ``i``'s mask. Reads back once, at the end."""
+    ``None``) receives tensor ``i``'s mask, ``energies[i]`` the sums of ``g ** 2`` over its finite
+    entries before and after masking (float64 dots per chunk, their bits read back as int64 with the
+    counts, added up per tensor on the host in chunk order). Reads back once, at the end."""
     flats = cuts.flats
     threshold = torch.where(cuts.has_cut, cuts.threshold, 0)  # 0: no key is below it
     ties = torch.where(cuts.has_cut, cuts.ties, 0)
     # per chunk: masked entries and keys other than 0 (±0; NaN/inf included), summed per tensor on the host
     counts: list[torch.Tensor] = []
+    sums: list[torch.Tensor] = []  # with energies, per chunk: g ** 2 over the finite entries, before and after
     owners: list[int] = []
     left = ties.clone()  # per row: ties at the threshold still to take, spent in flat order (negative: spent)
     for i, flat in enumerate(flats):
@@ -294,17 +299,27 @@ def apply_on_device(cuts: PendingCuts, records: Sequence[torch.Tensor | None] | 
             owners.append(i)
             if record is not None:
                 record[start : start + chunk.numel()].copy_(mask)
+            if energies is not None:  # before zeroing: the finite values in float64, NaN and inf as 0
+                values = torch.nan_to_num(chunk.to(torch.float64), 0.0, 0.0, 0.0)
             # the bits times 0 or 1: +0.0 where masked (as masked_fill_, which branches per entry on CPU)
             chunk.view(_INT_OF_SIZE[chunk.element_size()]).mul_(mask.logical_not_())
+            if energies is not None:  # mask now flags the kept entries
+                sums += [torch.dot(values, values), torch.dot(values, values * mask)]
+
     shown = torch.where(cuts.has_cut, cuts.threshold, -1)
-    parts = ([torch.stack(counts)] if counts else []) + [cuts.nonfinite, shown]
-    values = torch.cat(parts).tolist()  # the one readback
-    n_counts, n = len(counts), len(flats)
+    parts = ([torch.stack(counts)] if counts else []) + ([torch.stack(sums).view(torch.int64)] if sums else [])
+    values = torch.cat(parts + [cuts.nonfinite, shown]).tolist()  # the one readback
+    n_counts, n_sums, n = len(counts), len(sums), len(flats)
     masked, nonzero = [0] * n, [0] * n
     for owner, m, z in zip(owners, values[0:n_counts:2], values[1:n_counts:2]):
         masked[owner] += m
         nonzero[owner] += z
-    nonfinite, rows = values[n_counts : n_counts + n], values[n_counts + n :]
+    if energies is not None and n_sums:
+        squares = struct.unpack(f"<{n_sums}d", struct.pack(f"<{n_sums}q", *values[n_counts : n_counts + n_sums]))
+        for owner, before, after in zip(owners, squares[0::2], squares[1::2]):
+            energies[owner].add(before, after)
+    values = values[n_counts + n_sums :]
+    nonfinite, rows = values[:n], values[n:]
     done = []
     for i, flat in enumerate(flats):
         t = rows[cuts.row_of[i]]

@@ -37,7 +37,7 @@ from gmt_plugins.engine.cpu import loader
 from gmt_plugins.engine.cpu import moves as cpu_moves
 from gmt_plugins.engine.cpu import rank as cpu
 from gmt_plugins.engine.keys import MagnitudeKeys, ScoreKeys, StoredMask
-from gmt_plugins.engine.types import CPU, CUDA, DEFAULT_CHUNK_NUMEL, TORCH, Applied, Cut, KeySource, Ranking
+from gmt_plugins.engine.types import CPU, CUDA, DEFAULT_CHUNK_NUMEL, TORCH, Applied, Cut, Energy, KeySource, Ranking
 
 DEVICE_MODES = ("auto", "always", "never")
 DEVICE_MODE = "auto"
@@ -302,17 +302,20 @@ def apply(
     ranking: Ranking | None = None,
     chunk_numel: int = DEFAULT_CHUNK_NUMEL,
     record: torch.Tensor | None = None,
+    energy: Energy | None = None,
 ) -> Applied:
     """Zero, in place, the entries of ``flat`` (tensor ``index`` of ``source``) that ``cut`` selects;
-    ``record`` (a flat bool tensor shaped like ``flat``) receives the mask. A CPU ranking's apply reads
-    the keys its ranking kept; a cut without a ranking (a stored mask) goes to the kernel where it
-    computes the keys, else to the reference."""
-    if cut.threshold is not None and (record is None or cpu.usable([record], record)):
+    ``record`` (a flat bool tensor shaped like ``flat``) receives the mask, ``energy`` the sums of
+    ``g ** 2`` before and after masking. A CPU ranking's apply reads the keys its ranking kept; a cut
+    without a ranking (a stored mask) goes to the kernel where it computes the keys, else to the
+    reference. A cut that masks nothing is applied only for its energy (as threshold 0, which no key is below)."""
+    threshold, ties = (0, 0) if cut.threshold is None else (cut.threshold, cut.ties)
+    if (cut.threshold is not None or energy is not None) and (record is None or cpu.usable([record], record)):
         keys = _keys_for_apply(source, index, flat, ranking)
         lib = kernel() if keys is not None else None
         if lib is not None:
-            return Applied(*cpu.apply(lib, flat, keys, cut.threshold, cut.ties, record))
-    return reference.apply_cut(source, index, flat, cut, chunk_numel=chunk_numel, record=record)
+            return Applied(*cpu.apply(lib, flat, keys, threshold, ties, record, energy))
+    return reference.apply_cut(source, index, flat, cut, chunk_numel=chunk_numel, record=record, energy=energy)
 
 
 def _keys_for_apply(source: KeySource, index: int, flat: torch.Tensor, ranking: Ranking | None) -> cpu.NativeKeys | None:
@@ -333,7 +336,8 @@ class Tracked(NamedTuple):
 
 
 def apply_tracked(
-    source: KeySource, index: int, flat: torch.Tensor, cut: Cut, bits: Tracked, *, ranking: Ranking | None = None
+    source: KeySource, index: int, flat: torch.Tensor, cut: Cut, bits: Tracked, *, ranking: Ranking | None = None,
+    energy: Energy | None = None,
 ) -> tuple[Applied, int, int] | None:
     """:func:`apply` with the mask folded into the coverage bit sets block by block, never held as a
     byte per entry (the kernel, for magnitude keys of CPU gradients). Returns the counts, the updated
@@ -345,19 +349,22 @@ def apply_tracked(
     lib = kernel() if keys is not None else None
     if lib is None:
         return None
-    done = cpu.apply_tracked(lib, flat, keys, cut.threshold, cut.ties, bits.updated, bits.previous, bits.first)
+    done = cpu.apply_tracked(lib, flat, keys, cut.threshold, cut.ties, bits.updated, bits.previous, bits.first, energy)
     if done is None:
         return None
     masked, used, nonzero, updated, changed = done
     return Applied(masked, used, nonzero), updated, changed
 
 
-def apply_on_device(rankings: Sequence[Ranking], records: Sequence[torch.Tensor | None]) -> list[cuda.DeviceApplied]:
-    """Apply a step of device rankings (every tensor of the step, from :func:`rank_step`) with one readback."""
+def apply_on_device(
+    rankings: Sequence[Ranking], records: Sequence[torch.Tensor | None], energies: Sequence[Energy] | None = None
+) -> list[cuda.DeviceApplied]:
+    """Apply a step of device rankings (every tensor of the step, from :func:`rank_step`) with one
+    readback; ``energies`` (one per tensor, or ``None``) are added the sums of ``g ** 2``."""
     pending = {id(r.state): r.state for r in rankings}
     if len(pending) != 1 or any(r.backend != CUDA for r in rankings):
         raise ValueError("apply_on_device takes the device rankings of exactly one step")
-    return cuda.apply_on_device(next(iter(pending.values())), records)
+    return cuda.apply_on_device(next(iter(pending.values())), records, energies)
 
 
 def count_equal(source: KeySource, index: int, flat: torch.Tensor, key: int, *, chunk_numel: int = DEFAULT_CHUNK_NUMEL) -> int:

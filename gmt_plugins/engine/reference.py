@@ -38,6 +38,7 @@ from gmt_plugins.engine.types import (
     NUM_BINS,
     Applied,
     Cut,
+    Energy,
     KeySource,
     Ranked,
     iter_chunks,
@@ -228,14 +229,35 @@ def apply_cut(
     *,
     chunk_numel: int = DEFAULT_CHUNK_NUMEL,
     record: torch.Tensor | None = None,
+    energy: Energy | None = None,
 ) -> Applied:
     """Zero, in place, the entries of ``flat`` that ``cut`` selects.
 
     Returns the counts (:class:`Applied`), ``masked_nonzero`` taken in the same pass. When
-    ``record`` (a flat bool tensor shaped like ``flat``) is given, it receives the mask. Sources
+    ``record`` (a flat bool tensor shaped like ``flat``) is given, it receives the mask; when
+    ``energy`` is given, it is added the sums of ``g ** 2`` over the finite entries of each chunk
+    before and after the chunk is masked (the twin of the kernel's ``csrc/energy.c``). Sources
     whose ``exact_magnitude`` is true offer a ``zero_below(index, chunk, threshold)`` fast path
     (magnitude keys), taken for chunks that need no tie breaking; the generic path below is its twin.
     """
+    before = None if energy is None else square_sum(flat, chunk_numel)
+    applied = _apply_cut(source, index, flat, cut, chunk_numel, record)
+    if energy is not None:
+        energy.add(before, square_sum(flat, chunk_numel) if applied.masked else before)
+    return applied
+
+
+def square_sum(flat: torch.Tensor, chunk_numel: int = DEFAULT_CHUNK_NUMEL) -> float:
+    """The sum of ``g ** 2`` over the finite entries of ``flat``, in float64 (each square exact for
+    32-bit and narrower floats), chunk by chunk."""
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for _, chunk in iter_chunks(flat, chunk_numel):
+        squares = chunk.double().square()  # not square_: double() of a float64 chunk is the chunk itself
+        total += squares.masked_fill_(~torch.isfinite(chunk), 0).sum()
+    return float(total.item())
+
+
+def _apply_cut(source: KeySource, index: int, flat: torch.Tensor, cut: Cut, chunk_numel: int, record: torch.Tensor | None) -> Applied:
     if cut.threshold is None:
         if record is not None:
             record.zero_()

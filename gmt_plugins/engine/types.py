@@ -86,6 +86,21 @@ class Applied(NamedTuple):
     """Masked entries whose gradient was nonzero (masked entries are always finite)."""
 
 
+@dataclass
+class Energy:
+    """The sums of ``g ** 2`` (float64) over the finite entries of the gradients an apply was given
+    (``energy=``): ``total`` before masking, ``kept`` after it; each apply adds to them. NaN and inf
+    count as 0. The backends add the squares in different orders, so their sums agree to well within
+    1e-12 relative, not bit for bit; each gives the same sums at every run."""
+
+    total: float = 0.0
+    kept: float = 0.0
+
+    def add(self, total: float, kept: float) -> None:
+        self.total += float(total)
+        self.kept += float(kept)
+
+
 def iter_chunks(flat: torch.Tensor, chunk_numel: int) -> Iterator[tuple[int, torch.Tensor]]:
     for start in range(0, flat.numel(), chunk_numel):
         yield start, flat[start : start + chunk_numel]

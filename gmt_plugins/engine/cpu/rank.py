@@ -27,6 +27,7 @@ import torch
 
 from gmt_plugins.engine.cpu.signatures import SOURCE_FP16, SOURCE_KEPT, Source
 from gmt_plugins.engine.keys import MagnitudeKeys, MaskKeys, RandomKeys, ScoreKeys, StoredMask
+from gmt_plugins.engine.types import Energy
 
 # kinds of key the kernel computes (the enum of the C sources)
 KIND_F32, KIND_BF16_WIDE, KIND_16, KIND_RANDOM_32, KIND_RANDOM_16, KIND_RANDOM_64, KIND_SCORE, KIND_MASK = range(8)
@@ -170,35 +171,55 @@ def hint_helps(keys: Sequence[NativeKeys]) -> bool:
 
 
 def apply(
-    lib: ctypes.CDLL, flat: torch.Tensor, keys: NativeKeys, threshold: int, ties: int, record: torch.Tensor | None
+    lib: ctypes.CDLL, flat: torch.Tensor, keys: NativeKeys, threshold: int, ties: int, record: torch.Tensor | None,
+    energy: Energy | None = None,
 ) -> tuple[int, int, int]:
     """Zero the entries below ``threshold`` and the first ``ties`` equal to it; ``(masked, ties_used,
-    masked_nonzero)``, the last counted in the same pass: masked entries that were nonzero before."""
+    masked_nonzero)``, the last counted in the same pass: masked entries that were nonzero before.
+    ``energy`` (or ``None``) is added the sums of ``g ** 2`` before and after masking, taken block by
+    block in the same pass (``csrc/energy.c``)."""
     if keys.selection is not None and keys.selection.covers(threshold, ties):
-        return apply_preselected(lib, flat, keys, threshold, ties, record)
+        return apply_preselected(lib, flat, keys, threshold, ties, record, energy)
     if keys.bits is not None and keys.kind == KIND_MASK and threshold == 1 and ties == 0:
-        return apply_mask_bits(lib, flat, keys.bits, record)
+        return apply_mask_bits(lib, flat, keys.bits, record, energy)
     out = (ctypes.c_int64 * 3)()
     source = _source(flat, keys)
-    lib.gmt_apply(ctypes.byref(source), threshold, ties, None if record is None else record.data_ptr(), out)
+    record_ptr = None if record is None else record.data_ptr()
+    if energy is None:
+        lib.gmt_apply(ctypes.byref(source), threshold, ties, record_ptr, out)
+    else:
+        sums = (ctypes.c_double * 2)()
+        lib.gmt_apply_energy(ctypes.byref(source), threshold, ties, record_ptr, out, sums)
+        energy.add(sums[0], sums[1])
     return out[0], out[1], out[2]
+
+
+def _sums(energy: Energy | None) -> ctypes.Array | None:
+    """The kernel's ``double energy[2]`` for an apply given ``energy``, else NULL."""
+    return None if energy is None else (ctypes.c_double * 2)()
+
+
+def _added(energy: Energy | None, sums: ctypes.Array | None) -> None:
+    if energy is not None and sums is not None:
+        energy.add(sums[0], sums[1])
 
 
 def apply_tracked(
     lib: ctypes.CDLL, flat: torch.Tensor, keys: NativeKeys, threshold: int, ties: int,
-    updated: torch.Tensor, previous: torch.Tensor, first: bool,
+    updated: torch.Tensor, previous: torch.Tensor, first: bool, energy: Energy | None = None,
 ) -> tuple[int, int, int, int, int] | None:
     """:func:`apply` with coverage folded in block by block (``gmt_apply_tracked``): the packed bit sets
     ``updated`` and ``previous`` (contiguous CPU uint8, ``ceil(n / 8)`` bytes) are updated as
     :meth:`gmt_plugins.coverage.CoverageTracker.observe` would with this apply's record. Returns
     ``(masked, ties_used, masked_nonzero, updated_bits, changed)``, or ``None`` for keys other than
-    gradient magnitudes (fp32, bf16, fp16), which it does not serve."""
+    gradient magnitudes (fp32, bf16, fp16), which it does not serve. ``energy`` as :func:`apply`'s."""
     if keys.kind not in _MAGNITUDE_KINDS or keys.selection is not None:
         return None
-    out = (ctypes.c_int64 * 5)()
+    out, sums = (ctypes.c_int64 * 5)(), _sums(energy)
     source = _source(flat, keys)
-    if not lib.gmt_apply_tracked(ctypes.byref(source), threshold, ties, updated.data_ptr(), previous.data_ptr(), int(first), out):
+    if not lib.gmt_apply_tracked(ctypes.byref(source), threshold, ties, updated.data_ptr(), previous.data_ptr(), int(first), out, sums):
         return None
+    _added(energy, sums)
     return out[0], out[1], out[2], out[3], out[4]
 
 
@@ -335,11 +356,12 @@ def random_rank_group(
 
 
 def apply_preselected(
-    lib: ctypes.CDLL, flat: torch.Tensor, keys: NativeKeys, threshold: int, ties: int, record: torch.Tensor | None
+    lib: ctypes.CDLL, flat: torch.Tensor, keys: NativeKeys, threshold: int, ties: int, record: torch.Tensor | None,
+    energy: Energy | None = None,
 ) -> tuple[int, int, int]:
     """:func:`apply` for a flat whose keys :func:`random_rank_group` or :func:`ema_rank_groups` kept: one
     bit per entry and the window's keys are read, no key is computed. ``(masked, ties_used,
-    masked_nonzero)`` as :func:`apply`."""
+    masked_nonzero)`` and ``energy`` as :func:`apply`."""
     selection = keys.selection
     if selection is None or not selection.covers(threshold, ties):
         window = None if selection is None else (selection.lo, selection.hi)
@@ -351,13 +373,14 @@ def apply_preselected(
         )
     t = keys.member
     first, last = selection.cand_start[t], selection.cand_start[t + 1]
-    out = (ctypes.c_int64 * 3)()
+    out, sums = (ctypes.c_int64 * 3)(), _sums(energy)
     source = _source(flat, keys)
     lib.gmt_apply_preselected(
         ctypes.byref(source), selection.bits.data_ptr() + 8 * selection.word_offsets[t],
         selection.cand_key.data_ptr() + 4 * first, selection.cand_pos.data_ptr() + 8 * first, last - first,
-        threshold, ties, None if record is None else record.data_ptr(), out,
+        threshold, ties, None if record is None else record.data_ptr(), out, sums,
     )
+    _added(energy, sums)
     return out[0], out[1], out[2]
 
 
@@ -379,17 +402,20 @@ def pack_mask_bits(lib: ctypes.CDLL, mask: torch.Tensor, *, invert: bool) -> tor
     return bits
 
 
-def apply_mask_bits(lib: ctypes.CDLL, flat: torch.Tensor, bits: torch.Tensor, record: torch.Tensor | None) -> tuple[int, int, int]:
+def apply_mask_bits(
+    lib: ctypes.CDLL, flat: torch.Tensor, bits: torch.Tensor, record: torch.Tensor | None, energy: Energy | None = None
+) -> tuple[int, int, int]:
     """The stored-mask step from packed bits: zero the finite entries of the fp32 ``flat`` whose bit is
-    set; ``(masked, 0, masked_nonzero)`` as :func:`apply` gives for ``KIND_MASK`` at threshold 1, no ties
-    (its twin in the tests)."""
+    set; ``(masked, 0, masked_nonzero)`` (and ``energy``) as :func:`apply` gives for ``KIND_MASK`` at
+    threshold 1, no ties (its twin in the tests)."""
     if not contiguous_cpu_f32(flat) or bits.dtype != torch.int64 or bits.device.type != "cpu" or not bits.is_contiguous():
         raise ValueError("apply_mask_bits takes a contiguous CPU float32 gradient and contiguous CPU int64 bits")
     if bits.numel() < (flat.numel() + 63) // 64:
         raise ValueError(f"apply_mask_bits: {bits.numel()} words cannot hold {flat.numel()} entries")
-    out = (ctypes.c_int64 * 3)()
+    out, sums = (ctypes.c_int64 * 3)(), _sums(energy)
     if flat.numel():
-        lib.gmt_apply_mask_bits(flat.data_ptr(), bits.data_ptr(), flat.numel(), None if record is None else record.data_ptr(), out)
+        lib.gmt_apply_mask_bits(flat.data_ptr(), bits.data_ptr(), flat.numel(), None if record is None else record.data_ptr(), out, sums)
+    _added(energy, sums)
     return out[0], out[1], out[2]
 
 

@@ -74,6 +74,8 @@ SIGNATURES: dict[str, Signature] = {
     "gmt_rank_group": Signature((_src, _i64, _u32, _u32, _f64, _i64, _i64, _i64, _p, _p, _i64, _p, _p), None),
     # apply.c: src, threshold, ties, record, out
     "gmt_apply": Signature((_src, _u64, _i64, _p, _p), None),
+    # src, threshold, ties, record, out, energy (2 doubles, added to: g^2 before and after masking)
+    "gmt_apply_energy": Signature((_src, _u64, _i64, _p, _p, _p), None),
     # finite_f32.c
     "gmt_ema_f32": Signature((_p, _p, _i64, _f32, _f32, _i32), None),  # ema, g, n, a, b, first
     "gmt_count_nonfinite_f32": Signature((_p, _i64), _i64),
@@ -82,8 +84,8 @@ SIGNATURES: dict[str, Signature] = {
     # random_rank.c: src, count, ratio, k, lo, width, bits, word_offsets, cand_key, cand_pos, cand_start,
     # cand_cap, hist, nonfinite, out
     "gmt_random_rank": Signature((_src, _i64, _f64, _i64, _u32, _u32, _p, _p, _p, _p, _p, _i64, _p, _p, _p), _i32),
-    # s, bits, cand_key, cand_pos, nc, threshold, ties, record, out
-    "gmt_apply_preselected": Signature((_src, _p, _p, _p, _i64, _u32, _i64, _p, _p), None),
+    # s, bits, cand_key, cand_pos, nc, threshold, ties, record, out, energy (or NULL)
+    "gmt_apply_preselected": Signature((_src, _p, _p, _p, _i64, _u32, _i64, _p, _p, _p), None),
     # ema_rank.c: src, count, a, b, first, ratio, k, sample_shift, hist, bits, word_offsets, cand_key,
     # cand_pos, cand_start, cand_cap, nonfinite, out
     "gmt_ema_rank": Signature((_src, _i64, _f32, _f32, _p, _f64, _i64, _u32, _p, _p, _p, _p, _p, _p, _i64, _p, _p), _i32),
@@ -97,11 +99,11 @@ SIGNATURES: dict[str, Signature] = {
     "gmt_id3_grow": Signature((_id3, _i64, _f32, _i32, _i64, _i64, _i64, _p, _p, _i64, _p, _p, _i64, _p, _p, _p), None),
     # coverage.c: mask, n, updated, previous, first, out
     "gmt_coverage_observe": Signature((_p, _i64, _p, _p, _i32, _p), None),
-    # src, threshold, ties, updated, previous, first, out -> 1 when served
-    "gmt_apply_tracked": Signature((_src, _u64, _i64, _p, _p, _i32, _p), _i32),
+    # src, threshold, ties, updated, previous, first, out, energy (or NULL) -> 1 when served
+    "gmt_apply_tracked": Signature((_src, _u64, _i64, _p, _p, _i32, _p, _p), _i32),
     # mask_bits.c
     "gmt_pack_mask_bits": Signature((_p, _i64, _i32, _p), None),  # mask, n, invert, bits
-    "gmt_apply_mask_bits": Signature((_p, _p, _i64, _p, _p), None),  # y, bits, n, record, out
+    "gmt_apply_mask_bits": Signature((_p, _p, _i64, _p, _p, _p), None),  # y, bits, n, record, out, energy (or NULL)
 }
 
 REQUIRED_SYMBOLS: tuple[str, ...] = tuple(sorted(SIGNATURES))

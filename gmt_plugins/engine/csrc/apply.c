@@ -123,3 +123,28 @@ VECTOR_CLONES void gmt_apply(const source_t *src, uint64_t threshold_in, int64_t
     out[1] = used;
     out[2] = nonzero;
 }
+
+/* gmt_apply with the sums of energy.c: blocks of ENERGY_BLOCK entries are each summed, masked by
+ * gmt_apply (ties spent block after block, in position order) and summed again; out as gmt_apply's,
+ * energy[0] and energy[1] added the sums before and after masking. */
+VECTOR_CLONES void gmt_apply_energy(const source_t *src, uint64_t threshold, int64_t ties, uint8_t *record, int64_t *out,
+                                    double *energy) {
+    const int32_t value = energy_value_kind(src);
+    int64_t masked = 0, used = 0, nonzero = 0, part_out[3];
+    double before = 0.0, after = 0.0;
+    for (int64_t i = 0; i < src->n; i += ENERGY_BLOCK) {
+        const source_t part = source_part(src, i, src->n - i < ENERGY_BLOCK ? src->n - i : ENERGY_BLOCK);
+        before += energy_sum(part.x, value, part.n);
+        gmt_apply(&part, threshold, ties, record ? record + i : NULL, part_out);
+        after += energy_sum(part.x, value, part.n);
+        masked += part_out[0];
+        used += part_out[1];
+        ties -= part_out[1];
+        nonzero += part_out[2];
+    }
+    out[0] = masked;
+    out[1] = used;
+    out[2] = nonzero;
+    energy[0] += before;
+    energy[1] += after;
+}

@@ -94,11 +94,12 @@ void gmt_coverage_observe(const uint8_t *mask, int64_t n, uint8_t *updated, uint
  * never exists as one byte per entry of the tensor (written, then read back from memory). The
  * result is the two calls' over the whole tensor (ties are spent block after block, in position
  * order; TRACK_BLOCK is a multiple of 64, so each block starts a packed word). out: masked, ties
- * used, masked nonzero, set bits of updated, changed (0 when first). Returns 0 (did nothing) for
+ * used, masked nonzero, set bits of updated, changed (0 when first); energy (or NULL): as
+ * gmt_apply_energy's, each block summed before and after it is masked. Returns 0 (did nothing) for
  * another kind of key. */
 #define TRACK_BLOCK 8192
-int32_t gmt_apply_tracked(const source_t *src, uint64_t threshold, int64_t ties, uint8_t *updated, uint8_t *previous,
-                          int32_t first, int64_t *out) {
+VECTOR_CLONES int32_t gmt_apply_tracked(const source_t *src, uint64_t threshold, int64_t ties, uint8_t *updated,
+                                        uint8_t *previous, int32_t first, int64_t *out, double *energy) {
     size_t width;
     switch (src->kind) {
     case KIND_F32: width = 4; break;
@@ -107,11 +108,15 @@ int32_t gmt_apply_tracked(const source_t *src, uint64_t threshold, int64_t ties,
     }
     uint8_t record[TRACK_BLOCK];
     int64_t masked = 0, used = 0, nonzero = 0, set = 0, changed = 0, part_out[3], fold_out[2];
+    const int32_t value = energy_value_kind(src);
+    double before = 0.0, after = 0.0;
     source_t part = *src;
     for (int64_t i = 0; i < src->n; i += TRACK_BLOCK) {
         part.x = (const char *)src->x + (size_t)i * width;
         part.n = src->n - i < TRACK_BLOCK ? src->n - i : TRACK_BLOCK;
+        if (energy) before += energy_sum(part.x, value, part.n);
         gmt_apply(&part, threshold, ties, record, part_out);
+        if (energy) after += energy_sum(part.x, value, part.n);
         masked += part_out[0];
         used += part_out[1];
         ties -= part_out[1];
@@ -121,5 +126,6 @@ int32_t gmt_apply_tracked(const source_t *src, uint64_t threshold, int64_t ties,
         changed += fold_out[1];
     }
     out[0] = masked; out[1] = used; out[2] = nonzero; out[3] = set; out[4] = first ? 0 : changed;
+    if (energy) { energy[0] += before; energy[1] += after; }
     return 1;
 }

@@ -10,7 +10,8 @@
 #include "masked_moves.c"    /* strict mode's copy-out and write-back (gmt_gather_masked_*, gmt_scatter_masked_*) */
 #include "key_passes.c"      /* the per-kind passes that ranking a group is made of */
 #include "rank_group.c"      /* a group ranked in one call (gmt_rank_group) */
-#include "apply.c"           /* one tensor masked by a cut (gmt_apply) */
+#include "energy.c"          /* the sums of g^2 an apply takes for energy_kept (energy_sum) */
+#include "apply.c"           /* one tensor masked by a cut (gmt_apply, gmt_apply_energy) */
 #include "finite_f32.c"      /* fp32 passes: EMA, non-finite count, gradient sums, score keys */
 #include "random_rank.c"     /* random keys hashed once (gmt_random_rank, gmt_apply_preselected) */
 #include "ema_rank.c"        /* the EMA update fused with its ranking (gmt_ema_rank, gmt_ema_rank_groups) */

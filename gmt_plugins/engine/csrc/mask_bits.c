@@ -28,8 +28,8 @@ void gmt_pack_mask_bits(const uint8_t *mask, int64_t n, int32_t invert, uint64_t
 
 /* The stored-mask step (MaskKeys' Cut(1)) from packed bits: zero, in place, the finite fp32 entries
  * whose bit is set, as gmt_apply does for KIND_MASK at threshold 1 with no ties; out: masked, 0 ties,
- * masked_nonzero (-0.0 counts as zero); record (or NULL) receives the zeroed entries as bytes. A word
- * with no bit set leaves its 64 entries unread. */
+ * masked_nonzero (-0.0 counts as zero); record (or NULL) receives the zeroed entries as bytes;
+ * energy (or NULL): as gmt_apply_energy's. Without energy, a block with no bit set is not read. */
 static inline void stored_unpack(uint64_t w, uint8_t *set) {
     for (int j = 0; j < 8; ++j) {
         /* byte k of the product holds bit k of the byte when set (at most 0x80): adding 0x7F carries it to bit 7 */
@@ -41,8 +41,9 @@ static inline void stored_unpack(uint64_t w, uint8_t *set) {
 
 #define STORED_BLOCK 4096
 VECTOR_CLONES void gmt_apply_mask_bits(uint32_t *restrict y, const uint64_t *restrict bits, int64_t n,
-                                       uint8_t *restrict record, int64_t *out) {
+                                       uint8_t *restrict record, int64_t *out, double *energy) {
     int64_t masked = 0, nonzero = 0;
+    double before = 0.0, after = 0.0;
     uint8_t set[STORED_BLOCK];
     for (int64_t base = 0; base < n; base += STORED_BLOCK) {
         const int64_t count = n - base < STORED_BLOCK ? n - base : STORED_BLOCK;
@@ -53,12 +54,15 @@ VECTOR_CLONES void gmt_apply_mask_bits(uint32_t *restrict y, const uint64_t *res
             any |= w;
             stored_unpack(w, set + 64 * q);
         }
-        if (any == 0) { /* nothing masked here: the block is not read */
+        uint32_t *restrict z = y + base;
+        const double block_before = energy ? energy_sum(z, VALUE_F32, count) : 0.0;
+        before += block_before;
+        if (any == 0) { /* nothing masked here: the block is not written (nor read, without energy) */
+            after += block_before;
             if (record) memset(record + base, 0, (size_t)count);
             continue;
         }
         uint32_t hits = 0, nonzero_hits = 0;
-        uint32_t *restrict z = y + base;
         for (int64_t j = 0; j < count; ++j) {
             const uint32_t hit = (uint32_t)set[j] & (uint32_t)((z[j] & 0x7F800000u) != 0x7F800000u);
             nonzero_hits += hit & (uint32_t)((z[j] & 0x7FFFFFFFu) != 0);
@@ -70,9 +74,11 @@ VECTOR_CLONES void gmt_apply_mask_bits(uint32_t *restrict y, const uint64_t *res
                 record[base + j] = (uint8_t)((uint32_t)set[j] & (uint32_t)((z[j] & 0x7F800000u) != 0x7F800000u));
         masked += hits;
         nonzero += nonzero_hits;
+        if (energy) after += energy_sum(z, VALUE_F32, count);
     }
     out[0] = masked;
     out[1] = 0;
     out[2] = nonzero;
+    if (energy) { energy[0] += before; energy[1] += after; }
 }
 #undef STORED_BLOCK

@@ -163,13 +163,16 @@ VECTOR_CLONES int32_t gmt_random_rank(const source_t *src, int64_t count, double
  * is set, then the candidates (cand_key/cand_pos, nc of them, position order) below threshold and
  * the first `ties` equal to it. threshold must lie in [lo, lo + width] (the caller checks). record
  * (or NULL) receives the mask as bytes. out: masked count, ties used, and how many masked entries
- * were nonzero before (gmt_apply's masked_nonzero; -0.0 counts as zero). */
-#define RANDOM_APPLY_BODY(T)                                                                        \
+ * were nonzero before (gmt_apply's masked_nonzero; -0.0 counts as zero); energy (or NULL): as
+ * gmt_apply_energy's, the tensor then masked in blocks of ENERGY_BLOCK entries (each block's bits,
+ * then its candidates, in position order as without energy). */
+/* Entries lo..hi (lo a multiple of 64): their bits, then the candidates from c on that lie below hi */
+#define RANDOM_APPLY_RANGE(T, lo, hi)                                                               \
     {                                                                                               \
         T *y = (T *)s->x;                                                                           \
         const T magnitude = (T)((T)~(T)0 >> 1); /* every bit but the sign: -0.0 counts as zero */  \
-        int64_t i = 0;                                                                              \
-        for (; i + 64 <= n; i += 64) {                                                              \
+        int64_t i = (lo);                                                                           \
+        for (; i + 64 <= (hi); i += 64) {                                                           \
             uint64_t w = bits[i >> 6];                                                              \
             uint32_t w0 = (uint32_t)w, w1 = (uint32_t)(w >> 32), nz = 0;                            \
             for (int j = 0; j < 32; ++j) {                                                          \
@@ -185,33 +188,47 @@ VECTOR_CLONES int32_t gmt_random_rank(const source_t *src, int64_t count, double
             masked += __builtin_popcountll(w);                                                      \
             nonzero += nz;                                                                          \
         }                                                                                           \
-        if (i < n) {                                                                                \
+        if (i < (hi)) {                                                                             \
             uint64_t w = bits[i >> 6];                                                              \
-            for (; i < n; ++i) {                                                                    \
+            for (; i < (hi); ++i) {                                                                 \
                 uint32_t hit = (uint32_t)((w >> (i & 63)) & 1u);                                    \
                 nonzero += hit & (uint32_t)((y[i] & magnitude) != 0);                               \
                 y[i] &= (T)((T)hit - 1u);                                                           \
                 masked += hit;                                                                      \
             }                                                                                       \
         }                                                                                           \
-        for (int64_t j = 0; j < nc; ++j) {                                                          \
-            uint32_t key = cand_key[j];                                                             \
+        for (; c < nc && cand_pos[c] < (hi); ++c) {                                                 \
+            uint32_t key = cand_key[c];                                                             \
             int tie = (key == threshold) & (ties > 0);                                              \
             if ((key < threshold) | tie) {                                                          \
-                nonzero += (y[cand_pos[j]] & magnitude) != 0;                                       \
-                y[cand_pos[j]] = 0;                                                                 \
+                nonzero += (y[cand_pos[c]] & magnitude) != 0;                                       \
+                y[cand_pos[c]] = 0;                                                                 \
                 masked += 1;                                                                        \
                 ties -= tie;                                                                        \
                 used += tie;                                                                        \
-                if (record) record[cand_pos[j]] = 1;                                                \
+                if (record) record[cand_pos[c]] = 1;                                                \
             }                                                                                       \
+        }                                                                                           \
+    }
+#define RANDOM_APPLY_BODY(T)                                                                        \
+    if (energy == NULL) {                                                                           \
+        RANDOM_APPLY_RANGE(T, 0, n)                                                                 \
+    } else {                                                                                        \
+        for (int64_t b = 0; b < n; b += ENERGY_BLOCK) {                                             \
+            const int64_t e = n - b < ENERGY_BLOCK ? n - b : ENERGY_BLOCK;                          \
+            before += energy_sum((const T *)s->x + b, value, e);                                    \
+            RANDOM_APPLY_RANGE(T, b, b + e)                                                         \
+            after += energy_sum((const T *)s->x + b, value, e);                                     \
         }                                                                                           \
     }
 
 VECTOR_CLONES void gmt_apply_preselected(const source_t *s, const uint64_t *bits, const uint32_t *cand_key, const int64_t *cand_pos,
-                                    int64_t nc, uint32_t threshold, int64_t ties, uint8_t *record, int64_t *out) {
+                                    int64_t nc, uint32_t threshold, int64_t ties, uint8_t *record, int64_t *out,
+                                    double *energy) {
     const int64_t n = s->n;
-    int64_t masked = 0, used = 0, nonzero = 0;
+    const int32_t value = energy_value_kind(s);
+    int64_t masked = 0, used = 0, nonzero = 0, c = 0;
+    double before = 0.0, after = 0.0;
     if (record)
         for (int64_t i = 0; i < n; ++i) record[i] = (uint8_t)((bits[i >> 6] >> (i & 63)) & 1u);
     switch (s->kind) {
@@ -224,4 +241,5 @@ VECTOR_CLONES void gmt_apply_preselected(const source_t *s, const uint64_t *bits
     out[0] = masked;
     out[1] = used;
     out[2] = nonzero;
+    if (energy) { energy[0] += before; energy[1] += after; }
 }
