@@ -24,6 +24,11 @@ the CPU-time one unless ``--clock wall``; on CUDA it is always wall time after a
 
 ``--json FILE`` also writes the medians, the ratios unrounded and the imported ``gmt_plugins`` file,
 for scripts that compare runs (benchmarks/compare_cost.py).
+
+``--energy`` adds, beside each row, the same row with ``track_energy=True`` (label ``+energy``), timed in
+turn with it, and a last table of each pair's mask-time ratio: what the energy sums cost.
+
+    OMP_NUM_THREADS=1 python benchmarks/strategy_cost.py --energy --rows gmt:tensor gmt:global lisa:tensor
 """
 
 from __future__ import annotations
@@ -55,9 +60,13 @@ ROWS = [
 PHASES = {("id3", "fixed"): {"steps_to_budget": 1}}
 
 
+ENERGY = "+energy"
+"""A row's suffix: the same row with ``track_energy=True``."""
+
+
 def parse_row(row: str) -> tuple[str, str, dict, str]:
     """``strategy:scope[:phase]`` -> (strategy, scope, strategy_options, label of the strategy column)."""
-    strategy, scope, *phase = row.split(":")
+    strategy, scope, *phase = row.removesuffix(ENERGY).split(":")
     if not phase:
         return strategy, scope, {}, strategy
     key = (strategy, phase[0])
@@ -129,7 +138,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="clock of the ratio column on CPU")
     parser.add_argument("--json", type=Path, help="also write the medians and ratios to this file")
+    parser.add_argument("--energy", action="store_true", help="also time every row with track_energy=True, in turn with it")
     args = parser.parse_args()
+    if args.energy:
+        args.rows = [r for row in args.rows for r in (row, row + ENERGY)]
 
     import gmt_plugins
     from gmt_plugins import GradientMasker
@@ -148,6 +160,8 @@ def main() -> None:
     for row in args.rows:
         strategy, scope, options, _ = parse_row(row)
         extra = {"strategy_options": options} if options else {}  # the other rows exactly as before
+        if row.endswith(ENERGY):
+            extra["track_energy"] = True
         maskers[row] = GradientMasker(named, strategy=strategy, scope=scope, mask_ratio=args.mask_ratio, **extra)
         grads.refill()
         sync()
@@ -189,9 +203,17 @@ def main() -> None:
     rows = {}
     for row in args.rows:
         _, scope, _, strategy = parse_row(row)
+        strategy += ENERGY if row.endswith(ENERGY) else ""
         m, mw = statistics.median(a for a, _ in times[row]), statistics.median(w for _, w in times[row])
         print(f"| {strategy} | {scope} | {m:.3f} | {m / step:.2f} | {mw / step_wall:.2f} | {first[row]:.3f} |")
         rows[row] = dict(mask_s=m, mask_wall_s=mw, ratio=m / step, ratio_wall=mw / step_wall, first_s=first[row])
+    if args.energy:
+        print(f"\n| strategy | scope | mask with track_energy / without ({name}, medians) |")
+        print("|---|---|---:|")
+        for row in args.rows:
+            if not row.endswith(ENERGY):
+                _, scope, _, strategy = parse_row(row)
+                print(f"| {strategy} | {scope} | {rows[row + ENERGY]['mask_s'] / rows[row]['mask_s']:.2f} |")
     if args.json:
         args.json.write_text(json.dumps(dict(
             gmt_plugins=gmt_plugins.__file__, torch=torch.__version__, device=device, dtype=args.dtype,

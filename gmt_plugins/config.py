@@ -90,7 +90,8 @@ class GMTConfig:
         default=False,
         metadata={
             "help": "Also log, per layer (a parameter name cut after its first number, e.g. 'model.layers.3'), the "
-            "masked fraction and the masked-nonzero fraction, and with track_coverage the coverage and churn."
+            "masked fraction, the masked-nonzero fraction and the share of the updated entries, with track_coverage "
+            "the coverage, churn and mask stability, and with track_energy the energy kept."
         },
     )
     track_coverage: bool = field(
@@ -98,6 +99,14 @@ class GMTConfig:
         metadata={
             "help": "Keep 2 bits per entry (34 MB for 134.5M entries) to log coverage (fraction of entries updated at "
             "least once), never-updated entries and churn (fraction whose masked state changed since the last step)."
+        },
+    )
+    track_energy: bool = field(
+        default=False,
+        metadata={
+            "help": "Sum g^2 over each gradient before and after masking, in the pass that masks it (a block is summed "
+            "while in cache), to log energy_kept: the share of the squared gradient norm the mask keeps (per layer "
+            "with log_layers). Costs time in every mask; tensors a strategy leaves whole are read once for it."
         },
     )
     ratio_of: Literal["all", "nonzero"] = field(
@@ -132,7 +141,7 @@ class GMTConfig:
             raise ValueError(f"mask_seed must be a non-negative integer, got {self.mask_seed!r}")
         self.include = _patterns("include", self.include)
         self.exclude = _patterns("exclude", self.exclude)
-        for flag in ("log_layers", "track_coverage"):
+        for flag in ("log_layers", "track_coverage", "track_energy"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.ratio_of not in RATIO_OF:

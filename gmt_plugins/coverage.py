@@ -58,17 +58,17 @@ class CoverageTracker:
         return count, changed
 
     def apply_and_observe(
-        self, name: str, source: Any, index: int, flat: torch.Tensor, cut: Any, ranking: Any = None
+        self, name: str, source: Any, index: int, flat: torch.Tensor, cut: Any, ranking: Any = None, energy: Any = None
     ) -> tuple[dispatch.Applied, tuple[int, int | None]] | None:
         """Zero what ``cut`` selects of ``flat`` and fold its mask in, in one pass that never holds the
-        mask as a byte per entry (:func:`gmt_plugins.engine.dispatch.apply_tracked`); the twin of an
-        apply with a record followed by :meth:`observe`. ``None`` where the engine does not serve it
-        (nothing is changed then)."""
+        mask as a byte per entry (:func:`gmt_plugins.engine.dispatch.apply_tracked`, which adds to
+        ``energy`` too); the twin of an apply with a record followed by :meth:`observe`. ``None`` where
+        the engine does not serve it (nothing is changed then)."""
         numel = flat.numel()
         self._check_numel(name, numel)
         before = self._previous_count(name)
         bits = dispatch.tracked_bits(self.updated.get(name), self.previous.get(name), numel)
-        done = dispatch.apply_tracked(source, index, flat, cut, bits, ranking=ranking)
+        done = dispatch.apply_tracked(source, index, flat, cut, bits, ranking=ranking, energy=energy)
         if done is None:
             return None
         self.updated[name], self.previous[name], self.numel[name] = bits.updated, bits.previous, numel

@@ -16,7 +16,7 @@ from gmt_plugins.config import UNSET, GMTConfig, resolve_config
 from gmt_plugins.coverage import CoverageTracker
 from gmt_plugins.distributed import ShardReducer, is_dtensor, local_shard, reducing
 from gmt_plugins.engine import dispatch
-from gmt_plugins.engine.types import CUDA, Applied, Cut
+from gmt_plugins.engine.types import CUDA, Applied, Cut, Energy
 from gmt_plugins.layout import flat_view, same_layout
 from gmt_plugins.plugins import get_plugin_manager, strategy_registry
 from gmt_plugins.stats import MaskStats, TensorStats
@@ -40,7 +40,7 @@ class GradientMasker:
             Defaults to the process-wide one from :func:`gmt_plugins.plugins.get_plugin_manager`.
 
     Every field of [`GMTConfig`] is also a keyword argument (`mask_ratio`, `scope`, `strategy`, `strategy_options`,
-    `mask_seed`, `include`, `exclude`, `strict`, `log_per_tensor`, `log_layers`, `track_coverage`, `ratio_of`,
+    `mask_seed`, `include`, `exclude`, `strict`, `log_per_tensor`, `log_layers`, `track_coverage`, `track_energy`, `ratio_of`,
     `chunk_numel`: same names, types and checks) that replaces the field of `config`, e.g. `mask_ratio=0.3`,
     `strict=True`; a field not passed keeps `config`'s value.
 
@@ -79,6 +79,7 @@ class GradientMasker:
         log_per_tensor: bool = UNSET,
         log_layers: bool = UNSET,
         track_coverage: bool = UNSET,
+        track_energy: bool = UNSET,
         ratio_of: Literal["all", "nonzero"] = UNSET,
         chunk_numel: int = UNSET,
         plugin_manager: pluggy.PluginManager | None = None,
@@ -86,7 +87,7 @@ class GradientMasker:
         self.config = resolve_config(config, dict(
             mask_ratio=mask_ratio, scope=scope, strategy=strategy, strategy_options=strategy_options, mask_seed=mask_seed,
             include=include, exclude=exclude, strict=strict, log_per_tensor=log_per_tensor,
-            log_layers=log_layers, track_coverage=track_coverage, ratio_of=ratio_of, chunk_numel=chunk_numel,
+            log_layers=log_layers, track_coverage=track_coverage, track_energy=track_energy, ratio_of=ratio_of, chunk_numel=chunk_numel,
         ))
         model_or_named_params = named_parameters_source(model_or_named_params)  # a TypeError saying what is accepted
         self.plugin_manager = plugin_manager or get_plugin_manager()
@@ -328,31 +329,35 @@ class GradientMasker:
         state = self.strategy.state_dict()
         return _cloned(state) if state else None
 
-    def _mask(self, entry: GradEntry, tensor_plan: TensorPlan, cut: Cut) -> tuple[Applied, Coverage | None]:
+    def _mask(self, entry: GradEntry, tensor_plan: TensorPlan, cut: Cut) -> tuple[Applied, Coverage | None, Energy | None]:
         """The one place where gradients are changed: zero what ``cut`` selects of ``entry``, in place
-        (and, in strict mode, keep the masked parameter entries). Returns the counts of the apply pass
-        and, with ``track_coverage``, this shard's ``(updated, changed, previous_masked)``."""
+        (and, in strict mode, keep the masked parameter entries). Returns the counts of the apply pass,
+        with ``track_coverage`` this shard's ``(updated, changed, previous_masked)``, and with
+        ``track_energy`` its sums of ``g ** 2`` before and after masking, taken by the same pass."""
         source, index, ranking = tensor_plan.source, tensor_plan.local_index, tensor_plan.ranking
+        energy = Energy() if self.config.track_energy else None
         if self._guard is None and self.coverage is not None and cut.threshold is not None:
             # masked and folded into the coverage bits in one pass where the engine serves it
-            fused = self.coverage.apply_and_observe(entry.name, source, index, entry.flat, cut, ranking)
+            fused = self.coverage.apply_and_observe(entry.name, source, index, entry.flat, cut, ranking, energy)
             if fused is not None:
                 applied, (updated, changed) = fused
-                return applied, (updated, changed, self.coverage.note_masked(entry.name, applied.masked))
+                return applied, (updated, changed, self.coverage.note_masked(entry.name, applied.masked)), energy
         if self._guard is not None:  # strict mode keeps each tensor's record until restore_masked()
             record = MaskedEntryGuard.new_mask(entry.flat)
         elif self.coverage is not None:  # folded in at once: one reused buffer, no fresh pages per tensor
             record = self._scratch_record(entry.flat)
         else:
             record = None
-        applied = dispatch.apply(source, index, entry.flat, cut, ranking=ranking, chunk_numel=self.config.chunk_numel, record=record)
+        applied = dispatch.apply(
+            source, index, entry.flat, cut, ranking=ranking, chunk_numel=self.config.chunk_numel, record=record, energy=energy
+        )
         if self._guard is not None and applied.masked:
             self._guard.capture(entry.param, record, applied.masked)
         coverage = None
         if self.coverage is not None:
             updated, changed = self.coverage.observe(entry.name, entry.flat.numel(), record, entry.flat.device)
             coverage = (updated, changed, self.coverage.note_masked(entry.name, applied.masked))
-        return applied, coverage
+        return applied, coverage, energy
 
     def _scratch_record(self, flat: torch.Tensor) -> torch.Tensor:
         """A bool buffer of ``flat.numel()`` entries on ``flat``'s device for a record that is consumed
@@ -376,12 +381,12 @@ class GradientMasker:
         for entry, tensor_plan in zip(entries, plan.tensors):
             cut = Cut(tensor_plan.cut.threshold, shared_ties) if plan.shared_ties else tensor_plan.cut
             threshold = None if cut.threshold is None else tensor_plan.source.key_to_value(tensor_plan.local_index, cut.threshold)
-            applied, coverage = self._mask(entry, tensor_plan, cut)
+            applied, coverage, energy = self._mask(entry, tensor_plan, cut)
             shared_ties -= applied.ties_used
             updated, changed, before = coverage if coverage is not None else (None, None, None)
             tensors.append(TensorStats(
                 entry.name, entry.flat.numel(), applied.masked, tensor_plan.nonfinite, threshold, applied.masked_nonzero, updated, changed,
-                before,
+                before, *_sums(energy),
             ))
         return tensors
 
@@ -389,9 +394,10 @@ class GradientMasker:
         """``_execute`` of a step the device path ranked (strict mode and ``track_coverage`` add their own reads)."""
         wanted = self._guard is not None or self.coverage is not None
         records = [MaskedEntryGuard.new_mask(e.flat) if wanted else None for e in entries]
-        done = dispatch.apply_on_device([p.ranking for p in plan.tensors], records)
+        energies = [Energy() for _ in entries] if self.config.track_energy else None
+        done = dispatch.apply_on_device([p.ranking for p in plan.tensors], records, energies)
         tensors = []
-        for entry, applied, record in zip(entries, done, records):
+        for i, (entry, applied, record) in enumerate(zip(entries, done, records)):
             if self._guard is not None and applied.masked:
                 self._guard.capture(entry.param, record, applied.masked)
             updated, changed, before = None, None, None
@@ -400,7 +406,7 @@ class GradientMasker:
                 before = self.coverage.note_masked(entry.name, applied.masked)
             tensors.append(TensorStats(
                 entry.name, entry.flat.numel(), applied.masked, applied.nonfinite, applied.threshold,
-                applied.masked_nonzero, updated, changed, before,
+                applied.masked_nonzero, updated, changed, before, *_sums(None if energies is None else energies[i]),
             ))
         return tensors
 
@@ -424,21 +430,26 @@ class GradientMasker:
         # one all-reduce for every count: masked, masked_nonzero and (track_coverage) updated, changed
         # and previous_masked
         n = len(entries)
-        local = [a.masked for a, _ in done] + [a.masked_nonzero for a, _ in done]
+        local = [a.masked for a, _, _ in done] + [a.masked_nonzero for a, _, _ in done]
         if self.coverage is not None:
             # every rank saw every tensor before or none did, so `changed` and `previous_masked` are None on
             # all ranks or on none: -1 stands for None, and a sum of -1s stays negative
-            local += [c[0] for _, c in done]
-            local += [-1 if c[1] is None else c[1] for _, c in done] + [-1 if c[2] is None else c[2] for _, c in done]
+            local += [c[0] for _, c, _ in done]
+            local += [-1 if c[1] is None else c[1] for _, c, _ in done] + [-1 if c[2] is None else c[2] for _, c, _ in done]
         summed = reducer.sum_counts(local, entries[0].flat.device)
         masked_all, nonzero_all = summed[:n], summed[n : 2 * n]
         updated_all = summed[2 * n : 3 * n] if self.coverage is not None else [None] * n
         changed_all = [None if c < 0 else c for c in summed[3 * n : 4 * n]] if self.coverage is not None else [None] * n
         before_all = [None if c < 0 else c for c in summed[4 * n :]] if self.coverage is not None else [None] * n
+        energies: list[tuple[float | None, float | None]] = [(None, None)] * n
+        if self.config.track_energy:  # the shards' float64 sums in one more all-reduce
+            sums = torch.tensor([[e.total, e.kept] for _, _, e in done], dtype=torch.float64, device=entries[0].flat.device)
+            energies = [(before, after) for before, after in reducer.sum_(sums).tolist()]
         return [
-            TensorStats(e.name, e.shard.full_numel, m, p.nonfinite, t, z, u, c, b)
-            for e, p, m, t, z, u, c, b in zip(
-                entries, plan.tensors, masked_all, plan.threshold_values(), nonzero_all, updated_all, changed_all, before_all
+            TensorStats(e.name, e.shard.full_numel, m, p.nonfinite, t, z, u, c, b, *energy)
+            for e, p, m, t, z, u, c, b, energy in zip(
+                entries, plan.tensors, masked_all, plan.threshold_values(), nonzero_all, updated_all, changed_all, before_all,
+                energies,
             )
         ]
 
@@ -474,6 +485,11 @@ class GradientMasker:
 
 Coverage = tuple[int, int | None, int | None]
 """With ``track_coverage``, a tensor's ``(updated, changed, previous_masked)`` at one step."""
+
+
+def _sums(energy: Energy | None) -> tuple[float | None, float | None]:
+    """``TensorStats``' ``(energy, kept_energy)`` from an apply's sums (``None`` without ``track_energy``)."""
+    return (None, None) if energy is None else (energy.total, energy.kept)
 
 
 def _cloned(value: Any) -> Any:

@@ -19,6 +19,12 @@ class TensorStats:
     are kept with ``track_coverage`` only; ``changed`` is ``None`` the first time a tensor is masked.
     ``previous_masked`` (with ``track_coverage``) is the count masked at the previous step, ``None``
     when ``changed`` is.
+
+    ``energy`` and ``kept_energy`` (with ``track_energy``, else ``None``) are the sums of ``g ** 2``
+    over the finite gradient entries before and after masking (float64), taken by the pass that masks
+    the tensor; NaN and inf count in neither. A tensor frozen before the forward pass has no gradient
+    and has neither. Their last bits depend on the order the backend (or the shards) added the squares
+    in, so ``==`` leaves them out.
     """
 
     name: str
@@ -30,10 +36,17 @@ class TensorStats:
     updated: int | None = None
     changed: int | None = None
     previous_masked: int | None = None
+    energy: float | None = field(default=None, compare=False)
+    kept_energy: float | None = field(default=None, compare=False)
 
     @property
     def fraction(self) -> float:
         return self.masked / self.numel if self.numel else 0.0
+
+    @property
+    def energy_kept(self) -> float | None:
+        """The share of the squared gradient norm left after masking (``None`` without ``track_energy``)."""
+        return _energy_kept([self])
 
     @property
     def mask_jaccard(self) -> float | None:
@@ -49,7 +62,7 @@ class MaskStats:
     optimizer (and an AMP grad scaler) still sees them. ``masked_nonzero`` counts the masked entries
     whose gradient was finite and nonzero: ``masked - masked_nonzero`` entries were zero already, and
     masking them changed nothing. ``coverage``, ``never_updated``, ``churn`` and ``mask_jaccard`` need
-    ``track_coverage=True`` (else ``None``).
+    ``track_coverage=True``, ``energy_kept`` needs ``track_energy=True`` (else ``None``).
     """
 
     step: int
@@ -81,6 +94,13 @@ class MaskStats:
     @property
     def masked_nonzero_fraction(self) -> float:
         return self.masked_nonzero / self.total if self.total else 0.0
+
+    @property
+    def energy_kept(self) -> float | None:
+        """The share of the squared gradient norm (finite entries) the masks leave: ``kept / before`` summed
+        over the tensors that had a gradient (1.0 when every gradient is zero; ``None`` without
+        ``track_energy``)."""
+        return _energy_kept(self.tensors)
 
     @property
     def tracked(self) -> bool:
@@ -121,9 +141,9 @@ class MaskStats:
         return grouped
 
     def to_log_dict(self, *, per_tensor: bool = False, per_layer: bool = False, prefix: str = "gmt/") -> dict[str, float]:
-        """Flat numbers for ``Trainer.log``: overall counts, threshold summary, coverage, churn and mask
-        stability (when tracked), optional per-layer numbers (with each layer's share of the entries
-        updated) and per-tensor fractions."""
+        """Flat numbers for ``Trainer.log``: overall counts, the energy kept (with ``track_energy``), threshold
+        summary, coverage, churn and mask stability (when tracked), optional per-layer numbers (with each
+        layer's share of the entries updated) and per-tensor fractions."""
         logs: dict[str, float] = {
             f"{prefix}masked_fraction": self.fraction,
             f"{prefix}masked": float(self.masked),
@@ -133,6 +153,9 @@ class MaskStats:
             f"{prefix}nonfinite": float(self.nonfinite),
             f"{prefix}tensors_without_grad": float(len(self.without_grad)),
         }
+        energy_kept = self.energy_kept
+        if energy_kept is not None:
+            logs[f"{prefix}energy_kept"] = energy_kept
         if self.tracked:
             logs[f"{prefix}coverage"] = float(self.coverage)  # type: ignore[arg-type] # tracked
             logs[f"{prefix}never_updated"] = float(self.never_updated)  # type: ignore[arg-type] # tracked
@@ -166,6 +189,14 @@ def _churn(tensors: list[TensorStats]) -> float | None:
     return _ratio(sum(t.changed for t in seen), sum(t.numel for t in seen)) if seen else None  # type: ignore[misc] # filtered
 
 
+def _energy_kept(tensors: list[TensorStats]) -> float | None:
+    summed = [t for t in tensors if t.energy is not None and t.kept_energy is not None]
+    if not summed:
+        return None
+    before = sum(t.energy for t in summed)  # type: ignore[misc] # filtered
+    return sum(t.kept_energy for t in summed) / before if before > 0 else 1.0  # type: ignore[misc] # filtered
+
+
 def _jaccard(tensors: list[TensorStats]) -> float | None:
     """From counts alone: ``changed = |prev XOR cur|``, so ``|prev AND cur| = (|prev| + |cur| - changed) / 2``."""
     seen = [t for t in tensors if t.changed is not None and t.previous_masked is not None]
@@ -185,6 +216,9 @@ def _layer_logs(prefix: str, tensors: list[TensorStats], updated: int) -> dict[s
         f"{prefix}masked_nonzero_fraction": _ratio(sum(t.masked_nonzero for t in tensors), numel),
         f"{prefix}update_share": _ratio(numel - masked, updated),
     }
+    energy_kept = _energy_kept(tensors)
+    if energy_kept is not None:
+        logs[f"{prefix}energy_kept"] = energy_kept
     if all(t.updated is not None for t in tensors):
         logs[f"{prefix}coverage"] = _ratio(sum(t.updated for t in tensors), numel)  # type: ignore[misc] # checked
         churn = _churn(tensors)

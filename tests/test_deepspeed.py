@@ -8,6 +8,8 @@ on the same gradient, and that both ranks logged the same full-model statistics.
 
 from __future__ import annotations
 
+import math
+
 import sys
 from pathlib import Path
 
@@ -113,6 +115,11 @@ def test_zero_masks_equal_single_process_and_reference(ds_run, case):
             assert [tuple(t[c] for c in counts) for t in logged["tensors"]] == [
                 tuple(getattr(t, c) for c in counts) for t in stats.tensors
             ], f"{case} step {s}: rank statistics differ from one process"
+            for t, single_t in zip(logged["tensors"], stats.tensors, strict=True):  # the partitions' sums, over the ranks
+                if gmt.get("track_energy"):  # one positive factor scales the partitions' gradient: compare shares
+                    assert math.isclose(t["kept_energy"] / t["energy"], single_t.energy_kept, rel_tol=1e-6), (case, s, t["name"])
+                else:
+                    assert t["energy"] is None and single_t.energy is None
     assert any(not torch.equal(weights[-1][n], weights[0][n]) for n in names)
 
 
@@ -132,6 +139,7 @@ def test_zero_logs_reach_the_trainer(ds_run):
         history = load(ds_run / f"z2_global.stats{r}.pt")["log_history"]
         logged = [h for h in history if "gmt/masked_fraction" in h]
         assert len(logged) == 3 and all(abs(h["gmt/masked_fraction"] - 0.4) < 1e-3 for h in logged)
+        assert all(0.5 < h["gmt/energy_kept"] < 1 for h in logged)  # track_energy: the smallest 40% carry little
 
 
 def test_zero_refusals(ds_run):

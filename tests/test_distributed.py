@@ -79,10 +79,27 @@ def replay(names_values: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]
     return masker, {n: p.grad for n, p in params if p.grad is not None}, stats
 
 
+SUMS = ("energy", "kept_energy")
+"""``track_energy``'s float sums, whose last bits depend on the order the shards were added in."""
+
+
 def comparable(stats: dict) -> dict:
     stats = {k: v for k, v in stats.items() if k != "restored"}
-    stats["tensors"] = [{**t, "threshold": None if t["threshold"] is None or math.isnan(t["threshold"]) else t["threshold"]} for t in stats["tensors"]]
+    stats["tensors"] = [
+        {**{k: v for k, v in t.items() if k not in SUMS}, "threshold": None if t["threshold"] is None or math.isnan(t["threshold"]) else t["threshold"]}
+        for t in stats["tensors"]
+    ]
     return stats
+
+
+def assert_sums_close(sharded: dict, whole: dict, tracked: bool) -> None:
+    """The shards' sums of g ** 2, summed over the ranks, against the single process's (``None`` untracked)."""
+    for a, b in zip(sharded["tensors"], whole["tensors"], strict=True):
+        for key in SUMS:
+            if not tracked:
+                assert a[key] is None and b[key] is None
+            else:
+                assert math.isclose(a[key], b[key], rel_tol=1e-9, abs_tol=1e-300), (a["name"], key, a[key], b[key])
 
 
 # --- DDP: SFTTrainer + GMTCallback --------------------------------------------------------------
@@ -175,6 +192,7 @@ def test_fsdp2_synthetic_shards_equal_single_process_and_reference(fsdp_run, cas
     assert_same(dump["post"], post, case)
     for r in ranks:
         assert comparable(r["stats"]) == comparable(dataclasses.asdict(stats))
+        assert_sums_close(r["stats"], dataclasses.asdict(stats), overrides.get("track_energy", False))
     assert stats.nonfinite == 3 and stats.masked > 0
     if overrides.get("strategy", "gmt") == "gmt":
         names = list(dump["pre"])
@@ -195,6 +213,7 @@ def test_fsdp2_model_masks_equal_single_process_and_reference(fsdp_run, case):
         assert_same(s["post"], post, f"{case} step {i} vs one process")
         for r in ranks:
             assert comparable(r[i]) == comparable(dataclasses.asdict(stats)), f"rank stats step {i}"
+            assert_sums_close(r[i], dataclasses.asdict(stats), overrides.get("track_energy", False))
         names = list(s["pre"])
         grads = [s["pre"][n] for n in names]
         if i == 2:

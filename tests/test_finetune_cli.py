@@ -151,11 +151,14 @@ def test_tiny_run_end_to_end(capsys, tmp_path, tiny_model_dir, qa_file):
         # the heatmaps' series (track_coverage and log_layers are on by default): every layer, model order,
         # every step; on the first step a layer's coverage is what it did not mask, and it never falls
         stats = r["layer_stats"]
-        assert set(stats) == {"coverage", "churn", "masked_fraction", "masked_nonzero_fraction", "update_share", "mask_jaccard"}
+        assert set(stats) == {
+            "coverage", "churn", "masked_fraction", "masked_nonzero_fraction", "update_share", "mask_jaccard", "energy_kept",
+        }
         for quantity, series in stats.items():
             assert list(series) == ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "lm_head"], quantity
             after_first = quantity in ("churn", "mask_jaccard")  # both compare with the previous step's mask
             assert all([s for s, _ in values] == ([2, 3] if after_first else [1, 2, 3]) for values in series.values())
+        assert all(0.5 < v <= 1 for series in stats["energy_kept"].values() for _, v in series)  # the smallest 20% of |g|
         for layer, coverage in stats["coverage"].items():
             assert coverage[0][1] == pytest.approx(1 - stats["masked_fraction"][layer][0][1])
             assert [c for _, c in coverage] == sorted(c for _, c in coverage)

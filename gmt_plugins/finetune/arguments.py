@@ -50,9 +50,11 @@ JOB_DEFAULTS: dict[str, Any] = {
     "remove_unused_columns": False,
     "report_to": "none",
     # GMTConfig: per-tensor fractions feed results.json's layer_fractions; per-layer statistics (with the
-    # bit-per-entry coverage state) feed the plot's heatmaps (gmt_plugins.finetune.report.heatmap_quantities)
+    # bit-per-entry coverage state) feed the plot's heatmaps (gmt_plugins.finetune.report.heatmap_quantities);
+    # the energy kept (overall and per layer) goes to the log history and layer_stats
     "log_per_tensor": True,
     "track_coverage": True,
+    "track_energy": True,
     "log_layers": True,
     # ModelConfig
     "lora_r": 8,

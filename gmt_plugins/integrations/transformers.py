@@ -35,11 +35,11 @@ class LogWindow:
     """Running sums of the steps since the last log, so memory does not grow between logs.
 
     Per-step fractions (``masked_fraction``, ``masked_nonzero_fraction``, ``churn``, ``mask_jaccard``,
-    ``update_share``, overall and per layer or tensor) are averaged over the steps that logged them; counts and cumulative numbers
+    ``update_share``, ``energy_kept``, overall and per layer or tensor) are averaged over the steps that logged them; counts and cumulative numbers
     (``coverage``, ``never_updated``, thresholds) are the last step's; ``nonfinite`` is summed.
     """
 
-    AVERAGED = ("masked_fraction", "masked_nonzero_fraction", "churn", "mask_jaccard", "update_share")
+    AVERAGED = ("masked_fraction", "masked_nonzero_fraction", "churn", "mask_jaccard", "update_share", "energy_kept")
 
     def __init__(self, *, per_tensor: bool, per_layer: bool = False) -> None:
         self.per_tensor = per_tensor
@@ -103,7 +103,7 @@ class GMTCallback(TrainerCallback, ExportableState):
 
     Mask statistics (``gmt/masked_fraction``, ``gmt/masked_nonzero``, ``gmt/threshold_*``, ``gmt/nonfinite``, ...;
     with ``track_coverage=True`` also ``gmt/coverage``, ``gmt/never_updated``, ``gmt/churn`` and ``gmt/mask_jaccard``,
-    with ``log_layers=True`` per-layer ``gmt/layer/<layer>/...``; see docs/method.md) are added to the Trainer's logs,
+    with ``track_energy=True`` ``gmt/energy_kept``, with ``log_layers=True`` per-layer ``gmt/layer/<layer>/...``; see docs/method.md) are added to the Trainer's logs,
     so they reach ``trainer.state.log_history``; they reach the ``report_to`` integrations once
     [`place_before_reporters`] has put the callback ahead of them.
 
@@ -119,7 +119,7 @@ class GMTCallback(TrainerCallback, ExportableState):
             Defaults to the process-wide one from `gmt_plugins.get_plugin_manager()`.
 
     Every field of [`GMTConfig`] is also a keyword argument (`mask_ratio`, `scope`, `strategy`, `strategy_options`,
-    `mask_seed`, `include`, `exclude`, `strict`, `log_per_tensor`, `log_layers`, `track_coverage`, `ratio_of`,
+    `mask_seed`, `include`, `exclude`, `strict`, `log_per_tensor`, `log_layers`, `track_coverage`, `track_energy`, `ratio_of`,
     `chunk_numel`: same names, types and checks) that replaces the field of `config`, e.g. `mask_ratio=0.3`,
     `strict=True`; a field not passed keeps `config`'s value.
 
@@ -150,6 +150,7 @@ class GMTCallback(TrainerCallback, ExportableState):
         log_per_tensor: bool = UNSET,
         log_layers: bool = UNSET,
         track_coverage: bool = UNSET,
+        track_energy: bool = UNSET,
         ratio_of: Literal["all", "nonzero"] = UNSET,
         chunk_numel: int = UNSET,
         plugin_manager: pluggy.PluginManager | None = None,
@@ -157,7 +158,7 @@ class GMTCallback(TrainerCallback, ExportableState):
         self.config = resolve_config(config, dict(
             mask_ratio=mask_ratio, scope=scope, strategy=strategy, strategy_options=strategy_options, mask_seed=mask_seed,
             include=include, exclude=exclude, strict=strict, log_per_tensor=log_per_tensor,
-            log_layers=log_layers, track_coverage=track_coverage, ratio_of=ratio_of, chunk_numel=chunk_numel,
+            log_layers=log_layers, track_coverage=track_coverage, track_energy=track_energy, ratio_of=ratio_of, chunk_numel=chunk_numel,
         ))
         self.plugin_manager = plugin_manager or get_plugin_manager()
         # unknown names and bad options fail here, not at train time (the plugin manager may not be the process-wide one)

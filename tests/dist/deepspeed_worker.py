@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 CASES = [
     ("z1_tensor_clip", 1, dict(strategy="gmt", scope="tensor", mask_ratio=0.3), dict(max_grad_norm=0.5), {}),
     ("z1_global", 1, dict(strategy="gmt", scope="global", mask_ratio=0.4), dict(max_grad_norm=0.0), {}),
-    ("z2_global", 2, dict(strategy="gmt", scope="global", mask_ratio=0.4, track_coverage=True), dict(max_grad_norm=0.0), {}),
+    ("z2_global", 2, dict(strategy="gmt", scope="global", mask_ratio=0.4, track_coverage=True, track_energy=True), dict(max_grad_norm=0.0), {}),
     ("z2_random_tensor", 2, dict(strategy="random", scope="tensor", mask_ratio=0.3, mask_seed=7), dict(max_grad_norm=0.0), {}),
     # sub_group_size 1500 splits the parameters into several ZeRO-3 sub-groups
     ("z3_tensor", 3, dict(strategy="gmt", scope="tensor", mask_ratio=0.3, track_coverage=True, ratio_of="nonzero"),

@@ -27,7 +27,7 @@ from gmt_plugins import GradientMasker  # noqa: E402
 # name, GradientMasker overrides, steps
 MODEL_CASES = [
     ("gmt_tensor", dict(strategy="gmt", scope="tensor", mask_ratio=0.3, chunk_numel=1024), 3),
-    ("gmt_global", dict(strategy="gmt", scope="global", mask_ratio=0.5, chunk_numel=1024, track_coverage=True), 3),
+    ("gmt_global", dict(strategy="gmt", scope="global", mask_ratio=0.5, chunk_numel=1024, track_coverage=True, track_energy=True), 3),
     # the shards' zeros and non-finite entries summed over the ranks; coverage counts summed too
     ("gmt_nonzero_tensor", dict(strategy="gmt", scope="tensor", mask_ratio=0.3, chunk_numel=1024, ratio_of="nonzero",
                                 track_coverage=True), 3),
@@ -42,9 +42,9 @@ MODEL_CASES = [
 SYNTHETIC_CASES = [
     ("syn_tensor_f32", dict(scope="tensor", mask_ratio=0.4, chunk_numel=1024), torch.float32),
     ("syn_global_f32", dict(scope="global", mask_ratio=0.4, chunk_numel=1024), torch.float32),
-    ("syn_global_bf16", dict(scope="global", mask_ratio=0.6, chunk_numel=1024), torch.bfloat16),
+    ("syn_global_bf16", dict(scope="global", mask_ratio=0.6, chunk_numel=1024, track_energy=True), torch.bfloat16),
     ("syn_tensor_f64", dict(scope="tensor", mask_ratio=0.25, chunk_numel=1 << 18), torch.float64),
-    ("syn_random_global", dict(strategy="random", scope="global", mask_ratio=0.4, chunk_numel=1024), torch.float32),
+    ("syn_random_global", dict(strategy="random", scope="global", mask_ratio=0.4, chunk_numel=1024, track_energy=True), torch.float32),
 ]
 SYNTHETIC_SHAPES = {"a": (301, 7), "b": (1, 6), "c": (9,), "d": (41, 30, 2)}
 
