@@ -305,3 +305,36 @@ def test_trainer_log_history_holds_the_energy_kept_averaged_over_the_window(tmp_
         for key in steps[0]:
             assert math.isclose(entry[key], sum(s[key] for s in steps) / 2, rel_tol=1e-9), (window, key)
         assert 0.5 < entry["gmt/energy_kept"] < 1
+
+
+def test_avx2_and_portable_sums_agree_bit_for_bit(tmp_path):
+    """``GMT_PLUGINS_NO_AVX2_SCAN=1`` makes the kernel sum fp32 and bf16 squares with the portable loop
+    instead of the AVX2 one: in fresh processes both give the same sums to the last bit (with NaN/inf
+    in a block and without, whole tensors and masked ones), and the same masks."""
+    from fresh_process import outputs_with_and_without_avx2
+
+    body = (
+        "import hashlib, torch\n"
+        "from gmt_plugins.engine import dispatch\n"
+        "from gmt_plugins.engine.cpu import rank as cpu_rank\n"
+        "from gmt_plugins.engine.keys import MagnitudeKeys\n"
+        "from gmt_plugins.engine.types import Cut, Energy\n"
+        "from test_energy_kept import awkward\n"
+        "for dtype in (torch.float32, torch.bfloat16):\n"
+        "    for n in (15, 16, 4097, 70_001):\n"
+        "        for clean in (False, True):\n"
+        "            flat = awkward(n, dtype, seed=n)\n"
+        "            if clean:\n"
+        "                flat = torch.nan_to_num(flat, 0.0, 0.0, 0.0)\n"
+        "            source = MagnitudeKeys([dtype])\n"
+        "            ranking = dispatch.rank(source, [(0, flat)], 0.3)\n"
+        "            masked, whole = Energy(), Energy()\n"
+        "            dispatch.apply(source, 0, flat.clone(), Cut(None), energy=whole)\n"
+        "            dispatch.apply(source, 0, flat, ranking.cut, ranking=ranking, energy=masked)\n"
+        "            sums = [masked.total.hex(), masked.kept.hex(), whole.total.hex()]\n"
+        "            print(dtype, n, clean, sums, hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest())\n"
+        "print('avx2', cpu_rank.avx2_scan(dispatch.kernel()))\n"
+    )
+    with_avx2, portable = outputs_with_and_without_avx2(tmp_path, body)
+    assert portable[-1] == "avx2 False" and len(with_avx2) == 17
+    assert with_avx2[:-1] == portable[:-1]

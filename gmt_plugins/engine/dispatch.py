@@ -308,13 +308,21 @@ def apply(
     ``record`` (a flat bool tensor shaped like ``flat``) receives the mask, ``energy`` the sums of
     ``g ** 2`` before and after masking. A CPU ranking's apply reads the keys its ranking kept; a cut
     without a ranking (a stored mask) goes to the kernel where it computes the keys, else to the
-    reference. A cut that masks nothing is applied only for its energy (as threshold 0, which no key is below)."""
-    threshold, ties = (0, 0) if cut.threshold is None else (cut.threshold, cut.ties)
-    if (cut.threshold is not None or energy is not None) and (record is None or cpu.usable([record], record)):
+    reference. A cut that masks nothing changes nothing: with ``energy``, the flat is read once for its sum."""
+    if cut.threshold is None:
+        if record is not None:
+            record.zero_()
+        if energy is not None:
+            lib = kernel()
+            total = None if lib is None else cpu.square_sum(lib, flat)
+            total = reference.square_sum(flat, chunk_numel) if total is None else total
+            energy.add(total, total)
+        return Applied(0, 0, 0)
+    if record is None or cpu.usable([record], record):
         keys = _keys_for_apply(source, index, flat, ranking)
         lib = kernel() if keys is not None else None
         if lib is not None:
-            return Applied(*cpu.apply(lib, flat, keys, threshold, ties, record, energy))
+            return Applied(*cpu.apply(lib, flat, keys, cut.threshold, cut.ties, record, energy))
     return reference.apply_cut(source, index, flat, cut, chunk_numel=chunk_numel, record=record, energy=energy)
 
 

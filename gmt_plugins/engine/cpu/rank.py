@@ -194,6 +194,19 @@ def apply(
     return out[0], out[1], out[2]
 
 
+_VALUE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+"""The value kinds of ``csrc/energy.c`` by gradient dtype."""
+
+
+def square_sum(lib: ctypes.CDLL, flat: torch.Tensor) -> float | None:
+    """The sum of ``g ** 2`` over the finite entries of ``flat`` (``gmt_square_sum``, blocks as the apply's
+    sums), or ``None`` for a flat the kernel cannot read (not on the CPU, not contiguous, another dtype)."""
+    value = _VALUE_KINDS.get(flat.dtype)
+    if value is None or flat.device.type != "cpu" or not flat.is_contiguous():
+        return None
+    return float(lib.gmt_square_sum(flat.data_ptr(), flat.numel(), value)) if flat.numel() else 0.0
+
+
 def _sums(energy: Energy | None) -> ctypes.Array | None:
     """The kernel's ``double energy[2]`` for an apply given ``energy``, else NULL."""
     return None if energy is None else (ctypes.c_double * 2)()

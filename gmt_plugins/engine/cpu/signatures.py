@@ -76,6 +76,8 @@ SIGNATURES: dict[str, Signature] = {
     "gmt_apply": Signature((_src, _u64, _i64, _p, _p), None),
     # src, threshold, ties, record, out, energy (2 doubles, added to: g^2 before and after masking)
     "gmt_apply_energy": Signature((_src, _u64, _i64, _p, _p, _p), None),
+    # energy.c: x, n, value kind (fp32, bf16, fp16, fp64) -> the sum of g^2 over the finite entries
+    "gmt_square_sum": Signature((_p, _i64, _i32), _f64),
     # finite_f32.c
     "gmt_ema_f32": Signature((_p, _p, _i64, _f32, _f32, _i32), None),  # ema, g, n, a, b, first
     "gmt_count_nonfinite_f32": Signature((_p, _i64), _i64),

@@ -80,9 +80,57 @@ static inline double energy_lanes_sum(const double *lane) {
 #define ENERGY_BF16(b) energy_f32((uint32_t)(b) << 16)
 #define ENERGY_F16(b) energy_f32(energy_half_bits(b))
 
-/* The sum of g^2 over the finite entries of x[0..n) (values of kind `value`) */
+#if GMT_HAVE_AVX2_SCAN
+/* Eight fp32 values (as bits): non-finite ones zeroed, widened to double (lanes 0..3 from the low
+ * half), squared and added to acc[0] and acc[1] */
+#define ENERGY_ADD8_AVX2(bits, acc)                                                                 \
+    {                                                                                               \
+        const __m256i b8 = (bits);                                                                  \
+        const __m256 k = _mm256_castsi256_ps(_mm256_andnot_si256(_mm256_cmpeq_epi32(_mm256_and_si256(b8, exponent), exponent), b8)); \
+        const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(k)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(k, 1)); \
+        (acc)[0] = _mm256_add_pd((acc)[0], _mm256_mul_pd(lo, lo));                                  \
+        (acc)[1] = _mm256_add_pd((acc)[1], _mm256_mul_pd(hi, hi));                                  \
+    }
+
+/* The whole groups of ENERGY_LANES fp32 or bf16 entries into lane[] exactly as ENERGY_LOOP adds them
+ * (acc[q] holds lanes 4q..4q+3; a multiply, then an add, per entry); returns how many entries it took. */
+__attribute__((target("avx2"))) static int64_t energy_groups_avx2(const void *x, int32_t value, int64_t n, double *lane) {
+    const __m256i exponent = _mm256_set1_epi32(0x7F800000);
+    const int64_t groups = n & ~(int64_t)(ENERGY_LANES - 1);
+    __m256d acc[4];
+    for (int q = 0; q < 4; ++q) acc[q] = _mm256_setzero_pd();
+    if (value == VALUE_F32) {
+        const uint32_t *v = (const uint32_t *)x;
+        for (int64_t j = 0; j < groups; j += ENERGY_LANES) {
+            ENERGY_ADD8_AVX2(_mm256_loadu_si256((const __m256i *)(v + j)), acc)
+            ENERGY_ADD8_AVX2(_mm256_loadu_si256((const __m256i *)(v + j + 8)), acc + 2)
+        }
+    } else { /* bf16: the fp32 with the same upper half */
+        const uint16_t *v = (const uint16_t *)x;
+        for (int64_t j = 0; j < groups; j += ENERGY_LANES) {
+            ENERGY_ADD8_AVX2(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(v + j))), 16), acc)
+            ENERGY_ADD8_AVX2(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(v + j + 8))), 16), acc + 2)
+        }
+    }
+    for (int q = 0; q < 4; ++q) _mm256_storeu_pd(lane + 4 * q, acc[q]);
+    return groups;
+}
+#undef ENERGY_ADD8_AVX2
+#endif
+
+/* The sum of g^2 over the finite entries of x[0..n) (values of kind `value`). fp32 and bf16 take a
+ * hand-written AVX2 loop where the CPU has it (cpu_features.c); the portable loop is its twin, bit
+ * for bit (the tests run both). */
 static inline double energy_sum(const void *x, int32_t value, int64_t n) {
     double lane[ENERGY_LANES] = {0};
+#if GMT_HAVE_AVX2_SCAN
+    if (has_avx2() && (value == VALUE_F32 || value == VALUE_BF16)) {
+        const int64_t done = energy_groups_avx2(x, value, n, lane);
+        const size_t width = value == VALUE_F32 ? 4 : 2;
+        x = (const char *)x + (size_t)done * width;
+        n -= done; /* the tail: done is a multiple of ENERGY_LANES, so entry j of it goes to lane j */
+    }
+#endif
     switch (value) {
     case VALUE_F32: ENERGY_LOOP(uint32_t, energy_f32) break;
     case VALUE_BF16: ENERGY_LOOP(uint16_t, ENERGY_BF16) break;
@@ -94,6 +142,17 @@ static inline double energy_sum(const void *x, int32_t value, int64_t n) {
 #undef ENERGY_LOOP
 #undef ENERGY_BF16
 #undef ENERGY_F16
+
+/* The sum of g^2 over the finite entries of a tensor a cut leaves whole (nothing to mask, so one
+ * read); value: VALUE_F32, VALUE_BF16, VALUE_F16 or VALUE_F64. */
+VECTOR_CLONES double gmt_square_sum(const void *x, int64_t n, int32_t value) {
+    double total = 0.0;
+    for (int64_t i = 0; i < n; i += ENERGY_BLOCK) {
+        const int64_t count = n - i < ENERGY_BLOCK ? n - i : ENERGY_BLOCK;
+        total += energy_sum((const char *)x + (size_t)i * energy_value_width(value), value, count);
+    }
+    return total;
+}
 
 /* Entries i0..i0+n of src as a source of their own (the gradient, the second pointer of scores and
  * stored masks, and the flat position of random keys moved along) */
