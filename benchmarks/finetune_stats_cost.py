@@ -3,7 +3,8 @@ dict the callback builds from it, on SmolLM2-135M's architecture, in three confi
 
 * the job before the heatmaps (``log_per_tensor=True``),
 * ``+ log_layers`` (per-layer fractions),
-* ``+ log_layers + track_coverage`` (what ``gmt-plugins finetune`` now switches on for its GMT runs).
+* ``+ log_layers + track_coverage``,
+* ``+ log_layers + track_coverage + track_energy`` (what ``gmt-plugins finetune`` switches on for its GMT runs).
 
 The gradients come from one real backward pass over 2 x 128 random tokens (the job's batch) with random
 weights (cost does not depend on the values), saved once and copied back before every apply. The
@@ -27,6 +28,7 @@ VARIANTS = {
     "job before (log_per_tensor)": dict(log_per_tensor=True),
     "+ log_layers": dict(log_per_tensor=True, log_layers=True),
     "+ log_layers + track_coverage": dict(log_per_tensor=True, log_layers=True, track_coverage=True),
+    "+ log_layers + track_coverage + track_energy": dict(log_per_tensor=True, log_layers=True, track_coverage=True, track_energy=True),
 }
 
 
@@ -75,7 +77,7 @@ def main() -> None:
     base = statistics.median(cpu[next(iter(VARIANTS))])
     for variant in VARIANTS:
         median = statistics.median(cpu[variant])
-        print(f"{variant:>30}: CPU s per apply median {median:.3f} (min {min(cpu[variant]):.3f}, max {max(cpu[variant]):.3f}), "
+        print(f"{variant:>46}: CPU s per apply median {median:.3f} (min {min(cpu[variant]):.3f}, max {max(cpu[variant]):.3f}), "
               f"ratio {median / base:.2f}, {keys[variant]} log keys")
     tracker = maskers["+ log_layers + track_coverage"].coverage
     held = tracker.memory_bytes()

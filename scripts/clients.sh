@@ -141,7 +141,7 @@ run_llamafactory() {
         examples/llamafactory_gmt.yaml "model_name_or_path=$run/tiny-llama" template=default "output_dir=$run/out" bf16=false \
         cutoff_len=64 preprocessing_num_workers=1 per_device_train_batch_size=2 gradient_accumulation_steps=2 \
         max_steps=$STEPS logging_steps=1 save_steps=1 optim=sgd learning_rate=0.1 weight_decay=0.0 \
-        lr_scheduler_type=constant warmup_ratio=0.0 gmt_mask_ratio=$RATIO gmt_scope=tensor \
+        lr_scheduler_type=constant warmup_ratio=0.0 gmt_mask_ratio=$RATIO gmt_scope=tensor gmt_track_energy=true \
         || { fail "$label" "training failed, see $run/train.log"; return; }
     check "$run" "$label" llamafactory
 }

@@ -54,7 +54,7 @@ def train(tmp_path: Path, callback, **args) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def gmt_run(tmp_path_factory) -> tuple[Path, Path]:
-    return train(tmp_path_factory.mktemp("gmt"), GMTCallback(mask_ratio=RATIO))
+    return train(tmp_path_factory.mktemp("gmt"), GMTCallback(mask_ratio=RATIO, track_energy=True))
 
 
 def test_a_gmt_run_with_plain_sgd_passes(checker, gmt_run):
@@ -64,6 +64,14 @@ def test_a_gmt_run_with_plain_sgd_passes(checker, gmt_run):
     # TinyNet's 225 parameters in tensor scope: floor(0.5 * n) of 64, 8, 64, 8, 64, 8, 8, 1 entries.
     assert "gmt/masked_fraction logged at 4/4 steps (0.4978, 0.4978, 0.4978, 0.4978)" in figures
     assert "entries unchanged by the last step 0.4978 (masked floor(ratio*n): 0.4978)" in figures
+    energies = [float(e) for e in figures.split("gmt/energy_kept ")[1].split(";")[0].split(", ")]
+    assert len(energies) == STEPS and all(0.5 < e < 1 for e in energies)  # the smaller half of |g| carries less
+
+
+def test_a_run_without_the_energy_statistic_fails(checker, tmp_path):
+    initial, out = train(tmp_path, GMTCallback(mask_ratio=RATIO))
+    _, problems = checker.check(out, initial, RATIO, STEPS)
+    assert problems and all("no gmt/energy_kept" in p for p in problems)
 
 
 def test_a_smaller_claimed_ratio_is_caught_as_entries_that_did_not_move(checker, gmt_run):
@@ -81,7 +89,7 @@ def test_a_run_without_gmt_fails(checker, tmp_path):
 
 
 def test_an_optimizer_that_moves_masked_entries_fails(checker, tmp_path):
-    initial, out = train(tmp_path, GMTCallback(mask_ratio=RATIO), optim="adamw_torch", weight_decay=0.1)
+    initial, out = train(tmp_path, GMTCallback(mask_ratio=RATIO, track_energy=True), optim="adamw_torch", weight_decay=0.1)
     _, problems = checker.check(out, initial, RATIO, STEPS)
     assert any("is not SGD's" in p for p in problems)
     assert any("fewer than the" in p for p in problems)
@@ -100,4 +108,4 @@ def test_axolotl_and_llamafactory_train_with_gmt():
     assert len(summary) == 3, summary
     for line, client in zip(summary, ["--launcher accelerate", "--launcher python", "llamafactory"]):
         assert client in line and line.endswith(": PASS"), line
-        assert "gmt/masked_fraction logged at 4/4 steps" in line, line
+        assert "gmt/masked_fraction logged at 4/4 steps" in line and "gmt/energy_kept 0." in line, line

@@ -16,8 +16,9 @@ entries:
 
 It also checks the optimizer premise in the last checkpoint's ``optimizer.pt``, and that every step has
 a ``gmt/masked_fraction`` entry in ``trainer_state.json``'s ``log_history`` equal to the masked share
-``floor(ratio * n)`` gives over the saved tensors. Prints one summary line and
-exits non-zero on any failure.
+``floor(ratio * n)`` gives over the saved tensors, and a ``gmt/energy_kept`` entry (the runs set
+``gmt_track_energy``) strictly between 0 and 1: the masks took the smallest nonzero gradients, not all of
+them. Prints one summary line and exits non-zero on any failure.
 """
 
 from __future__ import annotations
@@ -114,19 +115,19 @@ def check_optimizer(checkpoint: Path) -> list[str]:
     return problems
 
 
-def logged_fractions(log_history: list[dict], steps: int) -> tuple[list[float], list[str]]:
-    """``gmt/masked_fraction`` of steps 1..``steps`` (logging every step), and what is missing."""
+def logged(log_history: list[dict], steps: int, key: str) -> tuple[list[float], list[str]]:
+    """``key``'s values at steps 1..``steps`` (logging every step), and what is missing."""
     by_step = {entry["step"]: entry for entry in log_history if "loss" in entry}
-    fractions, problems = [], []
+    values, problems = [], []
     for step in range(1, steps + 1):
         entry = by_step.get(step)
         if entry is None:
             problems.append(f"step {step}: no loss entry in log_history")
-        elif "gmt/masked_fraction" not in entry:
-            problems.append(f"step {step}: no gmt/masked_fraction in its log entry (keys {sorted(entry)})")
+        elif key not in entry:
+            problems.append(f"step {step}: no {key} in its log entry (keys {sorted(entry)})")
         else:
-            fractions.append(entry["gmt/masked_fraction"])
-    return fractions, problems
+            values.append(entry[key])
+    return values, problems
 
 
 def checkpoint_dirs(output: Path, steps: int) -> list[Path]:
@@ -143,8 +144,10 @@ def check(output: Path, initial: Path, ratio: float, steps: int) -> tuple[str, l
     state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
     if state["global_step"] != steps:
         problems.append(f"trainer_state.json: global_step {state['global_step']}, expected {steps}")
-    fractions, log_problems = logged_fractions(state["log_history"], steps)
-    problems += log_problems
+    fractions, log_problems = logged(state["log_history"], steps, "gmt/masked_fraction")
+    energies, energy_problems = logged(state["log_history"], steps, "gmt/energy_kept")
+    problems += log_problems + energy_problems
+    problems += [f"step {step}: gmt/energy_kept {e} is not strictly between 0 and 1" for step, e in enumerate(energies, 1) if not 0 < e < 1]
     weights = [load_weights(initial)] + [load_weights(c) for c in checkpoints]
     reports = [compare_step(step, weights[step - 1], weights[step], ratio) for step in range(1, steps + 1)]
     for report in reports:
@@ -155,11 +158,12 @@ def check(output: Path, initial: Path, ratio: float, steps: int) -> tuple[str, l
         f"step {step}: gmt/masked_fraction {f} logged, floor(ratio*n) over the saved tensors is {expected}"
         for step, f in enumerate(fractions, 1) if abs(f - expected) > 1e-6
     ]
-    logged = ", ".join(f"{f:.4f}" for f in fractions)
+    shown = ", ".join(f"{f:.4f}" for f in fractions)
     held = sum(r.held for r in reports), sum(r.tensors for r in reports)
     exact = sum(r.exact for r in reports), sum(r.dense for r in reports)
     figures = (
-        f"{steps} steps, gmt/masked_fraction logged at {len(fractions)}/{steps} steps ({logged}); "
+        f"{steps} steps, gmt/masked_fraction logged at {len(fractions)}/{steps} steps ({shown}); "
+        f"gmt/energy_kept {', '.join(f'{e:.4f}' for e in energies)}; "
         f"entries unchanged by the last step {last.unchanged / max(last.total, 1):.4f} "
         f"(masked floor(ratio*n): {expected:.4f}); over all steps masked entries held in {held[0]}/{held[1]} tensors, "
         f"all others moved in {exact[0]}/{exact[1]} dense tensors"
