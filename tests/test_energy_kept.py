@@ -19,7 +19,7 @@ from torch import nn
 from gmt_plugins import GMTConfig, GradientMasker
 from gmt_plugins.engine import dispatch, reference
 from gmt_plugins.engine.cpu import rank as cpu_rank
-from gmt_plugins.engine.keys import MagnitudeKeys, MaskKeys, RandomKeys, StoredMask
+from gmt_plugins.engine.keys import MagnitudeKeys, MaskKeys, RandomKeys, ScoreKeys, StoredMask
 from gmt_plugins.engine.types import Cut, Energy
 from gmt_plugins.stats import MaskStats, TensorStats
 from test_mask_stats import LAYER, OPTIONS, batch, tracked_model
@@ -130,6 +130,26 @@ def test_random_keys_preselected_hashing_and_reference_applies_sum_alike(dtype, 
         else:
             applied = dispatch.apply(source, 0, y, ranking.cut, ranking=ranking if how == "preselected" else None, energy=energy)
         assert applied == plain_applied and torch.equal(y.view(torch.uint8), plain.view(torch.uint8)), how
+        assert_energy(energy, flat, y, how)
+
+
+@pytest.mark.parametrize("n", [7, 5000, 70_001])
+def test_score_keys_kernel_and_reference_applies_sum_alike(n):
+    """Scores (gmt_momentum's and sift's keys): the kernel computes them block by block from the stored
+    score, the reference from the score function; both sum what they mask."""
+    flat = awkward(n, torch.float32, seed=11)
+    score = torch.rand(n, generator=torch.Generator().manual_seed(5))
+    source = ScoreKeys.from_tensors([score])
+    ranking = dispatch.rank(source, [(0, flat)], 0.4)
+    plain = flat.clone()
+    plain_applied = reference.apply_cut(source, 0, plain, ranking.cut, chunk_numel=1024)
+    for how in ("kernel", "reference"):
+        y, energy = flat.clone(), Energy()
+        if how == "kernel":
+            applied = dispatch.apply(source, 0, y, ranking.cut, energy=energy)
+        else:
+            applied = reference.apply_cut(source, 0, y, ranking.cut, chunk_numel=1024, energy=energy)
+        assert applied == plain_applied and torch.equal(y.view(torch.int32), plain.view(torch.int32)), how
         assert_energy(energy, flat, y, how)
 
 

@@ -146,7 +146,7 @@ def test_tiny_run_end_to_end(capsys, tmp_path, tiny_model_dir, qa_file):
         assert len(r["losses"]) == 3 and r["heldout"]["tokens"] > 0
         assert r["exact_match"]["n"] >= 1
         if name == "sft":
-            assert r["masked_fraction"] == [] and r["layer_fractions"] == {} and r["layer_stats"] == {}
+            assert r["masked_fraction"] == [] and r["layer_fractions"] == {} and r["layer_stats"] == {} and r["energy_kept"] == []
             continue
         # the heatmaps' series (track_coverage and log_layers are on by default): every layer, model order,
         # every step; on the first step a layer's coverage is what it did not mask, and it never falls
@@ -163,7 +163,8 @@ def test_tiny_run_end_to_end(capsys, tmp_path, tiny_model_dir, qa_file):
             assert coverage[0][1] == pytest.approx(1 - stats["masked_fraction"][layer][0][1])
             assert [c for _, c in coverage] == sorted(c for _, c in coverage)
         assert r["gmt"]["mask_ratio"] == 0.2
-        assert [s for s, _ in r["masked_fraction"]] == [1, 2, 3]
+        assert [s for s, _ in r["masked_fraction"]] == [1, 2, 3] and [s for s, _ in r["energy_kept"]] == [1, 2, 3]
+        assert all(0.5 < e < 1 for _, e in r["energy_kept"])
         assert all(f == pytest.approx(0.2, abs=1e-3) for _, f in r["masked_fraction"])
         assert set(r["layer_fractions"]) == {"embed", "0", "1", "other"}
         if r["gmt"]["scope"] == "tensor":  # every layer masks its share; global scope may not

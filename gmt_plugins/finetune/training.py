@@ -30,6 +30,8 @@ class MethodResult:
     trainable_parameters: int
     # {quantity: {layer: [(step, value)]}} from the gmt/layer/* log keys, layers in model order
     layer_stats: dict[str, dict[str, list[tuple[int, float]]]] = field(default_factory=dict)
+    # gmt/energy_kept at each logged step (track_energy): the share of the squared gradient norm the masks kept
+    energy_kept: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def final_train_loss(self) -> float:
@@ -147,6 +149,7 @@ def train_method(method: str, job: Any, model_dir: Path, tokenizer: Any, train_d
         masked_fraction=[(h["step"], h["gmt/masked_fraction"]) for h in history if "gmt/masked_fraction" in h],
         layer_fractions=layer_fractions(history, numels), trainable_parameters=sum(numels.values()),
         layer_stats=layer_stats(history, numels),
+        energy_kept=[(h["step"], h["gmt/energy_kept"]) for h in history if "gmt/energy_kept" in h],
     )
     del trainer, model
     return result
