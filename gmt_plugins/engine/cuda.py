@@ -22,7 +22,7 @@ never depend on data, and every decision stays on the device:
   ``tolist()``; ``masked_nonzero`` follows on the host (a cut above key 0 masks every ±0).
 
 On the 135M tensor set (272 tensors, bf16) an apply dispatches about 17 torch operations per tensor
-(``track_energy`` adds 6 per chunk: the float64 values and two dot products), none of them synchronising; small tensors are not yet packed together, so the launches still grow
+(``track_energy`` adds 5 per chunk: the float64 values, NaN/inf zeroed, the kept ones, two dot products), none of them synchronising; small tensors are not yet packed together, so the launches still grow
 with the number of tensors (``benchmarks/device_path.py`` compares both paths).
 
 The masks, statistics and thresholds are exactly those of the host path (the tests compare both, and

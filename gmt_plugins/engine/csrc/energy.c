@@ -4,7 +4,7 @@
  * energy[1] the same sum after it (the energy kept). They mask block by block (at most ENERGY_BLOCK
  * entries) and sum each block just before and just after masking it, while it is in L1 cache, so the
  * gradient is still read from memory once. A NULL `energy` skips the sums: those entry points then run
- * as they do without the statistic.
+ * as they do without the statistic. A tensor a cut leaves whole is read once, by gmt_square_sum.
  *
  * Each entry's square is exact in double (fp32, bf16 and fp16 values carry at most 24 significant
  * bits; an fp64 square rounds once). Squares go to ENERGY_LANES lanes (entry j of a block to lane
