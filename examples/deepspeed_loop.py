@@ -47,4 +47,5 @@ for step in range(3):
     stats = hook.pop_stats()  # full-model counts, the same on every rank
     if engine.global_rank == 0:
         print(f"step {stats.step}: masked {stats.masked}/{stats.total} ({stats.fraction:.3f}) on ZeRO-{args.stage}")
+torch.distributed.barrier()  # every rank done with its collectives before the group goes (a rank leaving early aborts the other)
 torch.distributed.destroy_process_group()
