@@ -124,27 +124,35 @@ VECTOR_CLONES void gmt_apply(const source_t *src, uint64_t threshold_in, int64_t
     out[2] = nonzero;
 }
 
+/* gmt_apply on entries i..i+n of src (source_part), ties carried over in *ties and the counts added to
+ * counts (masked, ties used, masked nonzero); sums (or NULL) is added the part's sum of g^2 before and
+ * after it is masked (energy.c), taken while the part is in cache. The block loops of gmt_apply_energy
+ * and gmt_apply_tracked (coverage.c) are made of it. */
+static inline void apply_part(const source_t *src, int64_t i, int64_t n, uint64_t threshold, int64_t *ties, uint8_t *record,
+                              int64_t *counts, double *sums) {
+    const source_t part = source_part(src, i, n);
+    const int32_t value = energy_value_kind(src);
+    int64_t part_out[3];
+    if (sums) sums[0] += energy_sum(part.x, value, n);
+    gmt_apply(&part, threshold, *ties, record, part_out);
+    if (sums) sums[1] += energy_sum(part.x, value, n);
+    counts[0] += part_out[0];
+    counts[1] += part_out[1];
+    counts[2] += part_out[2];
+    *ties -= part_out[1];
+}
+
 /* gmt_apply with the sums of energy.c: blocks of ENERGY_BLOCK entries are each summed, masked by
  * gmt_apply (ties spent block after block, in position order) and summed again; out as gmt_apply's,
  * energy[0] and energy[1] added the sums before and after masking. */
 VECTOR_CLONES void gmt_apply_energy(const source_t *src, uint64_t threshold, int64_t ties, uint8_t *record, int64_t *out,
                                     double *energy) {
-    const int32_t value = energy_value_kind(src);
-    int64_t masked = 0, used = 0, nonzero = 0, part_out[3];
-    double before = 0.0, after = 0.0;
-    for (int64_t i = 0; i < src->n; i += ENERGY_BLOCK) {
-        const source_t part = source_part(src, i, src->n - i < ENERGY_BLOCK ? src->n - i : ENERGY_BLOCK);
-        before += energy_sum(part.x, value, part.n);
-        gmt_apply(&part, threshold, ties, record ? record + i : NULL, part_out);
-        after += energy_sum(part.x, value, part.n);
-        masked += part_out[0];
-        used += part_out[1];
-        ties -= part_out[1];
-        nonzero += part_out[2];
-    }
-    out[0] = masked;
-    out[1] = used;
-    out[2] = nonzero;
-    energy[0] += before;
-    energy[1] += after;
+    int64_t counts[3] = {0, 0, 0};
+    double sums[2] = {0.0, 0.0};
+    for (int64_t i = 0; i < src->n; i += ENERGY_BLOCK)
+        apply_part(src, i, src->n - i < ENERGY_BLOCK ? src->n - i : ENERGY_BLOCK, threshold, &ties, record ? record + i : NULL,
+                   counts, sums);
+    memcpy(out, counts, sizeof counts);
+    energy[0] += sums[0];
+    energy[1] += sums[1];
 }

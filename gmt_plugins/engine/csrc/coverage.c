@@ -100,32 +100,18 @@ void gmt_coverage_observe(const uint8_t *mask, int64_t n, uint8_t *updated, uint
 #define TRACK_BLOCK 8192
 VECTOR_CLONES int32_t gmt_apply_tracked(const source_t *src, uint64_t threshold, int64_t ties, uint8_t *updated,
                                         uint8_t *previous, int32_t first, int64_t *out, double *energy) {
-    size_t width;
-    switch (src->kind) {
-    case KIND_F32: width = 4; break;
-    case KIND_BF16_WIDE: case KIND_16: width = 2; break;
-    default: return 0;
-    }
+    if (src->kind != KIND_F32 && src->kind != KIND_BF16_WIDE && src->kind != KIND_16) return 0;
     uint8_t record[TRACK_BLOCK];
-    int64_t masked = 0, used = 0, nonzero = 0, set = 0, changed = 0, part_out[3], fold_out[2];
-    const int32_t value = energy_value_kind(src);
-    double before = 0.0, after = 0.0;
-    source_t part = *src;
+    int64_t counts[3] = {0, 0, 0}, set = 0, changed = 0, fold_out[2];
+    double sums[2] = {0.0, 0.0};
     for (int64_t i = 0; i < src->n; i += TRACK_BLOCK) {
-        part.x = (const char *)src->x + (size_t)i * width;
-        part.n = src->n - i < TRACK_BLOCK ? src->n - i : TRACK_BLOCK;
-        if (energy) before += energy_sum(part.x, value, part.n);
-        gmt_apply(&part, threshold, ties, record, part_out);
-        if (energy) after += energy_sum(part.x, value, part.n);
-        masked += part_out[0];
-        used += part_out[1];
-        ties -= part_out[1];
-        nonzero += part_out[2];
-        gmt_coverage_observe(record, part.n, updated + i / 8, previous + i / 8, first, fold_out);
+        const int64_t n = src->n - i < TRACK_BLOCK ? src->n - i : TRACK_BLOCK;
+        apply_part(src, i, n, threshold, &ties, record, counts, energy ? sums : NULL);
+        gmt_coverage_observe(record, n, updated + i / 8, previous + i / 8, first, fold_out);
         set += fold_out[0];
         changed += fold_out[1];
     }
-    out[0] = masked; out[1] = used; out[2] = nonzero; out[3] = set; out[4] = first ? 0 : changed;
-    if (energy) { energy[0] += before; energy[1] += after; }
+    out[0] = counts[0]; out[1] = counts[1]; out[2] = counts[2]; out[3] = set; out[4] = first ? 0 : changed;
+    if (energy) { energy[0] += sums[0]; energy[1] += sums[1]; }
     return 1;
 }
