@@ -441,10 +441,10 @@ class GradientMasker:
         updated_all = summed[2 * n : 3 * n] if self.coverage is not None else [None] * n
         changed_all = [None if c < 0 else c for c in summed[3 * n : 4 * n]] if self.coverage is not None else [None] * n
         before_all = [None if c < 0 else c for c in summed[4 * n :]] if self.coverage is not None else [None] * n
-        energies: list[tuple[float | None, float | None]] = [(None, None)] * n
+        energies: list[list[float | None]] = [[None, None]] * n
         if self.config.track_energy:  # the shards' float64 sums in one more all-reduce
             sums = torch.tensor([[e.total, e.kept] for _, _, e in done], dtype=torch.float64, device=entries[0].flat.device)
-            energies = [(before, after) for before, after in reducer.sum_(sums).tolist()]
+            energies = reducer.sum_(sums).tolist()
         return [
             TensorStats(e.name, e.shard.full_numel, m, p.nonfinite, t, z, u, c, b, *energy)
             for e, p, m, t, z, u, c, b, energy in zip(
