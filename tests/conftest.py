@@ -13,3 +13,10 @@ def pm():
     from gmt_plugins.plugins import make_plugin_manager
 
     return make_plugin_manager(load_entrypoints=False)
+
+
+@pytest.fixture(params=["native", "torch"])
+def engine(request, monkeypatch):
+    """The compiled kernel (required) and the pure-torch passes, its twin (a module may override it)."""
+    monkeypatch.setenv("GMT_PLUGINS_NATIVE", "1" if request.param == "native" else "0")
+    return request.param

@@ -22,7 +22,8 @@ from gmt_plugins.engine.cpu import rank as cpu_rank
 from gmt_plugins.engine.keys import MagnitudeKeys, MaskKeys, RandomKeys, ScoreKeys, StoredMask
 from gmt_plugins.engine.types import Cut, Energy
 from gmt_plugins.stats import MaskStats, TensorStats
-from test_mask_stats import LAYER, OPTIONS, batch, tracked_model
+from test_mask_stability import CASES
+from test_mask_stats import LAYER, batch, masked_steps, tracked_model
 
 REL = 1e-12
 
@@ -196,41 +197,17 @@ def kept_share(pairs: list[tuple[float, float]]) -> float:
 
 
 def run(strategy: str, scope: str, steps: int = 3, **config):
-    """SGD steps of EmbedNet with ``track_energy`` (and coverage, per layer); per step the log dict and
-    the expected numbers from the gradients saved before and after each apply."""
-    model, cfg = tracked_model(strategy, scope, track_energy=True, **config)
-    masker = GradientMasker(model, cfg)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    """SGD steps of EmbedNet with ``track_energy`` (and coverage, per layer); per step the log dict, the
+    expected numbers from the gradients saved before and after each apply, the stats and the names with a
+    gradient."""
     out = []
-    for step in range(steps):
-        masker.begin_step()
-        ids, y = batch(step)
-        nn.functional.mse_loss(model(ids), y).backward()
-        before = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        stats = masker.apply()
-        pairs = {n: (square_sum(g), square_sum(dict(model.named_parameters())[n].grad)) for n, g in before.items()}
+    for s in masked_steps(strategy, scope, steps, track_energy=True, **config):
+        pairs = {n: (square_sum(g), square_sum(s.after[n])) for n, g in s.before.items() if g is not None}
         want = {"gmt/energy_kept": kept_share(list(pairs.values()))}
         for layer in dict.fromkeys(LAYER[n] for n in pairs):
             want[f"gmt/layer/{layer}/energy_kept"] = kept_share([p for n, p in pairs.items() if LAYER[n] == layer])
-        out.append((stats.to_log_dict(per_layer=True), want, stats, set(before)))
-        optimizer.step()
-        masker.restore_masked()
-        optimizer.zero_grad()
-    masker.unfreeze()
+        out.append((s.stats.to_log_dict(per_layer=True), want, s.stats, set(pairs)))
     return out
-
-
-CASES = [
-    ("gmt", "tensor", {}), ("gmt", "global", {}), ("gmt", "tensor", {"strict": True}), ("gmt", "global", {"ratio_of": "nonzero"}),
-    ("random", "tensor", {}), ("random", "global", {}), ("gmt_momentum", "global", {}), ("sift", "tensor", {}),
-    ("lisa", "tensor", {}),
-]
-
-
-@pytest.fixture(params=["native", "torch"])
-def engine(request, monkeypatch):
-    monkeypatch.setenv("GMT_PLUGINS_NATIVE", "1" if request.param == "native" else "0")
-    return request.param
 
 
 @pytest.mark.parametrize(("strategy", "scope", "config"), CASES, ids=lambda c: c if isinstance(c, str) else ",".join(c) or "-")

@@ -10,12 +10,10 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
-from gmt_plugins import GradientMasker
 from gmt_plugins.coverage import CoverageTracker
 from gmt_plugins.stats import MaskStats, TensorStats
-from test_mask_stats import LAYER, batch, masks_of, tracked_model
+from test_mask_stats import LAYER, masked_steps
 
 
 def jaccard(both: int, either: int) -> float:
@@ -46,33 +44,12 @@ class Expected:
 
 def train(strategy: str, scope: str, steps: int = 4, *, resume_at: int | None = None, old_state: bool = False, **config):
     """SGD steps of EmbedNet with a masker (tracked, per layer); per step the log dict and the expected
-    numbers. ``resume_at``: a fresh masker loads the state there (``old_state``: the state without the
-    masked counts, which then come from the previous-step bits)."""
-    model, cfg = tracked_model(strategy, scope, **config)
-    masker = GradientMasker(model, cfg)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    numbers (:func:`test_mask_stats.masked_steps`, which also resumes)."""
     expected = Expected()
-    out = []
-    for step in range(steps):
-        if step == resume_at:
-            state = masker.state_dict()
-            if old_state:
-                del state["coverage"]["masked"]
-            masker = GradientMasker(model, cfg)
-            masker.load_state_dict(state)
-        masker.begin_step()
-        ids, y = batch(step)
-        nn.functional.mse_loss(model(ids), y).backward()
-        before = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
-        stats = masker.apply()
-        after = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
-        masks = masks_of(strategy, before, after, cfg, {n: p.shape for n, p in model.named_parameters()})
-        out.append((stats.to_log_dict(per_layer=True), expected.step({n: m.flatten() for n, m in masks.items()})))
-        optimizer.step()
-        masker.restore_masked()
-        optimizer.zero_grad()
-    masker.unfreeze()
-    return out
+    return [
+        (s.stats.to_log_dict(per_layer=True), expected.step(s.masks(strategy)))
+        for s in masked_steps(strategy, scope, steps, resume_at=resume_at, old_state=old_state, **config)
+    ]
 
 
 CASES = [
@@ -80,12 +57,6 @@ CASES = [
     ("random", "tensor", {}), ("random", "global", {}), ("gmt_momentum", "global", {}), ("sift", "tensor", {}),
     ("lisa", "tensor", {}),
 ]
-
-
-@pytest.fixture(params=["native", "torch"])
-def engine(request, monkeypatch):
-    monkeypatch.setenv("GMT_PLUGINS_NATIVE", "1" if request.param == "native" else "0")
-    return request.param
 
 
 @pytest.mark.parametrize(("strategy", "scope", "config"), CASES, ids=lambda c: c if isinstance(c, str) else ",".join(c) or "-")

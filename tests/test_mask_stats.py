@@ -10,6 +10,8 @@ churn are then plain bool tensors carried across steps, never packed bits.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -20,15 +22,9 @@ from gmt_plugins.coverage import CoverageTracker, layer_of
 from gmt_plugins.engine.bits import pack_bits, pack_bits_reference, popcount, popcount_reference, unpack_bits
 from gmt_plugins.engine.dispatch import apply as apply_cut_counted
 from gmt_plugins.engine.types import Cut
+from gmt_plugins.stats import MaskStats
 from fresh_process import outputs_with_and_without_avx2
 from reference import reference_apply, reference_masks
-
-
-@pytest.fixture(params=["native", "torch"])
-def engine(request, monkeypatch):
-    """The compiled kernel (required) and the pure-torch passes, its twin."""
-    monkeypatch.setenv("GMT_PLUGINS_NATIVE", "1" if request.param == "native" else "0")
-    return request.param
 
 
 # --- models and references ----------------------------------------------------------------------
@@ -144,27 +140,58 @@ def tracked_model(strategy: str, scope: str, **config) -> tuple[nn.Module, GMTCo
     return model, cfg
 
 
-def run_steps(strategy: str, scope: str, steps: int = 4, **config):
-    """Train ``steps`` SGD steps with a masker; returns (stats, expected log values, masker) per step."""
+class Step(NamedTuple):
+    """One optimizer step of :func:`masked_steps`: what ``apply()`` returned, every gradient just before
+    and just after it (``None`` for a tensor without one), the masker, and the parameters' shapes."""
+
+    stats: MaskStats
+    before: dict[str, torch.Tensor | None]
+    after: dict[str, torch.Tensor | None]
+    masker: GradientMasker
+    shapes: dict[str, torch.Size]
+
+    def masks(self, strategy: str) -> dict[str, torch.Tensor]:
+        """This step's masks, flat (:func:`masks_of`)."""
+        return {n: m.flatten() for n, m in masks_of(strategy, self.before, self.after, self.masker.config, self.shapes).items()}
+
+
+def masked_steps(
+    strategy: str, scope: str, steps: int = 4, *, resume_at: int | None = None, old_state: bool = False, **config
+) -> Iterator[Step]:
+    """SGD steps of EmbedNet (:func:`tracked_model`) with a masker, one :class:`Step` each. ``resume_at``: a
+    fresh masker loads the state there (``old_state``: the state without the masked counts, which then come
+    from the previous-step bits)."""
     model, cfg = tracked_model(strategy, scope, **config)
     masker = GradientMasker(model, cfg)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    reference = Reference(LAYER)
-    out = []
+    shapes = {n: p.shape for n, p in model.named_parameters()}
     for step in range(steps):
+        if step == resume_at:
+            state = masker.state_dict()
+            if old_state:
+                del state["coverage"]["masked"]
+            masker = GradientMasker(model, cfg)
+            masker.load_state_dict(state)
         masker.begin_step()
         ids, y = batch(step)
         nn.functional.mse_loss(model(ids), y).backward()
         before = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
         stats = masker.apply()
         after = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
-        masks = masks_of(strategy, before, after, cfg, {n: p.shape for n, p in model.named_parameters()})
-        flat_before = {n: None if b is None else b.flatten() for n, b in before.items()}
-        expected = reference.step({n: m.flatten() for n, m in masks.items()}, flat_before)
-        out.append((stats, expected, masker))
+        yield Step(stats, before, after, masker, shapes)
         optimizer.step()
+        masker.restore_masked()
         optimizer.zero_grad()
     masker.unfreeze()
+
+
+def run_steps(strategy: str, scope: str, steps: int = 4, **config):
+    """Train ``steps`` SGD steps with a masker; returns (stats, expected log values, masker) per step."""
+    reference = Reference(LAYER)
+    out = []
+    for s in masked_steps(strategy, scope, steps, **config):
+        flat_before = {n: None if b is None else b.flatten() for n, b in s.before.items()}
+        out.append((s.stats, reference.step(s.masks(strategy), flat_before), s.masker))
     return out
 
 
