@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from gmt_plugins.engine import dispatch
 from gmt_plugins.state_io import StateFileError
 
 _RESUME_ELSEWHERE = "resume from another checkpoint"
@@ -48,7 +49,7 @@ def check_loaded_state(state: Any, parameters: Sequence[tuple[str, Any]], *, sou
 def _check_finite(tensor: torch.Tensor, path: str, source: str) -> None:
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return
-    bad = int((~torch.isfinite(tensor)).sum().item())
+    bad = dispatch.count_nonfinite(tensor.reshape(-1))
     if bad:
         raise StateFileError(
             f"{source}: {path} holds {bad} NaN/inf value(s) among {tensor.numel()}; a strategy keeps only finite "
